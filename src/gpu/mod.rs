@@ -1,1 +1,478 @@
+//! The GPU runtime: one process-wide device, a buffer pool, a pipeline cache and command batching.
+//!
+//! Every kernel launch goes through [`Gpu::dispatch`]: binding 0 of a kernel is its uniform
+//! parameter block, bindings 1.. are storage buffers in the order given. Launches record into one
+//! shared command encoder that is submitted when a result is read back, an upload needs ordering,
+//! or the batch is full.
 
+mod pool;
+mod shaders;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use pool::Pool;
+pub use pool::{GpuBuffer, MemoryStats};
+
+/// Workgroup size of every one-dimensional kernel (`@workgroup_size(256)` in the shaders).
+pub const WG: u32 = 256;
+
+/// Size of one parameter slot; a kernel's uniform block must fit in it.
+const PARAM_SLOT: u64 = 256;
+/// Parameter slots per batch: a batch is submitted when they are used up.
+const PARAM_SLOTS: u64 = 2048;
+
+/// A kernel: a WGSL file from `shaders/`, an entry point and its override constants.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub constants: Vec<(&'static str, f64)>,
+}
+
+impl Kernel {
+    pub fn new(shader: &'static str, entry: &'static str) -> Self {
+        Kernel { shader, entry, constants: Vec::new() }
+    }
+    pub fn with(mut self, name: &'static str, value: f64) -> Self {
+        self.constants.push((name, value));
+        self
+    }
+    fn key(&self) -> PipelineKey {
+        PipelineKey {
+            shader: self.shader,
+            entry: self.entry,
+            constants: self.constants.iter().map(|(n, v)| (*n, v.to_bits())).collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PipelineKey {
+    shader: &'static str,
+    entry: &'static str,
+    constants: Vec<(&'static str, u64)>,
+}
+
+/// A storage binding: a whole buffer or a byte range of it.
+#[derive(Clone, Copy)]
+pub struct Binding<'a> {
+    pub buffer: &'a GpuBuffer,
+    pub offset: u64,
+    /// Bytes; `None` binds to the end of the buffer.
+    pub size: Option<u64>,
+}
+
+impl<'a> From<&'a GpuBuffer> for Binding<'a> {
+    fn from(buffer: &'a GpuBuffer) -> Self {
+        Binding { buffer, offset: 0, size: None }
+    }
+}
+
+/// Counters of the work the runtime did, for benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    pub dispatches: u64,
+    pub submissions: u64,
+    pub readbacks: u64,
+    pub bytes_read: u64,
+    pub uploads: u64,
+    pub pipelines_compiled: u64,
+}
+
+struct Recorder {
+    encoder: Option<wgpu::CommandEncoder>,
+    params: Vec<u8>,
+    slots: u64,
+    params_buffer: wgpu::Buffer,
+}
+
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    pool: Mutex<Pool>,
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    rec: Mutex<Recorder>,
+    dispatches: AtomicU64,
+    submissions: AtomicU64,
+    readbacks: AtomicU64,
+    bytes_read: AtomicU64,
+    uploads: AtomicU64,
+    compiled: AtomicU64,
+}
+
+static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+
+/// The process-wide GPU; panics with the adapter error when there is none. Command-line entry
+/// points call [`Gpu::init`] first so that the error reaches the user as a message.
+pub fn gpu() -> &'static Gpu {
+    match Gpu::init() {
+        Ok(g) => g,
+        Err(e) => panic!("{e:#}"),
+    }
+}
+
+/// Features the engine uses when the adapter has them.
+const WANTED_FEATURES: wgpu::Features =
+    wgpu::Features::SHADER_F16.union(wgpu::Features::TIMESTAMP_QUERY).union(wgpu::Features::SUBGROUP);
+
+const NO_ADAPTER_HELP: &str = "no GPU adapter found. Install your GPU's Vulkan, Metal or DX12 \
+driver, or on a machine without a GPU a software Vulkan device: `apt-get install \
+mesa-vulkan-drivers` (Debian/Ubuntu). WGPU_BACKEND, WGPU_ADAPTER_NAME and WGPU_POWER_PREF choose \
+among several adapters; `caml-wgpu info` shows the one in use.";
+
+impl Gpu {
+    /// Opens the adapter chosen by wgpu's environment variables, once per process.
+    pub fn init() -> Result<&'static Gpu> {
+        GPU.get_or_init(|| Gpu::open().map_err(|e| format!("{e:#}"))).as_ref().map_err(|e| anyhow!("{e}"))
+    }
+
+    fn open() -> Result<Gpu> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if std::env::var_os("WGPU_BACKEND").is_none() {
+            // The engine targets compute APIs; GL has no storage-buffer compute on every driver.
+            desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
+        }
+        let backends = desc.backends;
+        let instance = wgpu::Instance::new(desc);
+        let adapter = pollster::block_on(choose_adapter(&instance, backends))?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let features = adapter.features() & WANTED_FEATURES;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("caml-wgpu"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .with_context(|| format!("could not open a device on adapter '{}'", info.name))?;
+        device.set_device_lost_callback(|reason, msg| {
+            eprintln!("error: the GPU device was lost ({reason:?}): {msg}");
+        });
+        let params_buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: PARAM_SLOT * PARAM_SLOTS,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            pool: Mutex::new(Pool::default()),
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+            rec: Mutex::new(Recorder { encoder: None, params: Vec::new(), slots: 0, params_buffer }),
+            dispatches: AtomicU64::new(0),
+            submissions: AtomicU64::new(0),
+            readbacks: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            uploads: AtomicU64::new(0),
+            compiled: AtomicU64::new(0),
+        })
+    }
+
+    /// True for a software rasterizer/compute device (lavapipe, SwiftShader, WARP).
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// The largest byte range one storage binding may cover.
+    pub fn max_binding(&self) -> u64 {
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
+    }
+
+    /// A storage buffer of at least `bytes` bytes from the pool (contents undefined).
+    pub fn alloc(&self, bytes: u64) -> Result<GpuBuffer> {
+        let bytes = bytes.max(4);
+        if bytes > self.limits.max_buffer_size {
+            bail!(
+                "a buffer of {bytes} bytes exceeds this adapter's maximum buffer size of {} bytes",
+                self.limits.max_buffer_size
+            );
+        }
+        Ok(self.pool.lock().unwrap().take(&self.device, bytes))
+    }
+
+    pub fn memory(&self) -> MemoryStats {
+        self.pool.lock().unwrap().stats()
+    }
+
+    /// Releases the pool's free buffers back to the driver.
+    pub fn trim_pool(&self) {
+        self.pool.lock().unwrap().trim();
+    }
+
+    pub fn reset_peak_memory(&self) {
+        self.pool.lock().unwrap().reset_peak();
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters {
+            dispatches: self.dispatches.load(Ordering::Relaxed),
+            submissions: self.submissions.load(Ordering::Relaxed),
+            readbacks: self.readbacks.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            uploads: self.uploads.load(Ordering::Relaxed),
+            pipelines_compiled: self.compiled.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Allocations made by the pool so far (misses), for benchmarks.
+    pub fn allocations(&self) -> u64 {
+        self.pool.lock().unwrap().allocations()
+    }
+
+    fn pipeline(&self, kernel: &Kernel) -> Arc<wgpu::ComputePipeline> {
+        let key = kernel.key();
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+            return p.clone();
+        }
+        let module = {
+            let mut modules = self.modules.lock().unwrap();
+            modules
+                .entry(kernel.shader)
+                .or_insert_with(|| {
+                    let src = shaders::source(kernel.shader)
+                        .unwrap_or_else(|| panic!("no shader named '{}'", kernel.shader));
+                    self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(kernel.shader),
+                        source: wgpu::ShaderSource::Wgsl(src.into()),
+                    })
+                })
+                .clone()
+        };
+        let pipeline = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(kernel.entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(kernel.entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &kernel.constants,
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        }));
+        self.compiled.fetch_add(1, Ordering::Relaxed);
+        self.pipelines.lock().unwrap().entry(key).or_insert(pipeline).clone()
+    }
+
+    /// Records one kernel launch. `params` is the kernel's uniform block (at most 256 bytes).
+    pub fn dispatch(&self, kernel: &Kernel, params: &[u8], buffers: &[Binding], groups: [u32; 3]) {
+        if groups.contains(&0) {
+            return;
+        }
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        assert!(
+            groups.iter().all(|&g| g <= max),
+            "kernel {}::{} launched with {groups:?} workgroups (limit {max} per dimension)",
+            kernel.shader,
+            kernel.entry
+        );
+        assert!(params.len() as u64 <= PARAM_SLOT, "parameter block over {PARAM_SLOT} bytes");
+        for b in buffers {
+            let size = b.size.unwrap_or(b.buffer.size() - b.offset);
+            assert!(
+                size <= self.max_binding(),
+                "kernel {}::{} binds {size} bytes of one buffer, over this adapter's storage \
+                 binding limit of {} bytes",
+                kernel.shader,
+                kernel.entry,
+                self.max_binding()
+            );
+        }
+        let pipeline = self.pipeline(kernel);
+        let mut rec = self.rec.lock().unwrap();
+        if rec.slots == PARAM_SLOTS {
+            self.submit_locked(&mut rec);
+        }
+        let offset = rec.slots * PARAM_SLOT;
+        rec.params.extend_from_slice(params);
+        let end = ((rec.slots + 1) * PARAM_SLOT) as usize;
+        rec.params.resize(end, 0);
+        rec.slots += 1;
+        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        if !params.is_empty() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &rec.params_buffer,
+                    offset,
+                    size: std::num::NonZeroU64::new(PARAM_SLOT),
+                }),
+            });
+        }
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.buffer.raw(),
+                    offset: b.offset,
+                    size: b.size.and_then(std::num::NonZeroU64::new),
+                }),
+            });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let device = &self.device;
+        let encoder = rec.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        drop(pass);
+        self.dispatches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A one-dimensional launch over `n` invocations of a `WG`-wide kernel; kernels recover the
+    /// linear index as `gid.x + gid.y * num_workgroups.x * WG`.
+    pub fn dispatch_1d(&self, kernel: &Kernel, params: &[u8], buffers: &[Binding], n: u64) {
+        self.dispatch(kernel, params, buffers, self.groups_1d(n, WG));
+    }
+
+    /// Workgroup counts covering `n` invocations of width `wg`, folded into y past the limit.
+    pub fn groups_1d(&self, n: u64, wg: u32) -> [u32; 3] {
+        let groups = n.div_ceil(wg as u64);
+        let max = self.limits.max_compute_workgroups_per_dimension as u64;
+        if groups <= max {
+            [groups as u32, 1, 1]
+        } else {
+            let y = groups.div_ceil(max);
+            [groups.div_ceil(y) as u32, y as u32, 1]
+        }
+    }
+
+    /// Copies `bytes` bytes between buffers, in recording order.
+    pub fn copy(&self, src: &GpuBuffer, src_offset: u64, dst: &GpuBuffer, dst_offset: u64, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let mut rec = self.rec.lock().unwrap();
+        let device = &self.device;
+        let encoder = rec.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        encoder.copy_buffer_to_buffer(src.raw(), src_offset, dst.raw(), dst_offset, bytes);
+    }
+
+    /// Writes host data into a buffer, ordered after every launch recorded so far.
+    pub fn upload(&self, dst: &GpuBuffer, offset: u64, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let mut rec = self.rec.lock().unwrap();
+        // queue.write_buffer lands before the next submission's commands: submit what is
+        // recorded first, so that a pooled buffer still read by recorded work is not overwritten.
+        if rec.encoder.is_some() {
+            self.submit_locked(&mut rec);
+        }
+        self.uploads.fetch_add(1, Ordering::Relaxed);
+        let padded;
+        let data = if data.len().is_multiple_of(4) {
+            data
+        } else {
+            padded = [data, &[0u8; 3][..4 - data.len() % 4]].concat();
+            &padded[..]
+        };
+        self.queue.write_buffer(dst.raw(), offset, data);
+    }
+
+    /// Submits everything recorded so far.
+    pub fn flush(&self) {
+        let mut rec = self.rec.lock().unwrap();
+        self.submit_locked(&mut rec);
+    }
+
+    fn submit_locked(&self, rec: &mut Recorder) {
+        if rec.slots > 0 {
+            self.queue.write_buffer(&rec.params_buffer, 0, &rec.params);
+            rec.params.clear();
+            rec.slots = 0;
+        }
+        if let Some(encoder) = rec.encoder.take() {
+            self.queue.submit([encoder.finish()]);
+            self.submissions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads `bytes` bytes of a buffer back to the host, submitting what is recorded.
+    pub fn read(&self, src: &GpuBuffer, offset: u64, bytes: u64) -> Vec<u8> {
+        if bytes == 0 {
+            return Vec::new();
+        }
+        let aligned = bytes.next_multiple_of(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: aligned,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        {
+            let mut rec = self.rec.lock().unwrap();
+            let device = &self.device;
+            let encoder = rec.encoder.get_or_insert_with(|| {
+                device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+            });
+            encoder.copy_buffer_to_buffer(src.raw(), offset, &staging, 0, aligned);
+            self.submit_locked(&mut rec);
+        }
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
+            panic!("waiting for the GPU failed: {e}");
+        }
+        rx.recv()
+            .expect("map callback dropped")
+            .unwrap_or_else(|e| panic!("reading a GPU buffer back failed: {e}"));
+        let out = slice.get_mapped_range().unwrap_or_else(|e| panic!("mapping a GPU buffer failed: {e:?}"))
+            [..bytes as usize]
+            .to_vec();
+        staging.unmap();
+        self.readbacks.fetch_add(1, Ordering::Relaxed);
+        self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        out
+    }
+}
+
+async fn choose_adapter(instance: &wgpu::Instance, backends: wgpu::Backends) -> Result<wgpu::Adapter> {
+    let adapters = instance.enumerate_adapters(backends).await;
+    if adapters.is_empty() {
+        bail!("{NO_ADAPTER_HELP}");
+    }
+    if let Ok(name) = std::env::var("WGPU_ADAPTER_NAME") {
+        let want = name.to_lowercase();
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        return adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&want)).ok_or_else(
+            || anyhow!("WGPU_ADAPTER_NAME={name} matches none of the adapters: {}", names.join(", ")),
+        );
+    }
+    let power = wgpu::PowerPreference::from_env().unwrap_or(wgpu::PowerPreference::HighPerformance);
+    instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: power,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            apply_limit_buckets: false,
+        })
+        .await
+        .map_err(|e| anyhow!("{NO_ADAPTER_HELP} ({e})"))
+}

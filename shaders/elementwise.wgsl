@@ -1,0 +1,149 @@
+// Elementwise kernels: binary ops with broadcasting, unary maps and their gradients, fill.
+// One-dimensional launches: index = gid.x + gid.y * num_workgroups.x * 256.
+
+struct Params {
+    n: u32,
+    rank: u32,
+    s0: f32,
+    s1: f32,
+    // Output shape and the input strides (0 along broadcast axes), 8 dims in two vec4s each.
+    shape: array<vec4<u32>, 2>,
+    sa: array<vec4<u32>, 2>,
+    sb: array<vec4<u32>, 2>,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// Selects the operation; see BinaryOp / UnaryOp in src/ops/elementwise.rs.
+override OP: u32 = 0u;
+override BROADCAST: bool = false;
+
+fn at(v: array<vec4<u32>, 2>, d: u32) -> u32 {
+    return v[d / 4u][d % 4u];
+}
+
+fn linear(gid: vec3<u32>, nw: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nw.x * 256u;
+}
+
+@group(0) @binding(1) var<storage, read> xa: array<f32>;
+@group(0) @binding(2) var<storage, read> xb: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(256)
+fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = linear(gid, nw);
+    if i >= p.n {
+        return;
+    }
+    var ia = i;
+    var ib = i;
+    if BROADCAST {
+        ia = 0u;
+        ib = 0u;
+        var r = i;
+        for (var d = i32(p.rank) - 1; d >= 0; d--) {
+            let s = at(p.shape, u32(d));
+            let c = r % s;
+            r = r / s;
+            ia += c * at(p.sa, u32(d));
+            ib += c * at(p.sb, u32(d));
+        }
+    }
+    let a = xa[ia];
+    let b = xb[ib];
+    var z: f32;
+    switch OP {
+        case 0u: { z = a + b; }
+        case 1u: { z = a - b; }
+        case 2u: { z = a * b; }
+        case 3u: { z = a / b; }
+        case 4u: { z = max(a, b); }
+        case 5u: { z = select(0.0, 1.0, a == b); }
+        case 6u: { z = select(0.0, 1.0, a > b); }
+        case 7u: { z = select(0.0, 1.0, a >= b); }
+        case 8u: { z = b; }
+        default: { z = 0.0; }
+    }
+    out[i] = z;
+}
+
+fn unary_f(x: f32) -> f32 {
+    switch OP {
+        case 0u: { return max(x, 0.0); }
+        case 1u: { return exp(x); }
+        case 2u: { return log(x); }
+        case 3u: { return sqrt(x); }
+        case 4u: { return pow_s(x, p.s0); }
+        case 5u: { return clamp(x, p.s0, p.s1); }
+        case 6u: { return p.s0 * x + p.s1; }
+        default: { return 0.0; }
+    }
+}
+
+// x^e with PyTorch's conventions for negative bases and integer exponents.
+fn pow_s(x: f32, e: f32) -> f32 {
+    if e == 2.0 {
+        return x * x;
+    }
+    if e == 1.0 {
+        return x;
+    }
+    if x < 0.0 && e == round(e) {
+        let m = pow(-x, e);
+        return select(m, -m, (i32(e) & 1) == 1);
+    }
+    return pow(x, e);
+}
+
+@group(0) @binding(1) var<storage, read> ux: array<f32>;
+@group(0) @binding(2) var<storage, read_write> uy: array<f32>;
+
+@compute @workgroup_size(256)
+fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = linear(gid, nw);
+    if i >= p.n {
+        return;
+    }
+    uy[i] = unary_f(ux[i]);
+}
+
+// dL/dx from x, y = f(x) and dL/dy.
+@group(0) @binding(1) var<storage, read> gx_in: array<f32>;
+@group(0) @binding(2) var<storage, read> gy_in: array<f32>;
+@group(0) @binding(3) var<storage, read> gg: array<f32>;
+@group(0) @binding(4) var<storage, read_write> gout: array<f32>;
+
+@compute @workgroup_size(256)
+fn unary_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = linear(gid, nw);
+    if i >= p.n {
+        return;
+    }
+    let x = gx_in[i];
+    let y = gy_in[i];
+    let g = gg[i];
+    var d: f32;
+    switch OP {
+        case 0u: { d = select(0.0, g, x > 0.0); }
+        case 1u: { d = g * y; }
+        case 2u: { d = g / x; }
+        case 3u: { d = g * 0.5 / y; }
+        case 4u: { d = g * p.s0 * pow_s(x, p.s0 - 1.0); }
+        case 5u: { d = select(0.0, g, x >= p.s0 && x <= p.s1); }
+        case 6u: { d = g * p.s0; }
+        default: { d = 0.0; }
+    }
+    gout[i] = d;
+}
+
+@group(0) @binding(1) var<storage, read_write> fill_out: array<f32>;
+
+@compute @workgroup_size(256)
+fn fill(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = linear(gid, nw);
+    if i >= p.n {
+        return;
+    }
+    fill_out[i] = p.s0;
+}

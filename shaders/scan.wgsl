@@ -1,0 +1,118 @@
+// Stream compaction: exclusive prefix sums in blocks of 1024 (256 invocations x 4 values),
+// block totals scanned recursively, then the positions of the nonzero entries written in order.
+
+struct Params {
+    n: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+var<workgroup> partial: array<u32, 256>;
+
+fn block_id(wid: vec3<u32>, nw: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nw.x;
+}
+
+// Exclusive scan of one value per invocation across the workgroup (Hillis-Steele).
+fn workgroup_exclusive(t: u32, v: u32) -> u32 {
+    partial[t] = v;
+    workgroupBarrier();
+    for (var off = 1u; off < 256u; off *= 2u) {
+        var add = 0u;
+        if t >= off {
+            add = partial[t - off];
+        }
+        workgroupBarrier();
+        partial[t] += add;
+        workgroupBarrier();
+    }
+    return partial[t] - v;
+}
+
+@group(0) @binding(1) var<storage, read> flags_in: array<f32>;
+@group(0) @binding(2) var<storage, read_write> pos: array<u32>;
+@group(0) @binding(3) var<storage, read_write> sums: array<u32>;
+
+@compute @workgroup_size(256)
+fn scan_flags(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>) {
+    let b = block_id(wid, nw);
+    let base = b * 1024u + t * 4u;
+    var v: array<u32, 4>;
+    var s = 0u;
+    for (var i = 0u; i < 4u; i++) {
+        let e = base + i;
+        v[i] = select(0u, 1u, e < p.n && flags_in[min(e, p.n - 1u)] != 0.0);
+        s += v[i];
+    }
+    var run = workgroup_exclusive(t, s);
+    for (var i = 0u; i < 4u; i++) {
+        if base + i < p.n {
+            pos[base + i] = run;
+        }
+        run += v[i];
+    }
+    if t == 255u {
+        sums[b] = run;
+    }
+}
+
+@group(0) @binding(1) var<storage, read> values_in: array<u32>;
+@group(0) @binding(2) var<storage, read_write> vpos: array<u32>;
+@group(0) @binding(3) var<storage, read_write> vsums: array<u32>;
+
+@compute @workgroup_size(256)
+fn scan_u32(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>) {
+    let b = block_id(wid, nw);
+    let base = b * 1024u + t * 4u;
+    var v: array<u32, 4>;
+    var s = 0u;
+    for (var i = 0u; i < 4u; i++) {
+        let e = base + i;
+        v[i] = select(0u, values_in[min(e, p.n - 1u)], e < p.n);
+        s += v[i];
+    }
+    var run = workgroup_exclusive(t, s);
+    for (var i = 0u; i < 4u; i++) {
+        if base + i < p.n {
+            vpos[base + i] = run;
+        }
+        run += v[i];
+    }
+    if t == 255u {
+        vsums[b] = run;
+    }
+}
+
+@group(0) @binding(1) var<storage, read> block_offsets: array<u32>;
+@group(0) @binding(2) var<storage, read_write> apos: array<u32>;
+
+@compute @workgroup_size(256)
+fn add_offsets(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = gid.x + gid.y * nw.x * 256u;
+    if i >= p.n {
+        return;
+    }
+    apos[i] += block_offsets[i / 1024u];
+}
+
+@group(0) @binding(1) var<storage, read> cflags: array<f32>;
+@group(0) @binding(2) var<storage, read> cpos: array<u32>;
+@group(0) @binding(3) var<storage, read_write> cout: array<u32>;
+@group(0) @binding(4) var<storage, read_write> ccount: array<u32>;
+
+@compute @workgroup_size(256)
+fn compact(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = gid.x + gid.y * nw.x * 256u;
+    if i >= p.n {
+        return;
+    }
+    let on = cflags[i] != 0.0;
+    if on {
+        cout[cpos[i]] = i;
+    }
+    if i == p.n - 1u {
+        ccount[0] = cpos[i] + select(0u, 1u, on);
+    }
+}

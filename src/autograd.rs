@@ -1,0 +1,241 @@
+//! Reverse-mode automatic differentiation. Every tensor made by an op on gradient-tracking inputs
+//! remembers that op and its inputs; `backward` walks the recorded ops in reverse order of
+//! creation (tensor ids grow with creation, so that order is topological) and applies the one
+//! backward rule per op below. The graph is consumed as it is walked, freeing what the ops saved.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+
+use crate::ops::elementwise::{BinaryOp, UnaryOp};
+use crate::tensor::Tensor;
+
+thread_local! {
+    static ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+pub fn is_enabled() -> bool {
+    ENABLED.with(|e| e.get())
+}
+
+/// Runs `f` without recording ops (inference, optimizer updates, backward rules themselves).
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    let prev = ENABLED.with(|e| e.replace(false));
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENABLED.with(|e| e.set(self.0));
+        }
+    }
+    let _restore = Restore(prev);
+    f()
+}
+
+/// How a tensor was made. Saved outputs (`y`) are detached copies of the handle, so that no
+/// tensor refers to itself.
+pub(crate) enum Op {
+    Binary {
+        op: BinaryOp,
+        a: Tensor,
+        b: Tensor,
+    },
+    Unary {
+        op: UnaryOp,
+        x: Tensor,
+        y: Tensor,
+    },
+    /// Sum over `axes`, keeping them as size-1 dimensions.
+    Sum {
+        x: Tensor,
+    },
+    MaxAxis {
+        x: Tensor,
+        axis: usize,
+        arg: Tensor,
+    },
+    Matmul {
+        a: Tensor,
+        b: Tensor,
+        ta: bool,
+        tb: bool,
+    },
+    Softmax {
+        x: Tensor,
+        y: Tensor,
+        axis: usize,
+    },
+    LogSoftmax {
+        x: Tensor,
+        y: Tensor,
+        axis: usize,
+    },
+    Reshape {
+        x: Tensor,
+    },
+    Permute {
+        x: Tensor,
+        perm: Vec<usize>,
+    },
+    Slice {
+        x: Tensor,
+        axis: usize,
+        start: usize,
+    },
+    Concat {
+        xs: Vec<Tensor>,
+        axis: usize,
+    },
+    GatherRows {
+        x: Tensor,
+        index: Tensor,
+    },
+}
+
+impl Op {
+    pub(crate) fn inputs(&self) -> Vec<&Tensor> {
+        match self {
+            Op::Binary { a, b, .. } | Op::Matmul { a, b, .. } => vec![a, b],
+            Op::Unary { x, .. }
+            | Op::Sum { x }
+            | Op::MaxAxis { x, .. }
+            | Op::Softmax { x, .. }
+            | Op::LogSoftmax { x, .. }
+            | Op::Reshape { x }
+            | Op::Permute { x, .. }
+            | Op::Slice { x, .. }
+            | Op::GatherRows { x, .. } => vec![x],
+            Op::Concat { xs, .. } => xs.iter().collect(),
+        }
+    }
+
+    /// Gradients of the inputs (in `inputs()` order) given the gradient `g` of the output `out`.
+    fn backward(&self, g: &Tensor) -> Vec<Option<Tensor>> {
+        use crate::ops::{elementwise as ew, layout, matmul, reduce};
+        match self {
+            Op::Binary { op, a, b } => {
+                let (ga, gb) = match op {
+                    BinaryOp::Add => (g.clone(), g.clone()),
+                    BinaryOp::Sub => (g.clone(), g.neg()),
+                    BinaryOp::Mul => (g.mul(b), g.mul(a)),
+                    BinaryOp::Div => {
+                        let ga = g.div(b);
+                        (ga.clone(), ga.mul(a).div(b).neg())
+                    }
+                    BinaryOp::Maximum => {
+                        let pick_a = a.ge(b);
+                        (g.mul(&pick_a), g.mul(&pick_a.affine(-1.0, 1.0)))
+                    }
+                    BinaryOp::Eq | BinaryOp::Gt | BinaryOp::Ge => unreachable!("comparisons record no op"),
+                };
+                vec![
+                    a.tracks_grad().then(|| reduce::sum_to(&ga, a.shape())),
+                    b.tracks_grad().then(|| reduce::sum_to(&gb, b.shape())),
+                ]
+            }
+            Op::Unary { op, x, y } => vec![Some(ew::unary_grad(*op, x, y, g))],
+            Op::Sum { x } => vec![Some(reduce::expand_to(g, x.shape()))],
+            Op::MaxAxis { x, axis, arg } => vec![Some(reduce::max_axis_grad(g, arg, x.shape(), *axis))],
+            Op::Matmul { a, b, ta, tb } => {
+                // C = op(A) op(B): dA = dC op(B)^T (transposed back when A was), likewise dB.
+                let ga = a.tracks_grad().then(|| match ta {
+                    false => matmul::matmul_t(g, b, false, !tb),
+                    true => matmul::matmul_t(b, g, *tb, true),
+                });
+                let gb = b.tracks_grad().then(|| match tb {
+                    false => matmul::matmul_t(a, g, !ta, false),
+                    true => matmul::matmul_t(g, a, true, *ta),
+                });
+                let ga = ga.map(|t| reduce::sum_to(&t, a.shape()));
+                let gb = gb.map(|t| reduce::sum_to(&t, b.shape()));
+                vec![ga, gb]
+            }
+            Op::Softmax { y, axis, .. } => vec![Some(reduce::softmax_grad(y, g, *axis, false))],
+            Op::LogSoftmax { y, axis, .. } => vec![Some(reduce::softmax_grad(y, g, *axis, true))],
+            Op::Reshape { x } => vec![Some(g.reshape(x.shape()))],
+            Op::Permute { perm, .. } => {
+                let mut inv = vec![0; perm.len()];
+                for (i, &p) in perm.iter().enumerate() {
+                    inv[p] = i;
+                }
+                vec![Some(g.permute(&inv))]
+            }
+            Op::Slice { x, axis, start } => vec![Some(layout::pad_axis(g, *axis, *start, x.dim(*axis)))],
+            Op::Concat { xs, axis } => {
+                let mut at = 0;
+                xs.iter()
+                    .map(|x| {
+                        let part = x.tracks_grad().then(|| g.narrow(*axis, at, x.dim(*axis)));
+                        at += x.dim(*axis);
+                        part
+                    })
+                    .collect()
+            }
+            Op::GatherRows { x, index } => vec![Some(layout::scatter_add_rows(g, index, x.dim(0)))],
+        }
+    }
+}
+
+/// The gradients of the leaves (variables) of a graph.
+#[derive(Default)]
+pub struct Grads(HashMap<u64, Tensor>);
+
+impl Grads {
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.0.get(&t.id())
+    }
+    pub fn remove(&mut self, t: &Tensor) -> Option<Tensor> {
+        self.0.remove(&t.id())
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Gradients of the scalar `root` with respect to every variable it depends on.
+pub fn backward(root: &Tensor) -> Grads {
+    assert_eq!(root.numel(), 1, "backward needs a scalar, got shape {:?}", root.shape());
+    // Every tensor reachable through recorded ops.
+    let mut nodes: Vec<Tensor> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack = vec![root.clone()];
+    while let Some(t) = stack.pop() {
+        if !t.tracks_grad() || !seen.insert(t.id()) {
+            continue;
+        }
+        stack.extend(t.op_inputs());
+        nodes.push(t);
+    }
+    nodes.sort_by_key(|t| std::cmp::Reverse(t.id()));
+    no_grad(|| {
+        let mut pending: HashMap<u64, Tensor> = HashMap::new();
+        pending.insert(root.id(), Tensor::full(root.shape(), 1.0));
+        let mut out = Grads::default();
+        for node in nodes {
+            let Some(g) = pending.remove(&node.id()) else { continue };
+            // Taking the op out frees what it saved once its gradients are computed.
+            match node.take_op() {
+                Some(op) => {
+                    let grads = op.backward(&g);
+                    for (input, grad) in op.inputs().into_iter().zip(grads) {
+                        let Some(grad) = grad else { continue };
+                        if !input.tracks_grad() {
+                            continue;
+                        }
+                        debug_assert_eq!(grad.shape(), input.shape(), "gradient shape of {input:?}");
+                        let acc = match pending.remove(&input.id()) {
+                            Some(prev) => prev.add(&grad),
+                            None => grad,
+                        };
+                        pending.insert(input.id(), acc);
+                    }
+                }
+                None => {
+                    out.0.insert(node.id(), g);
+                }
+            }
+        }
+        out
+    })
+}

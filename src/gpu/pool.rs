@@ -1,0 +1,118 @@
+//! Buffer pool: released storage buffers are kept by size class and handed out again.
+
+use std::collections::HashMap;
+
+/// Bytes held by buffers: `in_use` by live tensors, `reserved` including the pool's free list.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryStats {
+    pub in_use: u64,
+    pub peak_in_use: u64,
+    pub reserved: u64,
+    pub peak_reserved: u64,
+    pub allocations: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Pool {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    stats: MemoryStats,
+}
+
+/// The size class of a request: the next size of the form m * 2^k with m in 4..=7, so that a
+/// class wastes at most a quarter of its bytes.
+fn size_class(bytes: u64) -> u64 {
+    if bytes <= 256 {
+        return 256;
+    }
+    let k = 63 - bytes.leading_zeros() as u64 - 2;
+    bytes.div_ceil(1 << k) << k
+}
+
+impl Pool {
+    pub(crate) fn take(&mut self, device: &wgpu::Device, bytes: u64) -> GpuBuffer {
+        let class = size_class(bytes);
+        let buffer = match self.free.get_mut(&class).and_then(|v| v.pop()) {
+            Some(b) => b,
+            None => {
+                self.stats.allocations += 1;
+                self.stats.reserved += class;
+                self.stats.peak_reserved = self.stats.peak_reserved.max(self.stats.reserved);
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: class,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            }
+        };
+        self.stats.in_use += class;
+        self.stats.peak_in_use = self.stats.peak_in_use.max(self.stats.in_use);
+        GpuBuffer { buffer: Some(buffer) }
+    }
+
+    fn give_back(&mut self, buffer: wgpu::Buffer) {
+        self.stats.in_use -= buffer.size();
+        self.free.entry(buffer.size()).or_default().push(buffer);
+    }
+
+    pub(crate) fn stats(&self) -> MemoryStats {
+        self.stats
+    }
+
+    pub(crate) fn allocations(&self) -> u64 {
+        self.stats.allocations
+    }
+
+    pub(crate) fn reset_peak(&mut self) {
+        self.stats.peak_in_use = self.stats.in_use;
+        self.stats.peak_reserved = self.stats.reserved;
+    }
+
+    /// Frees every pooled buffer that no tensor holds.
+    pub(crate) fn trim(&mut self) {
+        for (class, list) in self.free.drain() {
+            self.stats.reserved -= class * list.len() as u64;
+        }
+    }
+}
+
+/// A pooled storage buffer; dropping it returns it to the pool.
+pub struct GpuBuffer {
+    buffer: Option<wgpu::Buffer>,
+}
+
+impl GpuBuffer {
+    pub fn raw(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().expect("buffer present until drop")
+    }
+    /// Capacity in bytes (the size class, at least what was asked for).
+    pub fn size(&self) -> u64 {
+        self.raw().size()
+    }
+}
+
+impl Drop for GpuBuffer {
+    fn drop(&mut self) {
+        if let (Some(b), Some(Ok(gpu))) = (self.buffer.take(), super::GPU.get()) {
+            gpu.pool.lock().unwrap().give_back(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_waste_at_most_a_quarter() {
+        for bytes in [1u64, 255, 256, 257, 1000, 4096, 5000, 1 << 20, (1 << 20) + 1, 245 << 20] {
+            let c = size_class(bytes);
+            assert!(c >= bytes, "{bytes} -> {c}");
+            assert!(c <= 256 || (c - bytes) * 4 <= c, "{bytes} -> {c}");
+        }
+        assert_eq!(size_class(1 << 20), 1 << 20);
+        assert_eq!(size_class(5 << 20), 5 << 20);
+    }
+}

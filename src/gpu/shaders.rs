@@ -1,0 +1,13 @@
+//! The WGSL sources, embedded at build time: one file per op family.
+
+const SHADERS: &[(&str, &str)] = &[
+    ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    ("reduce", include_str!("../../shaders/reduce.wgsl")),
+    ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("layout", include_str!("../../shaders/layout.wgsl")),
+    ("scan", include_str!("../../shaders/scan.wgsl")),
+];
+
+pub(crate) fn source(name: &str) -> Option<&'static str> {
+    SHADERS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+}

@@ -1,0 +1,271 @@
+//! Elementwise ops: add, sub, mul, div, maximum and comparisons with broadcasting; unary maps
+//! (relu, exp, log, sqrt, pow, clamp, affine) and their gradients; fill.
+
+use crate::autograd::Op;
+use crate::gpu::{Binding, Kernel, gpu};
+use crate::ops::{Params, strides};
+use crate::tensor::{DType, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Maximum,
+    /// 1.0 where equal, else 0.0 (no gradient).
+    Eq,
+    Gt,
+    Ge,
+}
+
+impl BinaryOp {
+    fn code(self) -> u32 {
+        self as u32
+    }
+    fn is_comparison(self) -> bool {
+        matches!(self, BinaryOp::Eq | BinaryOp::Gt | BinaryOp::Ge)
+    }
+    pub fn apply(self, a: f64, b: f64) -> f64 {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            BinaryOp::Maximum => a.max(b),
+            BinaryOp::Eq => (a == b) as u8 as f64,
+            BinaryOp::Gt => (a > b) as u8 as f64,
+            BinaryOp::Ge => (a >= b) as u8 as f64,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UnaryOp {
+    Relu,
+    Exp,
+    Log,
+    Sqrt,
+    Pow(f32),
+    Clamp(f32, f32),
+    /// a * x + b
+    Affine(f32, f32),
+}
+
+impl UnaryOp {
+    fn code_and_scalars(self) -> (u32, f32, f32) {
+        match self {
+            UnaryOp::Relu => (0, 0.0, 0.0),
+            UnaryOp::Exp => (1, 0.0, 0.0),
+            UnaryOp::Log => (2, 0.0, 0.0),
+            UnaryOp::Sqrt => (3, 0.0, 0.0),
+            UnaryOp::Pow(e) => (4, e, 0.0),
+            UnaryOp::Clamp(lo, hi) => (5, lo, hi),
+            UnaryOp::Affine(a, b) => (6, a, b),
+        }
+    }
+    pub fn apply(self, x: f64) -> f64 {
+        match self {
+            UnaryOp::Relu => x.max(0.0),
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Pow(e) => x.powf(e as f64),
+            UnaryOp::Clamp(lo, hi) => x.clamp(lo as f64, hi as f64),
+            UnaryOp::Affine(a, b) => a as f64 * x + b as f64,
+        }
+    }
+}
+
+/// The broadcast shape of two shapes (aligned at the right, numpy rules).
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Vec<usize> {
+    let rank = a.len().max(b.len());
+    (0..rank)
+        .map(|i| {
+            let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
+            let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+            assert!(da == db || da == 1 || db == 1, "shapes {a:?} and {b:?} do not broadcast");
+            da.max(db)
+        })
+        .collect()
+}
+
+/// Strides of `shape` read at the positions of `out` (0 along broadcast axes).
+pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let st = strides(shape);
+    let off = out.len() - shape.len();
+    (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { 0 } else { st[i - off] }).collect()
+}
+
+/// Runs `f(start, len)` over element ranges that each fit one storage binding.
+fn for_chunks(n: usize, mut f: impl FnMut(usize, usize)) {
+    let g = gpu();
+    let align = (g.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+    let chunk = ((g.max_binding() / 4) as usize / align * align).max(align);
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        f(start, len);
+        start += len;
+    }
+}
+
+fn range(t: &Tensor, start: usize, len: usize) -> Binding<'_> {
+    Binding { buffer: t.buffer(), offset: start as u64 * 4, size: Some(len.max(1) as u64 * 4) }
+}
+
+pub fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Tensor {
+    assert!(a.dtype() == DType::F32 && b.dtype() == DType::F32, "{op:?} on {a:?} and {b:?}");
+    let shape = broadcast_shape(a.shape(), b.shape());
+    let out = Tensor::empty(&shape);
+    let n = out.numel();
+    let g = gpu();
+    if a.shape() == b.shape() {
+        let k = Kernel::new("elementwise", "binary").with("OP", op.code() as f64);
+        for_chunks(n, |s, len| {
+            let p = Params::new().u(len).u(0).f(0.0).f(0.0);
+            g.dispatch_1d(
+                &k,
+                p.bytes(),
+                &[range(a, s, len), range(b, s, len), range(&out, s, len)],
+                len as u64,
+            );
+        });
+    } else {
+        let k = Kernel::new("elementwise", "binary").with("OP", op.code() as f64).with("BROADCAST", 1.0);
+        let p = Params::new()
+            .u(n)
+            .u(shape.len())
+            .f(0.0)
+            .f(0.0)
+            .dims8(&shape)
+            .dims8(&broadcast_strides(a.shape(), &shape))
+            .dims8(&broadcast_strides(b.shape(), &shape));
+        g.dispatch_1d(&k, p.bytes(), &[a.binding(), b.binding(), out.binding()], n as u64);
+    }
+    if op.is_comparison() {
+        return out;
+    }
+    Tensor::with_op(out, Op::Binary { op, a: a.clone(), b: b.clone() })
+}
+
+pub fn unary(op: UnaryOp, x: &Tensor) -> Tensor {
+    assert_eq!(x.dtype(), DType::F32, "{op:?} on {x:?}");
+    let out = Tensor::empty(x.shape());
+    let (code, s0, s1) = op.code_and_scalars();
+    let k = Kernel::new("elementwise", "unary").with("OP", code as f64);
+    for_chunks(x.numel(), |s, len| {
+        let p = Params::new().u(len).u(0).f(s0).f(s1);
+        gpu().dispatch_1d(&k, p.bytes(), &[range(x, s, len), range(&out, s, len)], len as u64);
+    });
+    let y = out.detach();
+    Tensor::with_op(out, Op::Unary { op, x: x.clone(), y })
+}
+
+/// dL/dx of y = op(x), given dL/dy.
+pub(crate) fn unary_grad(op: UnaryOp, x: &Tensor, y: &Tensor, g: &Tensor) -> Tensor {
+    let out = Tensor::empty(x.shape());
+    let (code, s0, s1) = op.code_and_scalars();
+    let k = Kernel::new("elementwise", "unary_grad").with("OP", code as f64);
+    for_chunks(x.numel(), |s, len| {
+        let p = Params::new().u(len).u(0).f(s0).f(s1);
+        let b = [range(x, s, len), range(y, s, len), range(g, s, len), range(&out, s, len)];
+        gpu().dispatch_1d(&k, p.bytes(), &b, len as u64);
+    });
+    out
+}
+
+pub fn fill(t: &Tensor, value: f32) {
+    let k = Kernel::new("elementwise", "fill");
+    for_chunks(t.numel(), |s, len| {
+        let p = Params::new().u(len).u(0).f(value).f(0.0);
+        gpu().dispatch_1d(&k, p.bytes(), &[range(t, s, len)], len as u64);
+    });
+}
+
+impl Tensor {
+    pub fn add(&self, o: &Tensor) -> Tensor {
+        binary(BinaryOp::Add, self, o)
+    }
+    pub fn sub(&self, o: &Tensor) -> Tensor {
+        binary(BinaryOp::Sub, self, o)
+    }
+    pub fn mul(&self, o: &Tensor) -> Tensor {
+        binary(BinaryOp::Mul, self, o)
+    }
+    pub fn div(&self, o: &Tensor) -> Tensor {
+        binary(BinaryOp::Div, self, o)
+    }
+    pub fn maximum(&self, o: &Tensor) -> Tensor {
+        binary(BinaryOp::Maximum, self, o)
+    }
+    /// 1.0 where `self == o`, else 0.0; carries no gradient.
+    pub fn eq(&self, o: &Tensor) -> Tensor {
+        binary(BinaryOp::Eq, self, o)
+    }
+    pub fn gt(&self, o: &Tensor) -> Tensor {
+        binary(BinaryOp::Gt, self, o)
+    }
+    pub fn ge(&self, o: &Tensor) -> Tensor {
+        binary(BinaryOp::Ge, self, o)
+    }
+    pub fn relu(&self) -> Tensor {
+        unary(UnaryOp::Relu, self)
+    }
+    pub fn exp(&self) -> Tensor {
+        unary(UnaryOp::Exp, self)
+    }
+    pub fn log(&self) -> Tensor {
+        unary(UnaryOp::Log, self)
+    }
+    pub fn sqrt(&self) -> Tensor {
+        unary(UnaryOp::Sqrt, self)
+    }
+    pub fn powf(&self, e: f32) -> Tensor {
+        unary(UnaryOp::Pow(e), self)
+    }
+    pub fn clamp(&self, lo: f32, hi: f32) -> Tensor {
+        unary(UnaryOp::Clamp(lo, hi), self)
+    }
+    /// a * self + b
+    pub fn affine(&self, a: f32, b: f32) -> Tensor {
+        unary(UnaryOp::Affine(a, b), self)
+    }
+    pub fn add_scalar(&self, s: f32) -> Tensor {
+        self.affine(1.0, s)
+    }
+    pub fn mul_scalar(&self, s: f32) -> Tensor {
+        self.affine(s, 0.0)
+    }
+    pub fn neg(&self) -> Tensor {
+        self.affine(-1.0, 0.0)
+    }
+}
+
+/// CPU references (f64 arithmetic) for the tests.
+pub mod cpu {
+    use super::*;
+
+    pub fn binary(op: BinaryOp, a: &[f32], sa: &[usize], b: &[f32], sb: &[usize]) -> (Vec<f32>, Vec<usize>) {
+        let shape = broadcast_shape(sa, sb);
+        let (ta, tb) = (broadcast_strides(sa, &shape), broadcast_strides(sb, &shape));
+        let n: usize = shape.iter().product();
+        let out = (0..n)
+            .map(|i| {
+                let (mut r, mut ia, mut ib) = (i, 0, 0);
+                for d in (0..shape.len()).rev() {
+                    let c = r % shape[d];
+                    r /= shape[d];
+                    ia += c * ta[d];
+                    ib += c * tb[d];
+                }
+                op.apply(a[ia] as f64, b[ib] as f64) as f32
+            })
+            .collect();
+        (out, shape)
+    }
+
+    pub fn unary(op: UnaryOp, x: &[f32]) -> Vec<f32> {
+        x.iter().map(|&v| op.apply(v as f64) as f32).collect()
+    }
+}

@@ -1,0 +1,55 @@
+//! Ops, one file per family: the launch, the backward rule's kernels, and a CPU reference.
+
+pub mod elementwise;
+pub mod layout;
+pub mod matmul;
+pub mod reduce;
+pub mod scan;
+
+/// A kernel's uniform block, built word by word to match the WGSL struct: 4-byte scalars in
+/// order, and `array<vec4<u32>, 2>` dimension lists aligned to 16 bytes.
+#[derive(Default)]
+pub struct Params(Vec<u32>);
+
+impl Params {
+    pub fn new() -> Self {
+        Params(Vec::with_capacity(32))
+    }
+    pub fn u(mut self, v: usize) -> Self {
+        self.0.push(u32::try_from(v).expect("kernel parameter over u32"));
+        self
+    }
+    pub fn f(mut self, v: f32) -> Self {
+        self.0.push(v.to_bits());
+        self
+    }
+    /// Up to 8 values as `array<vec4<u32>, 2>`, 16-byte aligned.
+    pub fn dims8(mut self, v: &[usize]) -> Self {
+        assert!(v.len() <= 8, "at most 8 dimensions");
+        while !self.0.len().is_multiple_of(4) {
+            self.0.push(0);
+        }
+        for i in 0..8 {
+            self.0.push(v.get(i).map_or(0, |&d| u32::try_from(d).expect("dimension over u32")));
+        }
+        self
+    }
+    pub fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+/// Row-major strides of a shape.
+pub fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// A shape seen as [outer, shape[axis], inner].
+pub fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    assert!(axis < shape.len(), "axis {axis} out of range for shape {shape:?}");
+    (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
+}

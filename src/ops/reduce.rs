@@ -1,0 +1,239 @@
+//! Reductions: sum and mean over axes, max and argmax along an axis, softmax and log-softmax
+//! along an axis; the broadcasting helpers their gradients need.
+
+use crate::autograd::Op;
+use crate::gpu::{Kernel, gpu};
+use crate::ops::elementwise::broadcast_strides;
+use crate::ops::{Params, split_at_axis};
+use crate::tensor::Tensor;
+
+/// Invocations worth keeping busy: a reduction whose output is smaller splits its axis in chunks.
+const MIN_PARALLEL: usize = 4096;
+/// Shortest chunk worth its own invocation.
+const MIN_CHUNK: usize = 64;
+
+fn params(outer: usize, r: usize, inner: usize, chunks: usize, chunk_len: usize) -> Params {
+    Params::new().u(outer).u(r).u(inner).u(chunks).u(chunk_len)
+}
+
+/// Sums x seen as [outer, r, inner] over r, giving [outer, inner] (as a flat tensor).
+fn sum_middle(x: &Tensor, outer: usize, r: usize, inner: usize) -> Tensor {
+    let lanes = outer * inner;
+    let chunks = if lanes < MIN_PARALLEL && r >= 2 * MIN_CHUNK {
+        MIN_PARALLEL.div_ceil(lanes).min(r / MIN_CHUNK)
+    } else {
+        1
+    };
+    let chunk_len = r.div_ceil(chunks);
+    let chunks = r.div_ceil(chunk_len);
+    let out = Tensor::empty(&[outer * chunks * inner]);
+    gpu().dispatch_1d(
+        &Kernel::new("reduce", "sum_axis"),
+        params(outer, r, inner, chunks, chunk_len).bytes(),
+        &[x.binding(), out.binding()],
+        (outer * chunks * inner) as u64,
+    );
+    if chunks > 1 { sum_middle(&out, outer, chunks, inner) } else { out }
+}
+
+/// Sum over `axes`, keeping them as size-1 dimensions.
+pub fn sum_keepdim(x: &Tensor, axes: &[usize]) -> Tensor {
+    let shape = x.shape().to_vec();
+    let reduced: Vec<bool> = (0..shape.len()).map(|d| axes.contains(&d)).collect();
+    let out_shape: Vec<usize> = shape.iter().zip(&reduced).map(|(&d, &r)| if r { 1 } else { d }).collect();
+    // Runs of adjacent reduced (or kept) axes merge into one; reduce the runs one at a time.
+    let mut groups: Vec<(usize, bool)> = Vec::new();
+    for (&d, &r) in shape.iter().zip(&reduced) {
+        match groups.last_mut() {
+            Some((n, gr)) if *gr == r || d == 1 => *n *= d,
+            _ => groups.push((d, r)),
+        }
+    }
+    let mut cur: Option<Tensor> = None;
+    let mut dims: Vec<usize> = groups.iter().map(|g| g.0).collect();
+    for gi in 0..groups.len() {
+        if groups[gi].1 && dims[gi] > 1 {
+            let outer: usize = dims[..gi].iter().product();
+            let inner: usize = dims[gi + 1..].iter().product();
+            cur = Some(sum_middle(cur.as_ref().unwrap_or(x), outer, dims[gi], inner));
+            dims[gi] = 1;
+        }
+    }
+    // With nothing to reduce (every reduced axis has size 1) the sum is a copy.
+    let out = cur.unwrap_or_else(|| expand_raw(x, x.shape()));
+    Tensor::with_op(out.detach().reshape(&out_shape), Op::Sum { x: x.clone() })
+}
+
+/// Sum over `axes`, dropping them.
+pub fn sum_axes(x: &Tensor, axes: &[usize]) -> Tensor {
+    let s = sum_keepdim(x, axes);
+    let shape: Vec<usize> = (0..x.rank()).filter(|d| !axes.contains(d)).map(|d| x.dim(d)).collect();
+    s.reshape(if shape.is_empty() { &[1] } else { &shape })
+}
+
+/// Broadcast copy of `x` to `shape` (numpy rules), without recording an op.
+fn expand_raw(x: &Tensor, shape: &[usize]) -> Tensor {
+    let out = Tensor::empty(shape);
+    let st = broadcast_strides(x.shape(), shape);
+    let p = Params::new().u(out.numel()).u(shape.len()).f(0.0).f(0.0).dims8(shape).dims8(&st).dims8(&st);
+    let k = Kernel::new("elementwise", "binary").with("OP", 8.0).with("BROADCAST", 1.0);
+    gpu().dispatch_1d(&k, p.bytes(), &[x.binding(), x.binding(), out.binding()], out.numel() as u64);
+    out
+}
+
+/// The gradient of a keep-dim sum: `g` broadcast back to the input's shape.
+pub(crate) fn expand_to(g: &Tensor, shape: &[usize]) -> Tensor {
+    expand_raw(g, shape)
+}
+
+/// Sums a broadcast result's gradient back to the shape of the operand that was broadcast.
+pub(crate) fn sum_to(g: &Tensor, shape: &[usize]) -> Tensor {
+    if g.shape() == shape {
+        return g.clone();
+    }
+    let off = g.rank() - shape.len();
+    let axes: Vec<usize> =
+        (0..g.rank()).filter(|&d| d < off || (shape[d - off] == 1 && g.dim(d) != 1)).collect();
+    sum_keepdim(g, &axes).reshape(shape)
+}
+
+/// Max along `axis` (kept as size 1) and the index reaching it, as f32.
+pub fn max_axis(x: &Tensor, axis: usize) -> (Tensor, Tensor) {
+    let (outer, r, inner) = split_at_axis(x.shape(), axis);
+    let mut shape = x.shape().to_vec();
+    shape[axis] = 1;
+    let (out, arg) = (Tensor::empty(&shape), Tensor::empty(&shape));
+    gpu().dispatch_1d(
+        &Kernel::new("reduce", "max_axis"),
+        params(outer, r, inner, 1, r).bytes(),
+        &[x.binding(), out.binding(), arg.binding()],
+        (outer * inner) as u64,
+    );
+    let out = Tensor::with_op(out, Op::MaxAxis { x: x.clone(), axis, arg: arg.clone() });
+    (out, arg)
+}
+
+pub(crate) fn max_axis_grad(g: &Tensor, arg: &Tensor, shape: &[usize], axis: usize) -> Tensor {
+    let (outer, r, inner) = split_at_axis(shape, axis);
+    let out = Tensor::empty(shape);
+    gpu().dispatch_1d(
+        &Kernel::new("reduce", "max_grad"),
+        params(outer, r, inner, 1, r).bytes(),
+        &[g.binding(), arg.binding(), out.binding()],
+        out.numel() as u64,
+    );
+    out
+}
+
+fn softmax_impl(x: &Tensor, axis: usize, log: bool) -> Tensor {
+    let (outer, r, inner) = split_at_axis(x.shape(), axis);
+    let out = Tensor::empty(x.shape());
+    gpu().dispatch_1d(
+        &Kernel::new("reduce", "softmax_axis").with("LOG", log as u8 as f64),
+        params(outer, r, inner, 1, r).bytes(),
+        &[x.binding(), out.binding()],
+        (outer * inner) as u64,
+    );
+    let y = out.detach();
+    let op =
+        if log { Op::LogSoftmax { x: x.clone(), y, axis } } else { Op::Softmax { x: x.clone(), y, axis } };
+    Tensor::with_op(out, op)
+}
+
+pub(crate) fn softmax_grad(y: &Tensor, g: &Tensor, axis: usize, log: bool) -> Tensor {
+    let (outer, r, inner) = split_at_axis(y.shape(), axis);
+    let out = Tensor::empty(y.shape());
+    gpu().dispatch_1d(
+        &Kernel::new("reduce", "softmax_grad").with("LOG", log as u8 as f64),
+        params(outer, r, inner, 1, r).bytes(),
+        &[y.binding(), g.binding(), out.binding()],
+        (outer * inner) as u64,
+    );
+    out
+}
+
+impl Tensor {
+    /// Sum of every element, as a one-element tensor.
+    pub fn sum_all(&self) -> Tensor {
+        sum_axes(&self.reshape(&[self.numel()]), &[0])
+    }
+    pub fn mean_all(&self) -> Tensor {
+        self.sum_all().mul_scalar(1.0 / self.numel() as f32)
+    }
+    /// Sum over `axes`; `keepdim` keeps them as size-1 dimensions.
+    pub fn sum(&self, axes: &[usize], keepdim: bool) -> Tensor {
+        if keepdim { sum_keepdim(self, axes) } else { sum_axes(self, axes) }
+    }
+    pub fn mean(&self, axes: &[usize], keepdim: bool) -> Tensor {
+        let n: usize = axes.iter().map(|&a| self.dim(a)).product();
+        self.sum(axes, keepdim).mul_scalar(1.0 / n as f32)
+    }
+    /// Max along `axis`, kept as a size-1 dimension.
+    pub fn max_axis(&self, axis: usize) -> Tensor {
+        max_axis(self, axis).0
+    }
+    /// Index of the max along `axis` (the first on ties), as f32 values; no gradient.
+    pub fn argmax(&self, axis: usize) -> Tensor {
+        crate::autograd::no_grad(|| max_axis(self, axis).1)
+    }
+    pub fn softmax(&self, axis: usize) -> Tensor {
+        softmax_impl(self, axis, false)
+    }
+    pub fn log_softmax(&self, axis: usize) -> Tensor {
+        softmax_impl(self, axis, true)
+    }
+}
+
+/// CPU references (f64 accumulation) for the tests.
+pub mod cpu {
+    use crate::ops::split_at_axis;
+
+    pub fn sum_axis(x: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
+        let (outer, r, inner) = split_at_axis(shape, axis);
+        let mut out = vec![0f32; outer * inner];
+        for o in 0..outer {
+            for i in 0..inner {
+                let s: f64 = (0..r).map(|k| x[(o * r + k) * inner + i] as f64).sum();
+                out[o * inner + i] = s as f32;
+            }
+        }
+        out
+    }
+
+    pub fn max_axis(x: &[f32], shape: &[usize], axis: usize) -> (Vec<f32>, Vec<f32>) {
+        let (outer, r, inner) = split_at_axis(shape, axis);
+        let mut vals = vec![0f32; outer * inner];
+        let mut args = vec![0f32; outer * inner];
+        for o in 0..outer {
+            for i in 0..inner {
+                let mut best = (x[o * r * inner + i], 0);
+                for k in 1..r {
+                    let v = x[(o * r + k) * inner + i];
+                    if v > best.0 {
+                        best = (v, k);
+                    }
+                }
+                vals[o * inner + i] = best.0;
+                args[o * inner + i] = best.1 as f32;
+            }
+        }
+        (vals, args)
+    }
+
+    pub fn softmax(x: &[f32], shape: &[usize], axis: usize, log: bool) -> Vec<f32> {
+        let (outer, r, inner) = split_at_axis(shape, axis);
+        let mut out = vec![0f32; x.len()];
+        for o in 0..outer {
+            for i in 0..inner {
+                let at = |k: usize| (o * r + k) * inner + i;
+                let m = (0..r).map(|k| x[at(k)] as f64).fold(f64::NEG_INFINITY, f64::max);
+                let s: f64 = (0..r).map(|k| (x[at(k)] as f64 - m).exp()).sum();
+                for k in 0..r {
+                    let z = x[at(k)] as f64 - m;
+                    out[at(k)] = if log { (z - s.ln()) as f32 } else { (z.exp() / s) as f32 };
+                }
+            }
+        }
+        out
+    }
+}
