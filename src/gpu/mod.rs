@@ -411,6 +411,14 @@ impl Gpu {
         }
     }
 
+    /// Submits what is recorded and waits until the device has finished it.
+    pub fn sync(&self) {
+        self.flush();
+        if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
+            panic!("waiting for the GPU failed: {e}");
+        }
+    }
+
     /// Reads `bytes` bytes of a buffer back to the host, submitting what is recorded.
     pub fn read(&self, src: &GpuBuffer, offset: u64, bytes: u64) -> Vec<u8> {
         if bytes == 0 {
