@@ -1,10 +1,12 @@
 //! caml-wgpu: CAML semi-supervised 3D segmentation on a minimal WGSL compute engine.
 
 pub mod autograd;
+pub mod caml;
 pub mod cli;
 pub mod gpu;
 pub mod gradcheck;
 pub mod ops;
+pub mod optim;
 pub mod tensor;
 
 pub use autograd::{Grads, backward, no_grad};

@@ -6,6 +6,7 @@ const SHADERS: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("layout", include_str!("../../shaders/layout.wgsl")),
     ("scan", include_str!("../../shaders/scan.wgsl")),
+    ("optim", include_str!("../../shaders/optim.wgsl")),
 ];
 
 pub(crate) fn source(name: &str) -> Option<&'static str> {

@@ -1,0 +1,3 @@
+//! The paper's method: losses, memory bank, omni-correlation, the model and its training step.
+
+pub mod losses;

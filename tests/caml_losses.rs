@@ -1,0 +1,139 @@
+//! The CAML losses, the ramp and the optimizer against hand-computed values.
+
+use approx::assert_relative_eq;
+use caml_wgpu::caml::losses::{self, Ramp};
+use caml_wgpu::gradcheck::{Rng, Tolerance, check_gradients};
+use caml_wgpu::optim::{Sgd, SgdConfig};
+use caml_wgpu::{Tensor, backward};
+
+#[test]
+fn dice_loss_matches_spec_formula() {
+    let p = [0.9f32, 0.2, 0.6, 0.1, 0.7];
+    let g = [1.0f32, 0.0, 1.0, 0.0, 0.0];
+    let inter: f64 = 0.9 + 0.6;
+    let want = 1.0 - (2.0 * inter + 1e-8) / (2.5 + 2.0 + 1e-8);
+    let got = losses::dice_loss(&Tensor::from_vec(&p, &[5]), &Tensor::from_vec(&g, &[5])).item();
+    assert_relative_eq!(got as f64, want, epsilon = 1e-6);
+}
+
+#[test]
+fn sharpen_and_consistency_match_spec_formula() {
+    let pv = [0.3f32, 0.7, 0.55, 0.45];
+    let pa = [0.6f32, 0.4, 0.2, 0.8];
+    let sharp = |p: f64| p.powf(10.0) / (p.powf(10.0) + (1.0 - p).powf(10.0));
+    let got: Vec<f32> = losses::sharpen(&Tensor::from_vec(&pa, &[4]), 0.1).to_vec();
+    for (g, &p) in got.iter().zip(&pa) {
+        assert_relative_eq!(*g as f64, sharp(p as f64), epsilon = 1e-6);
+    }
+    let mse = |a: &[f32], b: &[f32]| {
+        a.iter().zip(b).map(|(&x, &y)| (x as f64 - sharp(y as f64)).powi(2)).sum::<f64>() / 4.0
+    };
+    let want = mse(&pv, &pa) + mse(&pa, &pv);
+    let (tv, ta) = (Tensor::from_vec(&pv, &[4]), Tensor::from_vec(&pa, &[4]));
+    assert_relative_eq!(losses::consistency_loss(&tv, &ta, 0.1, false).item() as f64, want, epsilon = 1e-6);
+}
+
+#[test]
+fn consistency_targets_carry_gradient_unless_detached() {
+    // With targets not detached, d loss / d P_a includes the path through sharpen(P_a).
+    let pv = Tensor::variable(&[0.3, 0.7], &[2]);
+    let pa = Tensor::variable(&[0.6, 0.4], &[2]);
+    let g_full = backward(&losses::consistency_loss(&pv, &pa, 0.1, false)).remove(&pa).unwrap().to_vec();
+    let pv = Tensor::variable(&[0.3, 0.7], &[2]);
+    let pa = Tensor::variable(&[0.6, 0.4], &[2]);
+    let g_det = backward(&losses::consistency_loss(&pv, &pa, 0.1, true)).remove(&pa).unwrap().to_vec();
+    // Detached: only mse(P_a, sharpen(P_v)) depends on P_a: 2 (P_a - s(P_v)) / n.
+    let sharp = |p: f64| p.powf(10.0) / (p.powf(10.0) + (1.0 - p).powf(10.0));
+    for (i, (&a, &v)) in [0.6f64, 0.4].iter().zip(&[0.3f64, 0.7]).enumerate() {
+        assert_relative_eq!(g_det[i] as f64, 2.0 * (a - sharp(v)) / 2.0, epsilon = 1e-5);
+    }
+    assert!((g_full[0] - g_det[0]).abs() > 1e-3, "the sharpened target must pass gradient");
+    check_gradients(
+        &[(vec![0.3, 0.7, 0.45], vec![3]), (vec![0.6, 0.4, 0.52], vec![3])],
+        Tolerance { step: 1e-3, rel: 1e-2, abs: 1e-3 },
+        |t| losses::consistency_loss(&t[0], &t[1], 0.1, false),
+    );
+}
+
+#[test]
+fn omni_correlation_loss_matches_hand_computation() {
+    let mut rng = Rng::new(3);
+    let (rows, cols, e) = (3, 4, 5);
+    let fv = rng.vec(rows * e, -1.0, 1.0);
+    let fa = rng.vec(rows * e, -1.0, 1.0);
+    let mem = rng.vec(cols * e, -1.0, 1.0);
+    let corr = |f: &[f32]| -> Vec<Vec<f64>> {
+        (0..rows)
+            .map(|r| {
+                let l: Vec<f64> = (0..cols)
+                    .map(|c| (0..e).map(|k| f[r * e + k] as f64 * mem[c * e + k] as f64).sum::<f64>() / 0.1)
+                    .collect();
+                let m = l.iter().cloned().fold(f64::MIN, f64::max);
+                let s: f64 = l.iter().map(|v| (v - m).exp()).sum();
+                l.iter().map(|v| (v - m).exp() / s).collect()
+            })
+            .collect()
+    };
+    let (cv, ca) = (corr(&fv), corr(&fa));
+    let want: f64 = (0..rows)
+        .flat_map(|r| (0..cols).map(move |c| (r, c)))
+        .map(|(r, c)| -ca[r][c] * (cv[r][c] + 1e-8).ln())
+        .sum::<f64>()
+        / rows as f64;
+    let m = Tensor::from_vec(&mem, &[cols, e]);
+    let got = losses::omni_correlation_loss(
+        &losses::omni_correlation(&Tensor::from_vec(&fv, &[rows, e]), &m, 0.1),
+        &losses::omni_correlation(&Tensor::from_vec(&fa, &[rows, e]), &m, 0.1),
+    );
+    assert_relative_eq!(got.item() as f64, want, epsilon = 1e-4);
+    check_gradients(
+        &[
+            (fv.iter().map(|v| v * 0.2).collect(), vec![rows, e]),
+            (fa.iter().map(|v| v * 0.2).collect(), vec![rows, e]),
+        ],
+        Tolerance::default(),
+        |t| {
+            losses::omni_correlation_loss(
+                &losses::omni_correlation(&t[0], &m, 0.1),
+                &losses::omni_correlation(&t[1], &m, 0.1),
+            )
+        },
+    );
+}
+
+#[test]
+fn ramp_reproduces_the_released_first_iteration_loss() {
+    let ramp = Ramp::paper(8);
+    let (lc, lo) = ramp.weights(1);
+    assert_relative_eq!(lc, (-5.0f64).exp(), epsilon = 1e-12);
+    let loss = 0.5 * 1.586921 + lc * 0.427246 + lo * 13.700855;
+    assert_relative_eq!(loss, 0.800955, epsilon = 1e-6);
+    // Full weight once iter // 150 reaches R.
+    assert_relative_eq!(ramp.weights(150 * 20).0, 1.0);
+    assert_relative_eq!(ramp.weights(150 * 20 - 1).0, losses::sigmoid_rampup(19.0, 20.0));
+    assert_eq!(Ramp::paper(4).length, 40.0);
+    assert_eq!(Ramp::paper(16).length, 15.0);
+}
+
+#[test]
+fn sgd_step_matches_pytorch_formula() {
+    let w0 = [0.5f32, -1.0, 2.0];
+    let grads = [[0.1f32, 0.2, -0.3], [0.05, -0.1, 0.2]];
+    let w = Tensor::variable(&w0, &[3]);
+    let c = SgdConfig::default();
+    let mut opt = Sgd::new(c, std::slice::from_ref(&w));
+    let (mut wr, mut buf) = (w0.map(|v| v as f64), [0f64; 3]);
+    for (step, g) in grads.iter().enumerate() {
+        // A loss whose gradient is exactly g: sum(w * g).
+        let l = w.mul(&Tensor::from_vec(g, &[3])).sum_all();
+        opt.step(std::slice::from_ref(&w), &backward(&l));
+        for i in 0..3 {
+            let gi = g[i] as f64 + 1e-4 * wr[i];
+            buf[i] = if step == 0 { gi } else { 0.9 * buf[i] + gi };
+            wr[i] -= 0.01 * buf[i];
+        }
+        for (got, want) in w.to_vec().iter().zip(&wr) {
+            assert_relative_eq!(*got as f64, *want, epsilon = 1e-6);
+        }
+    }
+}
