@@ -2,6 +2,7 @@
 
 pub mod autograd;
 pub mod caml;
+pub mod checkpoint;
 pub mod cli;
 pub mod gpu;
 pub mod gradcheck;
