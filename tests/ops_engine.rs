@@ -295,3 +295,26 @@ fn detach_and_no_grad_stop_gradients() {
     let z = caml_wgpu::no_grad(|| x.mul(&x));
     assert!(!z.tracks_grad());
 }
+
+#[test]
+fn top_indices_match_a_stable_descending_sort() {
+    use caml_wgpu::ops::sort;
+    for (n, len) in [(1usize, 1usize), (7, 3), (1000, 1000), (5000, 1280)] {
+        let mut rng = Rng::new(70 + n as u64);
+        // Few distinct values, so that ties are common and their order is checked.
+        let keys: Vec<f32> = (0..n).map(|_| (rng.below(17) as f32) * 0.03 + 0.5).collect();
+        let got = sort::top_indices(&Tensor::from_vec(&keys, &[n]), len);
+        assert_eq!(got.shape(), &[len]);
+        assert_eq!(got.to_u32(), sort::top_indices_cpu(&keys, len), "n = {n}");
+    }
+}
+
+#[test]
+fn nonzero_many_compacts_each_mask() {
+    let a = Tensor::from_vec(&[0.0, 1.0, 1.0, 0.0, 1.0], &[5]);
+    let b = Tensor::from_vec(&[1.0, 0.0, 0.0], &[3]);
+    let got = scan::nonzero_many(&[&a, &b, &Tensor::zeros(&[0])]);
+    assert_eq!(got[0].to_u32(), vec![1, 2, 4]);
+    assert_eq!(got[1].to_u32(), vec![0]);
+    assert_eq!(got[2].shape(), &[0]);
+}

@@ -100,6 +100,8 @@ pub struct Gpu {
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     rec: Mutex<Recorder>,
+    /// Mappable buffers for readbacks, by power-of-two size.
+    staging: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     dispatches: AtomicU64,
     submissions: AtomicU64,
     readbacks: AtomicU64,
@@ -174,6 +176,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             rec: Mutex::new(Recorder { encoder: None, params: Vec::new(), slots: 0, params_buffer }),
+            staging: Mutex::new(HashMap::new()),
             dispatches: AtomicU64::new(0),
             submissions: AtomicU64::new(0),
             readbacks: AtomicU64::new(0),
@@ -425,11 +428,15 @@ impl Gpu {
             return Vec::new();
         }
         let aligned = bytes.next_multiple_of(4);
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size: aligned,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
+        let class = aligned.next_power_of_two().max(256);
+        let staging = self.staging.lock().unwrap().get_mut(&class).and_then(|v| v.pop());
+        let staging = staging.unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: class,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
         });
         {
             let mut rec = self.rec.lock().unwrap();
@@ -440,7 +447,7 @@ impl Gpu {
             encoder.copy_buffer_to_buffer(src.raw(), offset, &staging, 0, aligned);
             self.submit_locked(&mut rec);
         }
-        let slice = staging.slice(..);
+        let slice = staging.slice(..aligned);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
@@ -455,6 +462,7 @@ impl Gpu {
             [..bytes as usize]
             .to_vec();
         staging.unmap();
+        self.staging.lock().unwrap().entry(class).or_default().push(staging);
         self.readbacks.fetch_add(1, Ordering::Relaxed);
         self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
         out

@@ -7,6 +7,7 @@ const SHADERS: &[(&str, &str)] = &[
     ("layout", include_str!("../../shaders/layout.wgsl")),
     ("scan", include_str!("../../shaders/scan.wgsl")),
     ("optim", include_str!("../../shaders/optim.wgsl")),
+    ("sort", include_str!("../../shaders/sort.wgsl")),
 ];
 
 pub(crate) fn source(name: &str) -> Option<&'static str> {

@@ -5,6 +5,7 @@ pub mod layout;
 pub mod matmul;
 pub mod reduce;
 pub mod scan;
+pub mod sort;
 
 /// A kernel's uniform block, built word by word to match the WGSL struct: 4-byte scalars in
 /// order, and `array<vec4<u32>, 2>` dimension lists aligned to 16 bytes.

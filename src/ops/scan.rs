@@ -33,25 +33,42 @@ fn exclusive_scan(x: &Tensor) -> Tensor {
     pos
 }
 
-/// The flat indices where `mask` is nonzero, in increasing order (U32, shape [count]). Reads the
-/// count back to the host.
-pub fn nonzero(mask: &Tensor) -> Tensor {
+/// Compaction without reading the count: the indices (valid up to the count) and the count.
+fn compact(mask: &Tensor) -> (Tensor, Tensor) {
     assert_eq!(mask.dtype(), DType::F32, "nonzero of a {:?} tensor", mask.dtype());
     let n = mask.numel();
+    let out = Tensor::empty_u32(&[n.max(1)]);
+    let count = Tensor::empty_u32(&[1]);
     if n == 0 {
-        return Tensor::empty_u32(&[0]);
+        gpu().upload(count.buffer(), 0, bytemuck::bytes_of(&0u32));
+        return (out, count);
     }
     let pos = exclusive_scan(mask);
-    let out = Tensor::empty_u32(&[n]);
-    let count = Tensor::empty_u32(&[1]);
     gpu().dispatch_1d(
         &Kernel::new("scan", "compact"),
         Params::new().u(n).bytes(),
         &[mask.binding(), pos.binding(), out.binding(), count.binding()],
         n as u64,
     );
-    let count = count.to_u32()[0] as usize;
-    out.with_shape_unchecked(&[count])
+    (out, count)
+}
+
+/// The flat indices where each mask is nonzero, in increasing order (U32, shape [count]), with
+/// one readback for all the counts.
+pub fn nonzero_many(masks: &[&Tensor]) -> Vec<Tensor> {
+    let parts: Vec<(Tensor, Tensor)> = masks.iter().map(|m| compact(m)).collect();
+    let counts = Tensor::empty_u32(&[parts.len().max(1)]);
+    for (i, (_, c)) in parts.iter().enumerate() {
+        gpu().copy(c.buffer(), 0, counts.buffer(), 4 * i as u64, 4);
+    }
+    let counts = counts.to_u32();
+    parts.into_iter().zip(counts).map(|((idx, _), c)| idx.with_shape_unchecked(&[c as usize])).collect()
+}
+
+/// The flat indices where `mask` is nonzero, in increasing order (U32, shape [count]). Reads the
+/// count back to the host.
+pub fn nonzero(mask: &Tensor) -> Tensor {
+    nonzero_many(&[mask]).pop().expect("one mask, one result")
 }
 
 impl Tensor {

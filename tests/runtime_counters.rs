@@ -1,0 +1,36 @@
+//! Runtime counters, in a test binary of their own so that no other test's work is counted.
+
+use caml_wgpu::Tensor;
+use caml_wgpu::gpu::gpu;
+use caml_wgpu::ops::scan;
+
+#[test]
+fn batching_pool_and_readback_counters() {
+    let a = Tensor::from_vec(&[0.0, 1.0, 1.0, 0.0, 1.0], &[5]);
+    let b = Tensor::from_vec(&[1.0, 0.0, 0.0], &[3]);
+    let before = gpu().counters();
+    // Several compactions share one readback of their counts.
+    let _ = scan::nonzero_many(&[&a, &b]);
+    let after = gpu().counters();
+    assert_eq!(after.readbacks - before.readbacks, 1);
+    assert_eq!(after.bytes_read - before.bytes_read, 8);
+    // Launches are recorded without submitting until something is read back.
+    let s0 = gpu().counters().submissions;
+    let mut x = a.clone();
+    for _ in 0..50 {
+        x = x.add(&a);
+    }
+    assert_eq!(gpu().counters().submissions, s0, "launches submitted before a readback");
+    assert_eq!(x.to_vec()[1], 51.0);
+    assert_eq!(gpu().counters().submissions, s0 + 1);
+    // Released buffers are reused: a repeated computation allocates nothing new.
+    let step = || a.mul(&a).add(&a).sum_all().item();
+    step();
+    let allocs = gpu().allocations();
+    for _ in 0..5 {
+        step();
+    }
+    assert_eq!(gpu().allocations(), allocs, "pool misses on a repeated computation");
+    let m = gpu().memory();
+    assert!(m.peak_in_use >= m.in_use && m.peak_reserved >= m.reserved && m.reserved >= m.in_use);
+}
