@@ -100,3 +100,17 @@ fn scatter_add_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
         old = res.old_value;
     }
 }
+
+@group(0) @binding(1) var<storage, read> ux: array<u32>;
+@group(0) @binding(2) var<storage, read> uidx: array<u32>;
+@group(0) @binding(3) var<storage, read_write> uy: array<u32>;
+
+// uy[r] = ux[idx[r]] for index vectors.
+@compute @workgroup_size(256)
+fn gather_u32(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let t = linear(gid, nw);
+    if t >= p.n {
+        return;
+    }
+    uy[t] = ux[uidx[t]];
+}

@@ -8,6 +8,7 @@ pub mod gpu;
 pub mod gradcheck;
 pub mod ops;
 pub mod optim;
+pub mod rng;
 pub mod tensor;
 
 pub use autograd::{Grads, backward, no_grad};

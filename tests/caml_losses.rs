@@ -82,8 +82,8 @@ fn omni_correlation_loss_matches_hand_computation() {
         / rows as f64;
     let m = Tensor::from_vec(&mem, &[cols, e]);
     let got = losses::omni_correlation_loss(
-        &losses::omni_correlation(&Tensor::from_vec(&fv, &[rows, e]), &m, 0.1),
-        &losses::omni_correlation(&Tensor::from_vec(&fa, &[rows, e]), &m, 0.1),
+        &losses::omni_correlation(&Tensor::from_vec(&fv, &[rows, e]), &[&m], 0.1),
+        &losses::omni_correlation(&Tensor::from_vec(&fa, &[rows, e]), &[&m], 0.1),
     );
     assert_relative_eq!(got.item() as f64, want, epsilon = 1e-4);
     check_gradients(
@@ -94,8 +94,8 @@ fn omni_correlation_loss_matches_hand_computation() {
         Tolerance::default(),
         |t| {
             losses::omni_correlation_loss(
-                &losses::omni_correlation(&t[0], &m, 0.1),
-                &losses::omni_correlation(&t[1], &m, 0.1),
+                &losses::omni_correlation(&t[0], &[&m], 0.1),
+                &losses::omni_correlation(&t[1], &[&m], 0.1),
             )
         },
     );

@@ -37,10 +37,13 @@ pub fn consistency_loss(p_v: &Tensor, p_a: &Tensor, temperature: f32, detach_tar
     mse(p_v, &t_a).add(&mse(p_a, &t_v))
 }
 
-/// Row-wise softmax of `feats @ memory^T / temperature` ([rows, E] x [cols, E] -> [rows, cols]):
-/// the omni-correlation matrix.
-pub fn omni_correlation(feats: &Tensor, memory: &Tensor, temperature: f32) -> Tensor {
-    crate::ops::matmul::matmul_t(feats, memory, false, true).mul_scalar(1.0 / temperature).softmax(1)
+/// The omni-correlation matrix: `feats @ memory_m^T` for each memory class m ([rows, E] x
+/// [cols_m, E]), joined along columns, then a row-wise softmax of the logits / temperature.
+pub fn omni_correlation(feats: &Tensor, memories: &[&Tensor], temperature: f32) -> Tensor {
+    let logits: Vec<Tensor> =
+        memories.iter().map(|m| crate::ops::matmul::matmul_t(feats, m, false, true)).collect();
+    let logits = if logits.len() == 1 { logits[0].clone() } else { Tensor::concat(&logits, 1) };
+    logits.mul_scalar(1.0 / temperature).softmax(1)
 }
 
 /// loss_o = sum(-corr_a * log(corr_v + 1e-8)) / rows; gradients flow into both matrices.

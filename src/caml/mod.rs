@@ -1,3 +1,5 @@
 //! The paper's method: losses, memory bank, omni-correlation, the model and its training step.
 
 pub mod losses;
+pub mod memory;
+pub mod omni;

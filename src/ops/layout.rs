@@ -91,6 +91,18 @@ impl Tensor {
     /// Rows (entries of axis 0) picked by a U32 index tensor.
     pub fn gather_rows(&self, index: &Tensor) -> Tensor {
         assert_eq!(index.dtype(), DType::U32, "gather_rows needs a U32 index");
+        if self.dtype() == DType::U32 {
+            assert_eq!(self.rank(), 1, "gather of U32 values needs a vector");
+            let out = Tensor::empty_u32(&[index.numel()]);
+            let n = index.numel();
+            gpu().dispatch_1d(
+                &Kernel::new("layout", "gather_u32"),
+                Params::new().u(n).bytes(),
+                &[self.binding(), index.binding(), out.binding()],
+                n as u64,
+            );
+            return out;
+        }
         let cols = self.numel() / self.dim(0).max(1);
         let mut shape = self.shape().to_vec();
         shape[0] = index.numel();

@@ -1,0 +1,72 @@
+//! The memory bank of labeled embeddings (SPEC section 2, item 3). One entry per labeled case,
+//! replaced whenever the case is in a batch; each entry keeps its rows grouped by class, so that
+//! sampling a class needs no GPU query.
+
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+/// One labeled case's features: rows of class 0, then rows of class 1.
+#[derive(Clone)]
+pub struct BankEntry {
+    pub feats: Tensor,
+    pub counts: [usize; 2],
+}
+
+pub struct MemoryBank {
+    pub entries: Vec<Option<BankEntry>>,
+    /// Features drawn per class (`memory_num`).
+    pub memory_num: usize,
+}
+
+impl MemoryBank {
+    pub fn new(labeled_cases: usize, memory_num: usize) -> MemoryBank {
+        MemoryBank { entries: vec![None; labeled_cases], memory_num }
+    }
+
+    /// Replaces the entry of labeled case `case` with its features per class ([rows, E] each).
+    pub fn update(&mut self, case: usize, class0: &Tensor, class1: &Tensor) {
+        let counts = [class0.dim(0), class1.dim(0)];
+        let parts: Vec<Tensor> = [class0, class1].into_iter().filter(|t| t.dim(0) > 0).cloned().collect();
+        let feats = match parts.len() {
+            0 => class0.detach(),
+            1 => parts[0].detach(),
+            _ => Tensor::concat(&parts, 0).detach(),
+        };
+        self.entries[case] = Some(BankEntry { feats, counts });
+    }
+
+    /// Features of class `c` held over every filled entry.
+    pub fn count(&self, c: usize) -> usize {
+        self.entries.iter().flatten().map(|e| e.counts[c]).sum()
+    }
+
+    /// Per class, `memory_num` features drawn uniformly without replacement from every filled
+    /// entry's rows of that class; `None` where the bank holds fewer.
+    pub fn sample(&self, rng: &mut Rng) -> [Option<Tensor>; 2] {
+        [0, 1].map(|c| {
+            let total = self.count(c);
+            if total < self.memory_num || self.memory_num == 0 {
+                return None;
+            }
+            let picks = rng.sample_distinct(total, self.memory_num);
+            // Global positions (sorted) to per-entry row indices.
+            let mut parts = Vec::new();
+            let (mut base, mut at) = (0, 0);
+            for e in self.entries.iter().flatten() {
+                let n = e.counts[c];
+                let first = if c == 0 { 0 } else { e.counts[0] };
+                let mut rows = Vec::new();
+                while at < picks.len() && picks[at] < base + n {
+                    rows.push((first + picks[at] - base) as u32);
+                    at += 1;
+                }
+                if !rows.is_empty() {
+                    let len = rows.len();
+                    parts.push(e.feats.gather_rows(&Tensor::from_u32(&rows, &[len])));
+                }
+                base += n;
+            }
+            Some(if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::concat(&parts, 0) })
+        })
+    }
+}

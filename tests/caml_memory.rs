@@ -1,0 +1,117 @@
+//! The memory bank's update and sampling rules, and the omni-correlation row selection.
+
+use caml_wgpu::Tensor;
+use caml_wgpu::caml::memory::MemoryBank;
+use caml_wgpu::caml::omni;
+use caml_wgpu::rng::Rng;
+use std::collections::HashSet;
+
+/// Rows [n, 2] whose first value identifies (case, class, row) uniquely.
+fn tagged(case: usize, class: usize, n: usize) -> Tensor {
+    let v: Vec<f32> = (0..n).flat_map(|r| [(case * 10000 + class * 1000 + r) as f32, class as f32]).collect();
+    Tensor::from_vec(&v, &[n, 2])
+}
+
+#[test]
+fn bank_samples_distinct_rows_of_one_class_from_every_entry() {
+    let mut bank = MemoryBank::new(3, 20);
+    bank.update(0, &tagged(0, 0, 15), &tagged(0, 1, 4));
+    // Iteration one: fewer than memory_num features of class 1 means no class-1 memory.
+    let mut rng = Rng::new(1);
+    let [m0, m1] = bank.sample(&mut rng);
+    assert!(m0.is_none() && m1.is_none(), "15 < 20 and 4 < 20");
+    bank.update(2, &tagged(2, 0, 9), &tagged(2, 1, 30));
+    assert_eq!((bank.count(0), bank.count(1)), (24, 34));
+    let [m0, m1] = bank.sample(&mut rng);
+    for (c, m) in [(0, m0.unwrap()), (1, m1.unwrap())] {
+        assert_eq!(m.shape(), &[20, 2]);
+        let v = m.to_vec();
+        let ids: HashSet<i64> = v.chunks(2).map(|r| r[0] as i64).collect();
+        assert_eq!(ids.len(), 20, "drawn without replacement");
+        assert!(v.chunks(2).all(|r| r[1] == c as f32), "only class {c}");
+    }
+    // Replacing an entry drops its old rows.
+    bank.update(2, &tagged(5, 0, 2), &tagged(5, 1, 1));
+    assert_eq!((bank.count(0), bank.count(1)), (17, 5));
+    // Same seed, same draw.
+    let a = bank.sample(&mut Rng::new(9))[0].as_ref().map(|t| t.to_vec());
+    let b = bank.sample(&mut Rng::new(9))[0].as_ref().map(|t| t.to_vec());
+    assert_eq!(a, b);
+}
+
+#[test]
+fn bank_entries_with_an_empty_class_are_kept() {
+    let mut bank = MemoryBank::new(2, 3);
+    bank.update(1, &tagged(1, 0, 5), &Tensor::zeros(&[0, 2]));
+    assert_eq!((bank.count(0), bank.count(1)), (5, 0));
+    let [m0, m1] = bank.sample(&mut Rng::new(3));
+    assert_eq!(m0.unwrap().shape(), &[3, 2]);
+    assert!(m1.is_none());
+}
+
+#[test]
+fn omni_rows_keep_the_most_confident_per_class_with_stable_ties() {
+    let mut rng = Rng::new(5);
+    let n = 3000;
+    let class: Vec<f32> = (0..n).map(|_| rng.below(2) as f32).collect();
+    let conf: Vec<f32> = (0..n).map(|_| 0.5 + rng.below(40) as f32 * 0.0125).collect();
+    let k = 700;
+    let got = omni::select_rows(&Tensor::from_vec(&class, &[n]), &Tensor::from_vec(&conf, &[n]), k);
+    for c in 0..2 {
+        let mut rows: Vec<usize> = (0..n).filter(|&i| class[i] == c as f32).collect();
+        rows.sort_by(|&a, &b| conf[b].partial_cmp(&conf[a]).unwrap());
+        rows.truncate(k);
+        let want: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        assert_eq!(got[c].to_u32(), want, "class {c}");
+    }
+    // Under the cap every row of the class is kept, in row order.
+    let got = omni::select_rows(
+        &Tensor::from_vec(&[1.0, 0.0, 1.0], &[3]),
+        &Tensor::from_vec(&[0.6, 0.7, 0.9], &[3]),
+        5,
+    );
+    assert_eq!(got[0].to_u32(), vec![1]);
+    assert_eq!(got[1].to_u32(), vec![0, 2]);
+}
+
+#[test]
+fn omni_loss_matches_hand_computation_and_skips_single_rows() {
+    let mut rng = Rng::new(8);
+    let e = 3;
+    let (fv, fa) = (rng.vec(6 * e, -1.0, 1.0), rng.vec(6 * e, -1.0, 1.0));
+    let (m0, m1) = (rng.vec(4 * e, -1.0, 1.0), rng.vec(2 * e, -1.0, 1.0));
+    let rows = [Tensor::from_u32(&[0, 2, 5], &[3]), Tensor::from_u32(&[4], &[1])];
+    let memory = [Some(Tensor::from_vec(&m0, &[4, e])), Some(Tensor::from_vec(&m1, &[2, e]))];
+    let got = omni::omni_loss(
+        &Tensor::from_vec(&fv, &[6, e]),
+        &Tensor::from_vec(&fa, &[6, e]),
+        &rows,
+        &memory,
+        0.1,
+    )
+    .unwrap()
+    .item();
+    // Class 1 has a single row and is skipped; class 0's rows see both memories' columns.
+    let mem: Vec<&[f32]> = m0.chunks(e).chain(m1.chunks(e)).collect();
+    let corr = |f: &[f32], r: usize| -> Vec<f64> {
+        let l: Vec<f64> = mem
+            .iter()
+            .map(|m| (0..e).map(|k| f[r * e + k] as f64 * m[k] as f64).sum::<f64>() / 0.1)
+            .collect();
+        let mx = l.iter().cloned().fold(f64::MIN, f64::max);
+        let s: f64 = l.iter().map(|v| (v - mx).exp()).sum();
+        l.iter().map(|v| (v - mx).exp() / s).collect()
+    };
+    let want: f64 = [0usize, 2, 5]
+        .iter()
+        .map(|&r| {
+            let (cv, ca) = (corr(&fv, r), corr(&fa, r));
+            cv.iter().zip(&ca).map(|(v, a)| -a * (v + 1e-8).ln()).sum::<f64>()
+        })
+        .sum::<f64>()
+        / 3.0;
+    approx::assert_relative_eq!(got as f64, want, epsilon = 1e-4);
+    // No memory at all: no loss.
+    let none = omni::omni_loss(&Tensor::zeros(&[6, e]), &Tensor::zeros(&[6, e]), &rows, &[None, None], 0.1);
+    assert!(none.is_none());
+}
