@@ -4,6 +4,7 @@ pub mod autograd;
 pub mod caml;
 pub mod checkpoint;
 pub mod cli;
+pub mod config;
 pub mod gpu;
 pub mod gradcheck;
 pub mod ops;

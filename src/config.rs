@@ -1,0 +1,179 @@
+//! Training configuration: the paper's preset, a small preset for software devices, TOML files.
+//! Precedence: preset, then the config file, then command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Both networks, CMA, the memory bank and the omni-correlation loss.
+    Caml,
+    /// loss_s and loss_c only: no CMA, no omni-correlation.
+    Mutual,
+    /// loss_s on the labeled cases only.
+    LabeledOnly,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// The paper's: width 16, patch 112 x 112 x 80, 15,000 iterations.
+    Paper,
+    /// A small network and patch that train in minutes on a software device.
+    Small,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub data: Option<PathBuf>,
+    pub method: Method,
+    /// The first `labeled` cases of the train list are labeled, the rest unlabeled.
+    pub labeled: usize,
+    pub iters: u64,
+    pub patch: [usize; 3],
+    /// Base width F of the network (16 in the paper).
+    pub width: usize,
+    pub batch: usize,
+    pub labeled_bs: usize,
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub seed: u64,
+    /// Ramp length R in steps of `ramp_every` iterations; by default 40, 20 or 15 for 4, 8 or
+    /// 16 labels.
+    pub rampup: Option<f64>,
+    pub ramp_every: u64,
+    pub consistency: f64,
+    pub omni: f64,
+    pub memory_num: usize,
+    pub num_filtered: usize,
+    /// Sharpening temperature T of the consistency targets.
+    pub temperature: f32,
+    /// Temperature of the omni-correlation softmax.
+    pub corr_temperature: f32,
+    /// Width E of the projection and prediction heads.
+    pub embed: usize,
+    /// Detach the sharpened consistency targets (the reference does not).
+    pub detach_targets: bool,
+    /// Flatten the auxiliary embeddings channels-last for the memory bank (the reference does not).
+    pub fix_memory_view: bool,
+    /// Validation Dice on the test split every this many iterations (0: never).
+    pub val_every: u64,
+    /// A checkpoint every this many iterations (the final one is always written).
+    pub checkpoint_every: u64,
+    pub preset: Preset,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig::preset(Preset::Paper)
+    }
+}
+
+impl TrainConfig {
+    pub fn preset(p: Preset) -> TrainConfig {
+        let paper = TrainConfig {
+            data: None,
+            method: Method::Caml,
+            labeled: 8,
+            iters: 15_000,
+            patch: [112, 112, 80],
+            width: 16,
+            batch: 4,
+            labeled_bs: 2,
+            lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            seed: 1337,
+            rampup: None,
+            ramp_every: 150,
+            consistency: 1.0,
+            omni: 0.05,
+            memory_num: 256,
+            num_filtered: 12_800,
+            temperature: 0.1,
+            corr_temperature: 0.1,
+            embed: 32,
+            detach_targets: false,
+            fix_memory_view: false,
+            val_every: 200,
+            checkpoint_every: 1000,
+            preset: Preset::Paper,
+        };
+        match p {
+            Preset::Paper => paper,
+            Preset::Small => TrainConfig {
+                labeled: 4,
+                iters: 300,
+                patch: [48, 48, 32],
+                width: 4,
+                ramp_every: 5,
+                memory_num: 64,
+                num_filtered: 1600,
+                val_every: 100,
+                checkpoint_every: 100,
+                preset: Preset::Small,
+                ..paper
+            },
+        }
+    }
+
+    /// Ramp length R.
+    pub fn ramp_length(&self) -> f64 {
+        self.rampup.unwrap_or(match self.labeled {
+            0..=4 => 40.0,
+            5..=8 => 20.0,
+            _ => 15.0,
+        })
+    }
+
+    /// Reads a TOML file over this configuration: keys it names replace the current values.
+    pub fn merge_file(self, path: &Path) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut base = toml::Table::try_from(&self).expect("a config serializes to a table");
+        let over: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+        for (k, v) in over {
+            base.insert(k, v);
+        }
+        let merged: TrainConfig = toml::Value::Table(base)
+            .try_into()
+            .with_context(|| format!("{}: invalid training configuration", path.display()))?;
+        merged.validate().with_context(|| format!("in {}", path.display()))?;
+        Ok(merged)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a config serializes to TOML")
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if let Some(s) = self.patch.iter().find(|&&s| s == 0 || s % 16 != 0) {
+            bail!("every patch side must be a positive multiple of 16 (four 2x downsamplings); got {s}");
+        }
+        if self.width == 0 || self.embed == 0 {
+            bail!("width and embed must be positive");
+        }
+        if self.labeled_bs == 0 || self.labeled_bs > self.batch {
+            bail!("labeled_bs ({}) must be between 1 and batch ({})", self.labeled_bs, self.batch);
+        }
+        if self.method != Method::LabeledOnly && self.labeled_bs == self.batch {
+            bail!("method {:?} needs unlabeled samples in the batch: labeled_bs < batch", self.method);
+        }
+        if self.labeled < self.labeled_bs {
+            bail!("{} labeled cases cannot fill {} labeled slots per batch", self.labeled, self.labeled_bs);
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("lr must be a positive number, got {}", self.lr);
+        }
+        if self.temperature <= 0.0 || self.corr_temperature <= 0.0 {
+            bail!("temperatures must be positive");
+        }
+        Ok(())
+    }
+}

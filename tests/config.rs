@@ -1,0 +1,43 @@
+//! Training configuration: presets, TOML files over presets, validation messages.
+
+use caml_wgpu::config::{Method, Preset, TrainConfig};
+
+#[test]
+fn paper_preset_matches_the_reference() {
+    let c = TrainConfig::preset(Preset::Paper);
+    assert_eq!((c.width, c.patch, c.batch, c.labeled_bs), (16, [112, 112, 80], 4, 2));
+    assert_eq!((c.iters, c.seed, c.memory_num, c.num_filtered), (15_000, 1337, 256, 12_800));
+    assert_eq!((c.lr, c.momentum, c.weight_decay), (0.01, 0.9, 1e-4));
+    assert_eq!(c.ramp_length(), 20.0);
+    assert_eq!(TrainConfig { labeled: 4, ..c.clone() }.ramp_length(), 40.0);
+    assert_eq!(TrainConfig { labeled: 16, ..c }.ramp_length(), 15.0);
+}
+
+#[test]
+fn toml_file_overrides_only_what_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.toml");
+    std::fs::write(&path, "iters = 50\nmethod = \"mutual\"\npatch = [32, 32, 16]\n").unwrap();
+    let c = TrainConfig::preset(Preset::Small).merge_file(&path).unwrap();
+    assert_eq!((c.iters, c.method, c.patch), (50, Method::Mutual, [32, 32, 16]));
+    assert_eq!(c.width, TrainConfig::preset(Preset::Small).width);
+    // The resolved config written to a run folder reads back identically.
+    let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
+    assert_eq!(back, c);
+}
+
+#[test]
+fn bad_config_files_name_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    for (text, needle) in [
+        ("iters = \"many\"", "invalid training configuration"),
+        ("itres = 5", "invalid training configuration"),
+        ("patch = [30, 32, 32]", "multiple of 16"),
+        ("iters = [", "not valid TOML"),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let err = format!("{:#}", TrainConfig::preset(Preset::Paper).merge_file(&path).unwrap_err());
+        assert!(err.contains("bad.toml") && err.contains(needle), "{text}: {err}");
+    }
+}
