@@ -57,12 +57,12 @@ fn omni_rows_keep_the_most_confident_per_class_with_stable_ties() {
     let conf: Vec<f32> = (0..n).map(|_| 0.5 + rng.below(40) as f32 * 0.0125).collect();
     let k = 700;
     let got = omni::select_rows(&Tensor::from_vec(&class, &[n]), &Tensor::from_vec(&conf, &[n]), k);
-    for c in 0..2 {
+    for (c, got_c) in got.iter().enumerate() {
         let mut rows: Vec<usize> = (0..n).filter(|&i| class[i] == c as f32).collect();
         rows.sort_by(|&a, &b| conf[b].partial_cmp(&conf[a]).unwrap());
         rows.truncate(k);
         let want: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        assert_eq!(got[c].to_u32(), want, "class {c}");
+        assert_eq!(got_c.to_u32(), want, "class {c}");
     }
     // Under the cap every row of the class is kept, in row order.
     let got = omni::select_rows(
