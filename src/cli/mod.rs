@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 mod info;
 
 #[derive(Parser, Debug)]
-#[command(name = "caml-wgpu", version, about = "CAML semi-supervised 3D segmentation on WGSL compute")]
+#[command(
+    name = "caml-wgpu",
+    version,
+    about = "CAML semi-supervised 3D segmentation on WGSL compute"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
