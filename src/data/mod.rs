@@ -1,6 +1,7 @@
 //! Volumes, their file formats, datasets, synthetic phantoms, augmentation and batch sampling.
 
 pub mod nifti_io;
+pub mod nrrd;
 pub mod rng;
 pub mod volume;
 
