@@ -1,5 +1,6 @@
 //! Volumes, their file formats, datasets, synthetic phantoms, augmentation and batch sampling.
 
+pub mod dataset;
 pub mod nifti_io;
 pub mod nrrd;
 pub mod rng;
