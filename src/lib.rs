@@ -1,3 +1,5 @@
 pub mod cli;
 pub mod data;
 pub mod gpu;
+pub mod infer;
+pub mod metrics;
