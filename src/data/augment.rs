@@ -214,7 +214,7 @@ mod tests {
         let patch = [6, 5, 4];
         for dims in [[9, 7, 6], [5, 8, 3], [6, 5, 4], [7, 9, 8], [10, 4, 9]] {
             let img = Volume::from_fn(dims, |x, y, z| 1.0 + (x * 100 + y * 10 + z) as f32);
-            let lab = img.map(|v| (v as u32 % 3 == 0) as u8);
+            let lab = img.map(|v| ((v as u32).is_multiple_of(3)) as u8);
             for _ in 0..24 {
                 let p = AugmentParams::draw(&mut rng, dims, patch);
                 let (gi, gl) = apply(&img, &lab, &p, patch);
@@ -222,7 +222,7 @@ mod tests {
                 assert_eq!(gi, want, "{dims:?} {p:?}");
                 let wl: Vec<u8> = want
                     .iter()
-                    .map(|&v| (v != 0.0 && v as u32 % 3 == 0) as u8)
+                    .map(|&v| (v != 0.0 && (v as u32).is_multiple_of(3)) as u8)
                     .collect();
                 assert_eq!(gl, wl);
             }
