@@ -3,3 +3,4 @@ pub mod data;
 pub mod gpu;
 pub mod infer;
 pub mod metrics;
+pub mod overlay;

@@ -4,6 +4,9 @@
 use clap::{Parser, Subcommand};
 
 mod info;
+mod metrics;
+mod overlay;
+mod synth;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,10 +23,19 @@ pub struct Cli {
 pub enum Command {
     /// Print the GPU adapter, its compute limits and the features the engine uses.
     Info(info::Args),
+    /// Dice, Jaccard, HD95 and ASD of a predicted mask against a ground truth.
+    Metrics(metrics::Args),
+    /// Draw axial slices of an image with ground-truth and predicted contours (PNG).
+    Overlay(overlay::Args),
+    /// Generate synthetic LA-like phantoms with train/test lists.
+    Synth(synth::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
+        Command::Metrics(a) => metrics::run(a),
+        Command::Overlay(a) => overlay::run(a),
+        Command::Synth(a) => synth::run(a),
     }
 }

@@ -6,6 +6,7 @@ pub mod nifti_io;
 pub mod nrrd;
 pub mod rng;
 pub mod sampler;
+pub mod synth;
 pub mod volume;
 
 pub use volume::{Geometry, Image, Mask, Volume};
