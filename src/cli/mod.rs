@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 mod info;
 mod metrics;
 mod overlay;
+mod prepare_la;
 mod synth;
 
 #[derive(Parser, Debug)]
@@ -27,6 +28,8 @@ pub enum Command {
     Metrics(metrics::Args),
     /// Draw axial slices of an image with ground-truth and predicted contours (PNG).
     Overlay(overlay::Args),
+    /// Convert the LA challenge data (NRRD or preprocessed HDF5) to the case-folder layout.
+    PrepareLa(prepare_la::Args),
     /// Generate synthetic LA-like phantoms with train/test lists.
     Synth(synth::Args),
 }
@@ -36,6 +39,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Metrics(a) => metrics::run(a),
         Command::Overlay(a) => overlay::run(a),
+        Command::PrepareLa(a) => prepare_la::run(a),
         Command::Synth(a) => synth::run(a),
     }
 }

@@ -4,6 +4,7 @@ pub mod augment;
 pub mod dataset;
 pub mod nifti_io;
 pub mod nrrd;
+pub mod prepare_la;
 pub mod rng;
 pub mod sampler;
 pub mod synth;

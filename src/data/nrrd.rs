@@ -231,7 +231,14 @@ fn read_impl(path: &Path) -> Result<Image> {
     };
     let encoding = get("encoding")?;
 
-    let values: Vec<f64> = match encoding {
+    // File order is x fastest; values go straight to their place in the volume layout.
+    let [nx, ny, nz] = dims;
+    let mut data = vec![0f32; n];
+    let place = |i: usize| {
+        let (x, y, z) = (i % nx, (i / nx) % ny, i / (nx * ny));
+        (x * ny + y) * nz + z
+    };
+    match encoding {
         "raw" | "gzip" | "gz" => {
             let gz = encoding != "raw";
             if !gz {
@@ -255,6 +262,7 @@ fn read_impl(path: &Path) -> Result<Image> {
                 }
             };
             io::copy(&mut (&mut src).take(byte_skip), &mut io::sink()).map_err(wrap)?;
+            // For gzip the buffer grows with the data actually present.
             let mut raw = if gz {
                 Vec::new()
             } else {
@@ -269,38 +277,27 @@ fn read_impl(path: &Path) -> Result<Image> {
                 "truncated: sizes {dims:?} of {ty_s} need {nbytes} bytes of data, found {}",
                 raw.len()
             );
-            raw.chunks_exact(ty.size())
-                .map(|c| ty.decode(c, big))
-                .collect()
+            for (i, c) in raw.chunks_exact(ty.size()).enumerate() {
+                data[place(i)] = ty.decode(c, big) as f32;
+            }
         }
         "ascii" | "text" | "txt" => {
             let mut s = String::new();
             r.read_to_string(&mut s).context("ascii data is not text")?;
-            let v: Vec<f64> = s
-                .split_whitespace()
-                .take(n)
-                .map(str::parse)
-                .collect::<Result<_, _>>()
-                .context("ascii data holds a non-numeric value")?;
+            let mut count = 0;
+            for (i, t) in s.split_whitespace().take(n).enumerate() {
+                let v: f64 = t
+                    .parse()
+                    .with_context(|| format!("ascii data holds a non-numeric value {t:?}"))?;
+                data[place(i)] = v as f32;
+                count += 1;
+            }
             ensure!(
-                v.len() == n,
-                "truncated: sizes {dims:?} need {n} values, found {}",
-                v.len()
+                count == n,
+                "truncated: sizes {dims:?} need {n} values, found {count}"
             );
-            v
         }
         e => bail!("unsupported encoding {e:?} (raw, gzip and ascii are)"),
-    };
-
-    let [nx, ny, nz] = dims;
-    let mut data = vec![0f32; n];
-    let mut it = values.into_iter();
-    for z in 0..nz {
-        for y in 0..ny {
-            for x in 0..nx {
-                data[(x * ny + y) * nz + z] = it.next().expect("n values") as f32;
-            }
-        }
     }
     let geometry = geometry(&fields)?;
     Ok(Volume::from_vec(dims, data)?.with_geometry(geometry))
