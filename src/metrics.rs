@@ -276,6 +276,23 @@ pub fn evaluate(pred: &Mask, gt: &Mask, spacing: [f64; 3]) -> Result<Metrics> {
     })
 }
 
+/// The mean of each metric over cases, as the reference reports a test set; the flag is set
+/// when any case had an empty prediction. `None` for no cases.
+pub fn mean_metrics(ms: &[Metrics]) -> Option<Metrics> {
+    if ms.is_empty() {
+        return None;
+    }
+    let n = ms.len() as f64;
+    let mean = |f: fn(&Metrics) -> f64| ms.iter().map(f).sum::<f64>() / n;
+    Some(Metrics {
+        dice: mean(|m| m.dice),
+        jaccard: mean(|m| m.jaccard),
+        hd95: mean(|m| m.hd95),
+        asd: mean(|m| m.asd),
+        empty_prediction: ms.iter().any(|m| m.empty_prediction),
+    })
+}
+
 /// Neighbourhood for connected components.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Connectivity {
@@ -583,6 +600,28 @@ mod tests {
         assert_eq!((m.dice, m.jaccard, m.hd95, m.asd), (0.0, 0.0, 0.0, 0.0));
         assert!(evaluate(&gt, &empty, [1.0; 3]).is_err());
         assert!(evaluate(&gt, &Mask::filled([5, 5, 4], 0), [1.0; 3]).is_err());
+    }
+
+    #[test]
+    fn mean_over_cases_counts_empty_predictions_as_zero() {
+        let a = Metrics {
+            dice: 0.9,
+            jaccard: 0.8,
+            hd95: 4.0,
+            asd: 1.0,
+            empty_prediction: false,
+        };
+        let empty = Metrics {
+            dice: 0.0,
+            jaccard: 0.0,
+            hd95: 0.0,
+            asd: 0.0,
+            empty_prediction: true,
+        };
+        let m = mean_metrics(&[a, empty]).unwrap();
+        assert!((m.dice - 0.45).abs() < 1e-12 && (m.hd95 - 2.0).abs() < 1e-12);
+        assert!(m.empty_prediction);
+        assert!(mean_metrics(&[]).is_none());
     }
 
     #[test]

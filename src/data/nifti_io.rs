@@ -16,7 +16,7 @@ use nifti::{Endianness, NiftiHeader, NiftiType};
 use super::volume::{Geometry, Image, Mask, Volume};
 
 /// Volumes larger than this many voxels are rejected as corrupt dims.
-const MAX_VOXELS: usize = 1 << 31;
+const MAX_VOXELS: usize = 1 << 30;
 const HEADER_BYTES: u64 = 348;
 
 pub fn read_image(path: impl AsRef<Path>) -> Result<Image> {

@@ -19,7 +19,7 @@ use nifti::NiftiHeader;
 use super::volume::{Geometry, Image, Volume};
 
 const MAX_HEADER_BYTES: usize = 1 << 16;
-const MAX_VOXELS: usize = 1 << 31;
+const MAX_VOXELS: usize = 1 << 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ty {

@@ -230,6 +230,8 @@ impl<T: Copy> Volume<T> {
     }
 
     /// Pads with `value`: `before[a]` voxels in front and `after[a]` behind along each axis.
+    /// The geometry is kept as it was: padded volumes are intermediates that are cropped back
+    /// before anything is written.
     pub fn pad(&self, before: [usize; 3], after: [usize; 3], value: T) -> Self {
         let dims = [0, 1, 2].map(|a| self.dims[a] + before[a] + after[a]);
         let mut out = Self::filled(dims, value);
