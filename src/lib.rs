@@ -5,10 +5,14 @@ pub mod caml;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod gpu;
 pub mod gradcheck;
+pub mod infer;
+pub mod metrics;
 pub mod ops;
 pub mod optim;
+pub mod overlay;
 pub mod rng;
 pub mod tensor;
 

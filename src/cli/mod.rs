@@ -4,9 +4,17 @@
 use clap::{Parser, Subcommand};
 
 mod info;
+mod metrics;
+mod overlay;
+mod prepare_la;
+mod synth;
 
 #[derive(Parser, Debug)]
-#[command(name = "caml-wgpu", version, about = "CAML semi-supervised 3D segmentation on WGSL compute")]
+#[command(
+    name = "caml-wgpu",
+    version,
+    about = "CAML semi-supervised 3D segmentation on WGSL compute"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -16,10 +24,22 @@ pub struct Cli {
 pub enum Command {
     /// Print the GPU adapter, its compute limits and the features the engine uses.
     Info(info::Args),
+    /// Dice, Jaccard, HD95 and ASD of a predicted mask against a ground truth.
+    Metrics(metrics::Args),
+    /// Draw axial slices of an image with ground-truth and predicted contours (PNG).
+    Overlay(overlay::Args),
+    /// Convert the LA challenge data (NRRD or preprocessed HDF5) to the case-folder layout.
+    PrepareLa(prepare_la::Args),
+    /// Generate synthetic LA-like phantoms with train/test lists.
+    Synth(synth::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info(a) => info::run(a),
+        Command::Metrics(a) => metrics::run(a),
+        Command::Overlay(a) => overlay::run(a),
+        Command::PrepareLa(a) => prepare_la::run(a),
+        Command::Synth(a) => synth::run(a),
     }
 }

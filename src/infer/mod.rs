@@ -1,0 +1,3 @@
+//! Whole-volume inference.
+
+pub mod window;
