@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod fsutil;
 pub mod gpu;
 pub mod gradcheck;
 pub mod infer;

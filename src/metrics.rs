@@ -34,22 +34,14 @@ pub struct Metrics {
 /// as medpy's ZeroDivisionError branch returns).
 pub fn dice(a: &[u8], b: &[u8]) -> f64 {
     let (inter, na, nb) = counts(a, b);
-    if na + nb == 0 {
-        0.0
-    } else {
-        2.0 * inter as f64 / (na + nb) as f64
-    }
+    if na + nb == 0 { 0.0 } else { 2.0 * inter as f64 / (na + nb) as f64 }
 }
 
 /// Jaccard index (0 when both are empty).
 pub fn jaccard(a: &[u8], b: &[u8]) -> f64 {
     let (inter, na, nb) = counts(a, b);
     let union = na + nb - inter;
-    if union == 0 {
-        0.0
-    } else {
-        inter as f64 / union as f64
-    }
+    if union == 0 { 0.0 } else { inter as f64 / union as f64 }
 }
 
 fn counts(a: &[u8], b: &[u8]) -> (usize, usize, usize) {
@@ -184,12 +176,7 @@ pub fn squared_edt(feature: &[bool], dims: [usize; 3], spacing: [f64; 3]) -> Vec
 /// sd(A→B): distances from each surface voxel of `a` to the nearest surface voxel of `b`, in
 /// flat index order. Both masks must be non-empty.
 pub fn surface_distances(a: &Mask, b: &Mask, spacing: [f64; 3]) -> Result<Vec<f64>> {
-    ensure!(
-        a.dims() == b.dims(),
-        "masks differ in shape: {:?} vs {:?}",
-        a.dims(),
-        b.dims()
-    );
+    ensure!(a.dims() == b.dims(), "masks differ in shape: {:?} vs {:?}", a.dims(), b.dims());
     // The distances depend only on the surfaces' positions, so the transform runs on the union
     // of the two bounding boxes; the surfaces are taken inside each mask's own box, where the
     // outside is background as in the full array.
@@ -204,12 +191,7 @@ pub fn surface_distances(a: &Mask, b: &Mask, spacing: [f64; 3]) -> Result<Vec<f6
     let sa = surface(ac.data(), size);
     let sb = surface(bc.data(), size);
     let dt = squared_edt(&sb, size, spacing);
-    Ok(sa
-        .iter()
-        .zip(&dt)
-        .filter(|(s, _)| **s)
-        .map(|(_, &d)| d.sqrt())
-        .collect())
+    Ok(sa.iter().zip(&dt).filter(|(s, _)| **s).map(|(_, &d)| d.sqrt()).collect())
 }
 
 /// numpy.percentile(values, q) with the default linear interpolation.
@@ -223,11 +205,7 @@ pub fn percentile(values: &[f64], q: f64) -> f64 {
     let t = rank - lo as f64;
     let (a, b) = (v[lo], v[hi]);
     // numpy's _lerp: a + (b - a) t, computed from the upper end when t >= 0.5.
-    if t >= 0.5 {
-        b - (b - a) * (1.0 - t)
-    } else {
-        a + (b - a) * t
-    }
+    if t >= 0.5 { b - (b - a) * (1.0 - t) } else { a + (b - a) * t }
 }
 
 pub fn hd95(a: &Mask, b: &Mask, spacing: [f64; 3]) -> Result<f64> {
@@ -252,18 +230,9 @@ pub fn evaluate(pred: &Mask, gt: &Mask, spacing: [f64; 3]) -> Result<Metrics> {
         gt.dims()
     );
     if pred.count_foreground() == 0 {
-        return Ok(Metrics {
-            dice: 0.0,
-            jaccard: 0.0,
-            hd95: 0.0,
-            asd: 0.0,
-            empty_prediction: true,
-        });
+        return Ok(Metrics { dice: 0.0, jaccard: 0.0, hd95: 0.0, asd: 0.0, empty_prediction: true });
     }
-    ensure!(
-        gt.count_foreground() > 0,
-        "the ground truth is empty: surface distances are undefined"
-    );
+    ensure!(gt.count_foreground() > 0, "the ground truth is empty: surface distances are undefined");
     let mut ab = surface_distances(pred, gt, spacing)?;
     let asd = ab.iter().sum::<f64>() / ab.len() as f64;
     ab.extend(surface_distances(gt, pred, spacing)?);
@@ -338,11 +307,7 @@ pub fn largest_connected_component(mask: &Mask, conn: Connectivity) -> Mask {
         stack.push(start);
         while let Some(i) = stack.pop() {
             size += 1;
-            let p = [
-                (i / (ny * nz)) as i64,
-                ((i / nz) % ny) as i64,
-                (i % nz) as i64,
-            ];
+            let p = [(i / (ny * nz)) as i64, ((i / nz) % ny) as i64, (i % nz) as i64];
             for o in &offsets {
                 let q = [p[0] + o[0], p[1] + o[1], p[2] + o[2]];
                 if q[0] < 0
@@ -380,16 +345,11 @@ pub fn largest_connected_component(mask: &Mask, conn: Connectivity) -> Mask {
 mod tests {
     use super::*;
     use crate::data::Volume;
-    use crate::data::rng::Rng;
+    use crate::rng::Rng;
 
     fn cube(dims: [usize; 3], lo: [usize; 3], s: usize) -> Mask {
         Volume::from_fn(dims, |x, y, z| {
-            (x >= lo[0]
-                && x < lo[0] + s
-                && y >= lo[1]
-                && y < lo[1] + s
-                && z >= lo[2]
-                && z < lo[2] + s) as u8
+            (x >= lo[0] && x < lo[0] + s && y >= lo[1] && y < lo[1] + s && z >= lo[2] && z < lo[2] + s) as u8
         })
     }
 
@@ -411,16 +371,9 @@ mod tests {
                 for y in 0..ny as i64 {
                     for z in 0..nz as i64 {
                         if fg(m, x, y, z)
-                            && [
-                                (1, 0, 0),
-                                (-1, 0, 0),
-                                (0, 1, 0),
-                                (0, -1, 0),
-                                (0, 0, 1),
-                                (0, 0, -1),
-                            ]
-                            .iter()
-                            .any(|(dx, dy, dz)| !fg(m, x + dx, y + dy, z + dz))
+                            && [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]
+                                .iter()
+                                .any(|(dx, dy, dz)| !fg(m, x + dx, y + dy, z + dz))
                         {
                             pts.push([x as f64, y as f64, z as f64]);
                         }
@@ -433,12 +386,7 @@ mod tests {
         sa.iter()
             .map(|p| {
                 sb.iter()
-                    .map(|q| {
-                        (0..3)
-                            .map(|k| ((p[k] - q[k]) * sp[k]).powi(2))
-                            .sum::<f64>()
-                            .sqrt()
-                    })
+                    .map(|q| (0..3).map(|k| ((p[k] - q[k]) * sp[k]).powi(2)).sum::<f64>().sqrt())
                     .fold(f64::INFINITY, f64::min)
             })
             .collect()
@@ -461,16 +409,12 @@ mod tests {
         let dims = [14, 12, 10];
         let a = Volume::from_fn(dims, |x, y, z| {
             let (xf, yf, zf) = (x as f64, y as f64, z as f64);
-            let e = ((xf - 6.0) / 5.0).powi(2)
-                + ((yf - 5.0) / 4.0).powi(2)
-                + ((zf - 4.0) / 3.5).powi(2);
+            let e = ((xf - 6.0) / 5.0).powi(2) + ((yf - 5.0) / 4.0).powi(2) + ((zf - 4.0) / 3.5).powi(2);
             (e <= 1.0 || (x * 7 + y * 13 + z * 5) % 17 == 0) as u8
         });
         let b = Volume::from_fn(dims, |x, y, z| {
             let (xf, yf, zf) = (x as f64, y as f64, z as f64);
-            let e = ((xf - 7.5) / 4.5).powi(2)
-                + ((yf - 6.0) / 4.5).powi(2)
-                + ((zf - 5.0) / 3.0).powi(2);
+            let e = ((xf - 7.5) / 4.5).powi(2) + ((yf - 6.0) / 4.5).powi(2) + ((zf - 5.0) / 3.0).powi(2);
             (e <= 1.0 || (x < 3 && y < 2)) as u8
         });
         let m = evaluate(&a, &b, [1.0; 3]).unwrap();
@@ -543,11 +487,7 @@ mod tests {
     fn random_masks_match_brute_force_distances() {
         let mut r = Rng::new(11);
         for trial in 0..12 {
-            let dims = [
-                3 + r.below(8) as usize,
-                3 + r.below(8) as usize,
-                3 + r.below(8) as usize,
-            ];
+            let dims = [3 + r.below(8) as usize, 3 + r.below(8) as usize, 3 + r.below(8) as usize];
             let density = r.uniform_in(0.05, 0.7);
             let mut gen_mask = || {
                 let mut m = Volume::from_fn(dims, |_, _, _| 0u8);
@@ -560,11 +500,7 @@ mod tests {
             if a.count_foreground() == 0 || b.count_foreground() == 0 {
                 continue;
             }
-            let sp = if trial % 2 == 0 {
-                [1.0; 3]
-            } else {
-                [0.7, 1.3, 2.5]
-            };
+            let sp = if trial % 2 == 0 { [1.0; 3] } else { [0.7, 1.3, 2.5] };
             let got = surface_distances(&a, &b, sp).unwrap();
             let want = brute_sd(&a, &b, sp);
             assert_eq!(got.len(), want.len());
@@ -604,20 +540,8 @@ mod tests {
 
     #[test]
     fn mean_over_cases_counts_empty_predictions_as_zero() {
-        let a = Metrics {
-            dice: 0.9,
-            jaccard: 0.8,
-            hd95: 4.0,
-            asd: 1.0,
-            empty_prediction: false,
-        };
-        let empty = Metrics {
-            dice: 0.0,
-            jaccard: 0.0,
-            hd95: 0.0,
-            asd: 0.0,
-            empty_prediction: true,
-        };
+        let a = Metrics { dice: 0.9, jaccard: 0.8, hd95: 4.0, asd: 1.0, empty_prediction: false };
+        let empty = Metrics { dice: 0.0, jaccard: 0.0, hd95: 0.0, asd: 0.0, empty_prediction: true };
         let m = mean_metrics(&[a, empty]).unwrap();
         assert!((m.dice - 0.45).abs() < 1e-12 && (m.hd95 - 2.0).abs() < 1e-12);
         assert!(m.empty_prediction);
@@ -649,8 +573,7 @@ mod tests {
         assert_eq!(face.count_foreground(), 8);
         assert_eq!(face.get(0, 0, 0), 1);
         assert_eq!(
-            largest_connected_component(&Mask::filled([2, 2, 2], 0), Connectivity::Full26)
-                .count_foreground(),
+            largest_connected_component(&Mask::filled([2, 2, 2], 0), Connectivity::Full26).count_foreground(),
             0
         );
     }

@@ -28,12 +28,7 @@ impl Default for OverlayOptions {
 
 /// Grey levels: the 1st and 99th intensity percentiles map to black and white.
 fn window(image: &Image) -> (f32, f32) {
-    let mut v: Vec<f32> = image
-        .data()
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .collect();
+    let mut v: Vec<f32> = image.data().iter().copied().filter(|v| v.is_finite()).collect();
     if v.is_empty() {
         return (0.0, 1.0);
     }
@@ -45,12 +40,7 @@ fn window(image: &Image) -> (f32, f32) {
 
 /// Z positions: evenly inside the Z extent of the ground truth (else the prediction, else the
 /// whole volume).
-pub fn pick_slices(
-    dims: [usize; 3],
-    gt: Option<&Mask>,
-    pred: Option<&Mask>,
-    n: usize,
-) -> Vec<usize> {
+pub fn pick_slices(dims: [usize; 3], gt: Option<&Mask>, pred: Option<&Mask>, n: usize) -> Vec<usize> {
     let extent = [gt, pred]
         .into_iter()
         .flatten()
@@ -58,9 +48,8 @@ pub fn pick_slices(
         .map_or((0, dims[2] - 1), |(lo, hi)| (lo[2], hi[2]));
     let n = n.max(1);
     let (a, b) = extent;
-    let mut z: Vec<usize> = (0..n)
-        .map(|i| a + ((b - a) as f64 * (i as f64 + 1.0) / (n as f64 + 1.0)).round() as usize)
-        .collect();
+    let mut z: Vec<usize> =
+        (0..n).map(|i| a + ((b - a) as f64 * (i as f64 + 1.0) / (n as f64 + 1.0)).round() as usize).collect();
     z.dedup();
     z
 }
@@ -91,12 +80,7 @@ pub fn render(
 ) -> Result<(usize, usize, Vec<u8>)> {
     let dims = image.dims();
     for m in [gt, pred].into_iter().flatten() {
-        ensure!(
-            m.dims() == dims,
-            "mask {:?} does not match the image {:?}",
-            m.dims(),
-            dims
-        );
+        ensure!(m.dims() == dims, "mask {:?} does not match the image {:?}", m.dims(), dims);
     }
     ensure!(opts.zoom > 0, "zoom must be at least 1");
     let [nx, ny, _] = dims;
@@ -157,8 +141,7 @@ pub fn write_overlay(
         wr.write_image_data(&px)?;
         wr.finish()?;
     }
-    crate::data::dataset::write_atomic(path, &buf)
-        .with_context(|| format!("writing overlay {}", path.display()))
+    crate::fsutil::write_atomic(path, &buf).with_context(|| format!("writing overlay {}", path.display()))
 }
 
 #[cfg(test)]

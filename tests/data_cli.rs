@@ -17,27 +17,15 @@ fn tmpdir(tag: &str) -> PathBuf {
 fn synth_then_metrics_and_overlay() {
     let d = tmpdir("synth");
     let out = bin()
-        .args([
-            "synth", "--cases", "3", "--seed", "5", "--size", "32", "32", "24", "--out",
-        ])
+        .args(["synth", "--cases", "3", "--seed", "5", "--size", "32", "32", "24", "--out"])
         .arg(&d)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lab0 = d.join("synth_000/label.nii.gz");
     let lab1 = d.join("synth_001/label.nii.gz");
 
-    let out = bin()
-        .args(["metrics", "--json", "--pred"])
-        .arg(&lab0)
-        .arg("--gt")
-        .arg(&lab0)
-        .output()
-        .unwrap();
+    let out = bin().args(["metrics", "--json", "--pred"]).arg(&lab0).arg("--gt").arg(&lab0).output().unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["dice"], 1.0);
@@ -69,11 +57,7 @@ fn synth_then_metrics_and_overlay() {
         .arg(&png)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
 }
 
@@ -83,13 +67,7 @@ fn errors_name_the_file_and_exit_non_zero() {
     std::fs::create_dir_all(&d).unwrap();
     let bad = d.join("bad.nii.gz");
     std::fs::write(&bad, b"\x1f\x8b\x08\x00garbage").unwrap();
-    let out = bin()
-        .args(["metrics", "--pred"])
-        .arg(&bad)
-        .arg("--gt")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = bin().args(["metrics", "--pred"]).arg(&bad).arg("--gt").arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.nii.gz"), "{err}");

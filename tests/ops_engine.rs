@@ -161,7 +161,7 @@ fn layout_ops_match_cpu() {
 fn nonzero_compacts_in_order_across_many_blocks() {
     for (n, density) in [(1usize, 1.0f32), (1000, 0.5), (5000, 0.1), (3_000_001, 0.3)] {
         let mut rng = Rng::new(n as u64);
-        let mask: Vec<f32> = (0..n).map(|_| (rng.uniform() < density) as u8 as f32).collect();
+        let mask: Vec<f32> = (0..n).map(|_| (rng.uniform() < density as f64) as u8 as f32).collect();
         let want: Vec<u32> = (0..n as u32).filter(|&i| mask[i as usize] != 0.0).collect();
         let got = scan::nonzero(&Tensor::from_vec(&mask, &[n]));
         assert_eq!(got.shape(), &[want.len()]);
@@ -227,7 +227,7 @@ fn reduction_grads_match_finite_differences() {
     let mut rng = Rng::new(31);
     let mut ladder: Vec<f32> = (0..60).map(|i| i as f32 * 0.05 - 1.5).collect();
     for i in (1..60).rev() {
-        ladder.swap(i, rng.below(i + 1));
+        ladder.swap(i, rng.below(i as u64 + 1) as usize);
     }
     for axis in 0..3 {
         check_gradients(&[(ladder.clone(), vec![3, 4, 5])], Tolerance::default(), |t| {

@@ -36,27 +36,15 @@ pub fn run(a: Args) -> Result<()> {
         Spacing::Unit => [1.0; 3],
         Spacing::Header => gt.geometry.spacing.map(f64::from),
     };
-    let m = metrics::evaluate(&pred, &gt, spacing).map_err(|e| {
-        e.context(format!(
-            "comparing {} with {}",
-            a.pred.display(),
-            a.gt.display()
-        ))
-    })?;
+    let m = metrics::evaluate(&pred, &gt, spacing)
+        .map_err(|e| e.context(format!("comparing {} with {}", a.pred.display(), a.gt.display())))?;
     if m.empty_prediction {
-        eprintln!(
-            "warning: {} is empty; scored 0 for every metric as the reference does",
-            a.pred.display()
-        );
+        eprintln!("warning: {} is empty; scored 0 for every metric as the reference does", a.pred.display());
     }
     if a.json {
         println!("{}", serde_json::to_string(&m)?);
     } else {
-        let unit = if a.spacing == Spacing::Header {
-            "mm"
-        } else {
-            "voxels"
-        };
+        let unit = if a.spacing == Spacing::Header { "mm" } else { "voxels" };
         println!("dice     {:.4}", m.dice);
         println!("jaccard  {:.4}", m.jaccard);
         println!("hd95     {:.4} {unit}", m.hd95);

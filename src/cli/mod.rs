@@ -10,11 +10,7 @@ mod prepare_la;
 mod synth;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "caml-wgpu",
-    version,
-    about = "CAML semi-supervised 3D segmentation on WGSL compute"
-)]
+#[command(name = "caml-wgpu", version, about = "CAML semi-supervised 3D segmentation on WGSL compute")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

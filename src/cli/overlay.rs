@@ -27,10 +27,7 @@ pub fn run(a: Args) -> Result<()> {
     let image = read_image(&a.image)?;
     let gt = a.gt.as_ref().map(read_mask).transpose()?;
     let pred = a.pred.as_ref().map(read_mask).transpose()?;
-    let opts = OverlayOptions {
-        slices: a.slices,
-        zoom: a.zoom,
-    };
+    let opts = OverlayOptions { slices: a.slices, zoom: a.zoom };
     write_overlay(&a.out, &image, gt.as_ref(), pred.as_ref(), &opts)?;
     println!("wrote {}", a.out.display());
     Ok(())

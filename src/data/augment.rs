@@ -14,8 +14,8 @@
 //! gather that reads only the voxels that end up in the patch; a literal step-by-step version
 //! is kept in the tests as the reference.
 
-use crate::data::rng::Rng;
 use crate::data::{Image, Mask};
+use crate::rng::Rng;
 
 /// One sample's random choices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,11 +32,7 @@ pub struct AugmentParams {
 
 /// The dims after rotating by `k` quarter turns in X-Y.
 pub fn rotated_dims(dims: [usize; 3], k: usize) -> [usize; 3] {
-    if k % 2 == 1 {
-        [dims[1], dims[0], dims[2]]
-    } else {
-        dims
-    }
+    if k % 2 == 1 { [dims[1], dims[0], dims[2]] } else { dims }
 }
 
 /// The reference's padding rule for (rotated) `dims`.
@@ -58,18 +54,9 @@ impl AugmentParams {
         let offset = [0, 1, 2].map(|a| {
             let size = rd[a] + 2 * pad[a];
             let span = size.saturating_sub(patch[a]);
-            if span == 0 {
-                0
-            } else {
-                rng.below(span as u64) as usize
-            }
+            if span == 0 { 0 } else { rng.below(span as u64) as usize }
         });
-        Self {
-            k,
-            flip_axis,
-            pad,
-            offset,
-        }
+        Self { k, flip_axis, pad, offset }
     }
 }
 
@@ -88,17 +75,8 @@ fn rot_source(k: usize, i: usize, j: usize, w: usize, h: usize) -> (usize, usize
 /// Applies `p` to one image/label pair and returns the patches, each `patch` voxels in the
 /// volume layout (X-major, Z fastest). The patch must fit after padding (it always does for
 /// parameters from [`AugmentParams::draw`]).
-pub fn apply(
-    image: &Image,
-    label: &Mask,
-    p: &AugmentParams,
-    patch: [usize; 3],
-) -> (Vec<f32>, Vec<u8>) {
-    assert_eq!(
-        image.dims(),
-        label.dims(),
-        "image and label differ in shape"
-    );
+pub fn apply(image: &Image, label: &Mask, p: &AugmentParams, patch: [usize; 3]) -> (Vec<f32>, Vec<u8>) {
+    assert_eq!(image.dims(), label.dims(), "image and label differ in shape");
     let [w, h, d] = image.dims();
     let rd = rotated_dims([w, h, d], p.k);
     let n: usize = patch.iter().product();
@@ -115,11 +93,7 @@ pub fn apply(
             let rj = unpad(1, v);
             let src = match (ri, rj) {
                 (Some(i), Some(j)) => {
-                    let (i, j) = if p.flip_axis == 0 {
-                        (rd[0] - 1 - i, j)
-                    } else {
-                        (i, rd[1] - 1 - j)
-                    };
+                    let (i, j) = if p.flip_axis == 0 { (rd[0] - 1 - i, j) } else { (i, rd[1] - 1 - j) };
                     let (x, y) = rot_source(p.k, i, j, w, h);
                     Some((x * h + y) * d)
                 }
@@ -143,12 +117,7 @@ pub fn apply(
 }
 
 /// Draws parameters and applies them.
-pub fn augment(
-    image: &Image,
-    label: &Mask,
-    patch: [usize; 3],
-    rng: &mut Rng,
-) -> (Vec<f32>, Vec<u8>) {
+pub fn augment(image: &Image, label: &Mask, patch: [usize; 3], rng: &mut Rng) -> (Vec<f32>, Vec<u8>) {
     let p = AugmentParams::draw(rng, image.dims(), patch);
     apply(image, label, &p, patch)
 }
@@ -220,10 +189,8 @@ mod tests {
                 let (gi, gl) = apply(&img, &lab, &p, patch);
                 let want = literal(&img, &p, patch);
                 assert_eq!(gi, want, "{dims:?} {p:?}");
-                let wl: Vec<u8> = want
-                    .iter()
-                    .map(|&v| (v != 0.0 && (v as u32).is_multiple_of(3)) as u8)
-                    .collect();
+                let wl: Vec<u8> =
+                    want.iter().map(|&v| (v != 0.0 && (v as u32).is_multiple_of(3)) as u8).collect();
                 assert_eq!(gl, wl);
             }
         }
@@ -262,10 +229,7 @@ mod tests {
             offsets[p.offset[2]] += 1;
         }
         assert!(ks.iter().all(|&c| (850..1150).contains(&c)), "{ks:?}");
-        assert!(
-            flips.iter().all(|&c| (1850..2150).contains(&c)),
-            "{flips:?}"
-        );
+        assert!(flips.iter().all(|&c| (1850..2150).contains(&c)), "{flips:?}");
         assert!((1850..2150).contains(&offsets[0]), "{offsets:?}");
         assert_eq!(offsets[2], 0);
     }

@@ -47,8 +47,8 @@ pub struct Case {
 /// Reads a split file: one case name per line; blank lines and `#` comments are skipped.
 pub fn read_list(path: impl AsRef<Path>) -> Result<Vec<String>> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading case list {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading case list {}", path.display()))?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -57,18 +57,10 @@ pub fn read_list(path: impl AsRef<Path>) -> Result<Vec<String>> {
             continue;
         }
         if name.contains(['/', '\\']) || name == "." || name == ".." {
-            bail!(
-                "case list {} line {}: {name:?} is not a case name",
-                path.display(),
-                i + 1
-            );
+            bail!("case list {} line {}: {name:?} is not a case name", path.display(), i + 1);
         }
         if !seen.insert(name.to_string()) {
-            bail!(
-                "case list {} line {}: {name:?} is listed twice",
-                path.display(),
-                i + 1
-            );
+            bail!("case list {} line {}: {name:?} is listed twice", path.display(), i + 1);
         }
         out.push(name.to_string());
     }
@@ -80,29 +72,11 @@ pub fn write_list(path: impl AsRef<Path>, names: &[String]) -> Result<()> {
     let path = path.as_ref();
     let mut text = names.join("\n");
     text.push('\n');
-    write_atomic(path, text.as_bytes())
-}
-
-/// Writes through a temporary file in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file name", path.display()))?
-        .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
-        .with_context(|| format!("writing {}", path.display()))
+    crate::fsutil::write_atomic(path, text.as_bytes())
 }
 
 fn first_existing(dir: &Path, stem: &str) -> Option<PathBuf> {
-    [".nii.gz", ".nii"]
-        .iter()
-        .map(|e| dir.join(format!("{stem}{e}")))
-        .find(|p| p.is_file())
+    [".nii.gz", ".nii"].iter().map(|e| dir.join(format!("{stem}{e}"))).find(|p| p.is_file())
 }
 
 impl Dataset {
@@ -110,11 +84,7 @@ impl Dataset {
     /// its files.
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
-        ensure!(
-            root.is_dir(),
-            "dataset folder {} does not exist",
-            root.display()
-        );
+        ensure!(root.is_dir(), "dataset folder {} does not exist", root.display());
         let ds = if root.join("imagesTr").is_dir() {
             Self::open_nnunet(root)?
         } else {
@@ -127,25 +97,12 @@ impl Dataset {
             );
             let train = read_list(&train_list)?;
             let test_list = root.join("test.list");
-            let test = if test_list.is_file() {
-                read_list(&test_list)?
-            } else {
-                Vec::new()
-            };
-            Self {
-                root,
-                layout: Layout::CaseFolders,
-                train,
-                test,
-                ending: ".nii.gz".into(),
-            }
+            let test = if test_list.is_file() { read_list(&test_list)? } else { Vec::new() };
+            Self { root, layout: Layout::CaseFolders, train, test, ending: ".nii.gz".into() }
         };
         let train: HashSet<&String> = ds.train.iter().collect();
         if let Some(both) = ds.test.iter().find(|n| train.contains(n)) {
-            bail!(
-                "dataset {}: case {both:?} is in both the train and the test list",
-                ds.root.display()
-            );
+            bail!("dataset {}: case {both:?} is in both the train and the test list", ds.root.display());
         }
         for name in ds.train.iter().chain(&ds.test) {
             ds.image_path(name)?;
@@ -158,16 +115,12 @@ impl Dataset {
         let mut ending = ".nii.gz".to_string();
         let json = root.join("dataset.json");
         if json.is_file() {
-            let text = std::fs::read_to_string(&json)
-                .with_context(|| format!("reading {}", json.display()))?;
+            let text =
+                std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not valid JSON", json.display()))?;
             if let Some(e) = v.get("file_ending").and_then(|e| e.as_str()) {
-                ensure!(
-                    e == ".nii.gz" || e == ".nii",
-                    "{}: file_ending {e:?} is not NIfTI",
-                    json.display()
-                );
+                ensure!(e == ".nii.gz" || e == ".nii", "{}: file_ending {e:?} is not NIfTI", json.display());
                 ending = e.to_string();
             }
             let channels = v
@@ -196,9 +149,10 @@ impl Dataset {
             Ok(names)
         };
         let images = cases_in(&root.join("imagesTr"))?;
-        if let Some(extra) = images.iter().find(|n| {
-            n.len() > 5 && n.ends_with(|c: char| c.is_ascii_digit()) && !n.ends_with("_0000")
-        }) {
+        if let Some(extra) = images
+            .iter()
+            .find(|n| n.len() > 5 && n.ends_with(|c: char| c.is_ascii_digit()) && !n.ends_with("_0000"))
+        {
             bail!(
                 "{}: {extra}{ending} is a second channel; only single-channel images are supported",
                 root.join("imagesTr").display()
@@ -218,19 +172,11 @@ impl Dataset {
                 .into_iter()
                 .filter_map(|n| n.strip_suffix("_0000").map(str::to_string))
                 .collect();
-            let test = cases_in(&root.join("labelsTs"))?
-                .into_iter()
-                .filter(|n| ts_images.contains(n))
-                .collect();
+            let test =
+                cases_in(&root.join("labelsTs"))?.into_iter().filter(|n| ts_images.contains(n)).collect();
             (train, test)
         };
-        Ok(Self {
-            root,
-            layout: Layout::NnUnet,
-            train,
-            test,
-            ending,
-        })
+        Ok(Self { root, layout: Layout::NnUnet, train, test, ending })
     }
 
     /// The image file of a case; an error naming the expected path when it is missing.
@@ -239,10 +185,7 @@ impl Dataset {
             Layout::CaseFolders => {
                 let dir = self.root.join(name);
                 first_existing(&dir, "image").with_context(|| {
-                    format!(
-                        "case {name:?}: missing image {}",
-                        dir.join("image.nii.gz").display()
-                    )
+                    format!("case {name:?}: missing image {}", dir.join("image.nii.gz").display())
                 })
             }
             Layout::NnUnet => self.nnunet_file(&format!("{name}_0000"), "images", name),
@@ -255,10 +198,7 @@ impl Dataset {
             Layout::CaseFolders => {
                 let dir = self.root.join(name);
                 first_existing(&dir, "label").with_context(|| {
-                    format!(
-                        "case {name:?}: missing label {}",
-                        dir.join("label.nii.gz").display()
-                    )
+                    format!("case {name:?}: missing label {}", dir.join("label.nii.gz").display())
                 })
             }
             Layout::NnUnet => self.nnunet_file(name, "labels", name),
@@ -285,11 +225,7 @@ impl Dataset {
         let image = read_image(&ip)?;
         let label = read_mask(&lp)?;
         validate_case(&image, &ip, &label, &lp)?;
-        Ok(Case {
-            name: name.to_string(),
-            image,
-            label,
-        })
+        Ok(Case { name: name.to_string(), image, label })
     }
 
     /// Reads an image alone (for prediction), checking it for NaN/Inf.
@@ -315,21 +251,12 @@ impl Dataset {
 
 fn check_finite(image: &Image, path: &Path) -> Result<()> {
     let bad = image.data().iter().filter(|v| !v.is_finite()).count();
-    ensure!(
-        bad == 0,
-        "image {}: {bad} voxels are NaN or infinite",
-        path.display()
-    );
+    ensure!(bad == 0, "image {}: {bad} voxels are NaN or infinite", path.display());
     Ok(())
 }
 
 /// The per-case checks: same shape, labels in {0, 1}, finite intensities.
-pub fn validate_case(
-    image: &Image,
-    image_path: &Path,
-    label: &Mask,
-    label_path: &Path,
-) -> Result<()> {
+pub fn validate_case(image: &Image, image_path: &Path, label: &Mask, label_path: &Path) -> Result<()> {
     ensure!(
         image.dims() == label.dims(),
         "label {} is {:?} but its image {} is {:?}",
@@ -427,20 +354,11 @@ mod tests {
         write_list(root.join("train.list"), &names(&["shape", "values", "nan"])).unwrap();
         let ds = Dataset::open(&root).unwrap();
         let e = format!("{:#}", ds.load_case("shape").unwrap_err());
-        assert!(
-            e.contains("shape/label.nii.gz") && e.contains("[4, 3, 3]"),
-            "{e}"
-        );
+        assert!(e.contains("shape/label.nii.gz") && e.contains("[4, 3, 3]"), "{e}");
         let e = format!("{:#}", ds.load_case("values").unwrap_err());
-        assert!(
-            e.contains("values/label.nii.gz") && e.contains("2 voxels"),
-            "{e}"
-        );
+        assert!(e.contains("values/label.nii.gz") && e.contains("2 voxels"), "{e}");
         let e = format!("{:#}", ds.load_case("nan").unwrap_err());
-        assert!(
-            e.contains("nan/image.nii.gz") && e.contains("2 voxels are NaN"),
-            "{e}"
-        );
+        assert!(e.contains("nan/image.nii.gz") && e.contains("2 voxels are NaN"), "{e}");
     }
 
     #[test]
@@ -472,10 +390,7 @@ mod tests {
         write_list(root.join("train.list"), &names(&["la_003"])).unwrap();
         write_list(root.join("test.list"), &names(&["la_001", "la_042"])).unwrap();
         let e = format!("{:#}", Dataset::open(&root).unwrap_err());
-        assert!(
-            e.contains("labelsTr/la_042.nii.gz") || e.contains("imagesTr/la_042_0000"),
-            "{e}"
-        );
+        assert!(e.contains("labelsTr/la_042.nii.gz") || e.contains("imagesTr/la_042_0000"), "{e}");
 
         std::fs::write(
             root.join("dataset.json"),
@@ -483,10 +398,7 @@ mod tests {
         )
         .unwrap();
         let e = format!("{:#}", Dataset::open(&root).unwrap_err());
-        assert!(
-            e.contains("dataset.json") && e.contains("2 input channels"),
-            "{e}"
-        );
+        assert!(e.contains("dataset.json") && e.contains("2 input channels"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,6 @@ pub mod dataset;
 pub mod nifti_io;
 pub mod nrrd;
 pub mod prepare_la;
-pub mod rng;
 pub mod sampler;
 pub mod synth;
 pub mod volume;

@@ -27,18 +27,10 @@ pub fn read_image(path: impl AsRef<Path>) -> Result<Image> {
 /// Reads a label map; every voxel must be an integer in 0..=255 after scaling.
 pub fn read_mask(path: impl AsRef<Path>) -> Result<Mask> {
     let path = path.as_ref();
-    let f =
-        read_as(path, |v| v).with_context(|| format!("reading NIfTI mask {}", path.display()))?;
-    let bad = f
-        .data()
-        .iter()
-        .filter(|&&v| !(v.fract() == 0.0 && (0.0..=255.0).contains(&v)))
-        .count();
+    let f = read_as(path, |v| v).with_context(|| format!("reading NIfTI mask {}", path.display()))?;
+    let bad = f.data().iter().filter(|&&v| !(v.fract() == 0.0 && (0.0..=255.0).contains(&v))).count();
     if bad > 0 {
-        bail!(
-            "NIfTI mask {}: {bad} voxels are not integers in 0..=255",
-            path.display()
-        );
+        bail!("NIfTI mask {}: {bad} voxels are not integers in 0..=255", path.display());
     }
     Ok(f.map(|v| v as u8))
 }
@@ -46,8 +38,7 @@ pub fn read_mask(path: impl AsRef<Path>) -> Result<Mask> {
 /// The header and voxel count of a file, without reading its data.
 pub fn read_header(path: impl AsRef<Path>) -> Result<NiftiHeader> {
     let path = path.as_ref();
-    let (_, h) =
-        open_header(path).with_context(|| format!("reading NIfTI header {}", path.display()))?;
+    let (_, h) = open_header(path).with_context(|| format!("reading NIfTI header {}", path.display()))?;
     Ok(h)
 }
 
@@ -57,11 +48,7 @@ fn open_header(path: &Path) -> Result<(Box<dyn Read>, NiftiHeader)> {
     let gz = f.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
     drop(f);
     let f = BufReader::new(File::open(path).context("cannot open")?);
-    let mut r: Box<dyn Read> = if gz {
-        Box::new(MultiGzDecoder::new(f))
-    } else {
-        Box::new(f)
-    };
+    let mut r: Box<dyn Read> = if gz { Box::new(MultiGzDecoder::new(f)) } else { Box::new(f) };
     let h = NiftiHeader::from_reader(&mut r).map_err(|e| match e {
         nifti::NiftiError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             anyhow::anyhow!("file ends inside the 348-byte header")
@@ -74,11 +61,7 @@ fn open_header(path: &Path) -> Result<(Box<dyn Read>, NiftiHeader)> {
     if h.sizeof_hdr == 540 || h.sizeof_hdr.swap_bytes() == 540 {
         bail!("NIfTI-2 files are not supported (sizeof_hdr 540)");
     }
-    ensure!(
-        h.sizeof_hdr == 348,
-        "not a NIfTI-1 file (sizeof_hdr is {}, expected 348)",
-        h.sizeof_hdr
-    );
+    ensure!(h.sizeof_hdr == 348, "not a NIfTI-1 file (sizeof_hdr is {}, expected 348)", h.sizeof_hdr);
     match &h.magic {
         b"n+1\0" => {}
         b"ni1\0" => bail!("header/image pairs (.hdr/.img) are not supported; convert to .nii"),
@@ -90,10 +73,7 @@ fn open_header(path: &Path) -> Result<(Box<dyn Read>, NiftiHeader)> {
 /// Spatial dims (x, y, z) from a header; higher dims must be 1.
 fn spatial_dims(h: &NiftiHeader) -> Result<[usize; 3]> {
     let nd = h.dim[0] as i16;
-    ensure!(
-        (1..=7).contains(&nd),
-        "dim[0] = {nd} is not a dimensionality in 1..=7"
-    );
+    ensure!((1..=7).contains(&nd), "dim[0] = {nd} is not a dimensionality in 1..=7");
     let mut d = [1usize; 3];
     for k in 1..=nd as usize {
         let v = h.dim[k] as i16;
@@ -101,17 +81,11 @@ fn spatial_dims(h: &NiftiHeader) -> Result<[usize; 3]> {
         if k <= 3 {
             d[k - 1] = v as usize;
         } else {
-            ensure!(
-                v == 1,
-                "dim[{k}] = {v}: only single 3D volumes are supported"
-            );
+            ensure!(v == 1, "dim[{k}] = {v}: only single 3D volumes are supported");
         }
     }
     let n = d.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
-    ensure!(
-        n.is_some_and(|n| n <= MAX_VOXELS),
-        "dims {d:?} are implausibly large"
-    );
+    ensure!(n.is_some_and(|n| n <= MAX_VOXELS), "dims {d:?} are implausibly large");
     Ok(d)
 }
 
@@ -161,23 +135,12 @@ fn read_as<T: Copy + Default>(path: &Path, convert: impl Fn(f64) -> T) -> Result
             "truncated: dims {dims:?} of {elem}-byte voxels need {need} bytes, the file has {len}"
         );
     }
-    let skipped =
-        io::copy(&mut (&mut r).take(skip), &mut io::sink()).map_err(|e| gz_error(e, gz))?;
-    ensure!(
-        skipped == skip,
-        "truncated: the file ends before vox_offset"
-    );
+    let skipped = io::copy(&mut (&mut r).take(skip), &mut io::sink()).map_err(|e| gz_error(e, gz))?;
+    ensure!(skipped == skip, "truncated: the file ends before vox_offset");
     // For gzip the decoded size is unknown until read: the buffer grows with the data actually
     // present rather than being sized from the header.
-    let mut raw = if gz {
-        Vec::new()
-    } else {
-        Vec::with_capacity(nbytes)
-    };
-    (&mut r)
-        .take(nbytes as u64)
-        .read_to_end(&mut raw)
-        .map_err(|e| gz_error(e, gz))?;
+    let mut raw = if gz { Vec::new() } else { Vec::with_capacity(nbytes) };
+    (&mut r).take(nbytes as u64).read_to_end(&mut raw).map_err(|e| gz_error(e, gz))?;
     ensure!(
         raw.len() == nbytes,
         "truncated: dims {dims:?} of {elem}-byte voxels need {nbytes} bytes of data, the file holds {}",
@@ -185,8 +148,7 @@ fn read_as<T: Copy + Default>(path: &Path, convert: impl Fn(f64) -> T) -> Result
     );
 
     let big = h.endianness == Endianness::Big;
-    let (slope, inter) = if h.scl_slope != 0.0 && h.scl_slope.is_finite() && h.scl_inter.is_finite()
-    {
+    let (slope, inter) = if h.scl_slope != 0.0 && h.scl_slope.is_finite() && h.scl_inter.is_finite() {
         (h.scl_slope as f64, h.scl_inter as f64)
     } else {
         (1.0, 0.0)
@@ -195,11 +157,7 @@ fn read_as<T: Copy + Default>(path: &Path, convert: impl Fn(f64) -> T) -> Result
         macro_rules! num {
             ($t:ty) => {{
                 let b = c.try_into().expect("chunk size matches the type");
-                if big {
-                    <$t>::from_be_bytes(b)
-                } else {
-                    <$t>::from_le_bytes(b)
-                }
+                if big { <$t>::from_be_bytes(b) } else { <$t>::from_le_bytes(b) }
             }};
         }
         match dtype {
@@ -224,10 +182,7 @@ fn read_as<T: Copy + Default>(path: &Path, convert: impl Fn(f64) -> T) -> Result
             }
         }
     }
-    let geometry = Geometry {
-        spacing: spacing(&h),
-        header: Some(Box::new(h)),
-    };
+    let geometry = Geometry { spacing: spacing(&h), header: Some(Box::new(h)) };
     Ok(Volume::from_vec(dims, data)?.with_geometry(geometry))
 }
 
@@ -238,11 +193,7 @@ fn is_gzip(path: &Path) -> Result<bool> {
 }
 
 fn gz_error(e: io::Error, gz: bool) -> anyhow::Error {
-    if gz {
-        anyhow::anyhow!("corrupt or truncated gzip stream: {e}")
-    } else {
-        anyhow::Error::new(e)
-    }
+    if gz { anyhow::anyhow!("corrupt or truncated gzip stream: {e}") } else { anyhow::Error::new(e) }
 }
 
 /// The header written for a volume: its own (read from disk) or one built from its spacing,
@@ -294,9 +245,7 @@ where
     let res = (|| -> Result<()> {
         let h = output_header(&v.geometry);
         let arr = ndarray::ArrayView3::from_shape(v.dims(), v.data())?;
-        nifti::writer::WriterOptions::new(&tmp)
-            .reference_header(&h)
-            .write_nifti(&arr)?;
+        nifti::writer::WriterOptions::new(&tmp).reference_header(&h).write_nifti(&arr)?;
         std::fs::rename(&tmp, path)?;
         Ok(())
     })();
@@ -318,10 +267,7 @@ fn temp_path(path: &Path) -> Result<PathBuf> {
     } else if name.ends_with(".nii") {
         ".nii"
     } else {
-        bail!(
-            "{}: a NIfTI output must end in .nii or .nii.gz",
-            path.display()
-        );
+        bail!("{}: a NIfTI output must end in .nii or .nii.gz", path.display());
     };
     // The writer derives its output name by replacing the last extension, so the stem must not
     // contain dots of its own.
@@ -355,11 +301,7 @@ mod tests {
         let put = |h: &mut Vec<u8>, off: usize, b: &[u8]| h[off..off + b.len()].copy_from_slice(b);
         macro_rules! enc {
             ($v:expr) => {
-                if big {
-                    $v.to_be_bytes()
-                } else {
-                    $v.to_le_bytes()
-                }
+                if big { $v.to_be_bytes() } else { $v.to_le_bytes() }
             };
         }
         put(&mut h, 0, &enc!(348i32));
@@ -406,10 +348,7 @@ mod tests {
         let files = [
             ("le.nii", raw_nifti([3, 4, 5], 4, 16, 2.0, 1.0, &le, false)),
             ("be.nii", raw_nifti([3, 4, 5], 4, 16, 2.0, 1.0, &be, true)),
-            (
-                "le.nii.gz",
-                gzip(&raw_nifti([3, 4, 5], 4, 16, 2.0, 1.0, &le, false)),
-            ),
+            ("le.nii.gz", gzip(&raw_nifti([3, 4, 5], 4, 16, 2.0, 1.0, &le, false))),
         ];
         for (name, bytes) in files {
             let p = d.join(name);
@@ -434,27 +373,9 @@ mod tests {
         let vals = [0.0f64, 1.0, 7.0, 100.0];
         let cases: Vec<(i16, i16, Vec<u8>)> = vec![
             (2, 8, vals.iter().map(|&v| v as u8).collect()),
-            (
-                4,
-                16,
-                vals.iter()
-                    .flat_map(|&v| (v as i16).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                8,
-                32,
-                vals.iter()
-                    .flat_map(|&v| (v as i32).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                16,
-                32,
-                vals.iter()
-                    .flat_map(|&v| (v as f32).to_le_bytes())
-                    .collect(),
-            ),
+            (4, 16, vals.iter().flat_map(|&v| (v as i16).to_le_bytes()).collect()),
+            (8, 32, vals.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect()),
+            (16, 32, vals.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect()),
             (64, 64, vals.iter().flat_map(|&v| v.to_le_bytes()).collect()),
         ];
         for (dt, bp, data) in cases {
@@ -474,12 +395,8 @@ mod tests {
         let src = raw_nifti([2, 3, 4], 2, 8, 0.0, 0.0, &[0u8; 24], false);
         let mut hdr_file = src.clone();
         // Give the source a distinctive affine.
-        hdr_file[280..292].copy_from_slice(
-            &[0.7f32, 0.0, 0.0]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<_>>(),
-        );
+        hdr_file[280..292]
+            .copy_from_slice(&[0.7f32, 0.0, 0.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>());
         hdr_file[252..254].copy_from_slice(&1i16.to_le_bytes()); // qform_code
         hdr_file[254..256].copy_from_slice(&1i16.to_le_bytes()); // sform_code
         hdr_file[292..296].copy_from_slice(&(-12.5f32).to_le_bytes()); // srow_x[3]
@@ -510,11 +427,8 @@ mod tests {
         // Stored data really is x fastest: the raw .nii's second voxel is (1, 0, 0).
         let bytes = std::fs::read(d.join("msk.nii")).unwrap();
         let first: Vec<u8> = bytes[352..358].to_vec();
-        let want: Vec<u8> = (0..2)
-            .flat_map(|y| (0..2).map(move |x| (x, y)))
-            .take(6)
-            .map(|(x, y)| msk.get(x, y, 0))
-            .collect();
+        let want: Vec<u8> =
+            (0..2).flat_map(|y| (0..2).map(move |x| (x, y))).take(6).map(|(x, y)| msk.get(x, y, 0)).collect();
         assert_eq!(&first[..4], &want[..4]);
         assert_eq!(first[1], msk.get(1, 0, 0));
         assert_eq!(first[2], msk.get(0, 1, 0));
@@ -554,28 +468,14 @@ mod tests {
         assert!(e.contains("corrupt.nii.gz"), "{e}");
 
         let rgb = d.join("rgb.nii");
-        std::fs::write(
-            &rgb,
-            raw_nifti([2, 3, 4], 128, 24, 0.0, 0.0, &[0; 72], false),
-        )
-        .unwrap();
+        std::fs::write(&rgb, raw_nifti([2, 3, 4], 128, 24, 0.0, 0.0, &[0; 72], false)).unwrap();
         let e = format!("{:#}", read_image(&rgb).unwrap_err());
-        assert!(
-            e.contains("rgb.nii") && e.contains("unsupported voxel type"),
-            "{e}"
-        );
+        assert!(e.contains("rgb.nii") && e.contains("unsupported voxel type"), "{e}");
 
         let huge = d.join("huge.nii");
-        std::fs::write(
-            &huge,
-            raw_nifti([30000, 30000, 30000], 2, 8, 0.0, 0.0, &data, false),
-        )
-        .unwrap();
+        std::fs::write(&huge, raw_nifti([30000, 30000, 30000], 2, 8, 0.0, 0.0, &data, false)).unwrap();
         let e = format!("{:#}", read_image(&huge).unwrap_err());
-        assert!(
-            e.contains("huge.nii") && e.contains("implausibly large"),
-            "{e}"
-        );
+        assert!(e.contains("huge.nii") && e.contains("implausibly large"), "{e}");
 
         let zero = d.join("zero.nii");
         std::fs::write(&zero, raw_nifti([2, 0, 4], 2, 8, 0.0, 0.0, &data, false)).unwrap();
@@ -583,11 +483,7 @@ mod tests {
         assert!(e.contains("zero.nii") && e.contains("dim[2]"), "{e}");
 
         let big = d.join("big.nii");
-        std::fs::write(
-            &big,
-            raw_nifti([300, 300, 300], 2, 8, 0.0, 0.0, &data, false),
-        )
-        .unwrap();
+        std::fs::write(&big, raw_nifti([300, 300, 300], 2, 8, 0.0, 0.0, &data, false)).unwrap();
         let e = format!("{:#}", read_image(&big).unwrap_err());
         assert!(e.contains("big.nii") && e.contains("truncated"), "{e}");
 

@@ -40,9 +40,7 @@ impl Ty {
         Some(match s {
             "signed char" | "int8" | "int8_t" => Ty::I8,
             "uchar" | "unsigned char" | "uint8" | "uint8_t" => Ty::U8,
-            "short" | "short int" | "signed short" | "signed short int" | "int16" | "int16_t" => {
-                Ty::I16
-            }
+            "short" | "short int" | "signed short" | "signed short int" | "int16" | "int16_t" => Ty::I16,
             "ushort" | "unsigned short" | "unsigned short int" | "uint16" | "uint16_t" => Ty::U16,
             "int" | "signed int" | "int32" | "int32_t" => Ty::I32,
             "uint" | "unsigned int" | "uint32" | "uint32_t" => Ty::U32,
@@ -53,11 +51,7 @@ impl Ty {
             | "signed long long int"
             | "int64"
             | "int64_t" => Ty::I64,
-            "ulonglong"
-            | "unsigned long long"
-            | "unsigned long long int"
-            | "uint64"
-            | "uint64_t" => Ty::U64,
+            "ulonglong" | "unsigned long long" | "unsigned long long int" | "uint64" | "uint64_t" => Ty::U64,
             "float" => Ty::F32,
             "double" => Ty::F64,
             _ => return None,
@@ -77,11 +71,7 @@ impl Ty {
         macro_rules! num {
             ($t:ty) => {{
                 let b = c.try_into().expect("chunk size matches the type");
-                (if big {
-                    <$t>::from_be_bytes(b)
-                } else {
-                    <$t>::from_le_bytes(b)
-                }) as f64
+                (if big { <$t>::from_be_bytes(b) } else { <$t>::from_le_bytes(b) }) as f64
             }};
         }
         match self {
@@ -169,10 +159,7 @@ fn read_impl(path: &Path) -> Result<Image> {
         let n = r.read_line(&mut line).context("reading the header")?;
         ensure!(n > 0, "the header has no blank line before the data");
         header_len += n;
-        ensure!(
-            header_len <= MAX_HEADER_BYTES,
-            "the header exceeds {MAX_HEADER_BYTES} bytes"
-        );
+        ensure!(header_len <= MAX_HEADER_BYTES, "the header exceeds {MAX_HEADER_BYTES} bytes");
         let line = line.trim_end_matches(['\n', '\r']);
         if line.is_empty() {
             break;
@@ -180,35 +167,24 @@ fn read_impl(path: &Path) -> Result<Image> {
         if line.starts_with('#') || line.contains(":=") {
             continue;
         }
-        let (k, v) = line
-            .split_once(": ")
-            .with_context(|| format!("malformed header line {line:?}"))?;
+        let (k, v) = line.split_once(": ").with_context(|| format!("malformed header line {line:?}"))?;
         fields.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
     }
-    let get = |k: &str| {
-        fields
-            .get(k)
-            .map(String::as_str)
-            .with_context(|| format!("the header has no {k:?} field"))
-    };
+    let get =
+        |k: &str| fields.get(k).map(String::as_str).with_context(|| format!("the header has no {k:?} field"));
     if fields.contains_key("data file") || fields.contains_key("datafile") {
         bail!("detached data files are not supported");
     }
     let ty_s = get("type")?;
     let ty = Ty::parse(ty_s).with_context(|| format!("unsupported type {ty_s:?}"))?;
-    let dim: usize = get("dimension")?
-        .parse()
-        .context("the dimension field is not an integer")?;
+    let dim: usize = get("dimension")?.parse().context("the dimension field is not an integer")?;
     ensure!(dim == 3, "dimension {dim}: only 3D volumes are supported");
     let sizes: Vec<usize> = get("sizes")?
         .split_whitespace()
         .map(str::parse)
         .collect::<Result<_, _>>()
         .context("the sizes field is not a list of integers")?;
-    ensure!(
-        sizes.len() == 3 && sizes.iter().all(|&s| s > 0),
-        "sizes {sizes:?} must be 3 positive integers"
-    );
+    ensure!(sizes.len() == 3 && sizes.iter().all(|&s| s > 0), "sizes {sizes:?} must be 3 positive integers");
     let dims = [sizes[0], sizes[1], sizes[2]];
     let n = dims
         .iter()
@@ -225,9 +201,7 @@ fn read_impl(path: &Path) -> Result<Image> {
     };
     let byte_skip: u64 = match fields.get("byte skip") {
         None => 0,
-        Some(s) => s
-            .parse()
-            .with_context(|| format!("byte skip {s:?} is not a non-negative integer"))?,
+        Some(s) => s.parse().with_context(|| format!("byte skip {s:?} is not a non-negative integer"))?,
     };
     let encoding = get("encoding")?;
 
@@ -249,29 +223,14 @@ fn read_impl(path: &Path) -> Result<Image> {
                      the file has {file_len}"
                 );
             }
-            let mut src: Box<dyn Read> = if gz {
-                Box::new(MultiGzDecoder::new(r))
-            } else {
-                Box::new(r)
-            };
+            let mut src: Box<dyn Read> = if gz { Box::new(MultiGzDecoder::new(r)) } else { Box::new(r) };
             let wrap = |e: io::Error| {
-                if gz {
-                    anyhow::anyhow!("corrupt or truncated gzip data: {e}")
-                } else {
-                    e.into()
-                }
+                if gz { anyhow::anyhow!("corrupt or truncated gzip data: {e}") } else { e.into() }
             };
             io::copy(&mut (&mut src).take(byte_skip), &mut io::sink()).map_err(wrap)?;
             // For gzip the buffer grows with the data actually present.
-            let mut raw = if gz {
-                Vec::new()
-            } else {
-                Vec::with_capacity(nbytes)
-            };
-            (&mut src)
-                .take(nbytes as u64)
-                .read_to_end(&mut raw)
-                .map_err(wrap)?;
+            let mut raw = if gz { Vec::new() } else { Vec::with_capacity(nbytes) };
+            (&mut src).take(nbytes as u64).read_to_end(&mut raw).map_err(wrap)?;
             ensure!(
                 raw.len() == nbytes,
                 "truncated: sizes {dims:?} of {ty_s} need {nbytes} bytes of data, found {}",
@@ -286,16 +245,12 @@ fn read_impl(path: &Path) -> Result<Image> {
             r.read_to_string(&mut s).context("ascii data is not text")?;
             let mut count = 0;
             for (i, t) in s.split_whitespace().take(n).enumerate() {
-                let v: f64 = t
-                    .parse()
-                    .with_context(|| format!("ascii data holds a non-numeric value {t:?}"))?;
+                let v: f64 =
+                    t.parse().with_context(|| format!("ascii data holds a non-numeric value {t:?}"))?;
                 data[place(i)] = v as f32;
                 count += 1;
             }
-            ensure!(
-                count == n,
-                "truncated: sizes {dims:?} need {n} values, found {count}"
-            );
+            ensure!(count == n, "truncated: sizes {dims:?} need {n} values, found {count}");
         }
         e => bail!("unsupported encoding {e:?} (raw, gzip and ascii are)"),
     }
@@ -310,10 +265,7 @@ fn geometry(fields: &HashMap<String, String>) -> Result<Geometry> {
     let mut dirs: Option<[[f64; 3]; 3]> = None;
     if let Some(s) = fields.get("space directions") {
         let v = split_vectors(s);
-        ensure!(
-            v.len() == 3,
-            "space directions {s:?} must list 3 vectors for a 3D volume"
-        );
+        ensure!(v.len() == 3, "space directions {s:?} must list 3 vectors for a 3D volume");
         let mut d = [[0.0; 3]; 3];
         let mut all = true;
         for (a, t) in v.iter().enumerate() {
@@ -380,10 +332,7 @@ fn geometry(fields: &HashMap<String, String>) -> Result<Geometry> {
     } else {
         h.sform_code = 0;
     }
-    Ok(Geometry {
-        spacing,
-        header: Some(Box::new(h)),
-    })
+    Ok(Geometry { spacing, header: Some(Box::new(h)) })
 }
 
 #[cfg(test)]
@@ -448,19 +397,12 @@ mod tests {
                  space origin: (10,20,30)\n\n"
             )
         };
-        let ascii: String = values()
-            .iter()
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let ascii: String = values().iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" ");
         let cases = [
             ("raw_le.nrrd", file(&head("raw", "little"), &le)),
             ("raw_be.nrrd", file(&head("raw", "big"), &be)),
             ("gz.nrrd", file(&head("gzip", "little"), &gzip(&le))),
-            (
-                "ascii.nrrd",
-                file(&head("ascii", "little"), ascii.as_bytes()),
-            ),
+            ("ascii.nrrd", file(&head("ascii", "little"), ascii.as_bytes())),
         ];
         for (name, bytes) in cases {
             let p = d.join(name);
@@ -492,40 +434,12 @@ mod tests {
         let enc: Vec<(&str, Vec<u8>)> = vec![
             ("uchar", vals.iter().map(|&v| v as u8).collect()),
             ("signed char", vals.iter().map(|&v| v as i8 as u8).collect()),
-            (
-                "short",
-                vals.iter()
-                    .flat_map(|&v| (v as i16).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                "ushort",
-                vals.iter()
-                    .flat_map(|&v| (v as u16).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                "int",
-                vals.iter()
-                    .flat_map(|&v| (v as i32).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                "uint",
-                vals.iter()
-                    .flat_map(|&v| (v as u32).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                "float",
-                vals.iter()
-                    .flat_map(|&v| (v as f32).to_le_bytes())
-                    .collect(),
-            ),
-            (
-                "double",
-                vals.iter().flat_map(|&v| v.to_le_bytes()).collect(),
-            ),
+            ("short", vals.iter().flat_map(|&v| (v as i16).to_le_bytes()).collect()),
+            ("ushort", vals.iter().flat_map(|&v| (v as u16).to_le_bytes()).collect()),
+            ("int", vals.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect()),
+            ("uint", vals.iter().flat_map(|&v| (v as u32).to_le_bytes()).collect()),
+            ("float", vals.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect()),
+            ("double", vals.iter().flat_map(|&v| v.to_le_bytes()).collect()),
         ];
         for (ty, data) in enc {
             let p = d.join("t.nrrd");
@@ -546,67 +460,23 @@ mod tests {
     fn malformed_files_give_errors_naming_them() {
         let d = tmpdir("bad");
         let le: Vec<u8> = values().iter().flat_map(|v| v.to_le_bytes()).collect();
-        let ok =
-            "NRRD0004\ntype: short\ndimension: 3\nsizes: 2 3 4\nendian: little\nencoding: raw\n\n";
+        let ok = "NRRD0004\ntype: short\ndimension: 3\nsizes: 2 3 4\nendian: little\nencoding: raw\n\n";
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
             ("magic.nrrd", file("P5\n\n", &le), "not a NRRD"),
-            (
-                "notype.nrrd",
-                file(&ok.replace("type: short\n", ""), &le),
-                "\"type\"",
-            ),
-            (
-                "badtype.nrrd",
-                file(&ok.replace("short", "complex"), &le),
-                "unsupported type",
-            ),
-            (
-                "dim2.nrrd",
-                file(&ok.replace("dimension: 3", "dimension: 2"), &le),
-                "only 3D",
-            ),
-            (
-                "sizes.nrrd",
-                file(&ok.replace("2 3 4", "2 x 4"), &le),
-                "sizes",
-            ),
-            (
-                "noendian.nrrd",
-                file(&ok.replace("endian: little\n", ""), &le),
-                "endian",
-            ),
-            (
-                "enc.nrrd",
-                file(&ok.replace("raw", "bzip2"), &le),
-                "unsupported encoding",
-            ),
+            ("notype.nrrd", file(&ok.replace("type: short\n", ""), &le), "\"type\""),
+            ("badtype.nrrd", file(&ok.replace("short", "complex"), &le), "unsupported type"),
+            ("dim2.nrrd", file(&ok.replace("dimension: 3", "dimension: 2"), &le), "only 3D"),
+            ("sizes.nrrd", file(&ok.replace("2 3 4", "2 x 4"), &le), "sizes"),
+            ("noendian.nrrd", file(&ok.replace("endian: little\n", ""), &le), "endian"),
+            ("enc.nrrd", file(&ok.replace("raw", "bzip2"), &le), "unsupported encoding"),
             ("trunc.nrrd", file(ok, &le[..20]), "truncated"),
-            (
-                "truncgz.nrrd",
-                file(&ok.replace("raw", "gzip"), &gzip(&le)[..15]),
-                "gzip",
-            ),
-            (
-                "shortgz.nrrd",
-                file(&ok.replace("raw", "gzip"), &gzip(&le[..30])),
-                "truncated",
-            ),
-            (
-                "noblank.nrrd",
-                b"NRRD0004\ntype: short\n".to_vec(),
-                "blank line",
-            ),
-            (
-                "line.nrrd",
-                file(&ok.replace("encoding: raw", "encoding raw"), &le),
-                "malformed header line",
-            ),
+            ("truncgz.nrrd", file(&ok.replace("raw", "gzip"), &gzip(&le)[..15]), "gzip"),
+            ("shortgz.nrrd", file(&ok.replace("raw", "gzip"), &gzip(&le[..30])), "truncated"),
+            ("noblank.nrrd", b"NRRD0004\ntype: short\n".to_vec(), "blank line"),
+            ("line.nrrd", file(&ok.replace("encoding: raw", "encoding raw"), &le), "malformed header line"),
             (
                 "detached.nrrd",
-                file(
-                    &ok.replace("encoding: raw\n", "encoding: raw\ndata file: x.raw\n"),
-                    &le,
-                ),
+                file(&ok.replace("encoding: raw\n", "encoding: raw\ndata file: x.raw\n"), &le),
                 "detached",
             ),
             (

@@ -23,8 +23,8 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::data::dataset::{read_list, write_list};
 use crate::data::nifti_io::{write_image, write_mask};
 use crate::data::nrrd::read_nrrd;
-use crate::data::rng::Rng;
 use crate::data::{Image, Mask};
+use crate::rng::Rng;
 
 /// The reference's patch in X and Y, which the crop is widened towards.
 pub const PATCH_XY: [usize; 2] = [112, 112];
@@ -34,9 +34,7 @@ pub const BUNDLED_TEST_LIST: &str = include_str!("../../data/la/test.list");
 
 fn name_hash(name: &str) -> u64 {
     // FNV-1a: stable across platforms and releases.
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The X-Y crop `[lo, hi)` per axis for a label whose inclusive bounding box is
@@ -69,22 +67,12 @@ pub fn preprocess_la(image: &Image, laendo: &Image, rng: &mut Rng) -> Result<(Im
         image.dims()
     );
     let label = laendo.map(|v| (v == 255.0) as u8);
-    let (bl, bh) = label
-        .bounding_box()
-        .context("the label has no voxel equal to 255")?;
+    let (bl, bh) = label.bounding_box().context("the label has no voxel equal to 255")?;
     let n = image.len() as f64;
     let mean = image.data().iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = image
-        .data()
-        .iter()
-        .map(|&v| (v as f64 - mean).powi(2))
-        .sum::<f64>()
-        / n;
+    let var = image.data().iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
     let std = var.sqrt();
-    ensure!(
-        std > 0.0 && std.is_finite(),
-        "the image is constant (or not finite): it cannot be z-normalised"
-    );
+    ensure!(std > 0.0 && std.is_finite(), "the image is constant (or not finite): it cannot be z-normalised");
     let norm = image.map(|v| ((v as f64 - mean) / std) as f32);
     let (lo, hi) = la_crop_box(bl, bh, image.dims(), rng);
     let dz = image.dims()[2];
@@ -103,17 +91,10 @@ pub struct PrepareReport {
 
 fn lists(dir: Option<&Path>) -> Result<(Vec<String>, Vec<String>)> {
     match dir {
-        Some(d) => Ok((
-            read_list(d.join("train.list"))?,
-            read_list(d.join("test.list"))?,
-        )),
+        Some(d) => Ok((read_list(d.join("train.list"))?, read_list(d.join("test.list"))?)),
         None => {
             let parse = |t: &str| -> Vec<String> {
-                t.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                    .map(str::to_string)
-                    .collect()
+                t.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
             };
             Ok((parse(BUNDLED_TRAIN_LIST), parse(BUNDLED_TEST_LIST)))
         }
@@ -145,23 +126,12 @@ fn convert_all(
     list_dir: Option<&Path>,
     convert: impl Fn(&str) -> Result<(Image, Mask)> + Sync,
 ) -> Result<PrepareReport> {
-    ensure!(
-        raw.is_dir(),
-        "raw data folder {} does not exist",
-        raw.display()
-    );
+    ensure!(raw.is_dir(), "raw data folder {} does not exist", raw.display());
     let (train, test) = lists(list_dir)?;
     let present = case_dirs(raw, file)?;
-    ensure!(
-        !present.is_empty(),
-        "no case folder under {} holds {file}",
-        raw.display()
-    );
-    let missing: Vec<&String> = train
-        .iter()
-        .chain(&test)
-        .filter(|n| present.binary_search(n).is_err())
-        .collect();
+    ensure!(!present.is_empty(), "no case folder under {} holds {file}", raw.display());
+    let missing: Vec<&String> =
+        train.iter().chain(&test).filter(|n| present.binary_search(n).is_err()).collect();
     if !missing.is_empty() {
         bail!(
             "{} of the {} listed cases are missing, e.g. {} (give --lists for another split)",
@@ -171,10 +141,7 @@ fn convert_all(
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(2)
-        .min(present.len());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(2).min(present.len());
     let results: Vec<Result<Converted>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -185,8 +152,7 @@ fn convert_all(
                     for name in present.iter().skip(t).step_by(threads) {
                         let (img, lab) = convert(name)?;
                         let cd = out.join(name);
-                        std::fs::create_dir_all(&cd)
-                            .with_context(|| format!("creating {}", cd.display()))?;
+                        std::fs::create_dir_all(&cd).with_context(|| format!("creating {}", cd.display()))?;
                         write_image(cd.join("image.nii.gz"), &img)?;
                         write_mask(cd.join("label.nii.gz"), &lab)?;
                         done.push((name.clone(), img.dims()));
@@ -195,10 +161,7 @@ fn convert_all(
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("conversion thread panicked"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("conversion thread panicked")).collect()
     });
     let mut cases = Vec::new();
     for r in results {
@@ -207,22 +170,13 @@ fn convert_all(
     cases.sort();
     write_list(out.join("train.list"), &train)?;
     write_list(out.join("test.list"), &test)?;
-    let unlisted = present
-        .iter()
-        .filter(|n| !train.contains(n) && !test.contains(n))
-        .cloned()
-        .collect();
+    let unlisted = present.iter().filter(|n| !train.contains(n) && !test.contains(n)).cloned().collect();
     Ok(PrepareReport { cases, unlisted })
 }
 
 /// Converts `raw/<case>/{lgemri,laendo}.nrrd` into `out/<case>/{image,label}.nii.gz` with the
 /// split lists (the bundled LA lists unless `list_dir` holds others).
-pub fn prepare_la(
-    raw: &Path,
-    out: &Path,
-    seed: u64,
-    list_dir: Option<&Path>,
-) -> Result<PrepareReport> {
+pub fn prepare_la(raw: &Path, out: &Path, seed: u64, list_dir: Option<&Path>) -> Result<PrepareReport> {
     let root = Rng::new(seed);
     convert_all(raw, out, "lgemri.nrrd", list_dir, |name| {
         let dir: PathBuf = raw.join(name);
@@ -250,24 +204,13 @@ pub fn read_la_h5(path: &Path) -> Result<(Image, Mask)> {
     use crate::data::Volume;
     let f = rust_hdf5::H5File::open(path).map_err(|e| anyhow::anyhow!("cannot open: {e}"))?;
     let read = |name: &str| -> Result<(Vec<usize>, Vec<f64>)> {
-        let ds = f
-            .dataset(name)
-            .map_err(|e| anyhow::anyhow!("no dataset {name:?}: {e}"))?;
+        let ds = f.dataset(name).map_err(|e| anyhow::anyhow!("no dataset {name:?}: {e}"))?;
         let shape = ds.shape();
-        ensure!(
-            shape.len() == 3,
-            "dataset {name:?} has shape {shape:?}, expected 3 dims"
-        );
+        ensure!(shape.len() == 3, "dataset {name:?} has shape {shape:?}, expected 3 dims");
         let v = ds
             .read_raw::<f64>()
-            .or_else(|_| {
-                ds.read_raw::<f32>()
-                    .map(|v| v.into_iter().map(f64::from).collect())
-            })
-            .or_else(|_| {
-                ds.read_raw::<u8>()
-                    .map(|v| v.into_iter().map(f64::from).collect())
-            })
+            .or_else(|_| ds.read_raw::<f32>().map(|v| v.into_iter().map(f64::from).collect()))
+            .or_else(|_| ds.read_raw::<u8>().map(|v| v.into_iter().map(f64::from).collect()))
             .map_err(|e| anyhow::anyhow!("dataset {name:?}: unsupported element type: {e}"))?;
         Ok((shape, v))
     };
@@ -303,12 +246,7 @@ mod tests {
         let mut b = Rng::new(3);
         // A 100-wide box in X (shortfall (112 - 99) // 2 = 6), 130-wide in Y (none).
         let (lo, hi) = la_crop_box([200, 300, 10], [299, 429, 60], [640, 640, 88], &mut a);
-        let (r1, r2, r3, r4) = (
-            b.range(10, 20),
-            b.range(10, 20),
-            b.range(10, 20),
-            b.range(10, 20),
-        );
+        let (r1, r2, r3, r4) = (b.range(10, 20), b.range(10, 20), b.range(10, 20), b.range(10, 20));
         assert_eq!(lo, [(200 - r1 - 6) as usize, (300 - r3) as usize]);
         assert_eq!(hi, [(299 + r2 + 6) as usize, (429 + r4) as usize]);
         // Clamped at the volume's edges.
@@ -361,13 +299,13 @@ mod tests {
             let d = raw.join(n);
             std::fs::create_dir_all(&d).unwrap();
             let img = file_order(dims, |x, y, z| ((x + 2 * y + 3 * z + k) % 200) as u8);
-            let lab = file_order(dims, |x, y, _| {
-                if (20 + k..60).contains(&x) && (30..70).contains(&y) {
-                    255
-                } else {
-                    0
-                }
-            });
+            let lab =
+                file_order(
+                    dims,
+                    |x, y, _| {
+                        if (20 + k..60).contains(&x) && (30..70).contains(&y) { 255 } else { 0 }
+                    },
+                );
             write_nrrd_gz(&d.join("lgemri.nrrd"), dims, &img);
             write_nrrd_gz(&d.join("laendo.nrrd"), dims, &lab);
         }
@@ -388,13 +326,7 @@ mod tests {
         let src = read_nrrd(raw.join("caseB/lgemri.nrrd")).unwrap();
         let n = src.len() as f64;
         let mean = src.data().iter().map(|&v| v as f64).sum::<f64>() / n;
-        let std = (src
-            .data()
-            .iter()
-            .map(|&v| (v as f64 - mean).powi(2))
-            .sum::<f64>()
-            / n)
-            .sqrt();
+        let std = (src.data().iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
         let want = ((src.get(5, 7, 2) as f64 - mean) / std) as f32;
         // Both crops start at 0 (30 - r - 36 < 0 in Y), so coordinates carry over.
         assert_eq!(c.image.get(5, 7, 2), want);
@@ -454,10 +386,7 @@ mod tests {
         assert!(e.contains("laendo.nrrd") && e.contains("255"), "{e}");
         let img = Volume::filled([4, 4, 2], 3.0f32);
         let lab = Volume::filled([4, 4, 2], 255.0f32);
-        let e = format!(
-            "{:#}",
-            preprocess_la(&img, &lab, &mut Rng::new(0)).unwrap_err()
-        );
+        let e = format!("{:#}", preprocess_la(&img, &lab, &mut Rng::new(0)).unwrap_err());
         assert!(e.contains("constant"), "{e}");
     }
 }

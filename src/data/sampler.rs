@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::augment;
 use crate::data::dataset::Case;
-use crate::data::rng::{Rng, RngState};
+use crate::rng::{Rng, RngState};
 
 /// The reference's 2 labeled + 2 unlabeled batch.
 pub const LABELED_BS: usize = 2;
@@ -56,11 +56,7 @@ pub struct BatchIndices {
 impl BatchIndices {
     /// Labeled first, then unlabeled: the order of the samples in the batch tensor.
     pub fn all(&self) -> Vec<usize> {
-        self.labeled
-            .iter()
-            .chain(&self.unlabeled)
-            .copied()
-            .collect()
+        self.labeled.iter().chain(&self.unlabeled).copied().collect()
     }
 }
 
@@ -87,10 +83,7 @@ impl Sampler {
             labeled_bs > 0 && labelnum >= labeled_bs,
             "{labelnum} labeled cases cannot fill a labeled batch of {labeled_bs}"
         );
-        ensure!(
-            labelnum <= n_train,
-            "labelnum {labelnum} exceeds the {n_train} training cases"
-        );
+        ensure!(labelnum <= n_train, "labelnum {labelnum} exceeds the {n_train} training cases");
         ensure!(
             n_train - labelnum >= unlabeled_bs,
             "{} unlabeled cases cannot fill an unlabeled batch of {unlabeled_bs}",
@@ -174,12 +167,7 @@ impl Sampler {
             images.extend_from_slice(&img);
             labels.extend_from_slice(&lab);
         }
-        Ok(Batch {
-            indices,
-            patch,
-            images,
-            labels,
-        })
+        Ok(Batch { indices, patch, images, labels })
     }
 
     pub fn state(&self) -> SamplerState {
@@ -200,11 +188,7 @@ impl Sampler {
                 && s.unlabeled_perm.iter().all(|&i| i < s.n_train - s.labelnum),
             "inconsistent sampler state"
         );
-        Ok(Self {
-            rng: Rng::from_state(s.rng),
-            aug_rng: Rng::from_state(s.aug_rng),
-            s,
-        })
+        Ok(Self { rng: Rng::from_state(s.rng), aug_rng: Rng::from_state(s.aug_rng), s })
     }
 
     pub fn to_json(&self) -> String {
@@ -264,9 +248,7 @@ mod tests {
         let cases: Vec<Case> = (0..6)
             .map(|i| Case {
                 name: format!("c{i}"),
-                image: Volume::from_fn([10, 9, 8], |x, y, z| {
-                    (i * 1000 + x * 100 + y * 10 + z) as f32
-                }),
+                image: Volume::from_fn([10, 9, 8], |x, y, z| (i * 1000 + x * 100 + y * 10 + z) as f32),
                 label: Volume::from_fn([10, 9, 8], |x, _, _| (x > 4) as u8),
             })
             .collect();

@@ -14,10 +14,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 
-use crate::data::dataset::{write_atomic, write_list};
+use crate::data::dataset::write_list;
 use crate::data::nifti_io::{write_image, write_mask};
-use crate::data::rng::Rng;
 use crate::data::{Geometry, Image, Mask, Volume};
+use crate::fsutil::write_atomic;
+use crate::rng::Rng;
 
 pub const DEFAULT_SIZE: [usize; 3] = [64, 64, 48];
 pub const DEFAULT_CASES: usize = 100;
@@ -37,12 +38,7 @@ pub struct SynthSpec {
 
 impl SynthSpec {
     pub fn new(cases: usize, seed: u64, size: [usize; 3]) -> Self {
-        Self {
-            cases,
-            seed,
-            size,
-            version: GENERATOR_VERSION,
-        }
+        Self { cases, seed, size, version: GENERATOR_VERSION }
     }
 
     /// The bundled default set: 100 cases of 64 x 64 x 48, fixed seed.
@@ -52,11 +48,7 @@ impl SynthSpec {
 
     /// Training cases: 80 % (80 of 100), the rest test.
     pub fn n_train(&self) -> usize {
-        if self.cases < 2 {
-            self.cases
-        } else {
-            (self.cases * 4 / 5).clamp(1, self.cases - 1)
-        }
+        if self.cases < 2 { self.cases } else { (self.cases * 4 / 5).clamp(1, self.cases - 1) }
     }
 }
 
@@ -98,26 +90,10 @@ impl Blob {
         b = sub(b, scale(a, dot(a, b)));
         let nb = norm(b).max(1e-9);
         b = scale(b, 1.0 / nb);
-        let cvec = [
-            a[1] * b[2] - a[2] * b[1],
-            a[2] * b[0] - a[0] * b[2],
-            a[0] * b[1] - a[1] * b[0],
-        ];
-        let lobes = (0..lobes)
-            .map(|_| {
-                (
-                    rng.unit3(),
-                    rng.uniform_in(1.0, 3.0),
-                    rng.uniform_in(0.0, amp),
-                )
-            })
-            .collect();
-        Self {
-            c,
-            axes: [a, b, cvec],
-            radii,
-            lobes,
-        }
+        let cvec = [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]];
+        let lobes =
+            (0..lobes).map(|_| (rng.unit3(), rng.uniform_in(1.0, 3.0), rng.uniform_in(0.0, amp))).collect();
+        Self { c, axes: [a, b, cvec], radii, lobes }
     }
 
     fn bbox_radius(&self) -> f64 {
@@ -204,11 +180,7 @@ impl Smooth {
             .map(|_| {
                 let u = rng.unit3();
                 let f = rng.uniform_in(0.3, 1.0) * max_freq * std::f64::consts::TAU / size;
-                (
-                    scale(u, f),
-                    rng.uniform_in(0.0, std::f64::consts::TAU),
-                    rng.uniform_in(0.5, 1.0),
-                )
+                (scale(u, f), rng.uniform_in(0.0, std::f64::consts::TAU), rng.uniform_in(0.5, 1.0))
             })
             .collect::<Vec<_>>();
         Self { waves }
@@ -216,11 +188,7 @@ impl Smooth {
 
     fn at(&self, p: V3) -> f64 {
         let total: f64 = self.waves.iter().map(|w| w.2).sum();
-        self.waves
-            .iter()
-            .map(|(k, ph, a)| a * (dot(*k, p) + ph).cos())
-            .sum::<f64>()
-            / total.max(1e-9)
+        self.waves.iter().map(|(k, ph, a)| a * (dot(*k, p) + ph).cos()).sum::<f64>() / total.max(1e-9)
     }
 }
 
@@ -287,10 +255,8 @@ pub fn generate_case(seed: u64, index: usize, dims: [usize; 3]) -> (Image, Mask)
             let start = add(c, scale(dir, rmean * 0.5));
             let len = rmean + rng.uniform_in(7.0, 15.0) * unit;
             let end = add(c, scale(dir, len));
-            let bend = add(
-                add(c, scale(dir, len * 0.6)),
-                scale(rng.unit3(), rng.uniform_in(1.0, 4.0) * unit),
-            );
+            let bend =
+                add(add(c, scale(dir, len * 0.6)), scale(rng.unit3(), rng.uniform_in(1.0, 4.0) * unit));
             let r0 = rng.uniform_in(2.0, 3.3) * unit;
             Tube::bezier(start, bend, end, r0, r0 * rng.uniform_in(0.6, 0.9))
         })
@@ -318,10 +284,7 @@ pub fn generate_case(seed: u64, index: usize, dims: [usize; 3]) -> (Image, Mask)
         [t.cos(), t.sin(), rng.uniform_in(-0.5, 0.5)]
     };
     let vr = rmean * rng.uniform_in(0.8, 1.2);
-    let vc = add(
-        c,
-        scale(vdir, rmean + vr * 0.9 + rng.uniform_in(1.0, 5.0) * unit),
-    );
+    let vc = add(c, scale(vdir, rmean + vr * 0.9 + rng.uniform_in(1.0, 5.0) * unit));
     let ventricle = Blob::random(&mut rng, vc, [vr * 1.2, vr, vr * 0.9], 2, 0.2);
     let has_ventricle = rng.uniform() < 0.75;
 
@@ -363,17 +326,12 @@ pub fn generate_case(seed: u64, index: usize, dims: [usize; 3]) -> (Image, Mask)
     let mut lab = vec![0u8; n];
     let [_, ny, nz] = dims;
     for (i, (v, l)) in img.iter_mut().zip(lab.iter_mut()).enumerate() {
-        let p = [
-            (i / (ny * nz)) as f64,
-            ((i / nz) % ny) as f64,
-            (i % nz) as f64,
-        ];
+        let p = [(i / (ny * nz)) as f64, ((i / nz) % ny) as f64, (i % nz) as f64];
         let f = fg[i];
         let a = dis[i] * (1.0 - f);
         let vn = dis2[i] * (1.0 - f) * (1.0 - a);
         let base = bg_level + tex_amp * texture.at(p);
-        let mut s =
-            base * (1.0 - f - a - vn) + fg_level * f + aorta_level * a + ventricle_level * vn;
+        let mut s = base * (1.0 - f - a - vn) + fg_level * f + aorta_level * a + ventricle_level * vn;
         s *= (bias_amp * bias.at(p)).exp();
         s += noise * rng.normal();
         *v = s as f32;
@@ -386,12 +344,8 @@ pub fn generate_case(seed: u64, index: usize, dims: [usize; 3]) -> (Image, Mask)
         *v = ((*v as f64 - mean) / std) as f32;
     }
     let geometry = Geometry::with_spacing([1.0; 3]);
-    let image = Volume::from_vec(dims, img)
-        .expect("dims match")
-        .with_geometry(geometry.clone());
-    let label = Volume::from_vec(dims, lab)
-        .expect("dims match")
-        .with_geometry(geometry);
+    let image = Volume::from_vec(dims, img).expect("dims match").with_geometry(geometry.clone());
+    let label = Volume::from_vec(dims, lab).expect("dims match").with_geometry(geometry);
     (image, label)
 }
 
@@ -409,9 +363,7 @@ pub fn generate_dataset(dir: impl AsRef<Path>, spec: &SynthSpec) -> Result<PathB
     if marker.exists() {
         std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(spec.cases);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(spec.cases);
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -419,8 +371,7 @@ pub fn generate_dataset(dir: impl AsRef<Path>, spec: &SynthSpec) -> Result<PathB
                     for i in (t..spec.cases).step_by(threads) {
                         let (img, lab) = generate_case(spec.seed, i, spec.size);
                         let cd = dir.join(case_name(i));
-                        std::fs::create_dir_all(&cd)
-                            .with_context(|| format!("creating {}", cd.display()))?;
+                        std::fs::create_dir_all(&cd).with_context(|| format!("creating {}", cd.display()))?;
                         write_image(cd.join("image.nii.gz"), &img)?;
                         write_mask(cd.join("label.nii.gz"), &lab)?;
                     }
@@ -428,10 +379,7 @@ pub fn generate_dataset(dir: impl AsRef<Path>, spec: &SynthSpec) -> Result<PathB
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("generator thread panicked"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("generator thread panicked")).collect()
     });
     for r in results {
         r?;
@@ -485,11 +433,7 @@ mod tests {
             let (img, lab) = generate_case(DEFAULT_SEED, i, DEFAULT_SIZE);
             let n = lab.len() as f64;
             let fg = lab.count_foreground() as f64;
-            assert!(
-                fg / n > 0.02 && fg / n < 0.25,
-                "case {i}: fraction {}",
-                fg / n
-            );
+            assert!(fg / n > 0.02 && fg / n < 0.25, "case {i}: fraction {}", fg / n);
             // Foreground clearly brighter on average, yet some background voxels are as bright
             // as the median foreground (distractors, bias, noise).
             let (mut f, mut b): (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
@@ -501,19 +445,10 @@ mod tests {
             let mean_b = b.iter().sum::<f32>() / b.len() as f32;
             assert!(med > mean_b + 1.0, "case {i}");
             let bright_bg = b.iter().filter(|&&v| v > med).count();
-            assert!(
-                bright_bg > 200,
-                "case {i}: {bright_bg} bright background voxels"
-            );
+            assert!(bright_bg > 200, "case {i}: {bright_bg} bright background voxels");
             // z-normalised.
             let m = img.data().iter().map(|&v| v as f64).sum::<f64>() / n;
-            let s = (img
-                .data()
-                .iter()
-                .map(|&v| (v as f64 - m).powi(2))
-                .sum::<f64>()
-                / n)
-                .sqrt();
+            let s = (img.data().iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n).sqrt();
             assert!(m.abs() < 1e-4 && (s - 1.0).abs() < 1e-4);
             // The label stays inside the volume with room for training crops.
             let (lo, hi) = lab.bounding_box().unwrap();
@@ -531,15 +466,8 @@ mod tests {
         generate_dataset(&a, &spec).unwrap();
         generate_dataset(&b, &spec).unwrap();
         generate_dataset(&c, &SynthSpec::new(3, 8, [32, 32, 24])).unwrap();
-        for f in [
-            "synth_000/image.nii.gz",
-            "synth_002/label.nii.gz",
-            "train.list",
-        ] {
-            assert_eq!(
-                std::fs::read(a.join(f)).unwrap(),
-                std::fs::read(b.join(f)).unwrap()
-            );
+        for f in ["synth_000/image.nii.gz", "synth_002/label.nii.gz", "train.list"] {
+            assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap());
         }
         assert_ne!(
             std::fs::read(a.join("synth_000/image.nii.gz")).unwrap(),
@@ -570,10 +498,7 @@ mod tests {
         // Present and complete: nothing is rewritten.
         std::fs::write(d.join("synth_000/label.nii.gz"), b"left alone").unwrap();
         ensure_dataset(&d, &spec).unwrap();
-        assert_eq!(
-            std::fs::read(d.join("synth_000/label.nii.gz")).unwrap(),
-            b"left alone"
-        );
+        assert_eq!(std::fs::read(d.join("synth_000/label.nii.gz")).unwrap(), b"left alone");
         generate_dataset(&d, &spec).unwrap();
         let before = std::fs::read(d.join("synth_001/image.nii.gz")).unwrap();
         // A half-written set: the marker is gone and a case was damaged.
@@ -581,10 +506,7 @@ mod tests {
         std::fs::write(d.join("synth_001/image.nii.gz"), b"junk").unwrap();
         assert!(!is_complete(&d, &spec));
         ensure_dataset(&d, &spec).unwrap();
-        assert_eq!(
-            std::fs::read(d.join("synth_001/image.nii.gz")).unwrap(),
-            before
-        );
+        assert_eq!(std::fs::read(d.join("synth_001/image.nii.gz")).unwrap(), before);
         assert!(is_complete(&d, &spec));
     }
 }

@@ -20,19 +20,13 @@ pub struct Geometry {
 
 impl Default for Geometry {
     fn default() -> Self {
-        Self {
-            spacing: [1.0; 3],
-            header: None,
-        }
+        Self { spacing: [1.0; 3], header: None }
     }
 }
 
 impl Geometry {
     pub fn with_spacing(spacing: [f32; 3]) -> Self {
-        Self {
-            spacing,
-            header: None,
-        }
+        Self { spacing, header: None }
     }
 
     /// The geometry of the sub-volume starting at voxel `offset`: the sform and qform origins
@@ -63,28 +57,12 @@ pub fn qform_matrix(h: &NiftiHeader) -> [[f64; 3]; 3] {
     let (b, c, d) = (h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64);
     let a = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
     let r = [
-        [
-            a * a + b * b - c * c - d * d,
-            2.0 * (b * c - a * d),
-            2.0 * (b * d + a * c),
-        ],
-        [
-            2.0 * (b * c + a * d),
-            a * a + c * c - b * b - d * d,
-            2.0 * (c * d - a * b),
-        ],
-        [
-            2.0 * (b * d - a * c),
-            2.0 * (c * d + a * b),
-            a * a + d * d - c * c - b * b,
-        ],
+        [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
+        [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
+        [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
     ];
     let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
-    let s = [
-        h.pixdim[1] as f64,
-        h.pixdim[2] as f64,
-        h.pixdim[3] as f64 * qfac,
-    ];
+    let s = [h.pixdim[1] as f64, h.pixdim[2] as f64, h.pixdim[3] as f64 * qfac];
     let mut m = [[0.0; 3]; 3];
     for i in 0..3 {
         for k in 0..3 {
@@ -108,30 +86,16 @@ pub type Mask = Volume<u8>;
 
 impl<T: Copy> Volume<T> {
     pub fn filled(dims: [usize; 3], value: T) -> Self {
-        Self {
-            dims,
-            data: vec![value; dims.iter().product()],
-            geometry: Geometry::default(),
-        }
+        Self { dims, data: vec![value; dims.iter().product()], geometry: Geometry::default() }
     }
 
     /// A volume over `data` in this module's layout (Z fastest); the length must match `dims`.
     pub fn from_vec(dims: [usize; 3], data: Vec<T>) -> Result<Self> {
         let n: usize = dims.iter().product();
         if data.len() != n {
-            bail!(
-                "volume of {}x{}x{} needs {n} voxels, got {}",
-                dims[0],
-                dims[1],
-                dims[2],
-                data.len()
-            );
+            bail!("volume of {}x{}x{} needs {n} voxels, got {}", dims[0], dims[1], dims[2], data.len());
         }
-        Ok(Self {
-            dims,
-            data,
-            geometry: Geometry::default(),
-        })
+        Ok(Self { dims, data, geometry: Geometry::default() })
     }
 
     pub fn from_fn(dims: [usize; 3], mut f: impl FnMut(usize, usize, usize) -> T) -> Self {
@@ -143,11 +107,7 @@ impl<T: Copy> Volume<T> {
                 }
             }
         }
-        Self {
-            dims,
-            data,
-            geometry: Geometry::default(),
-        }
+        Self { dims, data, geometry: Geometry::default() }
     }
 
     pub fn with_geometry(mut self, geometry: Geometry) -> Self {
@@ -209,10 +169,7 @@ impl<T: Copy> Volume<T> {
     pub fn crop(&self, lo: [usize; 3], size: [usize; 3]) -> Result<Self> {
         for a in 0..3 {
             if lo[a] + size[a] > self.dims[a] {
-                bail!(
-                    "crop {lo:?}+{size:?} exceeds the volume {:?} along axis {a}",
-                    self.dims
-                );
+                bail!("crop {lo:?}+{size:?} exceeds the volume {:?} along axis {a}", self.dims);
             }
         }
         let mut data = Vec::with_capacity(size.iter().product());
@@ -222,11 +179,7 @@ impl<T: Copy> Volume<T> {
                 data.extend_from_slice(&self.data[start..start + size[2]]);
             }
         }
-        Ok(Self {
-            dims: size,
-            data,
-            geometry: self.geometry.cropped(lo),
-        })
+        Ok(Self { dims: size, data, geometry: self.geometry.cropped(lo) })
     }
 
     /// Pads with `value`: `before[a]` voxels in front and `after[a]` behind along each axis.
@@ -239,8 +192,7 @@ impl<T: Copy> Volume<T> {
             for y in 0..self.dims[1] {
                 let src = self.index(x, y, 0);
                 let dst = out.index(x + before[0], y + before[1], before[2]);
-                out.data[dst..dst + self.dims[2]]
-                    .copy_from_slice(&self.data[src..src + self.dims[2]]);
+                out.data[dst..dst + self.dims[2]].copy_from_slice(&self.data[src..src + self.dims[2]]);
             }
         }
         out.geometry = self.geometry.clone();
@@ -337,10 +289,7 @@ mod tests {
             ..NiftiHeader::default()
         };
         h.qform_code = 1;
-        let g = Geometry {
-            spacing: [0.5, 2.0, 3.0],
-            header: Some(Box::new(h)),
-        };
+        let g = Geometry { spacing: [0.5, 2.0, 3.0], header: Some(Box::new(h)) };
         let c = g.cropped([2, 3, 1]);
         let h = c.header.unwrap();
         assert_eq!([h.srow_x[3], h.srow_y[3], h.srow_z[3]], [11.0, 26.0, 33.0]);

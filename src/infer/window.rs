@@ -28,12 +28,7 @@ pub struct WindowOptions {
 
 impl Default for WindowOptions {
     fn default() -> Self {
-        Self {
-            patch: REFERENCE_PATCH,
-            stride: REFERENCE_STRIDE,
-            gaussian: false,
-            batch: 1,
-        }
+        Self { patch: REFERENCE_PATCH, stride: REFERENCE_STRIDE, gaussian: false, batch: 1 }
     }
 }
 
@@ -63,21 +58,12 @@ impl WindowPlan {
             patch.iter().all(|&p| p > 0) && stride.iter().all(|&s| s > 0),
             "patch {patch:?} and stride {stride:?} must be positive"
         );
-        ensure!(
-            size.iter().all(|&s| s > 0),
-            "cannot run a sliding window over an empty volume {size:?}"
-        );
+        ensure!(size.iter().all(|&s| s > 0), "cannot run a sliding window over an empty volume {size:?}");
         let pad = [0, 1, 2].map(|a| patch[a].saturating_sub(size[a]));
         let pad_lo = pad.map(|p| p / 2);
         let padded = [0, 1, 2].map(|a| size[a] + pad[a]);
         let starts = [0, 1, 2].map(|a| axis_starts(padded[a], patch[a], stride[a]));
-        Ok(Self {
-            size,
-            pad_lo,
-            padded,
-            patch,
-            starts,
-        })
+        Ok(Self { size, pad_lo, padded, patch, starts })
     }
 
     /// Window corners in visiting order (x outermost, z innermost).
@@ -99,9 +85,7 @@ pub fn gaussian_importance(patch: [usize; 3]) -> Vec<f32> {
     let axis = |n: usize| -> Vec<f64> {
         let c = (n as f64 - 1.0) / 2.0;
         let sigma = n as f64 / 8.0;
-        (0..n)
-            .map(|i| (-((i as f64 - c).powi(2)) / (2.0 * sigma * sigma)).exp())
-            .collect()
+        (0..n).map(|i| (-((i as f64 - c).powi(2)) / (2.0 * sigma * sigma)).exp()).collect()
     };
     let (gx, gy, gz) = (axis(patch[0]), axis(patch[1]), axis(patch[2]));
     let mut w = Vec::with_capacity(patch.iter().product());
@@ -124,10 +108,7 @@ pub fn sliding_window<F>(image: &Image, opts: &WindowOptions, mut model: F) -> R
 where
     F: FnMut(&[f32], usize) -> Result<Vec<f32>>,
 {
-    ensure!(
-        opts.batch > 0,
-        "the window batch must hold at least one window"
-    );
+    ensure!(opts.batch > 0, "the window batch must hold at least one window");
     let plan = WindowPlan::new(image.dims(), opts.patch, opts.stride)?;
     let after = [0, 1, 2].map(|a| plan.padded[a] - plan.size[a] - plan.pad_lo[a]);
     let padded = image.pad(plan.pad_lo, after, 0.0);
@@ -217,12 +198,7 @@ mod tests {
         assert_eq!(p.windows(), vec![[0, 0, 0]]);
         // The model sees zeros in the padding and the image where pad // 2 puts it.
         let img = Volume::from_fn([5, 3, 4], |x, y, z| 1.0 + (x * 12 + y * 4 + z) as f32);
-        let opts = WindowOptions {
-            patch: [8, 3, 7],
-            stride: [2, 2, 2],
-            gaussian: false,
-            batch: 4,
-        };
+        let opts = WindowOptions { patch: [8, 3, 7], stride: [2, 2, 2], gaussian: false, batch: 4 };
         let prob = sliding_window(&img, &opts, |patches, n| {
             assert_eq!(n, 1);
             let v = Volume::from_vec([8, 3, 7], patches.to_vec()).unwrap();
@@ -241,17 +217,10 @@ mod tests {
 
     #[test]
     fn identity_model_averages_back_to_the_input() {
-        let img = Volume::from_fn([23, 17, 13], |x, y, z| {
-            ((x * 7 + y * 3 + z) % 11) as f32 / 10.0
-        });
+        let img = Volume::from_fn([23, 17, 13], |x, y, z| ((x * 7 + y * 3 + z) % 11) as f32 / 10.0);
         for gaussian in [false, true] {
             for batch in [1, 3, 64] {
-                let opts = WindowOptions {
-                    patch: [8, 8, 4],
-                    stride: [3, 5, 2],
-                    gaussian,
-                    batch,
-                };
+                let opts = WindowOptions { patch: [8, 8, 4], stride: [3, 5, 2], gaussian, batch };
                 let mut calls = 0;
                 let prob = sliding_window(&img, &opts, |p, n| {
                     assert!(n <= batch && p.len() == n * 256);
@@ -259,10 +228,7 @@ mod tests {
                     Ok(p.to_vec())
                 })
                 .unwrap();
-                let windows = WindowPlan::new([23, 17, 13], [8, 8, 4], [3, 5, 2])
-                    .unwrap()
-                    .windows()
-                    .len();
+                let windows = WindowPlan::new([23, 17, 13], [8, 8, 4], [3, 5, 2]).unwrap().windows().len();
                 assert_eq!(windows, 6 * 3 * 6);
                 assert_eq!(calls, windows.div_ceil(batch));
                 for (p, v) in prob.data().iter().zip(img.data()) {
@@ -278,12 +244,7 @@ mod tests {
         // their index; voxel z is covered by windows max(0, z-3)..=min(z, 2).
         let img = Volume::filled([1, 1, 6], 0.0f32);
         let mut next = 0.0;
-        let opts = WindowOptions {
-            patch: [1, 1, 4],
-            stride: [1, 1, 1],
-            gaussian: false,
-            batch: 1,
-        };
+        let opts = WindowOptions { patch: [1, 1, 4], stride: [1, 1, 1], gaussian: false, batch: 1 };
         let prob = sliding_window(&img, &opts, |p, _| {
             let v = vec![next; p.len()];
             next += 1.0;
@@ -303,12 +264,7 @@ mod tests {
     #[test]
     fn model_errors_and_wrong_sizes_propagate() {
         let img = Volume::filled([4, 4, 4], 0.0f32);
-        let opts = WindowOptions {
-            patch: [4, 4, 4],
-            stride: [1, 1, 1],
-            gaussian: false,
-            batch: 1,
-        };
+        let opts = WindowOptions { patch: [4, 4, 4], stride: [1, 1, 1], gaussian: false, batch: 1 };
         assert!(sliding_window(&img, &opts, |_, _| anyhow::bail!("out of memory")).is_err());
         assert!(sliding_window(&img, &opts, |_, _| Ok(vec![0.0; 3])).is_err());
         let g = gaussian_importance([8, 8, 8]);
