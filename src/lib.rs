@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod ops;
 pub mod optim;
 pub mod overlay;
+pub mod plot;
 pub mod rng;
 pub mod tensor;
 
