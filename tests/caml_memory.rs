@@ -15,12 +15,12 @@ fn tagged(case: usize, class: usize, n: usize) -> Tensor {
 #[test]
 fn bank_samples_distinct_rows_of_one_class_from_every_entry() {
     let mut bank = MemoryBank::new(3, 20);
-    bank.update(0, &tagged(0, 0, 15), &tagged(0, 1, 4));
+    bank.update(0, Tensor::concat(&[tagged(0, 0, 15), tagged(0, 1, 4)], 0), [15, 4]);
     // Iteration one: fewer than memory_num features of class 1 means no class-1 memory.
     let mut rng = Rng::new(1);
     let [m0, m1] = bank.sample(&mut rng);
     assert!(m0.is_none() && m1.is_none(), "15 < 20 and 4 < 20");
-    bank.update(2, &tagged(2, 0, 9), &tagged(2, 1, 30));
+    bank.update(2, Tensor::concat(&[tagged(2, 0, 9), tagged(2, 1, 30)], 0), [9, 30]);
     assert_eq!((bank.count(0), bank.count(1)), (24, 34));
     let [m0, m1] = bank.sample(&mut rng);
     for (c, m) in [(0, m0.unwrap()), (1, m1.unwrap())] {
@@ -31,7 +31,7 @@ fn bank_samples_distinct_rows_of_one_class_from_every_entry() {
         assert!(v.chunks(2).all(|r| r[1] == c as f32), "only class {c}");
     }
     // Replacing an entry drops its old rows.
-    bank.update(2, &tagged(5, 0, 2), &tagged(5, 1, 1));
+    bank.update(2, Tensor::concat(&[tagged(5, 0, 2), tagged(5, 1, 1)], 0), [2, 1]);
     assert_eq!((bank.count(0), bank.count(1)), (17, 5));
     // Same seed, same draw.
     let a = bank.sample(&mut Rng::new(9))[0].as_ref().map(|t| t.to_vec());
@@ -42,7 +42,7 @@ fn bank_samples_distinct_rows_of_one_class_from_every_entry() {
 #[test]
 fn bank_entries_with_an_empty_class_are_kept() {
     let mut bank = MemoryBank::new(2, 3);
-    bank.update(1, &tagged(1, 0, 5), &Tensor::zeros(&[0, 2]));
+    bank.update(1, Tensor::concat(&[tagged(1, 0, 5), Tensor::zeros(&[0, 2])], 0), [5, 0]);
     assert_eq!((bank.count(0), bank.count(1)), (5, 0));
     let [m0, m1] = bank.sample(&mut Rng::new(3));
     assert_eq!(m0.unwrap().shape(), &[3, 2]);

@@ -318,3 +318,12 @@ fn nonzero_many_compacts_each_mask() {
     assert_eq!(got[1].to_u32(), vec![0]);
     assert_eq!(got[2].shape(), &[0]);
 }
+
+#[test]
+fn u32_vectors_concatenate_and_gather_bit_exactly() {
+    let a = Tensor::from_u32(&[1, 5, 3_000_000_000], &[3]);
+    let b = Tensor::from_u32(&[7], &[1]);
+    let c = Tensor::concat_u32(&[&a, &Tensor::from_u32(&[], &[0]), &b]);
+    assert_eq!(c.to_u32(), vec![1, 5, 3_000_000_000, 7]);
+    assert_eq!(c.gather_rows(&Tensor::from_u32(&[3, 0, 2], &[3])).to_u32(), vec![7, 1, 3_000_000_000]);
+}

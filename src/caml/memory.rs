@@ -23,16 +23,11 @@ impl MemoryBank {
         MemoryBank { entries: vec![None; labeled_cases], memory_num }
     }
 
-    /// Replaces the entry of labeled case `case` with its features per class ([rows, E] each).
-    pub fn update(&mut self, case: usize, class0: &Tensor, class1: &Tensor) {
-        let counts = [class0.dim(0), class1.dim(0)];
-        let parts: Vec<Tensor> = [class0, class1].into_iter().filter(|t| t.dim(0) > 0).cloned().collect();
-        let feats = match parts.len() {
-            0 => class0.detach(),
-            1 => parts[0].detach(),
-            _ => Tensor::concat(&parts, 0).detach(),
-        };
-        self.entries[case] = Some(BankEntry { feats, counts });
+    /// Replaces the entry of labeled case `case` with `feats` [rows, E]: `counts[0]` rows of
+    /// class 0, then `counts[1]` rows of class 1.
+    pub fn update(&mut self, case: usize, feats: Tensor, counts: [usize; 2]) {
+        assert_eq!(feats.dim(0), counts[0] + counts[1], "bank entry rows and class counts differ");
+        self.entries[case] = Some(BankEntry { feats: feats.detach(), counts });
     }
 
     /// Features of class `c` held over every filled entry.

@@ -88,6 +88,18 @@ impl Tensor {
         Tensor::with_op(out, Op::Concat { xs: xs.to_vec(), axis })
     }
 
+    /// U32 vectors joined end to end (a byte copy: index bit patterns never pass through floats).
+    pub fn concat_u32(xs: &[&Tensor]) -> Tensor {
+        assert!(xs.iter().all(|x| x.dtype() == DType::U32 && x.rank() == 1), "concat_u32 of U32 vectors");
+        let out = Tensor::empty_u32(&[xs.iter().map(|x| x.numel()).sum()]);
+        let mut at = 0;
+        for x in xs {
+            gpu().copy(x.buffer(), 0, out.buffer(), at * 4, x.bytes());
+            at += x.numel() as u64;
+        }
+        out
+    }
+
     /// Rows (entries of axis 0) picked by a U32 index tensor.
     pub fn gather_rows(&self, index: &Tensor) -> Tensor {
         assert_eq!(index.dtype(), DType::U32, "gather_rows needs a U32 index");
