@@ -4,6 +4,7 @@ pub mod autograd;
 pub mod cli;
 pub mod gpu;
 pub mod gradcheck;
+pub mod nn;
 pub mod ops;
 pub mod tensor;
 

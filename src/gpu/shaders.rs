@@ -6,6 +6,10 @@ const SHADERS: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("layout", include_str!("../../shaders/layout.wgsl")),
     ("scan", include_str!("../../shaders/scan.wgsl")),
+    ("batchnorm", include_str!("../../shaders/batchnorm.wgsl")),
+    ("dropout", include_str!("../../shaders/dropout.wgsl")),
+    ("upsample", include_str!("../../shaders/upsample.wgsl")),
+    ("conv_ref", include_str!("../../shaders/conv_ref.wgsl")),
 ];
 
 pub(crate) fn source(name: &str) -> Option<&'static str> {
