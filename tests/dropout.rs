@@ -89,7 +89,7 @@ fn dropout_backward_applies_the_same_mask() {
     let dy = Rng::new(6).vec(48, -1.0, 1.0);
     let y = dropout3d(&xv, 0.5, 42, true);
     let g = backward(&y.mul(&Tensor::from_vec(&dy, &shape)).sum_all());
-    let mask = cpu::dropout(&vec![1.0; 48], 6, 0.5, 42);
+    let mask = cpu::dropout(&[1.0; 48], 6, 0.5, 42);
     let want: Vec<f32> = dy.iter().zip(&mask).map(|(d, m)| d * m).collect();
     assert_eq!(g.get(&xv).unwrap().to_vec(), want);
     check_gradients(&[(x.clone(), shape.to_vec())], Tolerance::default(), |t| {
