@@ -88,6 +88,36 @@ pub(crate) enum Op {
         x: Tensor,
         index: Tensor,
     },
+    /// BatchNorm over axis 1 (then ReLU when `relu`); `stats` [C, 4] = (mean, invstd, scale, bias)
+    /// it normalized with, batch statistics when `train`.
+    BatchNorm {
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        stats: Tensor,
+        train: bool,
+        relu: bool,
+    },
+    /// Dropout of x seen as [units, inner]; the mask is regenerated from the seed.
+    Dropout {
+        x: Tensor,
+        p: f32,
+        seed: u64,
+        inner: usize,
+    },
+    /// Trilinear x2 upsampling, align_corners=True.
+    Upsample2x {
+        x: Tensor,
+    },
+    /// Reference conv3d (or conv_transpose3d when `transposed`) with bias.
+    ConvRef {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        stride: usize,
+        padding: usize,
+        transposed: bool,
+    },
 }
 
 impl Op {
@@ -102,14 +132,18 @@ impl Op {
             | Op::Reshape { x }
             | Op::Permute { x, .. }
             | Op::Slice { x, .. }
-            | Op::GatherRows { x, .. } => vec![x],
+            | Op::GatherRows { x, .. }
+            | Op::Dropout { x, .. }
+            | Op::Upsample2x { x } => vec![x],
+            Op::BatchNorm { x, weight, bias, .. } => vec![x, weight, bias],
+            Op::ConvRef { x, w, b, .. } => vec![x, w, b],
             Op::Concat { xs, .. } => xs.iter().collect(),
         }
     }
 
     /// Gradients of the inputs (in `inputs()` order) given the gradient `g` of the output `out`.
     fn backward(&self, g: &Tensor) -> Vec<Option<Tensor>> {
-        use crate::ops::{elementwise as ew, layout, matmul, reduce};
+        use crate::ops::{batchnorm, conv_ref, dropout, elementwise as ew, layout, matmul, reduce, upsample};
         match self {
             Op::Binary { op, a, b } => {
                 let (ga, gb) = match op {
@@ -170,6 +204,14 @@ impl Op {
                     .collect()
             }
             Op::GatherRows { x, index } => vec![Some(layout::scatter_add_rows(g, index, x.dim(0)))],
+            Op::BatchNorm { x, weight, stats, train, relu, .. } => {
+                batchnorm::batch_norm_grad(x, weight, stats, g, *train, *relu).map(Some).into()
+            }
+            Op::Dropout { p, seed, inner, .. } => vec![Some(dropout::dropout_grad(g, *p, *seed, *inner))],
+            Op::Upsample2x { x } => vec![Some(upsample::upsample_trilinear2x_grad(g, x.shape()))],
+            Op::ConvRef { x, w, stride, padding, transposed, .. } => {
+                conv_ref::conv_ref_grad(x, w, g, *stride, *padding, *transposed).map(Some).into()
+            }
         }
     }
 }

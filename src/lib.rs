@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod gradcheck;
 pub mod infer;
 pub mod metrics;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod overlay;

@@ -8,6 +8,10 @@ const SHADERS: &[(&str, &str)] = &[
     ("scan", include_str!("../../shaders/scan.wgsl")),
     ("optim", include_str!("../../shaders/optim.wgsl")),
     ("sort", include_str!("../../shaders/sort.wgsl")),
+    ("batchnorm", include_str!("../../shaders/batchnorm.wgsl")),
+    ("dropout", include_str!("../../shaders/dropout.wgsl")),
+    ("upsample", include_str!("../../shaders/upsample.wgsl")),
+    ("conv_ref", include_str!("../../shaders/conv_ref.wgsl")),
 ];
 
 pub(crate) fn source(name: &str) -> Option<&'static str> {

@@ -1,0 +1,262 @@
+// BatchNorm over x seen as [outer, C, inner] (BatchNorm3d: [N, C, X*Y*Z]; BatchNorm1d: [rows, C, 1]),
+// statistics per channel c over its M = outer * inner elements, optionally followed by ReLU.
+//
+// Training statistics take two launches: `stats_partial` gives one (count, mean, M2) triple per block
+// of 4096 elements of a channel (Welford within an invocation, Chan's pairwise merge across the
+// workgroup), `stats_finalize` merges a channel's blocks and updates the running statistics.
+// Pairwise merging of centred moments keeps the variance accurate for inputs with a large mean,
+// where sum(x^2) - sum(x)^2 / M in f32 would cancel.
+//
+// Per channel, `stats` holds vec4(mean, invstd, weight * invstd, bias): y = (x - mean) * scale + bias.
+// The backward mirrors the forward: `grad_partial` / `grad_finalize` reduce (sum dy, sum dy * xhat) per
+// channel, `grad_input` applies dx = k * dy + a * (x - mean) + q per element.
+
+struct Params {
+    // samples in this launch, channels, elements per (sample, channel)
+    outer: u32,
+    c: u32,
+    inner: u32,
+    // elements per block, this launch's first block among a channel's blocks, blocks per channel
+    block_len: u32,
+    block0: u32,
+    total_blocks: u32,
+    // elements per channel over all launches
+    m: u32,
+    momentum: f32,
+    eps: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+override RELU: bool = false;
+override TRAIN: bool = true;
+
+const WG: u32 = 256u;
+
+fn linear(gid: vec3<u32>, nw: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nw.x * WG;
+}
+
+// (count, mean, M2) of the union of two sets.
+fn merge(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
+    if b.x == 0.0 {
+        return a;
+    }
+    if a.x == 0.0 {
+        return b;
+    }
+    let n = a.x + b.x;
+    let d = b.y - a.y;
+    let f = b.x / n;
+    return vec4<f32>(n, a.y + d * f, a.z + b.z + d * d * a.x * f, 0.0);
+}
+
+var<workgroup> sh: array<vec4<f32>, 256>;
+
+fn merge_workgroup(lid: u32, v: vec4<f32>) -> vec4<f32> {
+    sh[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if lid < s {
+            sh[lid] = merge(sh[lid], sh[lid + s]);
+        }
+        workgroupBarrier();
+    }
+    return sh[0];
+}
+
+fn sum_workgroup(lid: u32, v: vec4<f32>) -> vec4<f32> {
+    sh[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if lid < s {
+            sh[lid] = sh[lid] + sh[lid + s];
+        }
+        workgroupBarrier();
+    }
+    return sh[0];
+}
+
+// Address of the j-th element of channel c (j over (sample, position) pairs).
+fn addr(j: u32, c: u32) -> u32 {
+    let o = j / p.inner;
+    return (o * p.c + c) * p.inner + (j - o * p.inner);
+}
+
+@group(0) @binding(1) var<storage, read> sx: array<f32>;
+@group(0) @binding(2) var<storage, read_write> spart: array<vec4<f32>>;
+
+// Workgroup (block, c): spart[c * total_blocks + block0 + block] = (count, mean, M2, 0).
+@compute @workgroup_size(256)
+fn stats_partial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = wid.y;
+    let start = wid.x * p.block_len;
+    let end = min(start + p.block_len, p.outer * p.inner);
+    var acc = vec4<f32>(0.0);
+    for (var j = start + lid; j < end; j += WG) {
+        let v = sx[addr(j, c)];
+        acc.x += 1.0;
+        let d = v - acc.y;
+        acc.y += d / acc.x;
+        acc.z += d * (v - acc.y);
+    }
+    let total = merge_workgroup(lid, acc);
+    if lid == 0u {
+        spart[c * p.total_blocks + p.block0 + wid.x] = total;
+    }
+}
+
+@group(0) @binding(1) var<storage, read> fpart: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> fweight: array<f32>;
+@group(0) @binding(3) var<storage, read> fbias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> fstats: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> frmean: array<f32>;
+@group(0) @binding(6) var<storage, read_write> frvar: array<f32>;
+@group(0) @binding(7) var<storage, read_write> fcount: array<u32>;
+
+// Workgroup c: merges the channel's blocks; running = (1 - momentum) * running + momentum * batch,
+// with the unbiased variance M2 / (M - 1) for running_var and the biased M2 / M for normalizing.
+@compute @workgroup_size(256)
+fn stats_finalize(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = wid.x;
+    var acc = vec4<f32>(0.0);
+    for (var b = lid; b < p.total_blocks; b += WG) {
+        acc = merge(acc, fpart[c * p.total_blocks + b]);
+    }
+    let total = merge_workgroup(lid, acc);
+    if lid == 0u {
+        let m = f32(p.m);
+        let mean = total.y;
+        let invstd = inverseSqrt(total.z / m + p.eps);
+        fstats[c] = vec4<f32>(mean, invstd, fweight[c] * invstd, fbias[c]);
+        let k = p.momentum;
+        frmean[c] = (1.0 - k) * frmean[c] + k * mean;
+        frvar[c] = (1.0 - k) * frvar[c] + k * (total.z / (m - 1.0));
+        if c == 0u {
+            fcount[0] += 1u;
+        }
+    }
+}
+
+@group(0) @binding(1) var<storage, read> rweight: array<f32>;
+@group(0) @binding(2) var<storage, read> rbias: array<f32>;
+@group(0) @binding(3) var<storage, read> rmean: array<f32>;
+@group(0) @binding(4) var<storage, read> rvar: array<f32>;
+@group(0) @binding(5) var<storage, read_write> rstats: array<vec4<f32>>;
+
+// Evaluation mode: the running statistics normalize.
+@compute @workgroup_size(256)
+fn stats_running(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let c = linear(gid, nw);
+    if c >= p.c {
+        return;
+    }
+    let invstd = inverseSqrt(rvar[c] + p.eps);
+    rstats[c] = vec4<f32>(rmean[c], invstd, rweight[c] * invstd, rbias[c]);
+}
+
+@group(0) @binding(1) var<storage, read> nx: array<f32>;
+@group(0) @binding(2) var<storage, read> nstats: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> ny: array<f32>;
+
+// y = (x - mean) * weight * invstd + bias, then max(y, 0) with RELU; one invocation per element.
+@compute @workgroup_size(256)
+fn normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let t = linear(gid, nw);
+    if t >= p.outer * p.c * p.inner {
+        return;
+    }
+    let s = nstats[(t / p.inner) % p.c];
+    let y = (nx[t] - s.x) * s.z + s.w;
+    ny[t] = select(y, max(y, 0.0), RELU);
+}
+
+@group(0) @binding(1) var<storage, read> gx: array<f32>;
+@group(0) @binding(2) var<storage, read> gdy: array<f32>;
+@group(0) @binding(3) var<storage, read> gstats: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> gpart: array<vec4<f32>>;
+
+// The gradient reaching the normalized value: dy, masked where the fused ReLU clipped.
+fn dy_at(k: u32, s: vec4<f32>) -> f32 {
+    let dy = gdy[k];
+    if RELU {
+        return select(0.0, dy, (gx[k] - s.x) * s.z + s.w > 0.0);
+    }
+    return dy;
+}
+
+// Workgroup (block, c): gpart[c * total_blocks + block0 + block] = (sum dy, sum dy * xhat, 0, 0).
+@compute @workgroup_size(256)
+fn grad_partial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = wid.y;
+    let s = gstats[c];
+    let start = wid.x * p.block_len;
+    let end = min(start + p.block_len, p.outer * p.inner);
+    var acc = vec4<f32>(0.0);
+    for (var j = start + lid; j < end; j += WG) {
+        let k = addr(j, c);
+        let dy = dy_at(k, s);
+        acc.x += dy;
+        acc.y += dy * (gx[k] - s.x) * s.y;
+    }
+    let total = sum_workgroup(lid, acc);
+    if lid == 0u {
+        gpart[c * p.total_blocks + p.block0 + wid.x] = total;
+    }
+}
+
+@group(0) @binding(1) var<storage, read> hpart: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> hweight: array<f32>;
+@group(0) @binding(3) var<storage, read> hstats: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> hcoef: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> hdweight: array<f32>;
+@group(0) @binding(6) var<storage, read_write> hdbias: array<f32>;
+
+// Workgroup c: dbias = sum dy, dweight = sum dy * xhat, and the coefficients of dx. Training mode
+// (mean and invstd depend on x): dx = k * (dy - sum dy / M - xhat * sum(dy xhat) / M), k = w * invstd;
+// evaluation mode: dx = k * dy.
+@compute @workgroup_size(256)
+fn grad_finalize(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = wid.x;
+    var acc = vec4<f32>(0.0);
+    for (var b = lid; b < p.total_blocks; b += WG) {
+        acc += hpart[c * p.total_blocks + b];
+    }
+    let total = sum_workgroup(lid, acc);
+    if lid == 0u {
+        let s = hstats[c];
+        let k = hweight[c] * s.y;
+        let m = f32(p.m);
+        hdbias[c] = total.x;
+        hdweight[c] = total.y;
+        if TRAIN {
+            hcoef[c] = vec4<f32>(k, -k * s.y * total.y / m, -k * total.x / m, s.x);
+        } else {
+            hcoef[c] = vec4<f32>(k, 0.0, 0.0, s.x);
+        }
+    }
+}
+
+@group(0) @binding(1) var<storage, read> ix: array<f32>;
+@group(0) @binding(2) var<storage, read> idy: array<f32>;
+@group(0) @binding(3) var<storage, read> icoef: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> istats: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> idx: array<f32>;
+
+// dx = k * dy + a * (x - mean) + q per element (dy masked by the fused ReLU).
+@compute @workgroup_size(256)
+fn grad_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let t = linear(gid, nw);
+    if t >= p.outer * p.c * p.inner {
+        return;
+    }
+    let c = (t / p.inner) % p.c;
+    let f = icoef[c];
+    let x = ix[t];
+    var dy = idy[t];
+    if RELU {
+        let s = istats[c];
+        dy = select(0.0, dy, (x - s.x) * s.z + s.w > 0.0);
+    }
+    idx[t] = f.x * dy + f.y * (x - f.w) + f.z;
+}

@@ -1,0 +1,324 @@
+//! BatchNorm over axis 1 (BatchNorm3d on [N, C, X, Y, Z], BatchNorm1d on [rows, C]), PyTorch
+//! semantics, optionally fused with the ReLU that follows it in every block of the network.
+//!
+//! Training mode normalizes with the batch mean and biased variance and updates the running
+//! statistics in place with the unbiased variance (`running = (1 - momentum) * running + momentum *
+//! batch`), counting `num_batches_tracked`; evaluation mode normalizes with the running statistics.
+//! The backward goes through the batch statistics in training mode.
+
+use crate::autograd::Op;
+use crate::gpu::{Binding, Kernel, gpu};
+use crate::ops::{Params, plane_groups, range_binding};
+use crate::tensor::{DType, Tensor};
+
+/// Elements of one channel reduced by one workgroup (256 invocations x 16).
+const BLOCK: usize = 4096;
+
+/// A BatchNorm layer's affine parameters and running statistics (updated in place in training).
+pub struct BatchNormState<'a> {
+    /// [C]
+    pub weight: &'a Tensor,
+    /// [C]
+    pub bias: &'a Tensor,
+    /// [C]
+    pub running_mean: &'a Tensor,
+    /// [C]
+    pub running_var: &'a Tensor,
+    /// One U32 counter.
+    pub num_batches_tracked: &'a Tensor,
+    pub momentum: f32,
+    pub eps: f32,
+}
+
+/// x as [outer, C, inner].
+fn dims(x: &Tensor) -> (usize, usize, usize) {
+    assert!(x.rank() >= 2, "batch_norm needs [N, C, ...], got {:?}", x.shape());
+    (x.dim(0), x.dim(1), x.shape()[2..].iter().product())
+}
+
+/// The parameter block of every launch; `outer` and `block0` vary per run of samples.
+struct Launch {
+    outer: usize,
+    c: usize,
+    inner: usize,
+    block0: usize,
+    total_blocks: usize,
+    m: usize,
+    momentum: f32,
+    eps: f32,
+}
+
+impl Launch {
+    fn params(&self) -> Params {
+        Params::new()
+            .u(self.outer)
+            .u(self.c)
+            .u(self.inner)
+            .u(BLOCK)
+            .u(self.block0)
+            .u(self.total_blocks)
+            .u(self.m)
+            .f(self.momentum)
+            .f(self.eps)
+    }
+}
+
+/// Runs of samples that fit one binding, with their first block index among a channel's blocks.
+fn runs(outer: usize, c: usize, inner: usize) -> (Vec<(usize, usize, usize)>, usize) {
+    let mut block0 = 0;
+    let runs = plane_groups(outer, &[c * inner])
+        .into_iter()
+        .map(|(o0, count)| {
+            let r = (o0, count, block0);
+            block0 += (count * inner).div_ceil(BLOCK);
+            r
+        })
+        .collect();
+    (runs, block0)
+}
+
+/// A per-channel reduction with bindings (full-size tensors..., per-channel tensors..., partials):
+/// one partial per block of `BLOCK` elements of a channel, [C, blocks, 4].
+fn reduce_blocks(kernel: &Kernel, full: &[&Tensor], channel: &[&Tensor], base: &Launch) -> Tensor {
+    let (outer, c, inner) = (base.outer, base.c, base.inner);
+    let plane = c * inner;
+    let (runs, total_blocks) = runs(outer, c, inner);
+    let part = Tensor::empty(&[c, total_blocks, 4]);
+    for &(o0, count, block0) in &runs {
+        let l = Launch { outer: count, block0, total_blocks, ..*base };
+        let blocks = (count * inner).div_ceil(BLOCK);
+        let mut b: Vec<Binding> = full.iter().map(|t| range_binding(t, o0 * plane, count * plane)).collect();
+        b.extend(channel.iter().map(|t| t.binding()));
+        b.push(part.binding());
+        gpu().dispatch(kernel, l.params().bytes(), &b, [blocks as u32, c as u32, 1]);
+    }
+    part
+}
+
+/// Applies a per-element kernel with bindings (x, [dy], per-channel tensors..., out) over runs.
+fn per_element(kernel: &Kernel, full: &[&Tensor], channel: &[&Tensor], out: &Tensor, base: &Launch) {
+    let plane = base.c * base.inner;
+    for (o0, count) in plane_groups(base.outer, &[plane]) {
+        let l = Launch { outer: count, ..*base };
+        let mut b: Vec<Binding> = full.iter().map(|t| range_binding(t, o0 * plane, count * plane)).collect();
+        b.extend(channel.iter().map(|t| t.binding()));
+        b.push(range_binding(out, o0 * plane, count * plane));
+        gpu().dispatch_1d(kernel, l.params().bytes(), &b, (count * plane) as u64);
+    }
+}
+
+/// BatchNorm over axis 1 of x ([N, C, ...]), then ReLU when `relu`; training mode uses and
+/// updates batch statistics.
+pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Tensor {
+    let (outer, c, inner) = dims(x);
+    for (name, t) in [("weight", s.weight), ("bias", s.bias), ("running_mean", s.running_mean)] {
+        assert_eq!(t.numel(), c, "batch_norm {name} of shape {:?} for {c} channels", t.shape());
+    }
+    assert_eq!(s.running_var.numel(), c, "batch_norm running_var for {c} channels");
+    assert_eq!(s.num_batches_tracked.dtype(), DType::U32, "num_batches_tracked is a U32 counter");
+    let m = outer * inner;
+    let base = Launch { outer, c, inner, block0: 0, total_blocks: 0, m, momentum: s.momentum, eps: s.eps };
+    let stats = Tensor::empty(&[c, 4]);
+    if train {
+        assert!(m > 1, "batch_norm in training needs more than one value per channel, got {:?}", x.shape());
+        let part = reduce_blocks(&Kernel::new("batchnorm", "stats_partial"), &[x], &[], &base);
+        let l = Launch { total_blocks: part.dim(1), ..base };
+        gpu().dispatch(
+            &Kernel::new("batchnorm", "stats_finalize"),
+            l.params().bytes(),
+            &[
+                part.binding(),
+                s.weight.binding(),
+                s.bias.binding(),
+                stats.binding(),
+                s.running_mean.binding(),
+                s.running_var.binding(),
+                s.num_batches_tracked.binding(),
+            ],
+            [c as u32, 1, 1],
+        );
+    } else {
+        gpu().dispatch_1d(
+            &Kernel::new("batchnorm", "stats_running"),
+            base.params().bytes(),
+            &[
+                s.weight.binding(),
+                s.bias.binding(),
+                s.running_mean.binding(),
+                s.running_var.binding(),
+                stats.binding(),
+            ],
+            c as u64,
+        );
+    }
+    let y = Tensor::empty(x.shape());
+    per_element(
+        &Kernel::new("batchnorm", "normalize").with("RELU", relu as u8 as f64),
+        &[x],
+        &[&stats],
+        &y,
+        &base,
+    );
+    let op = Op::BatchNorm {
+        x: x.clone(),
+        weight: s.weight.clone(),
+        bias: s.bias.clone(),
+        stats: stats.detach(),
+        train,
+        relu,
+    };
+    Tensor::with_op(y, op)
+}
+
+/// Gradients of x, weight and bias given dy; `stats` are the forward's per-channel
+/// (mean, invstd, weight * invstd, bias).
+pub(crate) fn batch_norm_grad(
+    x: &Tensor,
+    weight: &Tensor,
+    stats: &Tensor,
+    dy: &Tensor,
+    train: bool,
+    relu: bool,
+) -> [Tensor; 3] {
+    let (outer, c, inner) = dims(x);
+    let base =
+        Launch { outer, c, inner, block0: 0, total_blocks: 0, m: outer * inner, momentum: 0.0, eps: 0.0 };
+    let relu_k = relu as u8 as f64;
+    let part = reduce_blocks(
+        &Kernel::new("batchnorm", "grad_partial").with("RELU", relu_k),
+        &[x, dy],
+        &[stats],
+        &base,
+    );
+    let (coef, dweight, dbias) = (Tensor::empty(&[c, 4]), Tensor::empty(&[c]), Tensor::empty(&[c]));
+    let l = Launch { total_blocks: part.dim(1), ..base };
+    gpu().dispatch(
+        &Kernel::new("batchnorm", "grad_finalize").with("TRAIN", train as u8 as f64),
+        l.params().bytes(),
+        &[
+            part.binding(),
+            weight.binding(),
+            stats.binding(),
+            coef.binding(),
+            dweight.binding(),
+            dbias.binding(),
+        ],
+        [c as u32, 1, 1],
+    );
+    let dx = Tensor::empty(x.shape());
+    per_element(
+        &Kernel::new("batchnorm", "grad_input").with("RELU", relu_k),
+        &[x, dy],
+        &[&coef, stats],
+        &dx,
+        &base,
+    );
+    [dx, dweight.reshape(weight.shape()), dbias.reshape(weight.shape())]
+}
+
+/// CPU references (f64 arithmetic) for the tests.
+pub mod cpu {
+    /// Per-channel (mean, biased variance) of x as [outer, C, inner].
+    pub fn stats(x: &[f32], shape: &[usize]) -> Vec<(f64, f64)> {
+        let (outer, c, inner) = (shape[0], shape[1], shape[2..].iter().product::<usize>());
+        (0..c)
+            .map(|ch| {
+                let vals = (0..outer).flat_map(|o| (0..inner).map(move |i| (o * c + ch) * inner + i));
+                let m = (outer * inner) as f64;
+                let mean = vals.clone().map(|k| x[k] as f64).sum::<f64>() / m;
+                let var = vals.map(|k| (x[k] as f64 - mean).powi(2)).sum::<f64>() / m;
+                (mean, var)
+            })
+            .collect()
+    }
+
+    /// The forward; returns y and the updated (running_mean, running_var) in training mode.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        x: &[f32],
+        shape: &[usize],
+        weight: &[f32],
+        bias: &[f32],
+        running: (&[f32], &[f32]),
+        train: bool,
+        momentum: f64,
+        eps: f64,
+        relu: bool,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (c, inner) = (shape[1], shape[2..].iter().product::<usize>());
+        let m = (x.len() / c) as f64;
+        let batch = stats(x, shape);
+        let used: Vec<(f64, f64)> = if train {
+            batch.clone()
+        } else {
+            running.0.iter().zip(running.1).map(|(&a, &b)| (a as f64, b as f64)).collect()
+        };
+        let y = x
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| {
+                let ch = (k / inner) % c;
+                let (mean, var) = used[ch];
+                let y = (v as f64 - mean) / (var + eps).sqrt() * weight[ch] as f64 + bias[ch] as f64;
+                (if relu { y.max(0.0) } else { y }) as f32
+            })
+            .collect();
+        let (mut rm, mut rv) = (running.0.to_vec(), running.1.to_vec());
+        if train {
+            for ch in 0..c {
+                let (mean, var) = batch[ch];
+                rm[ch] = ((1.0 - momentum) * rm[ch] as f64 + momentum * mean) as f32;
+                rv[ch] = ((1.0 - momentum) * rv[ch] as f64 + momentum * var * m / (m - 1.0)) as f32;
+            }
+        }
+        (y, rm, rv)
+    }
+
+    /// (dx, dweight, dbias) given dy, with the statistics the forward used.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        x: &[f32],
+        shape: &[usize],
+        weight: &[f32],
+        bias: &[f32],
+        running: (&[f32], &[f32]),
+        dy: &[f32],
+        train: bool,
+        eps: f64,
+        relu: bool,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (c, inner) = (shape[1], shape[2..].iter().product::<usize>());
+        let m = (x.len() / c) as f64;
+        let used: Vec<(f64, f64)> = if train {
+            stats(x, shape)
+        } else {
+            running.0.iter().zip(running.1).map(|(&a, &b)| (a as f64, b as f64)).collect()
+        };
+        let ch = |k: usize| (k / inner) % c;
+        let xhat = |k: usize| {
+            let (mean, var) = used[ch(k)];
+            (x[k] as f64 - mean) / (var + eps).sqrt()
+        };
+        // The gradient reaching the normalized value (zero where ReLU clipped).
+        let g: Vec<f64> = (0..x.len())
+            .map(|k| {
+                let pre = xhat(k) * weight[ch(k)] as f64 + bias[ch(k)] as f64;
+                if relu && pre <= 0.0 { 0.0 } else { dy[k] as f64 }
+            })
+            .collect();
+        let (mut sdy, mut sdx) = (vec![0f64; c], vec![0f64; c]);
+        for k in 0..x.len() {
+            sdy[ch(k)] += g[k];
+            sdx[ch(k)] += g[k] * xhat(k);
+        }
+        let dx = (0..x.len())
+            .map(|k| {
+                let (_, var) = used[ch(k)];
+                let kk = weight[ch(k)] as f64 / (var + eps).sqrt();
+                let d = if train { g[k] - sdy[ch(k)] / m - xhat(k) * sdx[ch(k)] / m } else { g[k] };
+                (kk * d) as f32
+            })
+            .collect();
+        (dx, sdx.iter().map(|&v| v as f32).collect(), sdy.iter().map(|&v| v as f32).collect())
+    }
+}

@@ -1,0 +1,45 @@
+//! Linear (y = x W^T + b) against the CPU reference and finite differences.
+
+use caml_wgpu::Tensor;
+use caml_wgpu::gradcheck::{Rng, Tolerance, check_gradients, weighted_sum};
+use caml_wgpu::ops::linear::{cpu, linear};
+
+#[test]
+fn linear_matches_cpu() {
+    for (rows, inp, out) in [(1, 16, 32), (301, 16, 32), (77, 33, 5)] {
+        let x = Rng::new(1).vec(rows * inp, -1.0, 1.0);
+        let w = Rng::new(2).vec(out * inp, -1.0, 1.0);
+        let b = Rng::new(3).vec(out, -1.0, 1.0);
+        let y = linear(
+            &Tensor::from_vec(&x, &[rows, inp]),
+            &Tensor::from_vec(&w, &[out, inp]),
+            Some(&Tensor::from_vec(&b, &[out])),
+        );
+        assert_eq!(y.shape(), &[rows, out]);
+        let want = cpu::linear(&x, &w, &b, [rows, inp, out]);
+        for (i, (g, e)) in y.to_vec().iter().zip(&want).enumerate() {
+            assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{rows}x{inp}->{out} entry {i}: {g} vs {e}");
+        }
+    }
+    // Leading axes are rows.
+    let x = Rng::new(4).vec(2 * 3 * 4, -1.0, 1.0);
+    let w = Rng::new(5).vec(5 * 4, -1.0, 1.0);
+    let y = linear(&Tensor::from_vec(&x, &[2, 3, 4]), &Tensor::from_vec(&w, &[5, 4]), None);
+    assert_eq!(y.shape(), &[2, 3, 5]);
+    let want = cpu::linear(&x, &w, &[0.0; 5], [6, 4, 5]);
+    for (g, e) in y.to_vec().iter().zip(&want) {
+        assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()));
+    }
+}
+
+#[test]
+fn linear_grads_match_finite_differences() {
+    let x = (Rng::new(10).vec(5 * 4, -1.0, 1.0), vec![5, 4]);
+    let w = (Rng::new(11).vec(3 * 4, -1.0, 1.0), vec![3, 4]);
+    let b = (Rng::new(12).vec(3, -1.0, 1.0), vec![3]);
+    check_gradients(&[x.clone(), w.clone(), b], Tolerance::default(), |t| {
+        weighted_sum(&linear(&t[0], &t[1], Some(&t[2])), 13)
+    });
+    let x3 = (Rng::new(14).vec(2 * 3 * 4, -1.0, 1.0), vec![2, 3, 4]);
+    check_gradients(&[x3, w], Tolerance::default(), |t| weighted_sum(&linear(&t[0], &t[1], None), 15));
+}
