@@ -1,7 +1,7 @@
 //! Conv3d and ConvTranspose3d layers (with bias), calling `crate::ops::conv`.
 
 use super::{Named, default_init, join};
-use crate::gradcheck::Rng;
+use crate::rng::Rng;
 use crate::ops::conv;
 use crate::tensor::Tensor;
 

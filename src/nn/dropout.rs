@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use crate::gradcheck::Rng;
+use crate::rng::Rng;
 use crate::ops::dropout::{dropout, dropout3d};
 use crate::tensor::Tensor;
 

@@ -1,7 +1,7 @@
 //! The Linear layer.
 
 use super::{Named, default_init, join};
-use crate::gradcheck::Rng;
+use crate::rng::Rng;
 use crate::ops::linear::linear;
 use crate::tensor::Tensor;
 

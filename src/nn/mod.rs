@@ -13,7 +13,7 @@ pub use conv::{Conv3d, ConvTranspose3d};
 pub use dropout::{Dropout, Dropout3d};
 pub use linear::Linear;
 
-use crate::gradcheck::Rng;
+use crate::rng::Rng;
 use crate::tensor::Tensor;
 
 /// A list of named tensors, e.g. `encoder1.block_one.conv.0.weight`.
