@@ -44,3 +44,16 @@ fn dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     }
     y[t] = select(0.0, x[t] * p.scale, keep(p.unit0 + t / p.inner));
 }
+
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;
+
+// Four elements per invocation, for units whose size is a multiple of 4.
+@compute @workgroup_size(256)
+fn dropout4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let t = linear(gid, nw);
+    if t * 4u >= p.n {
+        return;
+    }
+    y4[t] = select(vec4<f32>(0.0), x4[t] * p.scale, keep(p.unit0 + t * 4u / p.inner));
+}

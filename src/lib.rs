@@ -18,6 +18,7 @@ pub mod overlay;
 pub mod plot;
 pub mod rng;
 pub mod tensor;
+pub mod train;
 
 pub use autograd::{Grads, backward, no_grad};
 pub use tensor::{DType, Tensor};

@@ -11,6 +11,15 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng as _, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+/// A seed of its own for each place that draws random numbers (a dropout site, an iteration),
+/// mixed from a parent seed and a label with the SplitMix64 finalizer.
+pub fn derive_seed(seed: u64, site: u64) -> u64 {
+    let mut z = seed ^ site.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 #[derive(Clone, Debug)]
 pub struct Rng {
     seed: u64,

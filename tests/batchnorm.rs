@@ -61,9 +61,11 @@ impl Layer {
     }
 }
 
-// [2, 3, 5, 6, 7]: 420 values per channel (one partial block); [3, 2, 17, 19, 13]: 12597 values per
-// channel (four blocks, the last partial); [37, 5]: BatchNorm1d.
-const SHAPES: [&[usize]; 3] = [&[2, 3, 5, 6, 7], &[3, 2, 17, 19, 13], &[37, 5]];
+// Scalar kernels (inner not a multiple of 4): [2, 3, 5, 6, 7] (420 values per channel, one partial
+// block) and [3, 2, 17, 19, 23] (22287 values, two blocks); vec4 kernels: [2, 3, 4, 5, 6] and
+// [3, 2, 16, 19, 23] (20976 values, two blocks); BatchNorm1d: [37, 5].
+const SHAPES: [&[usize]; 5] =
+    [&[2, 3, 5, 6, 7], &[3, 2, 17, 19, 23], &[2, 3, 4, 5, 6], &[3, 2, 16, 19, 23], &[37, 5]];
 
 #[test]
 fn batchnorm_forward_matches_cpu_in_training_and_eval() {
@@ -129,13 +131,15 @@ fn batchnorm_running_statistics_follow_pytorch_formulas() {
 fn batchnorm_variance_is_accurate_for_large_means() {
     // sum(x^2) - sum(x)^2 / M in f32 would lose the unit variance under a mean of 1000 (1000^2 * 6e-8
     // = 0.06 per term); centred moments keep it to float rounding.
-    for mean in [100.0, 1000.0] {
-        let shape = [2, 4, 30, 30, 20];
+    // [2, 4, 30, 30, 20] runs the vec4 kernels, [2, 3, 31, 29, 21] the scalar ones; three blocks each.
+    for (mean, shape) in
+        [(100.0, [2, 4, 30, 30, 20]), (1000.0, [2, 4, 30, 30, 20]), (1000.0, [2, 3, 31, 29, 21])]
+    {
         let x = normal(7, shape.iter().product(), mean, 1.0);
-        let l = Layer::new(3, 4, 1.0);
+        let l = Layer::new(3, shape[1], 1.0);
         let y = batch_norm(&Tensor::from_vec(&x, &shape), &l.state(), true, false);
         let stats = cpu::stats(&x, &shape);
-        let m = 36000.0;
+        let m = (x.len() / shape[1]) as f64;
         let want_mean: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
         let want_var: Vec<f32> = stats.iter().map(|s| (s.1 * m / (m - 1.0)) as f32).collect();
         close(&l.running_mean.to_vec(), &want_mean, 1e-6, "batch mean");
@@ -223,4 +227,44 @@ fn fused_batchnorm_relu_matches_composed() {
         }
         close(&fused.2, &composed.2, 0.0, "running_var");
     }
+}
+
+#[test]
+fn batchnorm_splits_tensors_larger_than_one_storage_binding() {
+    // The network's first BatchNorm at batch 3: 192 MB, over a 128 MiB binding limit (software
+    // devices), so runs of samples are bound separately. The backward is called directly: the
+    // composed loss of the other tests would bind the whole tensor at once.
+    let shape = [3, 16, 112, 112, 80];
+    let n: usize = shape.iter().product();
+    let x = normal(70, n, 0.5, 2.0);
+    let l = Layer::new(71, 16, 0.1);
+    let xt = Tensor::from_vec(&x, &shape);
+    let y = batch_norm(&xt, &l.state(), true, true);
+    let running = (&l.host[2][..], &l.host[3][..]);
+    let (want, rm, rv) = cpu::forward(&x, &shape, &l.host[0], &l.host[1], running, true, 0.1, 1e-5, true);
+    close(&y.to_vec(), &want, 1e-4, "forward");
+    close(&l.running_mean.to_vec(), &rm, 1e-6, "running_mean");
+    close(&l.running_var.to_vec(), &rv, 1e-5, "running_var");
+    drop((y, want));
+    // Evaluation-mode statistics (mean, invstd, weight * invstd, bias) from the running values.
+    let stats: Vec<f32> = (0..16)
+        .flat_map(|c| {
+            let invstd = 1.0 / (l.host[3][c] + 1e-5).sqrt();
+            [l.host[2][c], invstd, l.host[0][c] * invstd, l.host[1][c]]
+        })
+        .collect();
+    let dy = Rng::new(72).vec(n, -1.0, 1.0);
+    let [dx, dw, db] = caml_wgpu::ops::batchnorm::batch_norm_grad(
+        &xt,
+        &l.weight,
+        &Tensor::from_vec(&stats, &[16, 4]),
+        &Tensor::from_vec(&dy, &shape),
+        false,
+        true,
+    );
+    let (want_dx, want_dw, want_db) =
+        cpu::backward(&x, &shape, &l.host[0], &l.host[1], running, &dy, false, 1e-5, true);
+    close(&dx.to_vec(), &want_dx, 1e-4, "dx");
+    close(&dw.to_vec(), &want_dw, 1e-3, "dweight");
+    close(&db.to_vec(), &want_db, 1e-3, "dbias");
 }

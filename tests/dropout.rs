@@ -99,3 +99,18 @@ fn dropout_backward_applies_the_same_mask() {
         weighted_sum(&dropout(&t[0], 0.3, 43, true), 8)
     });
 }
+
+#[test]
+fn dropout_splits_tensors_larger_than_one_storage_binding() {
+    // 192 MB: runs of samples are bound separately on devices with a 128 MiB binding limit; the
+    // unit numbering continues across runs.
+    let shape = [3, 16, 112, 112, 80];
+    let x = Tensor::full(&shape, 1.0);
+    let y = dropout3d(&x, 0.5, 77, true).to_vec();
+    let plane = 112 * 112 * 80;
+    for u in 0..48 {
+        let want = if cpu::keep(u as u32, 0.5, 77) { 2.0 } else { 0.0 };
+        let vol = &y[u * plane..(u + 1) * plane];
+        assert!(vol.iter().all(|&v| v == want), "unit {u}: want {want}");
+    }
+}

@@ -2,4 +2,6 @@
 
 pub mod losses;
 pub mod memory;
+pub mod model;
 pub mod omni;
+pub mod step;

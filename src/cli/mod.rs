@@ -8,6 +8,7 @@ mod metrics;
 mod overlay;
 mod prepare_la;
 mod synth;
+mod train;
 
 #[derive(Parser, Debug)]
 #[command(name = "caml-wgpu", version, about = "CAML semi-supervised 3D segmentation on WGSL compute")]
@@ -28,6 +29,8 @@ pub enum Command {
     PrepareLa(prepare_la::Args),
     /// Generate synthetic LA-like phantoms with train/test lists.
     Synth(synth::Args),
+    /// Train CAML (default: the bundled synthetic data, a preset fitting the adapter).
+    Train(Box<train::Args>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Overlay(a) => overlay::run(a),
         Command::PrepareLa(a) => prepare_la::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Train(a) => train::run(*a),
     }
 }

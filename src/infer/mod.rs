@@ -1,3 +1,4 @@
 //! Whole-volume inference.
 
 pub mod window;
+pub mod predict;

@@ -11,8 +11,21 @@ use crate::gpu::{Binding, Kernel, gpu};
 use crate::ops::{Params, plane_groups, range_binding};
 use crate::tensor::{DType, Tensor};
 
-/// Elements of one channel reduced by one workgroup (256 invocations x 16).
-const BLOCK: usize = 4096;
+/// Elements of one channel reduced by one workgroup (256 invocations x 64): long enough that the
+/// workgroup's merge tree is a small part of its work.
+const BLOCK: usize = 16384;
+
+/// The kernel `entry`, or its vec4 twin when a vec4 never straddles two channels.
+fn kernel(entry: &'static str, inner: usize) -> Kernel {
+    const VEC4: [(&str, &str); 4] = [
+        ("stats_partial", "stats_partial4"),
+        ("normalize", "normalize4"),
+        ("grad_partial", "grad_partial4"),
+        ("grad_input", "grad_input4"),
+    ];
+    let v4 = VEC4.iter().find(|(e, _)| *e == entry).filter(|_| inner.is_multiple_of(4));
+    Kernel::new("batchnorm", v4.map_or(entry, |(_, e)| e))
+}
 
 /// A BatchNorm layer's affine parameters and running statistics (updated in place in training).
 pub struct BatchNormState<'a> {
@@ -103,7 +116,8 @@ fn per_element(kernel: &Kernel, full: &[&Tensor], channel: &[&Tensor], out: &Ten
         let mut b: Vec<Binding> = full.iter().map(|t| range_binding(t, o0 * plane, count * plane)).collect();
         b.extend(channel.iter().map(|t| t.binding()));
         b.push(range_binding(out, o0 * plane, count * plane));
-        gpu().dispatch_1d(kernel, l.params().bytes(), &b, (count * plane) as u64);
+        let lanes = if kernel.entry.ends_with('4') { count * plane / 4 } else { count * plane };
+        gpu().dispatch_1d(kernel, l.params().bytes(), &b, lanes as u64);
     }
 }
 
@@ -121,7 +135,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
     let stats = Tensor::empty(&[c, 4]);
     if train {
         assert!(m > 1, "batch_norm in training needs more than one value per channel, got {:?}", x.shape());
-        let part = reduce_blocks(&Kernel::new("batchnorm", "stats_partial"), &[x], &[], &base);
+        let part = reduce_blocks(&kernel("stats_partial", inner), &[x], &[], &base);
         let l = Launch { total_blocks: part.dim(1), ..base };
         gpu().dispatch(
             &Kernel::new("batchnorm", "stats_finalize"),
@@ -152,13 +166,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
         );
     }
     let y = Tensor::empty(x.shape());
-    per_element(
-        &Kernel::new("batchnorm", "normalize").with("RELU", relu as u8 as f64),
-        &[x],
-        &[&stats],
-        &y,
-        &base,
-    );
+    per_element(&kernel("normalize", inner).with("RELU", relu as u8 as f64), &[x], &[&stats], &y, &base);
     let op = Op::BatchNorm {
         x: x.clone(),
         weight: s.weight.clone(),
@@ -172,7 +180,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
 
 /// Gradients of x, weight and bias given dy; `stats` are the forward's per-channel
 /// (mean, invstd, weight * invstd, bias).
-pub(crate) fn batch_norm_grad(
+pub fn batch_norm_grad(
     x: &Tensor,
     weight: &Tensor,
     stats: &Tensor,
@@ -184,12 +192,7 @@ pub(crate) fn batch_norm_grad(
     let base =
         Launch { outer, c, inner, block0: 0, total_blocks: 0, m: outer * inner, momentum: 0.0, eps: 0.0 };
     let relu_k = relu as u8 as f64;
-    let part = reduce_blocks(
-        &Kernel::new("batchnorm", "grad_partial").with("RELU", relu_k),
-        &[x, dy],
-        &[stats],
-        &base,
-    );
+    let part = reduce_blocks(&kernel("grad_partial", inner).with("RELU", relu_k), &[x, dy], &[stats], &base);
     let (coef, dweight, dbias) = (Tensor::empty(&[c, 4]), Tensor::empty(&[c]), Tensor::empty(&[c]));
     let l = Launch { total_blocks: part.dim(1), ..base };
     gpu().dispatch(
@@ -206,13 +209,7 @@ pub(crate) fn batch_norm_grad(
         [c as u32, 1, 1],
     );
     let dx = Tensor::empty(x.shape());
-    per_element(
-        &Kernel::new("batchnorm", "grad_input").with("RELU", relu_k),
-        &[x, dy],
-        &[&coef, stats],
-        &dx,
-        &base,
-    );
+    per_element(&kernel("grad_input", inner).with("RELU", relu_k), &[x, dy], &[&coef, stats], &dx, &base);
     [dx, dweight.reshape(weight.shape()), dbias.reshape(weight.shape())]
 }
 

@@ -29,11 +29,12 @@ fn apply(x: &Tensor, p: f32, seed: u64, inner: usize) -> Tensor {
             .u((seed & 0xffff_ffff) as usize)
             .u((seed >> 32) as usize)
             .f(scale);
+        let quads = inner.is_multiple_of(4);
         gpu().dispatch_1d(
-            &Kernel::new("dropout", "dropout"),
+            &Kernel::new("dropout", if quads { "dropout4" } else { "dropout" }),
             params.bytes(),
             &[range_binding(x, u0 * inner, n), range_binding(&y, u0 * inner, n)],
-            n as u64,
+            if quads { n as u64 / 4 } else { n as u64 },
         );
     }
     y
@@ -45,7 +46,7 @@ fn dropout_units(x: &Tensor, p: f32, seed: u64, inner: usize) -> Tensor {
 }
 
 /// The backward: dy through the same mask and scale.
-pub(crate) fn dropout_grad(dy: &Tensor, p: f32, seed: u64, inner: usize) -> Tensor {
+pub fn dropout_grad(dy: &Tensor, p: f32, seed: u64, inner: usize) -> Tensor {
     apply(dy, p, seed, inner)
 }
 

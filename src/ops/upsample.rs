@@ -22,20 +22,24 @@ pub fn upsample_trilinear2x(x: &Tensor) -> Tensor {
     for (p0, count) in plane_groups(n * c, &[plane, 8 * plane]) {
         let params = Params::new()
             .u(count * 8 * plane)
-            .u(sx)
-            .u(sy)
-            .u(sz)
+            .u(0)
+            .u(0)
+            .u(0)
             .f(axis_scale(sx))
             .f(axis_scale(sy))
             .f(axis_scale(sz));
+        // One invocation per output, or per output vec4 when Z is a multiple of 4.
+        let quads = sz.is_multiple_of(4);
+        let kernel = Kernel::new("upsample", if quads { "up2x_z4" } else { "up2x" })
+            .with("SX", sx as f64)
+            .with("SY", sy as f64)
+            .with("SZ", sz as f64);
+        let n = count * 8 * plane;
         gpu().dispatch_1d(
-            &Kernel::new("upsample", "up2x"),
+            &kernel,
             params.bytes(),
-            &[
-                range_binding(x, p0 * plane, count * plane),
-                range_binding(&y, p0 * 8 * plane, count * 8 * plane),
-            ],
-            (count * 8 * plane) as u64,
+            &[range_binding(x, p0 * plane, count * plane), range_binding(&y, p0 * 8 * plane, n)],
+            if quads { n as u64 / 4 } else { n as u64 },
         );
     }
     Tensor::with_op(y, Op::Upsample2x { x: x.clone() })
@@ -46,15 +50,21 @@ fn adjoint_axis(g: &Tensor, outer: usize, n: usize, inner: usize) -> Tensor {
     let out = Tensor::empty(&[outer, n, inner]);
     for (o0, count) in plane_groups(outer, &[2 * n * inner, n * inner]) {
         let len = count * n * inner;
-        let params = Params::new().u(len).u(n).u(inner).u(0).f(axis_scale(n)).f(0.0).f(0.0);
+        let params = Params::new().u(len).u(0).u(0).u(0).f(axis_scale(n)).f(0.0).f(0.0);
+        // vec4s along `inner` when it allows, else along the axis itself when it is the last one.
+        let (entry, lanes) = match (inner % 4, n % 4) {
+            (0, _) => ("adjoint_axis4", len / 4),
+            (_, 0) if inner == 1 => ("adjoint_z4", len / 4),
+            _ => ("adjoint_axis", len),
+        };
         gpu().dispatch_1d(
-            &Kernel::new("upsample", "adjoint_axis"),
+            &Kernel::new("upsample", entry).with("N_IN", n as f64).with("INNER", inner as f64),
             params.bytes(),
             &[
                 range_binding(g, o0 * 2 * n * inner, count * 2 * n * inner),
                 range_binding(&out, o0 * n * inner, len),
             ],
-            len as u64,
+            lanes as u64,
         );
     }
     out
@@ -62,7 +72,7 @@ fn adjoint_axis(g: &Tensor, outer: usize, n: usize, inner: usize) -> Tensor {
 
 /// The backward: the interpolation is a tensor product of per-axis maps, so its adjoint is the
 /// per-axis adjoints applied in turn (Z first, where the tensor is largest).
-pub(crate) fn upsample_trilinear2x_grad(g: &Tensor, x_shape: &[usize]) -> Tensor {
+pub fn upsample_trilinear2x_grad(g: &Tensor, x_shape: &[usize]) -> Tensor {
     let &[n, c, sx, sy, sz] = x_shape else { unreachable!("checked in the forward") };
     let p = n * c;
     let gz = adjoint_axis(g, p * 4 * sx * sy, sz, 1);
@@ -72,12 +82,13 @@ pub(crate) fn upsample_trilinear2x_grad(g: &Tensor, x_shape: &[usize]) -> Tensor
 
 /// CPU references (f64 weights and sums).
 pub mod cpu {
-    /// Per output index of one axis: (i0, i1, weight of i0, weight of i1).
+    /// Per output index of one axis: (i0, i1, weight of i0, weight of i1). The source coordinate
+    /// is rounded to f32 as PyTorch computes it (its ulp reaches 4e-6 at coordinate 55).
     fn taps(n: usize) -> Vec<(usize, usize, f64, f64)> {
-        let scale = super::axis_scale(n) as f64;
+        let scale = super::axis_scale(n);
         (0..2 * n)
             .map(|o| {
-                let s = scale * o as f64;
+                let s = (scale * o as f32) as f64;
                 let i0 = (s as usize).min(n - 1);
                 let i1 = (i0 + 1).min(n - 1);
                 let l1 = s - i0 as f64;

@@ -1,0 +1,191 @@
+//! One CAML training iteration (SPEC section 2, items 1-6): forward both networks, the three
+//! losses, backward, SGD.
+
+use anyhow::{Result, bail};
+
+use crate::caml::losses::{consistency_loss, dice_loss};
+use crate::caml::memory::MemoryBank;
+use crate::caml::model::{Caml, Outputs};
+use crate::caml::omni;
+use crate::config::{Method, TrainConfig};
+use crate::data::sampler::Batch;
+use crate::rng::derive_seed;
+use crate::ops::scan::nonzero_many;
+use crate::optim::Sgd;
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use crate::{backward, no_grad};
+
+/// The loss values of one iteration, read back once.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepLog {
+    pub iter: u64,
+    pub loss: f32,
+    pub loss_s: f32,
+    pub loss_c: f32,
+    pub loss_o: f32,
+    pub lambda_c: f64,
+    pub lambda_o: f64,
+}
+
+/// Everything a training run carries from one iteration to the next.
+pub struct TrainState {
+    pub model: Caml,
+    pub opt: Sgd,
+    pub bank: MemoryBank,
+    /// Draws of the memory bank.
+    pub rng: Rng,
+    /// Iterations done.
+    pub iter: u64,
+}
+
+/// Rows [voxels, F] of sample `i` of an N, F, X, Y, Z embedding, one row per voxel in X, Y, Z
+/// order: channels-last, or (`raw`) the reference's flattening of the N, C, X, Y, Z memory into
+/// rows of F consecutive values.
+fn voxel_rows(emb: &Tensor, i: usize, n: usize, raw: bool) -> Tensor {
+    let f = emb.dim(1);
+    let s = emb.narrow(0, i, n);
+    let voxels = s.numel() / f;
+    if raw { s.reshape(&[voxels, f]) } else { s.permute(&[0, 2, 3, 4, 1]).reshape(&[voxels, f]) }
+}
+
+/// Item 3: refresh the bank entries of the batch's labeled cases with the projected embeddings of
+/// the voxels both decoders get right, then draw this iteration's memory.
+fn update_memory_bank(
+    st: &mut TrainState,
+    cfg: &TrainConfig,
+    out: &Outputs,
+    label: &Tensor,
+    cases: &[usize],
+) -> [Option<Tensor>; 2] {
+    no_grad(|| {
+        let l = cases.len();
+        let arg_v = out.out_v.narrow(0, 0, l).argmax(1);
+        let arg_a = out.out_a.narrow(0, 0, l).argmax(1);
+        let correct = arg_v.eq(label).mul(&arg_a.eq(label));
+        let per_sample = label.numel() / l;
+        let mut masks = Vec::new();
+        for i in 0..l {
+            let (c, g) = (correct.narrow(0, i, 1).reshape(&[per_sample]), label.narrow(0, i, 1).reshape(&[per_sample]));
+            masks.push(c.mul(&g.affine(-1.0, 1.0)));
+            masks.push(c.mul(&g));
+        }
+        let idx = nonzero_many(&masks.iter().collect::<Vec<_>>());
+        for (i, &case) in cases.iter().enumerate() {
+            let (i0, i1) = (&idx[2 * i], &idx[2 * i + 1]);
+            let counts = [i0.numel(), i1.numel()];
+            if counts[0] + counts[1] == 0 {
+                st.bank.update(case, Tensor::zeros(&[0, cfg.embed]), [0, 0]);
+                continue;
+            }
+            let rows = Tensor::concat_u32(&[i0, i1]);
+            let v = voxel_rows(&out.emb_v, i, 1, false).gather_rows(&rows);
+            let a = voxel_rows(&out.emb_a, i, 1, !cfg.fix_memory_view).gather_rows(&rows);
+            let pv = st.model.projection_head1.forward(&v, false);
+            let pa = st.model.projection_head2.forward(&a, false);
+            st.bank.update(case, pv.add(&pa).mul_scalar(0.5), counts);
+        }
+        st.bank.sample(&mut st.rng)
+    })
+}
+
+/// Item 4: the omni-correlation loss on the unlabeled samples; None when it has nothing to compare.
+fn omni_correlation_term(
+    st: &TrainState,
+    cfg: &TrainConfig,
+    out: &Outputs,
+    p_v: &Tensor,
+    l: usize,
+    memory: &[Option<Tensor>; 2],
+) -> Option<Tensor> {
+    if memory.iter().all(|m| m.is_none()) {
+        return None;
+    }
+    let u = out.out_v.dim(0) - l;
+    let (sel, cls, conf) = no_grad(|| {
+        let arg_v = out.out_v.narrow(0, l, u).argmax(1);
+        let arg_a = out.out_a.narrow(0, l, u).argmax(1);
+        let n = arg_v.numel();
+        let consistent = arg_v.eq(&arg_a).reshape(&[n]);
+        let conf = p_v.narrow(0, l, u).max_axis(1).reshape(&[n]);
+        let sel = nonzero_many(&[&consistent]).pop().unwrap();
+        let cls = arg_v.reshape(&[n, 1]).gather_rows(&sel).reshape(&[sel.numel()]);
+        let conf = conf.reshape(&[n, 1]).gather_rows(&sel).reshape(&[sel.numel()]);
+        (sel, cls, conf)
+    });
+    // BatchNorm1d in training mode needs more than one row.
+    if sel.numel() < 2 {
+        return None;
+    }
+    let rows_v = voxel_rows(&out.emb_v, l, u, false).gather_rows(&sel);
+    let rows_a = voxel_rows(&out.emb_a, l, u, false).gather_rows(&sel);
+    let m = &st.model;
+    let feats_v = m.prediction_head1.forward(&m.projection_head1.forward(&rows_v, true), true);
+    let feats_a = m.prediction_head2.forward(&m.projection_head2.forward(&rows_a, true), true);
+    let rows = omni::select_rows(&cls, &conf, cfg.num_filtered);
+    omni::omni_loss(&feats_v, &feats_a, &rows, memory, cfg.corr_temperature)
+}
+
+/// One iteration on `batch`: forward, losses, backward, optimizer step.
+pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<StepLog> {
+    let iter = st.iter + 1;
+    let [px, py, pz] = batch.patch;
+    let l = batch.indices.labeled.len();
+    let n = if cfg.method == Method::LabeledOnly { l } else { l + batch.indices.unlabeled.len() };
+    let vox = px * py * pz;
+    let x = Tensor::from_vec(&batch.images[..n * vox], &[n, 1, px, py, pz]);
+    let labels: Vec<f32> = batch.labels[..l * vox].iter().map(|&v| v as f32).collect();
+    let label = Tensor::from_vec(&labels, &[l, 1, px, py, pz]);
+    let out = st.model.forward(&x, Some(derive_seed(cfg.seed, iter)));
+    let p_v = out.out_v.softmax(1);
+    let p_a = out.out_a.softmax(1);
+
+    let fg = |p: &Tensor| p.narrow(0, 0, l).narrow(1, 1, 1);
+    let loss_s = dice_loss(&fg(&p_v), &label).add(&dice_loss(&fg(&p_a), &label));
+    let ramp = crate::caml::losses::Ramp {
+        consistency: cfg.consistency,
+        omni: cfg.omni,
+        length: cfg.ramp_length(),
+        every: cfg.ramp_every,
+    };
+    let (lambda_c, lambda_o) = ramp.weights(iter);
+    let mut loss = loss_s.mul_scalar(0.5);
+    let mut parts = vec![loss_s];
+    if cfg.method != Method::LabeledOnly {
+        let loss_c = consistency_loss(&p_v, &p_a, cfg.temperature, cfg.detach_targets);
+        loss = loss.add(&loss_c.mul_scalar(lambda_c as f32));
+        parts.push(loss_c);
+    } else {
+        parts.push(Tensor::zeros(&[1]));
+    }
+    let loss_o = if cfg.method == Method::Caml {
+        let memory = update_memory_bank(st, cfg, &out, &label, &batch.indices.labeled);
+        omni_correlation_term(st, cfg, &out, &p_v, l, &memory)
+    } else {
+        None
+    };
+    match loss_o {
+        Some(lo) => {
+            loss = loss.add(&lo.mul_scalar(lambda_o as f32));
+            parts.push(lo);
+        }
+        None => parts.push(Tensor::zeros(&[1])),
+    }
+    drop(out);
+    let values = no_grad(|| {
+        let mut all = vec![loss.reshape(&[1])];
+        all.extend(parts.iter().map(|p| p.reshape(&[1])));
+        Tensor::concat(&all, 0)
+    });
+    let grads = backward(&loss);
+    st.opt.step(&st.model.params(), &grads);
+    drop(grads);
+    let v = values.to_vec();
+    for (name, value) in ["loss", "loss_s", "loss_c", "loss_o"].iter().zip(&v) {
+        if !value.is_finite() {
+            bail!("iteration {iter}: {name} is {value}; stopping before the weights are corrupted further");
+        }
+    }
+    st.iter = iter;
+    Ok(StepLog { iter, loss: v[0], loss_s: v[1], loss_c: v[2], loss_o: v[3], lambda_c, lambda_o })
+}

@@ -1,0 +1,136 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::config::{Method, Preset, TrainConfig};
+use crate::gpu::Gpu;
+
+/// Train CAML. With no arguments: the bundled synthetic data, with the preset that fits the
+/// adapter (paper on a GPU, small on a software device).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Dataset folder (case folders or nnU-Net layout); default: the bundled synthetic set.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// A TOML file of configuration keys, applied over the preset (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// Labeled cases: the first N of the train list.
+    #[arg(long)]
+    pub labeled: Option<usize>,
+    #[arg(long)]
+    pub iters: Option<u64>,
+    /// Patch size X Y Z (each a multiple of 16).
+    #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
+    pub patch: Option<Vec<usize>>,
+    /// Base width F of the network (16 in the paper).
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub batch: Option<usize>,
+    #[arg(long)]
+    pub labeled_bs: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Ramp length R (in steps of 150 iterations in the paper preset).
+    #[arg(long)]
+    pub rampup: Option<f64>,
+    #[arg(long)]
+    pub memory_num: Option<usize>,
+    #[arg(long)]
+    pub num_filtered: Option<usize>,
+    /// Sharpening temperature T of the consistency targets.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Detach the sharpened consistency targets (the reference does not).
+    #[arg(long)]
+    pub detach_targets: bool,
+    /// Flatten the auxiliary embeddings channels-last for the memory bank (the reference does not).
+    #[arg(long)]
+    pub fix_memory_view: bool,
+    /// Validation Dice on the test split every N iterations (0: never).
+    #[arg(long)]
+    pub val_every: Option<u64>,
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// Run folder (default: runs/<method>-<labeled>l-s<seed>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run saved in --out from its last complete checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let gpu = Gpu::init()?;
+    let preset = match a.preset {
+        Some(p) => {
+            println!("preset: {p:?} (chosen with --preset)");
+            p
+        }
+        None if gpu.is_software() => {
+            println!(
+                "preset: small (adapter '{}' is a software device; the paper preset would take days)",
+                gpu.info.name
+            );
+            Preset::Small
+        }
+        None => {
+            println!("preset: paper (adapter '{}' is a GPU)", gpu.info.name);
+            Preset::Paper
+        }
+    };
+    let mut cfg = TrainConfig::preset(preset);
+    if let Some(f) = &a.config {
+        cfg = cfg.merge_file(f)?;
+    }
+    macro_rules! set {
+        ($($field:ident),*) => { $(if let Some(v) = a.$field.clone() { cfg.$field = v; })* };
+    }
+    set!(method, labeled, iters, width, batch, labeled_bs, lr, seed, memory_num, num_filtered, temperature);
+    set!(val_every, checkpoint_every);
+    if a.data.is_some() {
+        cfg.data = a.data.clone();
+    }
+    if let Some(r) = a.rampup {
+        cfg.rampup = Some(r);
+    }
+    if let Some(p) = &a.patch {
+        cfg.patch = [p[0], p[1], p[2]];
+    }
+    cfg.detach_targets |= a.detach_targets;
+    cfg.fix_memory_view |= a.fix_memory_view;
+    cfg.validate()?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        let m = format!("{:?}", cfg.method).to_lowercase();
+        PathBuf::from("runs").join(format!("{m}-{}l-s{}", cfg.labeled, cfg.seed))
+    });
+    println!(
+        "training {:?}: width {}, patch {:?}, batch {} ({} labeled), {} labeled cases, {} iterations -> {}",
+        cfg.method,
+        cfg.width,
+        cfg.patch,
+        cfg.batch,
+        cfg.labeled_bs,
+        cfg.labeled,
+        cfg.iters,
+        out.display()
+    );
+    let last = crate::train::train(&cfg, &out, a.resume)?;
+    println!(
+        "done: iteration {}, loss {:.4} (loss_s {:.4}, loss_c {:.4}, loss_o {:.4}); weights in {}",
+        last.iter,
+        last.loss,
+        last.loss_s,
+        last.loss_c,
+        last.loss_o,
+        out.join(crate::train::FINAL_MODEL).display()
+    );
+    Ok(())
+}
