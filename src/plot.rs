@@ -137,7 +137,7 @@ pub fn line_chart(path: &Path, title: &str, series: &[(&str, Vec<(f64, f64)>)]) 
         let (yv, xv) = (y0 + t * (y1 - y0), x0 + t * (x1 - x0));
         cv.line((left, sy(yv)), (left + pw, sy(yv)), if i == 0 { black } else { grey });
         cv.text(4, sy(yv) as i64 - 3, &tick_label(yv), black);
-        let label = tick_label(xv.round());
+        let label = format!("{}", xv.round() as i64);
         cv.text(sx(xv) as i64 - 3 * label.len() as i64, (top + ph + 8.0) as i64, &label, black);
     }
     cv.line((left, top), (left, top + ph), black);

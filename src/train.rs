@@ -45,10 +45,7 @@ pub fn build_model(cfg: &TrainConfig) -> Caml {
 
 /// The metadata a model file carries so that predict and eval rebuild the same network.
 pub fn model_metadata(cfg: &TrainConfig) -> HashMap<String, String> {
-    HashMap::from([
-        ("format".into(), "caml-wgpu".into()),
-        ("config".into(), cfg.to_toml()),
-    ])
+    HashMap::from([("format".into(), "caml-wgpu".into()), ("config".into(), cfg.to_toml())])
 }
 
 /// Sliding-window settings for a configuration: the reference's strides for the paper patch,
@@ -64,7 +61,8 @@ pub fn window_options(patch: [usize; 3]) -> WindowOptions {
 
 /// Mean Dice of the model on `cases`.
 pub fn mean_dice(model: &Caml, cases: &[Case], patch: [usize; 3]) -> Result<f64> {
-    let opts = PredictOptions { window: window_options(patch), average_decoders: false, largest_component: false };
+    let opts =
+        PredictOptions { window: window_options(patch), average_decoders: false, largest_component: false };
     let mut sum = 0.0;
     for c in cases {
         let (mask, _) = predict(model, &c.image, &opts)?;
@@ -86,7 +84,13 @@ fn tensor_entry(t: &Tensor) -> Entry {
 }
 
 fn load_entry(t: &Tensor, e: &Entry, name: &str, path: &Path) -> Result<()> {
-    ensure!(e.shape == t.shape(), "{}: {name} has shape {:?}, expected {:?}", path.display(), e.shape, t.shape());
+    ensure!(
+        e.shape == t.shape(),
+        "{}: {name} has shape {:?}, expected {:?}",
+        path.display(),
+        e.shape,
+        t.shape()
+    );
     let bytes: Vec<u8> = match (t.dtype(), &e.data) {
         (crate::DType::F32, checkpoint::Data::F32(v)) => bytemuck::cast_slice(v).to_vec(),
         (crate::DType::U32, checkpoint::Data::I64(v)) => {
@@ -105,7 +109,8 @@ fn load_entry(t: &Tensor, e: &Entry, name: &str, path: &Path) -> Result<()> {
 pub fn load_model_weights(model: &Caml, dict: &StateDict, path: &Path) -> Result<()> {
     let (params, buffers) = model.named();
     let all: Vec<(String, Tensor)> = params.into_iter().chain(buffers).collect();
-    let expected: Vec<(String, Vec<usize>)> = all.iter().map(|(k, t)| (k.clone(), t.shape().to_vec())).collect();
+    let expected: Vec<(String, Vec<usize>)> =
+        all.iter().map(|(k, t)| (k.clone(), t.shape().to_vec())).collect();
     let model_keys: StateDict =
         dict.iter().filter(|(k, _)| !k.contains('/')).map(|(k, v)| (k.clone(), v.clone())).collect();
     checkpoint::check_against(path, &model_keys, &expected)?;
@@ -122,14 +127,12 @@ pub fn load_model(path: &Path, fallback: &TrainConfig) -> Result<(Caml, TrainCon
     let cfg = match meta.get("config") {
         Some(text) => toml::from_str::<TrainConfig>(text)
             .with_context(|| format!("{}: unreadable saved configuration", path.display()))?,
-        None => fallback.clone(),
+        // A file trained elsewhere carries no configuration: it has CMA weights when it has the keys.
+        None => {
+            let cma = dict.keys().any(|k| k.contains("intra_attention"));
+            TrainConfig { method: if cma { Method::Caml } else { Method::Mutual }, ..fallback.clone() }
+        }
     };
-    // A file trained elsewhere carries no configuration: it has CMA weights when it has the keys.
-    let cma = dict.keys().any(|k| k.contains("intra_attention"));
-    let mut cfg = cfg;
-    if meta.get("config").is_none() {
-        cfg.method = if cma { Method::Caml } else { Method::Mutual };
-    }
     let model = build_model(&cfg);
     load_model_weights(&model, &dict, path)?;
     Ok((model, cfg))
@@ -183,7 +186,12 @@ fn restore_checkpoint(dir: &Path, st: &mut TrainState) -> Result<SamplerState> {
 
 /// Batches prepared on a background thread, each with the sampler state after it, so that a
 /// checkpoint records exactly where the stream stands.
-fn spawn_loader(mut sampler: Sampler, cases: Vec<Case>, patch: [usize; 3], count: u64) -> Receiver<Result<(Batch, SamplerState)>> {
+fn spawn_loader(
+    mut sampler: Sampler,
+    cases: Vec<Case>,
+    patch: [usize; 3],
+    count: u64,
+) -> Receiver<Result<(Batch, SamplerState)>> {
     let (tx, rx) = sync_channel(2);
     std::thread::spawn(move || {
         for _ in 0..count {
@@ -217,8 +225,15 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
 
     let model = build_model(cfg);
     let params = model.params();
-    let opt = Sgd::new(SgdConfig { lr: cfg.lr, momentum: cfg.momentum, weight_decay: cfg.weight_decay }, &params);
-    let mut st = TrainState { model, opt, bank: MemoryBank::new(cfg.labeled, cfg.memory_num), rng: Rng::new(cfg.seed ^ 0xB4_4E), iter: 0 };
+    let opt =
+        Sgd::new(SgdConfig { lr: cfg.lr, momentum: cfg.momentum, weight_decay: cfg.weight_decay }, &params);
+    let mut st = TrainState {
+        model,
+        opt,
+        bank: MemoryBank::new(cfg.labeled, cfg.memory_num),
+        rng: Rng::new(cfg.seed ^ 0xB4_4E),
+        iter: 0,
+    };
     let unlabeled_bs = if cfg.method == Method::LabeledOnly { 0 } else { cfg.batch - cfg.labeled_bs };
     let sampler = if resume {
         Sampler::from_state(restore_checkpoint(out, &mut st)?)?
@@ -233,8 +248,10 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     let batches = spawn_loader(sampler, train_cases, cfg.patch, remaining);
     let bar = indicatif::ProgressBar::new(cfg.iters).with_position(st.iter);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec} {msg}")
-            .expect("a valid progress template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec} {msg}",
+        )
+        .expect("a valid progress template"),
     );
     let start = Instant::now();
     let mut last = StepLog::default();
@@ -256,11 +273,18 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
         )?;
         log.flush()?;
         bar.set_position(last.iter);
-        bar.set_message(format!("loss {:.4} s {:.4} c {:.4} o {:.4}", last.loss, last.loss_s, last.loss_c, last.loss_o));
+        bar.set_message(format!(
+            "loss {:.4} s {:.4} c {:.4} o {:.4}",
+            last.loss, last.loss_s, last.loss_c, last.loss_o
+        ));
         let final_iter = last.iter == cfg.iters;
         if cfg.val_every > 0 && (last.iter % cfg.val_every == 0 || final_iter) && !test_cases.is_empty() {
             let dice = mean_dice(&st.model, &test_cases, cfg.patch)?;
-            bar.println(format!("iteration {}: validation Dice {dice:.4} on {} test cases", last.iter, test_cases.len()));
+            bar.println(format!(
+                "iteration {}: validation Dice {dice:.4} on {} test cases",
+                last.iter,
+                test_cases.len()
+            ));
             append_line(&out.join("validation.csv"), "iter,dice", &format!("{},{dice:.6}", last.iter))?;
         }
         if final_iter || (cfg.checkpoint_every > 0 && last.iter % cfg.checkpoint_every == 0) {
@@ -276,13 +300,17 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
 fn open_log(path: &Path, resume: bool, iter: u64) -> Result<std::fs::File> {
     if resume && path.exists() {
         // Drop lines past the checkpoint: those iterations run again.
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let kept: Vec<&str> = text
             .lines()
             .filter(|l| l.split(',').next().and_then(|v| v.parse::<u64>().ok()).is_none_or(|i| i <= iter))
             .collect();
         crate::fsutil::write_atomic(path, format!("{}\n", kept.join("\n")).as_bytes())?;
-        return std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot open {}", path.display()));
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()));
     }
     let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     writeln!(f, "{LOG_HEADER}")?;

@@ -17,7 +17,7 @@ fn normal(seed: u64, n: usize, mean: f32, std: f32) -> Vec<f32> {
     let mut rng = Rng::new(seed);
     (0..n)
         .map(|_| {
-            let (u1, u2) = (1.0 - rng.uniform() as f64, rng.uniform() as f64);
+            let (u1, u2) = (1.0 - rng.uniform(), rng.uniform());
             mean + std * ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
         })
         .collect()

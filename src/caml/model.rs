@@ -6,10 +6,10 @@
 //! from the seed), None is eval mode.
 
 use crate::nn::{BatchNorm, Conv3d, ConvTranspose3d, Linear, Named, join};
-use crate::rng::derive_seed;
 use crate::ops::dropout::dropout3d;
 use crate::ops::upsample::upsample_trilinear2x;
 use crate::rng::Rng;
+use crate::rng::derive_seed;
 use crate::tensor::Tensor;
 
 /// `ConvBlock(n, cin, cout)`: n stages of [Conv3d k3 p1, BatchNorm3d, ReLU] at `conv.{3i}` and
@@ -102,7 +102,9 @@ pub struct Features {
 
 impl Encoder {
     fn new(f: usize, _cma: bool, rng: &mut Rng) -> Self {
-        let down = |cin, cout, rng: &mut Rng| Stage::Down(Conv3d::new(cin, cout, 2, 2, 0, rng), BatchNorm::new(cout));
+        let down = |cin, cout, rng: &mut Rng| {
+            Stage::Down(Conv3d::new(cin, cout, 2, 2, 0, rng), BatchNorm::new(cout))
+        };
         Encoder {
             block_one: ConvBlock::new(1, 1, f, rng),
             block_one_dw: down(f, 2 * f, rng),

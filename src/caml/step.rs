@@ -9,10 +9,10 @@ use crate::caml::model::{Caml, Outputs};
 use crate::caml::omni;
 use crate::config::{Method, TrainConfig};
 use crate::data::sampler::Batch;
-use crate::rng::derive_seed;
 use crate::ops::scan::nonzero_many;
 use crate::optim::Sgd;
 use crate::rng::Rng;
+use crate::rng::derive_seed;
 use crate::tensor::Tensor;
 use crate::{backward, no_grad};
 
@@ -66,7 +66,10 @@ fn update_memory_bank(
         let per_sample = label.numel() / l;
         let mut masks = Vec::new();
         for i in 0..l {
-            let (c, g) = (correct.narrow(0, i, 1).reshape(&[per_sample]), label.narrow(0, i, 1).reshape(&[per_sample]));
+            let (c, g) = (
+                correct.narrow(0, i, 1).reshape(&[per_sample]),
+                label.narrow(0, i, 1).reshape(&[per_sample]),
+            );
             masks.push(c.mul(&g.affine(-1.0, 1.0)));
             masks.push(c.mul(&g));
         }

@@ -1,4 +1,4 @@
 //! Whole-volume inference.
 
-pub mod window;
 pub mod predict;
+pub mod window;

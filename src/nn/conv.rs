@@ -1,8 +1,8 @@
 //! Conv3d and ConvTranspose3d layers (with bias), calling `crate::ops::conv`.
 
 use super::{Named, default_init, join};
-use crate::rng::Rng;
 use crate::ops::conv;
+use crate::rng::Rng;
 use crate::tensor::Tensor;
 
 /// torch.nn.Conv3d(cin, cout, k, stride, padding) with a cubic kernel.

@@ -3,8 +3,8 @@
 
 use std::sync::Mutex;
 
-use crate::rng::Rng;
 use crate::ops::dropout::{dropout, dropout3d};
+use crate::rng::Rng;
 use crate::tensor::Tensor;
 
 /// torch.nn.Dropout3d(p): zeroes whole (sample, channel) volumes in training.

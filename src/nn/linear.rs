@@ -1,8 +1,8 @@
 //! The Linear layer.
 
 use super::{Named, default_init, join};
-use crate::rng::Rng;
 use crate::ops::linear::linear;
+use crate::rng::Rng;
 use crate::tensor::Tensor;
 
 /// torch.nn.Linear(in, out): y = x W^T + b.
