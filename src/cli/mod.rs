@@ -3,9 +3,11 @@
 
 use clap::{Parser, Subcommand};
 
+mod eval;
 mod info;
 mod metrics;
 mod overlay;
+mod predict;
 mod prepare_la;
 mod synth;
 mod train;
@@ -19,12 +21,16 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Segment a dataset split with a model and score it against the labels.
+    Eval(Box<eval::Args>),
     /// Print the GPU adapter, its compute limits and the features the engine uses.
     Info(info::Args),
     /// Dice, Jaccard, HD95 and ASD of a predicted mask against a ground truth.
     Metrics(metrics::Args),
     /// Draw axial slices of an image with ground-truth and predicted contours (PNG).
     Overlay(overlay::Args),
+    /// Segment NIfTI volumes (a file or a folder) with a trained model.
+    Predict(Box<predict::Args>),
     /// Convert the LA challenge data (NRRD or preprocessed HDF5) to the case-folder layout.
     PrepareLa(prepare_la::Args),
     /// Generate synthetic LA-like phantoms with train/test lists.
@@ -35,9 +41,11 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Eval(a) => eval::run(*a),
         Command::Info(a) => info::run(a),
         Command::Metrics(a) => metrics::run(a),
         Command::Overlay(a) => overlay::run(a),
+        Command::Predict(a) => predict::run(*a),
         Command::PrepareLa(a) => prepare_la::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Train(a) => train::run(*a),

@@ -1,0 +1,165 @@
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::caml::model::Caml;
+use crate::config::{Preset, TrainConfig};
+use crate::data::nifti_io::{read_image, write_image, write_mask};
+use crate::gpu::Gpu;
+use crate::infer::predict::{PredictOptions, predict};
+
+/// Options shared by predict and eval: the model file, and how to rebuild and run it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model weights (safetensors with the reference's state_dict names).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Patch X Y Z; default: the checkpoint's saved configuration, else the paper's 112 112 80.
+    #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
+    pub patch: Option<Vec<usize>>,
+    /// Base width F; default: the checkpoint's, else 16.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Window stride X Y Z; default: 18 18 4 for the paper patch, half the patch otherwise.
+    #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
+    pub stride: Option<Vec<usize>>,
+    /// Blend windows with a Gaussian importance map (sigma = patch / 8), as nnU-Net and MONAI do.
+    #[arg(long)]
+    pub gaussian: bool,
+    /// Average the foreground probabilities of both decoders.
+    #[arg(long)]
+    pub average_decoders: bool,
+    /// Keep only the largest connected component.
+    #[arg(long)]
+    pub largest_component: bool,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 2)]
+    pub window_batch: usize,
+}
+
+impl ModelArgs {
+    /// The model with its weights, and the options to run it.
+    pub fn load(&self) -> Result<(Caml, PredictOptions)> {
+        Gpu::init()?;
+        let mut fallback = TrainConfig::preset(Preset::Paper);
+        if let Some(w) = self.width {
+            fallback.width = w;
+        }
+        let (model, mut cfg) = crate::train::load_model(&self.checkpoint, &fallback)?;
+        if let Some(p) = &self.patch {
+            cfg.patch = [p[0], p[1], p[2]];
+        }
+        let mut window = crate::train::window_options(cfg.patch);
+        if let Some(s) = &self.stride {
+            if s.contains(&0) {
+                bail!("--stride values must be positive");
+            }
+            window.stride = [s[0], s[1], s[2]];
+        }
+        window.gaussian = self.gaussian;
+        window.batch = self.window_batch.max(1);
+        let opts = PredictOptions {
+            window,
+            average_decoders: self.average_decoders,
+            largest_component: self.largest_component,
+        };
+        Ok((model, opts))
+    }
+}
+
+/// Segment NIfTI volumes: a file or every .nii/.nii.gz in a folder; outputs keep the input names
+/// and geometry.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A NIfTI file, or a folder of them.
+    #[arg(short, long)]
+    pub input: PathBuf,
+    /// Output file (for one input) or folder.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Also write the foreground probability map (<name>_prob.nii.gz).
+    #[arg(long)]
+    pub save_probabilities: bool,
+    /// Stop at the first case that fails instead of reporting it and going on.
+    #[arg(long)]
+    pub fail_fast: bool,
+}
+
+fn strip_nifti(name: &str) -> &str {
+    name.strip_suffix(".nii.gz").or_else(|| name.strip_suffix(".nii")).unwrap_or(name)
+}
+
+fn nifti_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            p.is_file() && (n.ends_with(".nii") || n.ends_with(".nii.gz"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let (inputs, outputs): (Vec<PathBuf>, Vec<PathBuf>) = if a.input.is_dir() {
+        let files = nifti_files(&a.input)?;
+        if files.is_empty() {
+            bail!("{} holds no .nii or .nii.gz files", a.input.display());
+        }
+        std::fs::create_dir_all(&a.output)
+            .with_context(|| format!("cannot create {}", a.output.display()))?;
+        let outs = files
+            .iter()
+            .map(|f| {
+                a.output.join(format!("{}.nii.gz", strip_nifti(&f.file_name().unwrap().to_string_lossy())))
+            })
+            .collect();
+        (files, outs)
+    } else {
+        (vec![a.input.clone()], vec![a.output.clone()])
+    };
+    let (model, opts) = a.model.load()?;
+    let bar = indicatif::ProgressBar::new(inputs.len() as u64);
+    let mut failed = Vec::new();
+    for (inp, out) in inputs.iter().zip(&outputs) {
+        bar.set_message(inp.display().to_string());
+        let result = (|| -> Result<()> {
+            let image = read_image(inp)?;
+            let (mask, prob) = predict(&model, &image, &opts)?;
+            write_mask(out, &mask)?;
+            if a.save_probabilities {
+                let name = out.file_name().unwrap().to_string_lossy();
+                write_image(out.with_file_name(format!("{}_prob.nii.gz", strip_nifti(&name))), &prob)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let e = e.context(format!("case {}", inp.display()));
+            if a.fail_fast {
+                return Err(e);
+            }
+            bar.println(format!("error: {e:#} (skipped)"));
+            failed.push(inp.clone());
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!(
+        "{} of {} volumes segmented into {}",
+        inputs.len() - failed.len(),
+        inputs.len(),
+        a.output.display()
+    );
+    if !failed.is_empty() {
+        bail!(
+            "{} case(s) failed: {}",
+            failed.len(),
+            failed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
