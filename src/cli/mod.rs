@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod eval;
 mod info;
 mod metrics;
@@ -21,6 +22,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Measure the engine: a training iteration, or whole-volume prediction.
+    Bench(bench::Args),
     /// Segment a dataset split with a model and score it against the labels.
     Eval(Box<eval::Args>),
     /// Print the GPU adapter, its compute limits and the features the engine uses.
@@ -41,6 +44,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(*a),
         Command::Info(a) => info::run(a),
         Command::Metrics(a) => metrics::run(a),

@@ -1,0 +1,140 @@
+use anyhow::Result;
+
+use crate::caml::memory::MemoryBank;
+use crate::caml::step::{TrainState, train_step};
+use crate::config::{Preset, TrainConfig};
+use crate::data::sampler::{Batch, BatchIndices};
+use crate::gpu::{Gpu, gpu};
+use crate::optim::{Sgd, SgdConfig};
+use crate::rng::Rng;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum What {
+    /// Seconds per training iteration and the runtime's work per iteration.
+    TrainStep {
+        #[arg(long, value_enum, default_value_t = Preset::Small)]
+        preset: Preset,
+        /// Timed iterations after two warm-up iterations.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
+    /// Seconds to segment one LA-sized volume (130 x 130 x 88) with the preset's windows.
+    Predict {
+        #[arg(long, value_enum, default_value_t = Preset::Small)]
+        preset: Preset,
+    },
+}
+
+/// Measure the engine on this adapter.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn synthetic_batch(cfg: &TrainConfig, rng: &mut Rng) -> Batch {
+    let n: usize = cfg.patch.iter().product();
+    let images = rng.vec(cfg.batch * n, -1.0, 1.0);
+    // A centred cube of foreground, so every class and memory path is exercised.
+    let [x, y, z] = cfg.patch;
+    let labels = (0..cfg.batch)
+        .flat_map(|_| {
+            (0..n).map(move |i| {
+                ((i / (y * z)) * 4 / x == 1 || (i / z % y) * 4 / y == 2 || i % z * 4 / z == 1) as u8
+            })
+        })
+        .collect();
+    let labeled = (0..cfg.labeled_bs).collect();
+    let unlabeled = (cfg.labeled..cfg.labeled + cfg.batch - cfg.labeled_bs).collect();
+    Batch { indices: BatchIndices { labeled, unlabeled }, patch: cfg.patch, images, labels }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let g = Gpu::init()?;
+    println!("adapter: {} ({:?}, {:?})", g.info.name, g.info.backend, g.info.device_type);
+    match a.what {
+        What::TrainStep { preset, iters } => {
+            let cfg = TrainConfig::preset(preset);
+            let model = crate::train::build_model(&cfg);
+            let opt = Sgd::new(
+                SgdConfig { lr: cfg.lr, momentum: cfg.momentum, weight_decay: cfg.weight_decay },
+                &model.params(),
+            );
+            let mut st = TrainState {
+                model,
+                opt,
+                bank: MemoryBank::new(cfg.labeled, cfg.memory_num),
+                rng: Rng::new(1),
+                iter: 0,
+            };
+            let mut rng = Rng::new(7);
+            let batch = synthetic_batch(&cfg, &mut rng);
+            for _ in 0..2 {
+                train_step(&mut st, &cfg, &batch)?;
+            }
+            g.reset_peak_memory();
+            let (c0, a0) = (gpu().counters(), gpu().allocations());
+            let mut times = Vec::new();
+            for _ in 0..iters.max(1) {
+                let t = std::time::Instant::now();
+                train_step(&mut st, &cfg, &batch)?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            let (c1, a1) = (gpu().counters(), gpu().allocations());
+            let k = iters.max(1) as u64;
+            let m = gpu().memory();
+            println!(
+                "train step, {preset:?} preset (width {}, patch {:?}, batch {}):",
+                cfg.width, cfg.patch, cfg.batch
+            );
+            println!(
+                "  median {:.3} s per iteration (min {:.3}, max {:.3}, {} timed)",
+                median(times.clone()),
+                times.iter().cloned().fold(f64::MAX, f64::min),
+                times.iter().cloned().fold(0.0, f64::max),
+                times.len()
+            );
+            println!(
+                "  per iteration: {} dispatches, {} submissions, {} readbacks, {} bytes read, {} uploads, {} buffer allocations",
+                (c1.dispatches - c0.dispatches) / k,
+                (c1.submissions - c0.submissions) / k,
+                (c1.readbacks - c0.readbacks) / k,
+                (c1.bytes_read - c0.bytes_read) / k,
+                (c1.uploads - c0.uploads) / k,
+                (a1 - a0) / k
+            );
+            println!(
+                "  peak GPU memory: {:.1} MiB in tensors, {:.1} MiB reserved by the pool",
+                m.peak_in_use as f64 / 1048576.0,
+                m.peak_reserved as f64 / 1048576.0
+            );
+        }
+        What::Predict { preset } => {
+            let cfg = TrainConfig::preset(preset);
+            let model = crate::train::build_model(&cfg);
+            let dims = [130, 130, 88];
+            let n: usize = dims.iter().product();
+            let image = crate::data::Volume::from_vec(dims, Rng::new(2).vec(n, -1.0, 1.0))?;
+            let opts = crate::infer::predict::PredictOptions {
+                window: crate::train::window_options(cfg.patch),
+                average_decoders: false,
+                largest_component: false,
+            };
+            let plan = crate::infer::window::WindowPlan::new(dims, opts.window.patch, opts.window.stride)?;
+            let t = std::time::Instant::now();
+            crate::infer::predict::predict(&model, &image, &opts)?;
+            println!(
+                "predict, {preset:?} preset: {:.2} s for a 130 x 130 x 88 volume ({} windows of {:?})",
+                t.elapsed().as_secs_f64(),
+                plan.windows().len(),
+                opts.window.patch
+            );
+        }
+    }
+    Ok(())
+}
