@@ -97,3 +97,20 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
         }
     }
 }
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    // A learning rate this large overflows the weights' statistics within a step or two.
+    let cfg = TrainConfig { lr: 1e30, iters: 6, checkpoint_every: 1, ..tiny(&data, Method::Caml) };
+    let run = dir.path().join("run");
+    let err = format!("{:#}", train::train(&cfg, &run, false).unwrap_err());
+    assert!(err.contains("iteration") && err.contains("optimizer step"), "{err}");
+    let failed_at: u64 = err.split_whitespace().nth(1).unwrap().trim_end_matches(':').parse().unwrap();
+    assert!(failed_at >= 2, "{err}");
+    // The checkpoint on disk is the last complete iteration's, and it loads (all values finite).
+    let (_, meta) = caml_wgpu::checkpoint::load(&run.join(train::CHECKPOINT)).unwrap();
+    assert_eq!(meta["iteration"], (failed_at - 1).to_string());
+    train::load_model(&run.join(train::CHECKPOINT), &cfg).unwrap();
+}

@@ -175,20 +175,29 @@ pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Resu
         None => parts.push(Tensor::zeros(&[1])),
     }
     drop(out);
+    let grads = backward(&loss);
+    let params = st.model.params();
+    // One readback: the loss parts and a sum over every gradient, non-finite if any entry is.
     let values = no_grad(|| {
         let mut all = vec![loss.reshape(&[1])];
         all.extend(parts.iter().map(|p| p.reshape(&[1])));
+        let grad_sum = params
+            .iter()
+            .filter_map(|p| grads.get(p))
+            .fold(Tensor::zeros(&[1]), |acc, g| acc.add(&g.sum_all()));
+        all.push(grad_sum);
         Tensor::concat(&all, 0)
     });
-    let grads = backward(&loss);
-    st.opt.step(&st.model.params(), &grads);
-    drop(grads);
     let v = values.to_vec();
-    for (name, value) in ["loss", "loss_s", "loss_c", "loss_o"].iter().zip(&v) {
+    for (name, value) in ["loss", "loss_s", "loss_c", "loss_o", "the gradients"].iter().zip(&v) {
         if !value.is_finite() {
-            bail!("iteration {iter}: {name} is {value}; stopping before the weights are corrupted further");
+            bail!(
+                "iteration {iter}: {name} is {value}; stopped before the optimizer step, so the weights and the \
+                 last checkpoint are intact (try a lower --lr)"
+            );
         }
     }
+    st.opt.step(&params, &grads);
     st.iter = iter;
     Ok(StepLog { iter, loss: v[0], loss_s: v[1], loss_c: v[2], loss_o: v[3], lambda_c, lambda_o })
 }
