@@ -1,0 +1,96 @@
+//! predict and eval through the binary: names and geometry kept, bad cases reported and skipped.
+
+use std::path::Path;
+use std::process::Command;
+
+use caml_wgpu::config::{Method, Preset, TrainConfig};
+use caml_wgpu::data::nifti_io::{read_header, read_mask};
+use caml_wgpu::data::synth::{SynthSpec, generate_dataset};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_caml-wgpu"));
+    c.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    c
+}
+
+fn trained_model(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let data = generate_dataset(dir.join("data"), &SynthSpec::new(6, 9, [20, 22, 18])).unwrap();
+    let cfg = TrainConfig {
+        data: Some(data.clone()),
+        method: Method::Caml,
+        labeled: 2,
+        iters: 1,
+        patch: [16, 16, 16],
+        width: 2,
+        embed: 8,
+        memory_num: 8,
+        val_every: 0,
+        ..TrainConfig::preset(Preset::Small)
+    };
+    caml_wgpu::train::train(&cfg, &dir.join("run"), false).unwrap();
+    (data, dir.join("run").join(caml_wgpu::train::FINAL_MODEL))
+}
+
+#[test]
+fn predict_on_a_folder_keeps_names_and_geometry_and_skips_bad_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, model) = trained_model(dir.path());
+    let inputs = dir.path().join("in");
+    std::fs::create_dir_all(&inputs).unwrap();
+    for case in ["synth_000", "synth_005"] {
+        std::fs::copy(data.join(case).join("image.nii.gz"), inputs.join(format!("{case}.nii.gz"))).unwrap();
+    }
+    std::fs::write(inputs.join("broken.nii.gz"), b"not a nifti file").unwrap();
+    let out = dir.path().join("out");
+    let res = bin()
+        .args(["predict", "-i", inputs.to_str().unwrap(), "-o", out.to_str().unwrap(), "--checkpoint"])
+        .arg(&model)
+        .arg("--save-probabilities")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success(), "a failed case makes the exit status non-zero");
+    assert!(stderr.contains("broken.nii.gz"), "{stderr}");
+    for case in ["synth_000", "synth_005"] {
+        let mask = read_mask(out.join(format!("{case}.nii.gz"))).unwrap();
+        let image_header = read_header(data.join(case).join("image.nii.gz")).unwrap();
+        let mask_header = read_header(out.join(format!("{case}.nii.gz"))).unwrap();
+        assert_eq!(mask.dims(), [20, 22, 18]);
+        assert_eq!(mask_header.pixdim, image_header.pixdim);
+        assert_eq!(mask_header.srow_x, image_header.srow_x);
+        assert!(out.join(format!("{case}_prob.nii.gz")).exists());
+    }
+    assert!(!out.join("broken.nii.gz").exists());
+    // Nothing half-written is left behind.
+    let stray: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+#[test]
+fn eval_prints_a_table_and_writes_metrics_and_overlays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, model) = trained_model(dir.path());
+    let out = dir.path().join("eval");
+    let res = bin()
+        .args(["eval", "--data", data.to_str().unwrap(), "--split", "test", "--out", out.to_str().unwrap()])
+        .arg("--checkpoint")
+        .arg(&model)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success(), "{stdout}{}", String::from_utf8_lossy(&res.stderr));
+    assert!(stdout.contains("mean"), "{stdout}");
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert!(csv.starts_with("case,dice,jaccard,hd95,asd"));
+    let cases = csv.lines().count() - 2;
+    assert!(cases >= 1);
+    let pngs = std::fs::read_dir(&out)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png"))
+        .count();
+    assert_eq!(pngs, cases);
+}
