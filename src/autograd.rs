@@ -88,6 +88,22 @@ pub(crate) enum Op {
         x: Tensor,
         index: Tensor,
     },
+    /// LayerNorm over the last axis; `mean` and `rstd` per row.
+    LayerNorm {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+    },
+    /// Fused self-attention over packed q | k | v; `lse` = logsumexp of each score row.
+    Attention {
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        heads: usize,
+        dropout: Option<crate::ops::attention::HashDropout>,
+    },
 }
 
 impl Op {
@@ -103,13 +119,15 @@ impl Op {
             | Op::Permute { x, .. }
             | Op::Slice { x, .. }
             | Op::GatherRows { x, .. } => vec![x],
+            Op::LayerNorm { x, w, b, .. } => vec![x, w, b],
+            Op::Attention { qkv, .. } => vec![qkv],
             Op::Concat { xs, .. } => xs.iter().collect(),
         }
     }
 
     /// Gradients of the inputs (in `inputs()` order) given the gradient `g` of the output `out`.
     fn backward(&self, g: &Tensor) -> Vec<Option<Tensor>> {
-        use crate::ops::{elementwise as ew, layout, matmul, reduce};
+        use crate::ops::{attention, elementwise as ew, layernorm, layout, matmul, reduce};
         match self {
             Op::Binary { op, a, b } => {
                 let (ga, gb) = match op {
@@ -170,6 +188,13 @@ impl Op {
                     .collect()
             }
             Op::GatherRows { x, index } => vec![Some(layout::scatter_add_rows(g, index, x.dim(0)))],
+            Op::LayerNorm { x, w, mean, rstd, .. } => {
+                let (dx, dw, db) = layernorm::layer_norm_grad(x, w, mean, rstd, g);
+                vec![Some(dx), Some(dw), Some(db)]
+            }
+            Op::Attention { qkv, out, lse, heads, dropout } => {
+                vec![Some(attention::attention_grad(qkv, out, lse, g, *heads, *dropout))]
+            }
         }
     }
 }

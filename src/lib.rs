@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod gpu;
 pub mod gradcheck;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod tensor;

@@ -1,3 +1,4 @@
 //! The paper's method: losses, memory bank, omni-correlation, the model and its training step.
 
+pub mod cma;
 pub mod losses;

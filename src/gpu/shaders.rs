@@ -7,6 +7,8 @@ const SHADERS: &[(&str, &str)] = &[
     ("layout", include_str!("../../shaders/layout.wgsl")),
     ("scan", include_str!("../../shaders/scan.wgsl")),
     ("optim", include_str!("../../shaders/optim.wgsl")),
+    ("layernorm", include_str!("../../shaders/layernorm.wgsl")),
+    ("attention", include_str!("../../shaders/attention.wgsl")),
 ];
 
 pub(crate) fn source(name: &str) -> Option<&'static str> {

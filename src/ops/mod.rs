@@ -1,6 +1,8 @@
 //! Ops, one file per family: the launch, the backward rule's kernels, and a CPU reference.
 
+pub mod attention;
 pub mod elementwise;
+pub mod layernorm;
 pub mod layout;
 pub mod matmul;
 pub mod reduce;
