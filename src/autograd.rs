@@ -118,6 +118,22 @@ pub(crate) enum Op {
         padding: usize,
         transposed: bool,
     },
+    /// LayerNorm over the last axis; `mean` and `rstd` per row.
+    LayerNorm {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+    },
+    /// Fused self-attention over packed q | k | v; `lse` = logsumexp of each score row.
+    Attention {
+        qkv: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        heads: usize,
+        dropout: Option<crate::ops::attention::HashDropout>,
+    },
 }
 
 impl Op {
@@ -137,13 +153,18 @@ impl Op {
             | Op::Upsample2x { x } => vec![x],
             Op::BatchNorm { x, weight, bias, .. } => vec![x, weight, bias],
             Op::ConvRef { x, w, b, .. } => vec![x, w, b],
+            Op::LayerNorm { x, w, b, .. } => vec![x, w, b],
+            Op::Attention { qkv, .. } => vec![qkv],
             Op::Concat { xs, .. } => xs.iter().collect(),
         }
     }
 
     /// Gradients of the inputs (in `inputs()` order) given the gradient `g` of the output `out`.
     fn backward(&self, g: &Tensor) -> Vec<Option<Tensor>> {
-        use crate::ops::{batchnorm, conv_ref, dropout, elementwise as ew, layout, matmul, reduce, upsample};
+        use crate::ops::{
+            attention, batchnorm, conv_ref, dropout, elementwise as ew, layernorm, layout, matmul, reduce,
+            upsample,
+        };
         match self {
             Op::Binary { op, a, b } => {
                 let (ga, gb) = match op {
@@ -211,6 +232,13 @@ impl Op {
             Op::Upsample2x { x } => vec![Some(upsample::upsample_trilinear2x_grad(g, x.shape()))],
             Op::ConvRef { x, w, stride, padding, transposed, .. } => {
                 conv_ref::conv_ref_grad(x, w, g, *stride, *padding, *transposed).map(Some).into()
+            }
+            Op::LayerNorm { x, w, mean, rstd, .. } => {
+                let (dx, dw, db) = layernorm::layer_norm_grad(x, w, mean, rstd, g);
+                vec![Some(dx), Some(dw), Some(db)]
+            }
+            Op::Attention { qkv, out, lse, heads, dropout } => {
+                vec![Some(attention::attention_grad(qkv, out, lse, g, *heads, *dropout))]
             }
         }
     }

@@ -5,6 +5,7 @@
 //! `train: Option<u64>`: Some(seed) is training mode (batch statistics, dropout with masks derived
 //! from the seed), None is eval mode.
 
+use crate::caml::cma::Cma;
 use crate::nn::{BatchNorm, Conv3d, ConvTranspose3d, Linear, Named, join};
 use crate::ops::dropout::dropout3d;
 use crate::ops::upsample::upsample_trilinear2x;
@@ -92,6 +93,9 @@ pub struct Encoder {
     block_four: ConvBlock,
     block_four_dw: Stage,
     block_five: ConvBlock,
+    /// The auxiliary encoder's cross-sample mutual attention on x4 (d = 8F, 4 heads, 32F wide
+    /// feed-forward, dropout 0.5).
+    pub cma: Option<Cma>,
 }
 
 /// The encoder's skip features x1..x4 and its output x5.
@@ -101,7 +105,7 @@ pub struct Features {
 }
 
 impl Encoder {
-    fn new(f: usize, _cma: bool, rng: &mut Rng) -> Self {
+    fn new(f: usize, cma: bool, rng: &mut Rng) -> Self {
         let down = |cin, cout, rng: &mut Rng| {
             Stage::Down(Conv3d::new(cin, cout, 2, 2, 0, rng), BatchNorm::new(cout))
         };
@@ -115,6 +119,7 @@ impl Encoder {
             block_four: ConvBlock::new(3, 8 * f, 8 * f, rng),
             block_four_dw: down(8 * f, 16 * f, rng),
             block_five: ConvBlock::new(3, 16 * f, 16 * f, rng),
+            cma: cma.then(|| Cma::new(8 * f, 4, 32 * f, 0.5, rng.next_u64())),
         }
     }
 
@@ -123,7 +128,10 @@ impl Encoder {
         let x1 = self.block_one.forward(x, t);
         let x2 = self.block_two.forward(&self.block_one_dw.forward(&x1, t), t);
         let x3 = self.block_three.forward(&self.block_two_dw.forward(&x2, t), t);
-        let x4 = self.block_four.forward(&self.block_three_dw.forward(&x3, t), t);
+        let mut x4 = self.block_four.forward(&self.block_three_dw.forward(&x3, t), t);
+        if let Some(cma) = &self.cma {
+            x4 = cma.forward(&x4, train.map(|s| derive_seed(s, 10)));
+        }
         let x5 = self.block_five.forward(&self.block_four_dw.forward(&x4, t), t);
         let x5 = dropout(&x5, train, 11);
         Features { skips: [x1, x2, x3, x4], x5 }
@@ -139,6 +147,9 @@ impl Encoder {
         self.block_four.named(&join(prefix, "block_four"), params, buffers);
         self.block_four_dw.named(&join(prefix, "block_four_dw"), params, buffers);
         self.block_five.named(&join(prefix, "block_five"), params, buffers);
+        if let Some(cma) = &self.cma {
+            params.extend(cma.params(&format!("{prefix}.")));
+        }
     }
 }
 

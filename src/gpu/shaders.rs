@@ -12,6 +12,8 @@ const SHADERS: &[(&str, &str)] = &[
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
     ("upsample", include_str!("../../shaders/upsample.wgsl")),
     ("conv_ref", include_str!("../../shaders/conv_ref.wgsl")),
+    ("layernorm", include_str!("../../shaders/layernorm.wgsl")),
+    ("attention", include_str!("../../shaders/attention.wgsl")),
 ];
 
 pub(crate) fn source(name: &str) -> Option<&'static str> {

@@ -7,6 +7,7 @@ pub mod batchnorm;
 pub mod conv;
 pub mod dropout;
 pub mod linear;
+pub mod transformer;
 
 pub use batchnorm::BatchNorm;
 pub use conv::{Conv3d, ConvTranspose3d};

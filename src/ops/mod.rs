@@ -1,10 +1,12 @@
 //! Ops, one file per family: the launch, the backward rule's kernels, and a CPU reference.
 
+pub mod attention;
 pub mod batchnorm;
 pub mod conv;
 pub mod conv_ref;
 pub mod dropout;
 pub mod elementwise;
+pub mod layernorm;
 pub mod layout;
 pub mod linear;
 pub mod matmul;

@@ -1,0 +1,53 @@
+//! The CAML model: the reference's state_dict names and shapes, and the forward shapes.
+
+use caml_wgpu::Tensor;
+use caml_wgpu::caml::model::Caml;
+
+/// (name, shape) of every entry of the reference's state_dict.
+fn reference_keys() -> Vec<(String, Vec<usize>)> {
+    let text = include_str!("../data/state_dict_keys.txt");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let dims = f[1].trim_matches(|c| c == '(' || c == ')');
+            let shape = dims.split(',').filter_map(|d| d.trim().parse().ok()).collect();
+            (f[0].to_string(), shape)
+        })
+        .collect()
+}
+
+#[test]
+fn state_dict_matches_the_reference_names_and_shapes() {
+    // Built at the paper's width; nothing runs, so the parameters are only allocated.
+    let model = Caml::new(16, 32, true, 1337);
+    let (params, buffers) = model.named();
+    let mut ours: Vec<(String, Vec<usize>)> =
+        params.iter().chain(&buffers).map(|(k, t)| (k.clone(), t.shape().to_vec())).collect();
+    let mut want = reference_keys();
+    ours.sort();
+    want.sort();
+    assert_eq!(want.len(), 470);
+    let missing: Vec<_> = want.iter().filter(|w| !ours.iter().any(|o| o.0 == w.0)).collect();
+    let extra: Vec<_> = ours.iter().filter(|o| !want.iter().any(|w| w.0 == o.0)).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}\nextra {extra:?}");
+    assert_eq!(ours, want);
+    let trainable: usize = params.iter().map(|(_, t)| t.numel()).sum();
+    assert_eq!(trainable, 20_128_836, "the reference's parameter count");
+}
+
+#[test]
+fn forward_gives_logits_and_embeddings_for_both_networks() {
+    let model = Caml::new(2, 8, true, 1);
+    let x =
+        Tensor::from_vec(&caml_wgpu::rng::Rng::new(2).vec(4 * 16 * 16 * 16, -1.0, 1.0), &[4, 1, 16, 16, 16]);
+    let out = model.forward(&x, Some(5));
+    assert_eq!(out.out_v.shape(), &[4, 2, 16, 16, 16]);
+    assert_eq!(out.out_a.shape(), &[4, 2, 16, 16, 16]);
+    assert_eq!(out.emb_v.shape(), &[4, 2, 16, 16, 16]);
+    assert_eq!(out.emb_a.shape(), &[4, 2, 16, 16, 16]);
+    // Eval mode is deterministic and skips CMA and dropout; training mode differs from it.
+    let a = model.forward_a(&x).to_vec();
+    assert_eq!(a, model.forward_a(&x).to_vec());
+    assert_ne!(a, out.out_a.to_vec());
+}
