@@ -88,6 +88,18 @@ pub(crate) enum Op {
         x: Tensor,
         index: Tensor,
     },
+    Conv3d {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        stride: usize,
+        padding: usize,
+    },
+    ConvTranspose3d {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+    },
 }
 
 impl Op {
@@ -104,12 +116,13 @@ impl Op {
             | Op::Slice { x, .. }
             | Op::GatherRows { x, .. } => vec![x],
             Op::Concat { xs, .. } => xs.iter().collect(),
+            Op::Conv3d { x, w, b, .. } | Op::ConvTranspose3d { x, w, b } => vec![x, w, b],
         }
     }
 
     /// Gradients of the inputs (in `inputs()` order) given the gradient `g` of the output `out`.
     fn backward(&self, g: &Tensor) -> Vec<Option<Tensor>> {
-        use crate::ops::{elementwise as ew, layout, matmul, reduce};
+        use crate::ops::{conv, elementwise as ew, layout, matmul, reduce};
         match self {
             Op::Binary { op, a, b } => {
                 let (ga, gb) = match op {
@@ -170,6 +183,8 @@ impl Op {
                     .collect()
             }
             Op::GatherRows { x, index } => vec![Some(layout::scatter_add_rows(g, index, x.dim(0)))],
+            Op::Conv3d { x, w, b, stride, padding } => conv::conv3d_backward(g, x, w, b, *stride, *padding),
+            Op::ConvTranspose3d { x, w, b } => conv::conv_transpose3d_backward(g, x, w, b),
         }
     }
 }

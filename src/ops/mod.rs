@@ -1,5 +1,6 @@
 //! Ops, one file per family: the launch, the backward rule's kernels, and a CPU reference.
 
+pub mod conv;
 pub mod elementwise;
 pub mod layout;
 pub mod matmul;
@@ -17,6 +18,10 @@ impl Params {
     }
     pub fn u(mut self, v: usize) -> Self {
         self.0.push(u32::try_from(v).expect("kernel parameter over u32"));
+        self
+    }
+    pub fn i(mut self, v: i64) -> Self {
+        self.0.push(i32::try_from(v).expect("kernel parameter over i32") as u32);
         self
     }
     pub fn f(mut self, v: f32) -> Self {

@@ -1,0 +1,1177 @@
+//! 3D convolution (PyTorch Conv3d: cross-correlation plus bias) and the kernel-2 stride-2
+//! transposed convolution of the decoder, forward and backward; layout N, C, X, Y, Z.
+//!
+//! Two forms cover the six kernels:
+//! - gather (shaders/conv3d.wgsl), per axis with r the output parity class:
+//!   `dst[n, o, q*os + r] = bias[o] + sum_i sum_d src[n, i, q*S + d + off_r] * W_r[o, i, d]`.
+//!   conv3d's forward is one class with the weights; its input gradient the same over the
+//!   output gradient with flipped, transposed weights, split by output parity when the stride
+//!   is 2; conv_transpose3d's forward is eight 1x1 classes (one per output parity), its input
+//!   gradient a k2 s2 convolution. `Prep` rearranges the weights for each.
+//! - wgrad (shaders/conv3d_grad.wgsl), summed over chunks of the (n, q) domain:
+//!   `dW[a, b, t] = sum_n sum_q A[n, a, q] * B[n, b, q*S + t + off]`. conv3d's weight gradient
+//!   with A = output gradient, B = input; conv_transpose3d's with A = input, B = output gradient.
+//!
+//! Each form has two kernel families, both checked against `cpu`:
+//! - `Algo::Subgroup`: register tiles of 8 lanes generated per (kernel size, stride, tile) with
+//!   every tap unrolled. Each lane loads a different element and the tile shares them through
+//!   subgroup shuffles, which cost about one FMA on a software device, where a storage load
+//!   costs tens: weights (gather) or B rows (wgrad) are read once per 8 lanes, and a row of
+//!   inputs once for all kernel taps along z.
+//! - `Algo::Tiled`: the workgroup-memory implicit GEMM of GPUs, tile sizes as override
+//!   constants.
+//!
+//! `Algo` is chosen per shape bucket by timing the candidates of the adapter once per process
+//! (`autotune`), or forced with `with_algo` (tests, benchmarks).
+//!
+//! Tensors over the storage binding limit are bound one sample per launch; a sample over the
+//! limit panics naming the shape.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::autograd::Op;
+use crate::gpu::{Binding, Kernel, generated_shader, gpu};
+use crate::ops::Params;
+use crate::tensor::Tensor;
+
+// ---- public API ----------------------------------------------------------------------------
+
+/// x [N, Cin, X, Y, Z], w [Cout, Cin, k, k, k], b [Cout] -> [N, Cout, X', Y', Z'] with
+/// X' = (X + 2 padding - k) / stride + 1.
+pub fn conv3d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Tensor {
+    let (xs, ws) = (dims5(x, "conv3d input"), dims5(w, "conv3d weight"));
+    let k = ws[2];
+    assert!(ws[2] == ws[3] && ws[3] == ws[4], "conv3d weight {ws:?}: cubic kernels only");
+    assert_eq!(xs[1], ws[1], "conv3d: input {xs:?} and weight {ws:?} disagree on input channels");
+    assert_eq!(b.shape(), &[ws[0]], "conv3d: bias {:?} for {} output channels", b.shape(), ws[0]);
+    assert!((1..=2).contains(&stride), "conv3d: stride {stride} (1 or 2 supported)");
+    let out = conv_out_shape(xs, ws[0], k, stride, padding);
+    let geom = GatherGeom {
+        k,
+        s: stride,
+        os: 1,
+        ncls: 1,
+        off: [[-(padding as i64); 3]; 2],
+        cin: xs[1],
+        cout: ws[0],
+    };
+    let prep = Prep {
+        w,
+        k,
+        kk: k,
+        out: ws[0],
+        inp: ws[1],
+        so: ws[1] * k * k * k,
+        si: k * k * k,
+        tstep: 1,
+        tbase: [[0; 3]; 2],
+        ncls: 1,
+    };
+    let y = gather(x, &prep, Some(b), out, &geom);
+    Tensor::with_op(y, Op::Conv3d { x: x.clone(), w: w.clone(), b: b.clone(), stride, padding })
+}
+
+/// x [N, Cin, X, Y, Z], w [Cin, Cout, 2, 2, 2] (PyTorch's ConvTranspose3d layout), b [Cout] ->
+/// [N, Cout, 2X, 2Y, 2Z]: kernel 2, stride 2.
+pub fn conv_transpose3d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+    let (xs, ws) = (dims5(x, "conv_transpose3d input"), dims5(w, "conv_transpose3d weight"));
+    assert_eq!(&ws[2..], &[2, 2, 2], "conv_transpose3d weight {ws:?}: kernel 2 only");
+    assert_eq!(xs[1], ws[0], "conv_transpose3d: input {xs:?} and weight {ws:?} disagree on channels");
+    assert_eq!(b.shape(), &[ws[1]], "conv_transpose3d: bias {:?} for {} channels", b.shape(), ws[1]);
+    let (cin, cout) = (ws[0], ws[1]);
+    let out = [xs[0], cout, 2 * xs[2], 2 * xs[3], 2 * xs[4]];
+    // Output parity r reads input q with tap r: eight 1x1 convolutions.
+    let geom = GatherGeom { k: 1, s: 1, os: 2, ncls: 8, off: [[0; 3]; 2], cin, cout };
+    let prep = Prep {
+        w,
+        k: 2,
+        kk: 1,
+        out: cout,
+        inp: cin,
+        so: 8,
+        si: cout * 8,
+        tstep: 0,
+        tbase: [[0; 3], [1; 3]],
+        ncls: 8,
+    };
+    let y = gather(x, &prep, Some(b), out, &geom);
+    Tensor::with_op(y, Op::ConvTranspose3d { x: x.clone(), w: w.clone(), b: b.clone() })
+}
+
+impl Tensor {
+    pub fn conv3d(&self, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Tensor {
+        conv3d(self, w, b, stride, padding)
+    }
+    pub fn conv_transpose3d(&self, w: &Tensor, b: &Tensor) -> Tensor {
+        conv_transpose3d(self, w, b)
+    }
+}
+
+/// Gradient of conv3d's input: dy [N, Cout, X', Y', Z'], w [Cout, Cin, k, k, k] -> dx of shape
+/// `x_shape`.
+pub fn conv3d_input_grad(
+    dy: &Tensor,
+    w: &Tensor,
+    x_shape: &[usize],
+    stride: usize,
+    padding: usize,
+) -> Tensor {
+    let ws = dims5(w, "conv3d weight");
+    let xs: [usize; 5] = x_shape.try_into().expect("conv3d input shape of rank 5");
+    let (cout, cin, k) = (ws[0], ws[1], ws[2]);
+    let (s, p) = (stride as i64, padding as i64);
+    // Input position s*q + r receives the taps t = t0 + s*j of output q + c - j, t0 = (r + p) mod s,
+    // c = (r + p - t0) / s: a stride-1 gather with the kernel flipped and subsampled.
+    let classes: Vec<(i64, i64, i64)> = (0..s)
+        .map(|r| {
+            let t0 = (r + p) % s;
+            let n = if (k as i64) > t0 { (k as i64 - t0 + s - 1) / s } else { 0 };
+            (t0, n, (r + p - t0) / s)
+        })
+        .collect();
+    let kk = classes.iter().map(|c| c.1).max().unwrap().max(1);
+    let mut tbase = [[0; 3]; 2];
+    let mut off = [[0; 3]; 2];
+    for (r, &(t0, _, c)) in classes.iter().enumerate() {
+        tbase[r] = [t0 + s * (kk - 1); 3];
+        off[r] = [c - (kk - 1); 3];
+    }
+    let ncls = if stride == 2 { 8 } else { 1 };
+    let geom = GatherGeom { k: kk as usize, s: 1, os: stride, ncls, off, cin: cout, cout: cin };
+    let prep = Prep {
+        w,
+        k,
+        kk: kk as usize,
+        out: cin,
+        inp: cout,
+        so: k * k * k,
+        si: cin * k * k * k,
+        tstep: -s,
+        tbase,
+        ncls,
+    };
+    gather(dy, &prep, None, xs, &geom)
+}
+
+/// Gradient of conv3d's weight: dy [N, Cout, X', Y', Z'], x [N, Cin, X, Y, Z] -> [Cout, Cin, k, k, k].
+pub fn conv3d_weight_grad(dy: &Tensor, x: &Tensor, k: usize, stride: usize, padding: usize) -> Tensor {
+    let geom = WgradGeom { k, s: stride, off: [-(padding as i64); 3] };
+    wgrad(dy, x, &geom)
+}
+
+/// Gradient of conv_transpose3d's input: dy [N, Cout, 2X, 2Y, 2Z], w [Cin, Cout, 2, 2, 2] ->
+/// [N, Cin, X, Y, Z]: a k2 s2 convolution of dy.
+pub fn conv_transpose3d_input_grad(dy: &Tensor, w: &Tensor, x_shape: &[usize]) -> Tensor {
+    let ws = dims5(w, "conv_transpose3d weight");
+    let xs: [usize; 5] = x_shape.try_into().expect("conv_transpose3d input shape of rank 5");
+    let (cin, cout) = (ws[0], ws[1]);
+    let geom = GatherGeom { k: 2, s: 2, os: 1, ncls: 1, off: [[0; 3]; 2], cin: cout, cout: cin };
+    let prep = Prep {
+        w,
+        k: 2,
+        kk: 2,
+        out: cin,
+        inp: cout,
+        so: cout * 8,
+        si: 8,
+        tstep: 1,
+        tbase: [[0; 3]; 2],
+        ncls: 1,
+    };
+    gather(dy, &prep, None, xs, &geom)
+}
+
+/// Gradient of conv_transpose3d's weight: dy [N, Cout, 2X, 2Y, 2Z], x [N, Cin, X, Y, Z] ->
+/// [Cin, Cout, 2, 2, 2].
+pub fn conv_transpose3d_weight_grad(dy: &Tensor, x: &Tensor) -> Tensor {
+    wgrad(x, dy, &WgradGeom { k: 2, s: 2, off: [0; 3] })
+}
+
+/// Backward rule of conv3d: gradients of (x, w, b) given dy.
+pub(crate) fn conv3d_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Vec<Option<Tensor>> {
+    vec![
+        x.tracks_grad().then(|| conv3d_input_grad(dy, w, x.shape(), stride, padding)),
+        w.tracks_grad().then(|| conv3d_weight_grad(dy, x, w.dim(2), stride, padding)),
+        b.tracks_grad().then(|| dy.sum(&[0, 2, 3, 4], false)),
+    ]
+}
+
+/// Backward rule of conv_transpose3d: gradients of (x, w, b) given dy.
+pub(crate) fn conv_transpose3d_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+) -> Vec<Option<Tensor>> {
+    vec![
+        x.tracks_grad().then(|| conv_transpose3d_input_grad(dy, w, x.shape())),
+        w.tracks_grad().then(|| conv_transpose3d_weight_grad(dy, x)),
+        b.tracks_grad().then(|| dy.sum(&[0, 2, 3, 4], false)),
+    ]
+}
+
+/// Output shape of conv3d.
+pub fn conv_out_shape(xs: [usize; 5], cout: usize, k: usize, stride: usize, padding: usize) -> [usize; 5] {
+    let o = |d: usize| {
+        assert!(d + 2 * padding >= k, "conv3d: extent {d} with padding {padding} is smaller than kernel {k}");
+        (d + 2 * padding - k) / stride + 1
+    };
+    [xs[0], cout, o(xs[2]), o(xs[3]), o(xs[4])]
+}
+
+fn dims5(t: &Tensor, what: &str) -> [usize; 5] {
+    t.shape().try_into().unwrap_or_else(|_| panic!("{what} of shape {:?}: rank 5 expected", t.shape()))
+}
+
+// ---- kernel choice -------------------------------------------------------------------------
+
+/// A kernel family and its tile sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algo {
+    /// Register tiles of 8 subgroup lanes. Gather: lanes are 8 consecutive output z, each
+    /// holding `m` output channels x `v` output rows along y. Wgrad: lanes are 8 A channels
+    /// (`m` per lane), and a tile covers `v` B channels with every tap.
+    Subgroup { m: u32, v: u32 },
+    /// Workgroup-memory implicit GEMM: `bm` (channels) x `bn` (voxels, or B columns) per
+    /// workgroup, reduced `bk` at a time, `tm` x `tn` per invocation.
+    Tiled { bm: u32, bn: u32, bk: u32, tm: u32, tn: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Form {
+    Gather,
+    Wgrad,
+}
+
+const SUBGROUP_GATHER: [(u32, u32); 4] = [(8, 4), (16, 4), (8, 8), (4, 8)];
+const SUBGROUP_WGRAD: [(u32, u32); 3] = [(2, 2), (1, 4), (2, 1)];
+const TILED: [Algo; 2] = [
+    Algo::Tiled { bm: 32, bn: 64, bk: 16, tm: 4, tn: 4 },
+    Algo::Tiled { bm: 64, bn: 64, bk: 8, tm: 4, tn: 4 },
+];
+
+/// True when the adapter runs the subgroup kernels: shuffles within groups of 8 lanes.
+pub fn subgroups_usable() -> bool {
+    let g = gpu();
+    g.features.contains(wgpu::Features::SUBGROUP) && g.info.subgroup_min_size >= 8
+}
+
+/// Every algorithm this adapter can run for a form (what the tests check).
+pub fn algos(form: Form) -> Vec<Algo> {
+    let mut v: Vec<Algo> = Vec::new();
+    if subgroups_usable() {
+        let sg: &[(u32, u32)] = match form {
+            Form::Gather => &SUBGROUP_GATHER,
+            Form::Wgrad => &SUBGROUP_WGRAD,
+        };
+        v.extend(sg.iter().map(|&(m, v)| Algo::Subgroup { m, v }));
+    }
+    v.extend(TILED);
+    v
+}
+
+/// The candidates timed for a shape: subgroup tiles no wider than the channels they cover,
+/// and on a software device only those (its workgroup memory is as slow as storage).
+fn candidates(form: Form, channels: usize) -> Vec<Algo> {
+    let all = algos(form);
+    let width = |a: &Algo| match (form, a) {
+        (Form::Gather, Algo::Subgroup { m, .. }) => *m as usize,
+        (Form::Wgrad, Algo::Subgroup { m, .. }) => 8 * *m as usize,
+        _ => 0,
+    };
+    let narrow = channels.next_power_of_two().max(4);
+    let mut c: Vec<Algo> = all
+        .iter()
+        .copied()
+        .filter(|a| width(a) <= narrow || (form == Form::Wgrad && width(a) == 8))
+        .filter(|a| !(gpu().is_software() && subgroups_usable() && matches!(a, Algo::Tiled { .. })))
+        .collect();
+    if c.is_empty() {
+        c = all;
+    }
+    c
+}
+
+thread_local! {
+    static FORCED: Cell<[Option<Algo>; 2]> = const { Cell::new([None, None]) };
+    static BINDING_LIMIT: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Runs `f` as if one storage binding could hold at most `bytes` (tests of the per-sample path).
+pub fn with_binding_limit<R>(bytes: u64, f: impl FnOnce() -> R) -> R {
+    let prev = BINDING_LIMIT.with(|c| c.replace(Some(bytes)));
+    struct Restore(Option<u64>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BINDING_LIMIT.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(prev);
+    f()
+}
+
+fn binding_limit() -> u64 {
+    BINDING_LIMIT.with(|c| c.get()).unwrap_or_else(|| gpu().max_binding())
+}
+
+/// Runs `f` with `algo` used for every launch of `form` on this thread (tests, benchmarks).
+pub fn with_algo<R>(form: Form, algo: Algo, f: impl FnOnce() -> R) -> R {
+    let prev = FORCED.with(|c| {
+        let prev = c.get();
+        let mut next = prev;
+        next[form as usize] = Some(algo);
+        c.set(next);
+        prev
+    });
+    struct Restore([Option<Algo>; 2]);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(prev);
+    f()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct TuneKey {
+    form: Form,
+    k: usize,
+    s: usize,
+    ncls: usize,
+    channels: (usize, usize),
+    /// log2 of the output voxels of one launch
+    vox: u32,
+}
+
+static TUNED: Mutex<Option<HashMap<TuneKey, Algo>>> = Mutex::new(None);
+
+/// The algorithms chosen so far, for reports.
+pub fn tuned() -> Vec<(String, Algo)> {
+    let t = TUNED.lock().unwrap();
+    t.iter().flatten().map(|(k, a)| (format!("{k:?}"), *a)).collect()
+}
+
+/// Runs `run` with the forced, cached or fastest algorithm and returns its result. The first
+/// launch of a shape bucket times every candidate once after a warm-up (which compiles it), each
+/// waited for by a readback; results of every candidate are valid, the last one is returned.
+fn autotune(key: TuneKey, cands: Vec<Algo>, run: &dyn Fn(Algo) -> Tensor) -> Tensor {
+    if let Some(a) = FORCED.with(|c| c.get()[key.form as usize]) {
+        return run(a);
+    }
+    if let Some(&a) = TUNED.lock().unwrap().get_or_insert_with(HashMap::new).get(&key) {
+        return run(a);
+    }
+    if cands.len() == 1 || std::env::var_os("CAML_CONV_NO_TUNE").is_some() {
+        return run(cands[0]);
+    }
+    let wait = |t: &Tensor| {
+        gpu().read(t.buffer(), 0, 4);
+    };
+    let mut best: Option<(f64, Algo)> = None;
+    let mut last = None;
+    for &a in &cands {
+        wait(&run(a));
+        let t0 = Instant::now();
+        let out = run(a);
+        wait(&out);
+        let dt = t0.elapsed().as_secs_f64();
+        if best.is_none_or(|(b, _)| dt < b) {
+            best = Some((dt, a));
+        }
+        last = Some(out);
+    }
+    TUNED.lock().unwrap().get_or_insert_with(HashMap::new).insert(key, best.unwrap().1);
+    last.unwrap()
+}
+
+// ---- bindings ------------------------------------------------------------------------------
+
+/// A tensor bound whole (`sample` None) or one sample of it, from the aligned offset below it.
+/// `base` is the element offset of its first element within the binding.
+fn bind_sample(t: &Tensor, sample: Option<usize>) -> (Binding<'_>, usize) {
+    let Some(n) = sample else { return (t.binding(), 0) };
+    let per = t.numel() / t.dim(0) * 4;
+    let offset = (n * per) as u64;
+    let align = gpu().limits.min_storage_buffer_offset_alignment as u64;
+    let start = offset - offset % align;
+    let size = offset + per as u64 - start;
+    let limit = binding_limit();
+    assert!(
+        size <= limit,
+        "one sample of a tensor of shape {:?} is {per} bytes, over this adapter's storage binding \
+         limit of {limit} bytes",
+        t.shape()
+    );
+    (Binding { buffer: t.buffer(), offset: start, size: Some(size) }, ((offset - start) / 4) as usize)
+}
+
+/// True when some tensor must be bound one sample per launch.
+fn split_batch(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.bytes() > binding_limit())
+}
+
+// ---- gather form ---------------------------------------------------------------------------
+
+/// dst[n, o, q*os + r] = bias[o] + sum_i sum_d src[n, i, q*s + d + off[r]] * W_r[o, i, d], d over
+/// k^3 (per axis, r = the parity of that axis).
+struct GatherGeom {
+    k: usize,
+    s: usize,
+    os: usize,
+    ncls: usize,
+    off: [[i64; 3]; 2],
+    cin: usize,
+    cout: usize,
+}
+
+/// How W_r[o, i, d] is read from a weight tensor: w[o * so + i * si + tap], tap per axis =
+/// tbase[r] + tstep * d within a k^3 kernel (else 0); `kk` is the gather's kernel size.
+struct Prep<'a> {
+    w: &'a Tensor,
+    k: usize,
+    kk: usize,
+    out: usize,
+    inp: usize,
+    so: usize,
+    si: usize,
+    tstep: i64,
+    tbase: [[i64; 3]; 2],
+    ncls: usize,
+}
+
+impl Prep<'_> {
+    /// The weights in blocks of `m` output channels (conv3d.wgsl), with 8 spare entries so that
+    /// a tile may read a whole last row of 8.
+    fn run(&self, m: usize) -> Tensor {
+        let cblocks = self.out.div_ceil(m);
+        let total = self.ncls * cblocks * self.inp * self.kk.pow(3) * m;
+        let out = Tensor::empty(&[total + 8]);
+        let mut p = Params::new()
+            .u(m)
+            .u(self.kk)
+            .u(self.k)
+            .u(self.out)
+            .u(self.inp)
+            .u(self.ncls)
+            .u(cblocks)
+            .u(total)
+            .u(self.so)
+            .u(self.si)
+            .i(self.tstep)
+            .u(0);
+        for r in self.tbase {
+            p = p.i(r[0]).i(r[1]).i(r[2]).i(0);
+        }
+        gpu().dispatch_1d(
+            &Kernel::new("conv3d", "prep_weights"),
+            p.bytes(),
+            &[self.w.binding(), out.binding()],
+            total as u64 + 8,
+        );
+        out
+    }
+}
+
+fn gather(src: &Tensor, prep: &Prep, bias: Option<&Tensor>, out_shape: [usize; 5], g: &GatherGeom) -> Tensor {
+    let ss = dims5(src, "convolution input");
+    assert_eq!(ss[1], g.cin, "convolution input {ss:?}: {} channels expected", g.cin);
+    assert_eq!(ss[0], out_shape[0], "convolution batch");
+    let ext: Vec<usize> = out_shape[2..].iter().map(|&d| d.div_ceil(g.os)).collect();
+    let vox = (ext.iter().product::<usize>() * g.ncls).max(1);
+    let key = TuneKey {
+        form: Form::Gather,
+        k: g.k,
+        s: g.s,
+        ncls: g.ncls,
+        channels: (g.cin, g.cout),
+        vox: usize::BITS - (vox * if split_batch(&[src]) { 1 } else { ss[0] }).leading_zeros(),
+    };
+    let run = |algo: Algo| {
+        let dst = Tensor::empty(&out_shape);
+        if dst.numel() == 0 {
+            return dst;
+        }
+        let m = match algo {
+            Algo::Subgroup { m, .. } => m,
+            Algo::Tiled { bm, .. } => bm,
+        } as usize;
+        let wt = prep.run(m);
+        if split_batch(&[src, &dst]) {
+            for n in 0..ss[0] {
+                launch_gather(algo, src, Some(n), &wt, bias, &dst, &ext, g);
+            }
+        } else {
+            launch_gather(algo, src, None, &wt, bias, &dst, &ext, g);
+        }
+        dst
+    };
+    autotune(key, candidates(Form::Gather, g.cout), &run)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_gather(
+    algo: Algo,
+    src: &Tensor,
+    sample: Option<usize>,
+    wt: &Tensor,
+    bias: Option<&Tensor>,
+    dst: &Tensor,
+    ext: &[usize],
+    g: &GatherGeom,
+) {
+    let (ss, ds) = (src.shape(), dst.shape());
+    let nbatch = if sample.is_some() { 1 } else { ss[0] };
+    let (sb, src_base) = bind_sample(src, sample);
+    let (db, dst_base) = bind_sample(dst, sample);
+    let m = match algo {
+        Algo::Subgroup { m, .. } => m,
+        Algo::Tiled { bm, .. } => bm,
+    } as usize;
+    let cblocks = g.cout.div_ceil(m);
+    let (zblocks, yblocks, tiles) = match algo {
+        Algo::Subgroup { v, .. } => {
+            let (zb, yb) = (ext[2].div_ceil(8), ext[1].div_ceil(v as usize));
+            (zb, yb, zb * yb * ext[0] * cblocks * g.ncls * nbatch)
+        }
+        Algo::Tiled { bn, .. } => (0, 0, (ext[0] * ext[1] * ext[2]).div_ceil(bn as usize)),
+    };
+    let mut p = Params::new()
+        .u(g.cin)
+        .u(g.cout)
+        .u(ss[2])
+        .u(ss[3])
+        .u(ss[4])
+        .u(ds[2])
+        .u(ds[3])
+        .u(ds[4])
+        .u(g.os)
+        .u(g.ncls)
+        .u(zblocks)
+        .u(yblocks)
+        .u(ext[0])
+        .u(cblocks)
+        .u(tiles)
+        .u(bias.is_some() as usize)
+        .u(src_base)
+        .u(ss[1..].iter().product())
+        .u(dst_base)
+        .u(ds[1..].iter().product())
+        .u(cblocks * g.cin * g.k.pow(3) * m)
+        .u(nbatch)
+        .u(0)
+        .u(0);
+    for r in g.off {
+        p = p.i(r[0]).i(r[1]).i(r[2]).i(0);
+    }
+    let bias_binding = bias.map_or(wt.binding(), |b| b.binding());
+    let bindings = [sb, wt.binding(), bias_binding, db];
+    match algo {
+        Algo::Subgroup { m, v } => {
+            let kernel = Kernel::new(sg_gather_shader(g.k, g.s, m as usize, v as usize), "conv_sg");
+            gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
+        }
+        Algo::Tiled { bm, bn, bk, tm, tn } => {
+            let wgs = (bn / tn) * (bm / tm);
+            let kernel = Kernel::new("conv3d", "conv_tiled")
+                .with("KS", g.k as f64)
+                .with("ST", g.s as f64)
+                .with("BM", bm as f64)
+                .with("BN", bn as f64)
+                .with("BK", bk as f64)
+                .with("TM", tm as f64)
+                .with("TN", tn as f64)
+                .with("WGS", wgs as f64);
+            let [gx, gy, _] = gpu().groups_1d(tiles as u64, 1);
+            gpu().dispatch(&kernel, p.bytes(), &bindings, [gx, gy, (cblocks * g.ncls * nbatch) as u32]);
+        }
+    }
+}
+
+/// The subgroup gather kernel for kernel size k, input stride s, m channels x v rows per lane.
+fn sg_gather_shader(k: usize, s: usize, m: usize, v: usize) -> &'static str {
+    generated_shader(&format!("conv3d_sg_k{k}s{s}m{m}v{v}"), || sg_gather_source(k, s, m, v))
+}
+
+/// Lanes are 8 consecutive output z of one (n, class, channel block, x, y block). For each input
+/// channel and x tap, each lane loads 1/8 of the weight block and the tile's input rows (8 s + k
+/// values each, in `nl` loads of 8), and shuffles deliver the weights and the z-shifted inputs.
+fn sg_gather_source(k: usize, s: usize, m: usize, v: usize) -> String {
+    let rows = (v - 1) * s + k;
+    let span = 7 * s + k;
+    let nl = span.div_ceil(8);
+    let wblk = k * k * m;
+    let nw = wblk.div_ceil(8);
+    let mut o = String::from(include_str!("../../shaders/conv3d.wgsl"));
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "
+// Generated: kernel {k}, stride {s}, {m} channels x {v} rows per lane.
+@compute @workgroup_size(64)
+fn conv_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    let zb = t % p.zblocks;
+    t /= p.zblocks;
+    let yb = t % p.yblocks;
+    t /= p.yblocks;
+    let xo = t % p.xblocks;
+    t /= p.xblocks;
+    let cb = t % p.cblocks;
+    t /= p.cblocks;
+    let cls = t % p.ncls;
+    let n = t / p.ncls;
+    let r = cls_r(cls);
+    let off = cls_off(r);
+    let ext = cls_ext(r);
+    let sx = i32(p.sx);
+    let sy = i32(p.sy);
+    let sz = i32(p.sz);
+    let plane = sy * sz;
+    let cstride = sx * plane;
+    let z0 = i32(zb * {z8}u) + off.z;
+    let y0 = i32(yb * {vs}u) + off.y;
+    let sbase = i32(p.src_base + n * p.src_batch);
+    let wbase = (cls * p.cblocks + cb) * p.cin * {wci}u + lane;",
+        z8 = 8 * s,
+        vs = v * s,
+        wci = k * wblk,
+    );
+    for a in 0..m {
+        for j in 0..v {
+            let _ = writeln!(w, "    var a{a}_{j} = 0.0;");
+        }
+    }
+    for q in 0..nl {
+        let _ = writeln!(w, "    let zi{q} = z0 + i32(lane) + {};", 8 * q);
+        let _ = writeln!(w, "    let zok{q} = zi{q} >= 0 && zi{q} < sz;");
+    }
+    let _ = writeln!(
+        w,
+        "    for (var ci = 0u; ci < p.cin; ci++) {{
+        for (var dx = 0u; dx < {k}u; dx++) {{
+            let xi = i32(xo * {s}u + dx) + off.x;
+            let xok = xi >= 0 && xi < sx;
+            let wb = wbase + (ci * {k}u + dx) * {wblk}u;
+            let xb = sbase + i32(ci) * cstride + select(0, xi, xok) * plane;"
+    );
+    for q in 0..nw {
+        let _ = writeln!(w, "            let w{q} = wt[wb + {}u];", 8 * q);
+    }
+    for row in 0..rows {
+        let _ = writeln!(
+            w,
+            "            {{
+                let yi = y0 + {row};
+                let ok = xok && yi >= 0 && yi < sy;
+                let rb = xb + select(0, yi, ok) * sz;"
+        );
+        for q in 0..nl {
+            let _ = writeln!(w, "                let l{q} = src_at(rb + zi{q}, ok && zok{q});");
+        }
+        for dz in 0..k {
+            // Lane l takes element l * s + dz of the row: from load (l * s + dz) / 8.
+            let slots: Vec<usize> = {
+                let mut v: Vec<usize> = (0..8).map(|l| (l * s + dz) / 8).collect();
+                v.dedup();
+                v
+            };
+            let idx = format!("sb + ((lane * {s}u + {dz}u) & 7u)");
+            let mut e = format!("subgroupShuffle(l{}, {idx})", slots[0]);
+            for &q in &slots[1..] {
+                e = format!("select({e}, subgroupShuffle(l{q}, {idx}), lane * {s}u + {dz}u >= {}u)", 8 * q);
+            }
+            let _ = writeln!(w, "                let v{dz} = {e};");
+        }
+        for dz in 0..k {
+            for j in 0..v {
+                let Some(dy) = row.checked_sub(j * s).filter(|&d| d < k) else { continue };
+                for a in 0..m {
+                    let e = (dy * k + dz) * m + a;
+                    let _ = writeln!(
+                        w,
+                        "                a{a}_{j} = fma(subgroupShuffle(w{}, sb + {}u), v{dz}, a{a}_{j});",
+                        e / 8,
+                        e % 8
+                    );
+                }
+            }
+        }
+        let _ = writeln!(w, "            }}");
+    }
+    let _ = writeln!(
+        w,
+        "        }}
+    }}
+    let zo = zb * 8u + lane;
+    if !live || zo >= ext.z || xo >= ext.x {{
+        return;
+    }}"
+    );
+    for a in 0..m {
+        let _ = writeln!(
+            w,
+            "    {{
+        let o = cb * {m}u + {a}u;
+        if o < p.cout {{
+            let b = bias_of(o);"
+        );
+        for j in 0..v {
+            let _ = writeln!(
+                w,
+                "            if yb * {v}u + {j}u < ext.y {{
+                dst[dst_index(n, o, vec3<u32>(xo, yb * {v}u + {j}u, zo), r)] = a{a}_{j} + b;
+            }}"
+            );
+        }
+        let _ = writeln!(w, "        }}\n    }}");
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
+// ---- wgrad form ----------------------------------------------------------------------------
+
+/// dW[a, b, t] = sum_n sum_q A[n, a, q] * B[n, b, q*s + t + off] over a k^3 kernel.
+struct WgradGeom {
+    k: usize,
+    s: usize,
+    off: [i64; 3],
+}
+
+fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
+    let (as_, bs) = (dims5(a, "weight gradient operand"), dims5(b, "weight gradient operand"));
+    assert_eq!(as_[0], bs[0], "weight gradient operands {as_:?} and {bs:?}: batch");
+    let (ca, cb, k3) = (as_[1], bs[1], g.k.pow(3));
+    let split = split_batch(&[a, b]);
+    let vox: usize = as_[2..].iter().product::<usize>() * if split { 1 } else { as_[0] };
+    let key = TuneKey {
+        form: Form::Wgrad,
+        k: g.k,
+        s: g.s,
+        ncls: 1,
+        channels: (ca, cb),
+        vox: usize::BITS - vox.max(1).leading_zeros(),
+    };
+    let run = |algo: Algo| {
+        let launches = if split { as_[0] } else { 1 };
+        let rows = as_[2] * as_[3] * if split { 1 } else { as_[0] };
+        // Chunks of the reduction domain: enough tiles to fill the device, a bounded partial.
+        let tiles = match algo {
+            Algo::Subgroup { m, v } => ca.div_ceil(8 * m as usize) * cb.div_ceil(v as usize),
+            Algo::Tiled { bm, bn, .. } => ca.div_ceil(bm as usize) * (cb * k3).div_ceil(bn as usize) * 8,
+        };
+        let want = 512usize.div_ceil(tiles).max(1);
+        let cap = (1usize << 24) / (ca * cb * k3 * launches);
+        let chunks = want.min(cap.max(1)).min(rows.max(1));
+        let chunk_rows = rows.div_ceil(chunks).max(1);
+        let chunks = rows.div_ceil(chunk_rows).max(1);
+        let part = Tensor::empty(&[launches * chunks, ca * cb * k3]);
+        for l in 0..launches {
+            let sample = split.then_some(l);
+            launch_wgrad(algo, a, b, sample, &part, l * chunks, chunks, chunk_rows, rows, g);
+        }
+        part.sum(&[0], false).reshape(&[ca, cb, g.k, g.k, g.k])
+    };
+    autotune(key, candidates(Form::Wgrad, ca), &run)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_wgrad(
+    algo: Algo,
+    a: &Tensor,
+    b: &Tensor,
+    sample: Option<usize>,
+    part: &Tensor,
+    chunk0: usize,
+    chunks: usize,
+    chunk_rows: usize,
+    rows: usize,
+    g: &WgradGeom,
+) {
+    let (as_, bs) = (a.shape(), b.shape());
+    let (ab, a_base) = bind_sample(a, sample);
+    let (bb, b_base) = bind_sample(b, sample);
+    let (ca, cb) = (as_[1], bs[1]);
+    let (ablocks, bblocks, tiles) = match algo {
+        Algo::Subgroup { m, v } => {
+            let (x, y) = (ca.div_ceil(8 * m as usize), cb.div_ceil(v as usize));
+            (x, y, x * y * chunks)
+        }
+        Algo::Tiled { .. } => (0, 0, 0),
+    };
+    let p = Params::new()
+        .u(ca)
+        .u(cb)
+        .u(as_[2])
+        .u(as_[3])
+        .u(as_[4])
+        .u(bs[2])
+        .u(bs[3])
+        .u(bs[4])
+        .u(rows)
+        .u(chunks)
+        .u(chunk_rows)
+        .u(ablocks)
+        .u(bblocks)
+        .u(tiles)
+        .u(a_base)
+        .u(as_[1..].iter().product())
+        .u(b_base)
+        .u(bs[1..].iter().product())
+        .u(chunk0)
+        .u(0)
+        .i(g.off[0])
+        .i(g.off[1])
+        .i(g.off[2])
+        .i(0);
+    let bindings = [ab, bb, part.binding()];
+    match algo {
+        Algo::Subgroup { m, v } => {
+            let kernel = Kernel::new(sg_wgrad_shader(g.k, g.s, m as usize, v as usize), "wgrad_sg")
+                .with("KS", g.k as f64)
+                .with("ST", g.s as f64);
+            gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
+        }
+        Algo::Tiled { bm, bn, bk, tm, tn } => {
+            let wgs = (bn / tn) * (bm / tm);
+            let kernel = Kernel::new("conv3d_grad", "wgrad_tiled")
+                .with("KS", g.k as f64)
+                .with("ST", g.s as f64)
+                .with("BM", bm as f64)
+                .with("BN", bn as f64)
+                .with("BK", bk as f64)
+                .with("TM", tm as f64)
+                .with("TN", tn as f64)
+                .with("WGS", wgs as f64);
+            let groups = [
+                (cb * g.k.pow(3)).div_ceil(bn as usize) as u32,
+                ca.div_ceil(bm as usize) as u32,
+                chunks as u32,
+            ];
+            gpu().dispatch(&kernel, p.bytes(), &bindings, groups);
+        }
+    }
+}
+
+/// The subgroup weight-gradient kernel for kernel size k, stride s, m A channels per lane and v
+/// B channels per tile.
+fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize) -> &'static str {
+    generated_shader(&format!("conv3d_grad_sg_k{k}s{s}m{m}v{v}"), || sg_wgrad_source(k, s, m, v))
+}
+
+/// Lanes are 8 channels of A (m each); a tile walks its chunk of rows in runs of 8 z. Each lane
+/// loads its channels' 8 values of A; each B row under the run (8 s + k values) is loaded once
+/// per tile, 8 lanes at a time, and broadcast by shuffles to every tap along z.
+fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize) -> String {
+    let span = 7 * s + k;
+    let nl = span.div_ceil(8);
+    let k3 = k * k * k;
+    let mut o = String::from(include_str!("../../shaders/conv3d_grad.wgsl"));
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "
+// Generated: kernel {k}, stride {s}, {m} A channels per lane, {v} B channels per tile.
+@compute @workgroup_size(64)
+fn wgrad_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    let ab = t % p.ablocks;
+    t /= p.ablocks;
+    let bb = t % p.bblocks;
+    let chunk = t / p.bblocks;
+    let row0 = min(chunk * p.chunk_rows, p.rows);
+    let row1 = min(row0 + p.chunk_rows, p.rows);
+    let astride = p.ax * p.ay * p.az;
+    let bx = i32(p.bx);
+    let by = i32(p.by);
+    let bz = i32(p.bz);
+    let bstride = bx * by * bz;"
+    );
+    for i in 0..m {
+        let _ = writeln!(w, "    let ch{i} = ab * {}u + lane + {}u;", 8 * m, 8 * i);
+        let _ = writeln!(w, "    let chok{i} = ch{i} < p.ca;");
+    }
+    for b in 0..v {
+        let _ = writeln!(w, "    let bc{b} = bb * {v}u + {b}u;");
+        let _ = writeln!(w, "    let bcok{b} = bc{b} < p.cb;");
+    }
+    for i in 0..m {
+        for b in 0..v {
+            for t in 0..k3 {
+                let _ = writeln!(w, "    var g{i}_{b}_{t} = 0.0;");
+            }
+        }
+    }
+    let _ = writeln!(
+        w,
+        "    for (var row = row0; row < row1; row++) {{
+        let rq = row_of(row);
+        let abase = p.a_base + rq.x * p.a_batch + (rq.y * p.ay + rq.z) * p.az;
+        let bbase = i32(p.b_base + rq.x * p.b_batch);
+        let xi0 = i32(rq.y * {s}u) + p.off.x;
+        let yi0 = i32(rq.z * {s}u) + p.off.y;
+        for (var z0 = 0u; z0 < p.az; z0 += 8u) {{"
+    );
+    for i in 0..m {
+        for j in 0..8 {
+            let _ = writeln!(
+                w,
+                "            let x{i}_{j} = a_at(abase + ch{i} * astride + z0 + {j}u, chok{i} && z0 + {j}u < p.az);"
+            );
+        }
+    }
+    for q in 0..nl {
+        let _ = writeln!(w, "            let zi{q} = i32(z0 * {s}u) + p.off.z + i32(lane) + {};", 8 * q);
+        let _ = writeln!(w, "            let zok{q} = zi{q} >= 0 && zi{q} < bz;");
+    }
+    for b in 0..v {
+        for dx in 0..k {
+            for dy in 0..k {
+                let _ = writeln!(
+                    w,
+                    "            {{
+                let xi = xi0 + {dx};
+                let yi = yi0 + {dy};
+                let ok = bcok{b} && xi >= 0 && xi < bx && yi >= 0 && yi < by;
+                let rb = bbase + i32(bc{b}) * bstride + (select(0, xi, ok) * by + select(0, yi, ok)) * bz;"
+                );
+                for q in 0..nl {
+                    let _ = writeln!(w, "                let l{q} = b_at(rb + zi{q}, ok && zok{q});");
+                }
+                for e in 0..span {
+                    let _ = writeln!(
+                        w,
+                        "                let e{e} = subgroupShuffle(l{}, sb + {}u);",
+                        e / 8,
+                        e % 8
+                    );
+                }
+                for j in 0..8 {
+                    for dz in 0..k {
+                        let t = (dx * k + dy) * k + dz;
+                        for i in 0..m {
+                            let _ = writeln!(
+                                w,
+                                "                g{i}_{b}_{t} = fma(x{i}_{j}, e{}, g{i}_{b}_{t});",
+                                j * s + dz
+                            );
+                        }
+                    }
+                }
+                let _ = writeln!(w, "            }}");
+            }
+        }
+    }
+    let _ = writeln!(
+        w,
+        "        }}
+    }}
+    if !live {{
+        return;
+    }}"
+    );
+    for i in 0..m {
+        for b in 0..v {
+            let _ = writeln!(w, "    if chok{i} && bcok{b} {{");
+            for t in 0..k3 {
+                let _ = writeln!(
+                    w,
+                    "        part[part_index(p.chunk0 + chunk, ch{i}, bc{b}, {t}u)] = g{i}_{b}_{t};"
+                );
+            }
+            let _ = writeln!(w, "    }}");
+        }
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
+// ---- CPU reference -------------------------------------------------------------------------
+
+/// Plain loops with f64 accumulation, the reference of the tests.
+pub mod cpu {
+    fn idx(s: [usize; 5], n: usize, c: usize, x: usize, y: usize, z: usize) -> usize {
+        (((n * s[1] + c) * s[2] + x) * s[3] + y) * s[4] + z
+    }
+
+    /// The input position read by output q through tap t, if inside.
+    fn tap(q: usize, t: usize, stride: usize, pad: usize, d: usize) -> Option<usize> {
+        (q * stride + t).checked_sub(pad).filter(|&i| i < d)
+    }
+
+    /// conv3d: x [N, Cin, X, Y, Z], w [Cout, Cin, k, k, k], b [Cout].
+    pub fn conv3d(
+        x: &[f32],
+        xs: [usize; 5],
+        w: &[f32],
+        ws: [usize; 5],
+        b: &[f32],
+        stride: usize,
+        pad: usize,
+    ) -> (Vec<f32>, [usize; 5]) {
+        let ys = super::conv_out_shape(xs, ws[0], ws[2], stride, pad);
+        let k = ws[2];
+        let mut y = vec![0f32; ys.iter().product()];
+        for n in 0..ys[0] {
+            for co in 0..ys[1] {
+                for qx in 0..ys[2] {
+                    for qy in 0..ys[3] {
+                        for qz in 0..ys[4] {
+                            let mut acc = b[co] as f64;
+                            for ci in 0..xs[1] {
+                                for tx in 0..k {
+                                    let Some(ix) = tap(qx, tx, stride, pad, xs[2]) else { continue };
+                                    for ty in 0..k {
+                                        let Some(iy) = tap(qy, ty, stride, pad, xs[3]) else { continue };
+                                        for tz in 0..k {
+                                            let Some(iz) = tap(qz, tz, stride, pad, xs[4]) else { continue };
+                                            acc += x[idx(xs, n, ci, ix, iy, iz)] as f64
+                                                * w[idx(ws, co, ci, tx, ty, tz)] as f64;
+                                        }
+                                    }
+                                }
+                            }
+                            y[idx(ys, n, co, qx, qy, qz)] = acc as f32;
+                        }
+                    }
+                }
+            }
+        }
+        (y, ys)
+    }
+
+    /// Gradients (dx, dw, db) of conv3d given dy.
+    pub fn conv3d_backward(
+        x: &[f32],
+        xs: [usize; 5],
+        w: &[f32],
+        ws: [usize; 5],
+        dy: &[f32],
+        stride: usize,
+        pad: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let ys = super::conv_out_shape(xs, ws[0], ws[2], stride, pad);
+        let k = ws[2];
+        let mut dx = vec![0f64; x.len()];
+        let mut dw = vec![0f64; w.len()];
+        let mut db = vec![0f64; ws[0]];
+        for n in 0..ys[0] {
+            for co in 0..ys[1] {
+                for qx in 0..ys[2] {
+                    for qy in 0..ys[3] {
+                        for qz in 0..ys[4] {
+                            let g = dy[idx(ys, n, co, qx, qy, qz)] as f64;
+                            db[co] += g;
+                            for ci in 0..xs[1] {
+                                for tx in 0..k {
+                                    let Some(ix) = tap(qx, tx, stride, pad, xs[2]) else { continue };
+                                    for ty in 0..k {
+                                        let Some(iy) = tap(qy, ty, stride, pad, xs[3]) else { continue };
+                                        for tz in 0..k {
+                                            let Some(iz) = tap(qz, tz, stride, pad, xs[4]) else { continue };
+                                            let (xi, wi) =
+                                                (idx(xs, n, ci, ix, iy, iz), idx(ws, co, ci, tx, ty, tz));
+                                            dx[xi] += g * w[wi] as f64;
+                                            dw[wi] += g * x[xi] as f64;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let f = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect();
+        (f(dx), f(dw), f(db))
+    }
+
+    /// conv_transpose3d, kernel 2 stride 2: x [N, Cin, X, Y, Z], w [Cin, Cout, 2, 2, 2], b [Cout].
+    pub fn conv_transpose3d(
+        x: &[f32],
+        xs: [usize; 5],
+        w: &[f32],
+        ws: [usize; 5],
+        b: &[f32],
+    ) -> (Vec<f32>, [usize; 5]) {
+        let ys = [xs[0], ws[1], 2 * xs[2], 2 * xs[3], 2 * xs[4]];
+        let mut y = vec![0f64; ys.iter().product()];
+        for n in 0..ys[0] {
+            for co in 0..ys[1] {
+                for (ox, oy, oz) in cube(ys[2], ys[3], ys[4]) {
+                    let mut acc = b[co] as f64;
+                    for ci in 0..xs[1] {
+                        acc += x[idx(xs, n, ci, ox / 2, oy / 2, oz / 2)] as f64
+                            * w[idx(ws, ci, co, ox % 2, oy % 2, oz % 2)] as f64;
+                    }
+                    y[idx(ys, n, co, ox, oy, oz)] = acc;
+                }
+            }
+        }
+        (y.into_iter().map(|a| a as f32).collect(), ys)
+    }
+
+    /// Gradients (dx, dw, db) of conv_transpose3d given dy.
+    pub fn conv_transpose3d_backward(
+        x: &[f32],
+        xs: [usize; 5],
+        w: &[f32],
+        ws: [usize; 5],
+        dy: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let ys = [xs[0], ws[1], 2 * xs[2], 2 * xs[3], 2 * xs[4]];
+        let mut dx = vec![0f64; x.len()];
+        let mut dw = vec![0f64; w.len()];
+        let mut db = vec![0f64; ws[1]];
+        for n in 0..ys[0] {
+            for co in 0..ys[1] {
+                for (ox, oy, oz) in cube(ys[2], ys[3], ys[4]) {
+                    let g = dy[idx(ys, n, co, ox, oy, oz)] as f64;
+                    db[co] += g;
+                    for ci in 0..xs[1] {
+                        let (xi, wi) =
+                            (idx(xs, n, ci, ox / 2, oy / 2, oz / 2), idx(ws, ci, co, ox % 2, oy % 2, oz % 2));
+                        dx[xi] += g * w[wi] as f64;
+                        dw[wi] += g * x[xi] as f64;
+                    }
+                }
+            }
+        }
+        let f = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect();
+        (f(dx), f(dw), f(db))
+    }
+
+    fn cube(a: usize, b: usize, c: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..a).flat_map(move |i| (0..b).flat_map(move |j| (0..c).map(move |k| (i, j, k))))
+    }
+}
