@@ -17,21 +17,36 @@ fn rand(seed: u64, shape: &[usize]) -> Vec<f32> {
     Rng::new(seed).vec(shape.iter().product(), -1.0, 1.0)
 }
 
-/// (batch, cin, cout, [X, Y, Z], k, stride, padding)
-const CASES: &[(usize, usize, usize, [usize; 3], usize, usize, usize)] = &[
-    (2, 3, 5, [7, 5, 9], 3, 1, 1),
-    (1, 4, 9, [7, 6, 11], 3, 2, 1),
-    (2, 5, 3, [8, 7, 9], 2, 2, 0),
-    (1, 6, 17, [5, 4, 13], 1, 1, 0),
-    (1, 3, 4, [6, 5, 7], 2, 1, 1),
-    (1, 2, 3, [5, 5, 6], 3, 1, 0),
-    (1, 3, 4, [7, 6, 5], 1, 2, 0),
-    (1, 1, 4, [9, 3, 18], 3, 1, 1),
+/// A conv3d test layer: batch, channels, input dims, kernel, stride, padding.
+struct Case {
+    n: usize,
+    cin: usize,
+    cout: usize,
+    d: [usize; 3],
+    k: usize,
+    s: usize,
+    p: usize,
+}
+
+const fn case(n: usize, cin: usize, cout: usize, d: [usize; 3], k: usize, s: usize, p: usize) -> Case {
+    Case { n, cin, cout, d, k, s, p }
+}
+
+const CASES: &[Case] = &[
+    case(2, 3, 5, [7, 5, 9], 3, 1, 1),
+    case(1, 4, 9, [7, 6, 11], 3, 2, 1),
+    case(2, 5, 3, [8, 7, 9], 2, 2, 0),
+    case(1, 6, 17, [5, 4, 13], 1, 1, 0),
+    case(1, 3, 4, [6, 5, 7], 2, 1, 1),
+    case(1, 2, 3, [5, 5, 6], 3, 1, 0),
+    case(1, 3, 4, [7, 6, 5], 1, 2, 0),
+    case(1, 1, 4, [9, 3, 18], 3, 1, 1),
+    case(1, 3, 4, [6, 9, 17], 2, 2, 0),
 ];
 
 #[test]
 fn conv3d_forward_and_input_grad_match_cpu_for_every_algo() {
-    for (ci, &(n, cin, cout, d, k, s, p)) in CASES.iter().enumerate() {
+    for (ci, &Case { n, cin, cout, d, k, s, p }) in CASES.iter().enumerate() {
         let xs = [n, cin, d[0], d[1], d[2]];
         let ws = [cout, cin, k, k, k];
         let (x, w, b) = (rand(ci as u64, &xs), rand(100 + ci as u64, &ws), rand(200 + ci as u64, &[cout]));
@@ -51,12 +66,20 @@ fn conv3d_forward_and_input_grad_match_cpu_for_every_algo() {
                 close(&dx.to_vec(), &want_dx, 1e-4, &format!("input grad {what}"));
             });
         }
+        if (k, s, p) == (2, 2, 0) {
+            for algo in conv::algos(Form::Up) {
+                conv::with_algo(Form::Up, algo, || {
+                    let dx = conv::conv3d_input_grad(&tdy, &tw, &xs, s, p);
+                    close(&dx.to_vec(), &want_dx, 1e-4, &format!("input grad case {ci} {algo:?}"));
+                });
+            }
+        }
     }
 }
 
 #[test]
 fn conv3d_weight_and_bias_grads_match_cpu_for_every_algo() {
-    for (ci, &(n, cin, cout, d, k, s, p)) in CASES.iter().enumerate() {
+    for (ci, &Case { n, cin, cout, d, k, s, p }) in CASES.iter().enumerate() {
         let xs = [n, cin, d[0], d[1], d[2]];
         let ws = [cout, cin, k, k, k];
         let (x, w) = (rand(ci as u64, &xs), rand(100 + ci as u64, &ws));
@@ -88,7 +111,7 @@ fn conv3d_weight_and_bias_grads_match_cpu_for_every_algo() {
 
 /// (batch, cin, cout, [X, Y, Z])
 const TCASES: &[(usize, usize, usize, [usize; 3])] =
-    &[(2, 5, 3, [3, 4, 5]), (1, 9, 17, [2, 3, 3]), (1, 1, 2, [4, 1, 7])];
+    &[(2, 5, 3, [3, 4, 5]), (1, 9, 17, [2, 3, 3]), (1, 1, 2, [4, 1, 7]), (1, 3, 5, [3, 5, 9])];
 
 #[test]
 fn conv_transpose3d_matches_cpu_for_every_algo() {
@@ -102,11 +125,15 @@ fn conv_transpose3d_matches_cpu_for_every_algo() {
         let (tx, tw, tb) =
             (Tensor::from_vec(&x, &xs), Tensor::from_vec(&w, &ws), Tensor::from_vec(&b, &[cout]));
         let tdy = Tensor::from_vec(&dy, &ys);
-        for algo in conv::algos(Form::Gather) {
-            conv::with_algo(Form::Gather, algo, || {
+        for algo in conv::algos(Form::Up) {
+            conv::with_algo(Form::Up, algo, || {
                 let y = conv::conv_transpose3d(&tx, &tw, &tb);
                 assert_eq!(y.shape(), &ys[..]);
                 close(&y.to_vec(), &want, 1e-4, &format!("forward case {ci} {algo:?}"));
+            });
+        }
+        for algo in conv::algos(Form::Gather) {
+            conv::with_algo(Form::Gather, algo, || {
                 let dx = conv::conv_transpose3d_input_grad(&tdy, &tw, &xs);
                 close(&dx.to_vec(), &want_dx, 1e-4, &format!("input grad case {ci} {algo:?}"));
             });

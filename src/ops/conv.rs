@@ -71,7 +71,7 @@ pub fn conv3d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize)
         tbase: [[0; 3]; 2],
         ncls: 1,
     };
-    let y = gather(x, &prep, Some(b), out, &geom);
+    let y = gather(x, &prep, None, Some(b), out, &geom);
     Tensor::with_op(y, Op::Conv3d { x: x.clone(), w: w.clone(), b: b.clone(), stride, padding })
 }
 
@@ -98,7 +98,19 @@ pub fn conv_transpose3d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
         tbase: [[0; 3], [1; 3]],
         ncls: 8,
     };
-    let y = gather(x, &prep, Some(b), out, &geom);
+    let up = Prep {
+        w,
+        k: 2,
+        kk: 2,
+        out: cout,
+        inp: cin,
+        so: 8,
+        si: cout * 8,
+        tstep: 1,
+        tbase: [[0; 3]; 2],
+        ncls: 1,
+    };
+    let y = gather(x, &prep, Some(&up), Some(b), out, &geom);
     Tensor::with_op(y, Op::ConvTranspose3d { x: x.clone(), w: w.clone(), b: b.clone() })
 }
 
@@ -154,7 +166,20 @@ pub fn conv3d_input_grad(
         tbase,
         ncls,
     };
-    gather(dy, &prep, None, xs, &geom)
+    // A k2 s2 p0 convolution's input gradient is a k2 s2 transposed convolution of dy.
+    let up = (k == 2 && stride == 2 && padding == 0).then_some(Prep {
+        w,
+        k: 2,
+        kk: 2,
+        out: cin,
+        inp: cout,
+        so: 8,
+        si: cin * 8,
+        tstep: 1,
+        tbase: [[0; 3]; 2],
+        ncls: 1,
+    });
+    gather(dy, &prep, up.as_ref(), None, xs, &geom)
 }
 
 /// Gradient of conv3d's weight: dy [N, Cout, X', Y', Z'], x [N, Cin, X, Y, Z] -> [Cout, Cin, k, k, k].
@@ -182,7 +207,7 @@ pub fn conv_transpose3d_input_grad(dy: &Tensor, w: &Tensor, x_shape: &[usize]) -
         tbase: [[0; 3]; 2],
         ncls: 1,
     };
-    gather(dy, &prep, None, xs, &geom)
+    gather(dy, &prep, None, None, xs, &geom)
 }
 
 /// Gradient of conv_transpose3d's weight: dy [N, Cout, 2X, 2Y, 2Z], x [N, Cin, X, Y, Z] ->
@@ -250,12 +275,18 @@ pub enum Algo {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Form {
+    /// The gather form in general.
     Gather,
+    /// The gather form of a k2 s2 transposed convolution (conv_transpose3d's forward, the input
+    /// gradient of a k2 s2 conv3d): its subgroup kernels compute all eight output parities of
+    /// an input voxel together.
+    Up,
     Wgrad,
 }
 
 const SUBGROUP_GATHER: [(u32, u32); 4] = [(8, 4), (16, 4), (8, 8), (4, 8)];
-const SUBGROUP_WGRAD: [(u32, u32); 3] = [(2, 2), (1, 4), (2, 1)];
+const SUBGROUP_UP: [(u32, u32); 4] = [(4, 4), (8, 2), (2, 4), (8, 4)];
+const SUBGROUP_WGRAD: [(u32, u32); 4] = [(2, 2), (4, 1), (2, 1), (1, 2)];
 const TILED: [Algo; 2] = [
     Algo::Tiled { bm: 32, bn: 64, bk: 16, tm: 4, tn: 4 },
     Algo::Tiled { bm: 64, bn: 64, bk: 8, tm: 4, tn: 4 },
@@ -273,6 +304,7 @@ pub fn algos(form: Form) -> Vec<Algo> {
     if subgroups_usable() {
         let sg: &[(u32, u32)] = match form {
             Form::Gather => &SUBGROUP_GATHER,
+            Form::Up => &SUBGROUP_UP,
             Form::Wgrad => &SUBGROUP_WGRAD,
         };
         v.extend(sg.iter().map(|&(m, v)| Algo::Subgroup { m, v }));
@@ -281,30 +313,31 @@ pub fn algos(form: Form) -> Vec<Algo> {
     v
 }
 
-/// The candidates timed for a shape: subgroup tiles no wider than the channels they cover,
-/// and on a software device only those (its workgroup memory is as slow as storage).
-fn candidates(form: Form, channels: usize) -> Vec<Algo> {
+/// The candidates timed for a shape: subgroup tiles no wider than the channels they cover
+/// (`channels` = output channels, or (A, B) channels of a weight gradient), and on a software
+/// device only those (its workgroup memory is as slow as storage).
+fn candidates(form: Form, channels: (usize, usize)) -> Vec<Algo> {
     let all = algos(form);
-    let width = |a: &Algo| match (form, a) {
-        (Form::Gather, Algo::Subgroup { m, .. }) => *m as usize,
-        (Form::Wgrad, Algo::Subgroup { m, .. }) => 8 * *m as usize,
-        _ => 0,
+    let fits = |a: &Algo| match (form, a) {
+        (Form::Wgrad, Algo::Subgroup { m, v }) => {
+            8 * *m as usize <= channels.0.next_power_of_two().max(8)
+                && *v as usize <= channels.1.next_power_of_two()
+        }
+        (_, Algo::Subgroup { m, .. }) => *m as usize <= channels.0.next_power_of_two().max(4),
+        _ => true,
     };
-    let narrow = channels.next_power_of_two().max(4);
-    let mut c: Vec<Algo> = all
+    let software_sg = gpu().is_software() && subgroups_usable();
+    let c: Vec<Algo> = all
         .iter()
         .copied()
-        .filter(|a| width(a) <= narrow || (form == Form::Wgrad && width(a) == 8))
-        .filter(|a| !(gpu().is_software() && subgroups_usable() && matches!(a, Algo::Tiled { .. })))
+        .filter(fits)
+        .filter(|a| !(software_sg && matches!(a, Algo::Tiled { .. })))
         .collect();
-    if c.is_empty() {
-        c = all;
-    }
-    c
+    if c.is_empty() { all } else { c }
 }
 
 thread_local! {
-    static FORCED: Cell<[Option<Algo>; 2]> = const { Cell::new([None, None]) };
+    static FORCED: Cell<[Option<Algo>; 3]> = const { Cell::new([None; 3]) };
     static BINDING_LIMIT: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
@@ -334,7 +367,7 @@ pub fn with_algo<R>(form: Form, algo: Algo, f: impl FnOnce() -> R) -> R {
         c.set(next);
         prev
     });
-    struct Restore([Option<Algo>; 2]);
+    struct Restore([Option<Algo>; 3]);
     impl Drop for Restore {
         fn drop(&mut self) {
             FORCED.with(|c| c.set(self.0));
@@ -374,6 +407,7 @@ fn autotune(key: TuneKey, cands: Vec<Algo>, run: &dyn Fn(Algo) -> Tensor) -> Ten
         return run(a);
     }
     if cands.len() == 1 || std::env::var_os("CAML_CONV_NO_TUNE").is_some() {
+        TUNED.lock().unwrap().get_or_insert_with(HashMap::new).insert(key, cands[0]);
         return run(cands[0]);
     }
     let wait = |t: &Tensor| {
@@ -484,14 +518,25 @@ impl Prep<'_> {
     }
 }
 
-fn gather(src: &Tensor, prep: &Prep, bias: Option<&Tensor>, out_shape: [usize; 5], g: &GatherGeom) -> Tensor {
+/// Runs the gather form. `up`, for a k2 s2 transposed convolution (k 1, os 2, eight classes,
+/// no offsets), is the same weights as one 2x2x2 kernel per output channel block, read by the
+/// subgroup kernels that compute all eight parities of an input voxel together.
+fn gather(
+    src: &Tensor,
+    prep: &Prep,
+    up: Option<&Prep>,
+    bias: Option<&Tensor>,
+    out_shape: [usize; 5],
+    g: &GatherGeom,
+) -> Tensor {
     let ss = dims5(src, "convolution input");
     assert_eq!(ss[1], g.cin, "convolution input {ss:?}: {} channels expected", g.cin);
     assert_eq!(ss[0], out_shape[0], "convolution batch");
+    let form = if up.is_some() { Form::Up } else { Form::Gather };
     let ext: Vec<usize> = out_shape[2..].iter().map(|&d| d.div_ceil(g.os)).collect();
     let vox = (ext.iter().product::<usize>() * g.ncls).max(1);
     let key = TuneKey {
-        form: Form::Gather,
+        form,
         k: g.k,
         s: g.s,
         ncls: g.ncls,
@@ -503,21 +548,23 @@ fn gather(src: &Tensor, prep: &Prep, bias: Option<&Tensor>, out_shape: [usize; 5
         if dst.numel() == 0 {
             return dst;
         }
-        let m = match algo {
-            Algo::Subgroup { m, .. } => m,
-            Algo::Tiled { bm, .. } => bm,
-        } as usize;
-        let wt = prep.run(m);
-        if split_batch(&[src, &dst]) {
-            for n in 0..ss[0] {
-                launch_gather(algo, src, Some(n), &wt, bias, &dst, &ext, g);
+        let (m, prep) = match (algo, up) {
+            (Algo::Subgroup { m, .. }, Some(up)) => (m, up),
+            (Algo::Subgroup { m, .. }, None) => (m, prep),
+            (Algo::Tiled { bm, .. }, _) => (bm, prep),
+        };
+        let wt = prep.run(m as usize);
+        let samples: Vec<Option<usize>> =
+            if split_batch(&[src, &dst]) { (0..ss[0]).map(Some).collect() } else { vec![None] };
+        for n in samples {
+            match (algo, up) {
+                (Algo::Subgroup { .. }, Some(_)) => launch_up(algo, src, n, &wt, bias, &dst, &ext, g),
+                _ => launch_gather(algo, src, n, &wt, bias, &dst, &ext, g),
             }
-        } else {
-            launch_gather(algo, src, None, &wt, bias, &dst, &ext, g);
         }
         dst
     };
-    autotune(key, candidates(Form::Gather, g.cout), &run)
+    autotune(key, candidates(form, (g.cout, g.cin)), &run)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -607,7 +654,7 @@ fn sg_gather_shader(k: usize, s: usize, m: usize, v: usize) -> &'static str {
 /// Lanes are 8 consecutive output z of one (n, class, channel block, x, y block). For each input
 /// channel and x tap, each lane loads 1/8 of the weight block and the tile's input rows (8 s + k
 /// values each, in `nl` loads of 8), and shuffles deliver the weights and the z-shifted inputs.
-fn sg_gather_source(k: usize, s: usize, m: usize, v: usize) -> String {
+pub fn sg_gather_source(k: usize, s: usize, m: usize, v: usize) -> String {
     let rows = (v - 1) * s + k;
     let span = 7 * s + k;
     let nl = span.div_ceil(8);
@@ -631,6 +678,9 @@ fn conv_sg(
     var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
     let live = t < p.tiles;
     t = min(t, p.tiles - 1u);
+    // Parity classes vary fastest: the tiles of a workgroup then fill the same output lines.
+    let cls = t % p.ncls;
+    t /= p.ncls;
     let zb = t % p.zblocks;
     t /= p.zblocks;
     let yb = t % p.yblocks;
@@ -638,9 +688,7 @@ fn conv_sg(
     let xo = t % p.xblocks;
     t /= p.xblocks;
     let cb = t % p.cblocks;
-    t /= p.cblocks;
-    let cls = t % p.ncls;
-    let n = t / p.ncls;
+    let n = t / p.cblocks;
     let r = cls_r(cls);
     let off = cls_off(r);
     let ext = cls_ext(r);
@@ -726,25 +774,225 @@ fn conv_sg(
     let zo = zb * 8u + lane;
     if !live || zo >= ext.z || xo >= ext.x {{
         return;
-    }}"
+    }}
+    // Interior tiles store without per-element bounds (a quarter of a 1x1 convolution's time).
+    let cs = p.ox * p.oy * p.oz;
+    let rs = p.os * p.oz;
+    let base = dst_index(n, cb * {m}u, vec3<u32>(xo, yb * {v}u, zo), r);
+    if zb * 8u + 8u <= ext.z && yb * {v}u + {v}u <= ext.y && cb * {m}u + {m}u <= p.cout {{"
     );
+    for a in 0..m {
+        let _ = writeln!(w, "        let b{a} = bias_of(cb * {m}u + {a}u);");
+        for j in 0..v {
+            let _ = writeln!(w, "        dst[base + {a}u * cs + {j}u * rs] = a{a}_{j} + b{a};");
+        }
+    }
+    let _ = writeln!(w, "        return;\n    }}");
     for a in 0..m {
         let _ = writeln!(
             w,
-            "    {{
-        let o = cb * {m}u + {a}u;
-        if o < p.cout {{
-            let b = bias_of(o);"
+            "    if cb * {m}u + {a}u < p.cout {{
+        let b = bias_of(cb * {m}u + {a}u);"
         );
         for j in 0..v {
             let _ = writeln!(
                 w,
-                "            if yb * {v}u + {j}u < ext.y {{
-                dst[dst_index(n, o, vec3<u32>(xo, yb * {v}u + {j}u, zo), r)] = a{a}_{j} + b;
-            }}"
+                "        if yb * {v}u + {j}u < ext.y {{
+            dst[base + {a}u * cs + {j}u * rs] = a{a}_{j} + b;
+        }}"
             );
         }
-        let _ = writeln!(w, "        }}\n    }}");
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_up(
+    algo: Algo,
+    src: &Tensor,
+    sample: Option<usize>,
+    wt: &Tensor,
+    bias: Option<&Tensor>,
+    dst: &Tensor,
+    ext: &[usize],
+    g: &GatherGeom,
+) {
+    let Algo::Subgroup { m, v } = algo else { unreachable!("the up kernels are subgroup kernels") };
+    let (ss, ds) = (src.shape(), dst.shape());
+    let nbatch = if sample.is_some() { 1 } else { ss[0] };
+    let (sb, src_base) = bind_sample(src, sample);
+    let (db, dst_base) = bind_sample(dst, sample);
+    let cblocks = g.cout.div_ceil(m as usize);
+    let (zblocks, yblocks) = (ext[2].div_ceil(8), ext[1].div_ceil(v as usize));
+    let tiles = zblocks * yblocks * ext[0] * cblocks * nbatch;
+    let mut p = Params::new()
+        .u(g.cin)
+        .u(g.cout)
+        .u(ss[2])
+        .u(ss[3])
+        .u(ss[4])
+        .u(ds[2])
+        .u(ds[3])
+        .u(ds[4])
+        .u(2)
+        .u(1)
+        .u(zblocks)
+        .u(yblocks)
+        .u(ext[0])
+        .u(cblocks)
+        .u(tiles)
+        .u(bias.is_some() as usize)
+        .u(src_base)
+        .u(ss[1..].iter().product())
+        .u(dst_base)
+        .u(ds[1..].iter().product())
+        .u(0)
+        .u(nbatch)
+        .u(0)
+        .u(0);
+    for _ in 0..8 {
+        p = p.i(0);
+    }
+    let bias_binding = bias.map_or(wt.binding(), |b| b.binding());
+    let kernel = Kernel::new(sg_up_shader(m as usize, v as usize), "up_sg");
+    gpu().dispatch(
+        &kernel,
+        p.bytes(),
+        &[sb, wt.binding(), bias_binding, db],
+        gpu().groups_1d(tiles as u64, 8),
+    );
+}
+
+fn sg_up_shader(m: usize, v: usize) -> &'static str {
+    generated_shader(&format!("conv3d_up_sg_m{m}v{v}"), || sg_up_source(m, v))
+}
+
+/// out[n, o, 2q + t] = bias[o] + sum_i src[n, i, q] * W[i, o, t] for the eight taps t of a k2 s2
+/// transposed convolution. Lanes are 8 consecutive q along z of one (n, channel block, qx, block
+/// of v rows along y); each lane holds m channels x v rows x 8 taps. For each input channel a lane
+/// loads 1/8 of the weight block (8 m values, [i][t][m]) and its own v inputs. q runs over
+/// ceil(out / 2) per axis, reading 0 past the input (an odd output extent).
+pub fn sg_up_source(m: usize, v: usize) -> String {
+    let mut o = String::from(include_str!("../../shaders/conv3d.wgsl"));
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "
+// Generated: k2 s2 transposed convolution, {m} channels x {v} rows x 8 taps per lane.
+@compute @workgroup_size(64)
+fn up_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    let zb = t % p.zblocks;
+    t /= p.zblocks;
+    let yb = t % p.yblocks;
+    t /= p.yblocks;
+    let qx = t % p.xblocks;
+    t /= p.xblocks;
+    let cb = t % p.cblocks;
+    let n = t / p.cblocks;
+    let qz = zb * 8u + lane;
+    let qy0 = yb * {v}u;
+    let plane = p.sy * p.sz;
+    let xok = qx < p.sx && qz < p.sz;
+    let sbase = p.src_base + n * p.src_batch + select(0u, qx, xok) * plane + select(0u, qz, xok);
+    let wbase = cb * p.cin * {wci}u + lane;",
+        wci = 8 * m
+    );
+    for a in 0..m {
+        for j in 0..v {
+            for t in 0..8 {
+                let _ = writeln!(w, "    var a{a}_{j}_{t} = 0.0;");
+            }
+        }
+    }
+    let _ = writeln!(
+        w,
+        "    for (var ci = 0u; ci < p.cin; ci++) {{
+        let wb = wbase + ci * {wci}u;
+        let cbase = sbase + ci * p.sx * plane;",
+        wci = 8 * m
+    );
+    for q in 0..m {
+        let _ = writeln!(w, "        let w{q} = wt[wb + {}u];", 8 * q);
+    }
+    for j in 0..v {
+        let _ = writeln!(
+            w,
+            "        let ok{j} = xok && qy0 + {j}u < p.sy;
+        let x{j} = src_at(i32(cbase + select(0u, qy0 + {j}u, ok{j}) * p.sz), ok{j});"
+        );
+    }
+    for t in 0..8 {
+        for a in 0..m {
+            let e = t * m + a;
+            let _ = writeln!(
+                w,
+                "        {{
+            let we = subgroupShuffle(w{}, sb + {}u);",
+                e / 8,
+                e % 8
+            );
+            for j in 0..v {
+                let _ = writeln!(w, "            a{a}_{j}_{t} = fma(we, x{j}, a{a}_{j}_{t});");
+            }
+            let _ = writeln!(w, "        }}");
+        }
+    }
+    let _ = writeln!(
+        w,
+        "    }}
+    if !live || 2u * qz >= p.oz || 2u * qx >= p.ox {{
+        return;
+    }}
+    let cs = p.ox * p.oy * p.oz;
+    let xs = p.oy * p.oz;
+    let base = dst_index(n, cb * {m}u, vec3<u32>(qx, qy0, qz), vec3<u32>(0u));
+    let full = zb * 16u + 16u <= p.oz && 2u * (qy0 + {v}u) <= p.oy && 2u * qx + 2u <= p.ox;
+    if full && cb * {m}u + {m}u <= p.cout {{"
+    );
+    let off = |j: usize, t: usize| {
+        let (tx, ty, tz) = (t >> 2, (t >> 1) & 1, t & 1);
+        format!("{tx}u * xs + {}u * p.oz + {tz}u", 2 * j + ty)
+    };
+    for a in 0..m {
+        let _ = writeln!(w, "        let b{a} = bias_of(cb * {m}u + {a}u);");
+        for j in 0..v {
+            for t in 0..8 {
+                let _ = writeln!(w, "        dst[base + {a}u * cs + {}] = a{a}_{j}_{t} + b{a};", off(j, t));
+            }
+        }
+    }
+    let _ = writeln!(w, "        return;\n    }}");
+    for a in 0..m {
+        let _ = writeln!(
+            w,
+            "    if cb * {m}u + {a}u < p.cout {{
+        let b = bias_of(cb * {m}u + {a}u);"
+        );
+        for j in 0..v {
+            for t in 0..8 {
+                let (tx, ty, tz) = (t >> 2, (t >> 1) & 1, t & 1);
+                let _ = writeln!(
+                    w,
+                    "        if all(vec3<u32>(2u * qx + {tx}u, 2u * (qy0 + {j}u) + {ty}u, 2u * qz + {tz}u) < vec3<u32>(p.ox, p.oy, p.oz)) {{
+            dst[base + {a}u * cs + {}] = a{a}_{j}_{t} + b;
+        }}",
+                    off(j, t)
+                );
+            }
+        }
+        let _ = writeln!(w, "    }}");
     }
     let _ = writeln!(w, "}}");
     o
@@ -793,7 +1041,7 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
         }
         part.sum(&[0], false).reshape(&[ca, cb, g.k, g.k, g.k])
     };
-    autotune(key, candidates(Form::Wgrad, ca), &run)
+    autotune(key, candidates(Form::Wgrad, (ca, cb)), &run)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -883,7 +1131,7 @@ fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize) -> &'static str {
 /// Lanes are 8 channels of A (m each); a tile walks its chunk of rows in runs of 8 z. Each lane
 /// loads its channels' 8 values of A; each B row under the run (8 s + k values) is loaded once
 /// per tile, 8 lanes at a time, and broadcast by shuffles to every tap along z.
-fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize) -> String {
+pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize) -> String {
     let span = 7 * s + k;
     let nl = span.div_ceil(8);
     let k3 = k * k * k;
@@ -1174,4 +1422,199 @@ pub mod cpu {
     fn cube(a: usize, b: usize, c: usize) -> impl Iterator<Item = (usize, usize, usize)> {
         (0..a).flat_map(move |i| (0..b).flat_map(move |j| (0..c).map(move |k| (i, j, k))))
     }
+}
+
+// ---- benchmarks ----------------------------------------------------------------------------
+
+/// Shape sets of `bench_conv_kernels`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchPreset {
+    /// Batch 1, k3 p1 at 16 channels 48x64x64, 32 at 24x32x32, 128 at 10x14x14; transposed
+    /// convolutions with the same channels and output sizes; the small training preset's layers
+    /// (widths 4 and 8).
+    Small,
+    /// The network's layers at batch 4 (VNet widths 16 to 256 at 112x112x80 and below).
+    Paper,
+}
+
+/// One convolution layer to benchmark.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchCase {
+    pub batch: usize,
+    pub cin: usize,
+    pub cout: usize,
+    /// input spatial dims
+    pub dims: [usize; 3],
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+    /// conv_transpose3d (k2 s2) instead of conv3d
+    pub transpose: bool,
+}
+
+impl BenchCase {
+    fn conv(batch: usize, cin: usize, cout: usize, dims: [usize; 3], k: usize, stride: usize) -> Self {
+        BenchCase { batch, cin, cout, dims, k, stride, padding: k / 2 * (k % 2), transpose: false }
+    }
+    fn up(batch: usize, cin: usize, cout: usize, dims: [usize; 3]) -> Self {
+        BenchCase { batch, cin, cout, dims, k: 2, stride: 2, padding: 0, transpose: true }
+    }
+    pub fn x_shape(&self) -> [usize; 5] {
+        [self.batch, self.cin, self.dims[0], self.dims[1], self.dims[2]]
+    }
+    pub fn w_shape(&self) -> [usize; 5] {
+        let k = self.k;
+        if self.transpose { [self.cin, self.cout, k, k, k] } else { [self.cout, self.cin, k, k, k] }
+    }
+    pub fn y_shape(&self) -> [usize; 5] {
+        if self.transpose {
+            let d = self.dims;
+            [self.batch, self.cout, 2 * d[0], 2 * d[1], 2 * d[2]]
+        } else {
+            conv_out_shape(self.x_shape(), self.cout, self.k, self.stride, self.padding)
+        }
+    }
+    /// Multiply-adds times two of one pass (forward, input gradient or weight gradient alike).
+    pub fn flops(&self) -> f64 {
+        let taps = self.k.pow(3) as f64;
+        let (y, x) = (self.y_shape(), self.x_shape());
+        if self.transpose {
+            2.0 * (x.iter().product::<usize>() * self.cout) as f64 * taps
+        } else {
+            2.0 * (y.iter().product::<usize>() * self.cin) as f64 * taps
+        }
+    }
+    pub fn label(&self) -> String {
+        let d = self.dims;
+        let op = if self.transpose {
+            "convT".to_string()
+        } else {
+            format!("k{}s{}p{}", self.k, self.stride, self.padding)
+        };
+        format!("{op} {}->{} n{} {}x{}x{}", self.cin, self.cout, self.batch, d[0], d[1], d[2])
+    }
+}
+
+pub fn bench_cases(preset: BenchPreset) -> Vec<BenchCase> {
+    let c = BenchCase::conv;
+    let up = BenchCase::up;
+    match preset {
+        BenchPreset::Small => vec![
+            c(1, 16, 16, [48, 64, 64], 3, 1),
+            c(1, 32, 32, [24, 32, 32], 3, 1),
+            c(1, 128, 128, [10, 14, 14], 3, 1),
+            up(1, 16, 16, [24, 32, 32]),
+            up(1, 32, 32, [12, 16, 16]),
+            up(1, 128, 128, [5, 7, 7]),
+            c(2, 1, 4, [48, 48, 32], 3, 1),
+            c(2, 4, 4, [48, 48, 32], 3, 1),
+            c(2, 4, 8, [48, 48, 32], 2, 2),
+            c(2, 8, 8, [24, 24, 16], 3, 1),
+            up(2, 8, 4, [24, 24, 16]),
+            c(2, 4, 2, [48, 48, 32], 1, 1),
+        ],
+        BenchPreset::Paper => vec![
+            c(4, 1, 16, [112, 112, 80], 3, 1),
+            c(4, 16, 16, [112, 112, 80], 3, 1),
+            c(4, 16, 32, [112, 112, 80], 2, 2),
+            c(4, 32, 32, [56, 56, 40], 3, 1),
+            c(4, 32, 64, [56, 56, 40], 2, 2),
+            c(4, 64, 64, [28, 28, 20], 3, 1),
+            c(4, 64, 128, [28, 28, 20], 2, 2),
+            c(4, 128, 128, [14, 14, 10], 3, 1),
+            c(4, 128, 256, [14, 14, 10], 2, 2),
+            c(4, 256, 256, [7, 7, 5], 3, 1),
+            up(4, 256, 128, [7, 7, 5]),
+            up(4, 128, 64, [14, 14, 10]),
+            up(4, 64, 32, [28, 28, 20]),
+            up(4, 32, 16, [56, 56, 40]),
+            c(4, 16, 2, [112, 112, 80], 1, 1),
+        ],
+    }
+}
+
+/// The three passes of a layer benchmarked separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    BackwardData,
+    BackwardWeight,
+}
+
+/// One timed pass: the kernel launches, waited for by a 4-byte readback.
+pub struct BenchRow {
+    pub kernel: String,
+    pub shape: String,
+    pub algo: String,
+    pub median_s: f64,
+    pub gflops: f64,
+}
+
+/// Random operands of a case: (x, w, b, dy).
+pub fn bench_operands(case: &BenchCase) -> (Tensor, Tensor, Tensor, Tensor) {
+    let mut rng = crate::gradcheck::Rng::new(1);
+    let mut t = |s: &[usize]| Tensor::from_vec(&rng.vec(s.iter().product(), -1.0, 1.0), s);
+    (t(&case.x_shape()), t(&case.w_shape()), t(&[case.cout]), t(&case.y_shape()))
+}
+
+/// Runs one pass of a case (no gradient recording) and returns its result.
+pub fn bench_pass(case: &BenchCase, pass: Pass, ops: &(Tensor, Tensor, Tensor, Tensor)) -> Tensor {
+    let (x, w, b, dy) = ops;
+    crate::autograd::no_grad(|| match (case.transpose, pass) {
+        (false, Pass::Forward) => conv3d(x, w, b, case.stride, case.padding),
+        (false, Pass::BackwardData) => conv3d_input_grad(dy, w, x.shape(), case.stride, case.padding),
+        (false, Pass::BackwardWeight) => conv3d_weight_grad(dy, x, case.k, case.stride, case.padding),
+        (true, Pass::Forward) => conv_transpose3d(x, w, b),
+        (true, Pass::BackwardData) => conv_transpose3d_input_grad(dy, w, x.shape()),
+        (true, Pass::BackwardWeight) => conv_transpose3d_weight_grad(dy, x),
+    })
+}
+
+/// Median time and GFLOP/s of every pass of every case of a preset, after one autotuned warm-up
+/// run each; `reps` timed runs per pass.
+pub fn bench_conv_kernels(preset: BenchPreset, reps: usize) -> Vec<BenchRow> {
+    let mut rows = Vec::new();
+    for case in bench_cases(preset) {
+        let ops = bench_operands(&case);
+        for pass in [Pass::Forward, Pass::BackwardData, Pass::BackwardWeight] {
+            gpu().read(bench_pass(&case, pass, &ops).buffer(), 0, 4);
+            let mut times: Vec<f64> = (0..reps.max(1))
+                .map(|_| {
+                    let t0 = Instant::now();
+                    let out = bench_pass(&case, pass, &ops);
+                    gpu().read(out.buffer(), 0, 4);
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            let median_s = times[times.len() / 2];
+            let form = if pass == Pass::BackwardWeight { Form::Wgrad } else { Form::Gather };
+            let algo = tuned_for(form, &case, pass);
+            rows.push(BenchRow {
+                kernel: format!("{}{pass:?}", if case.transpose { "conv_transpose3d " } else { "conv3d " }),
+                shape: case.label(),
+                algo,
+                median_s,
+                gflops: case.flops() / median_s / 1e9,
+            });
+        }
+    }
+    rows
+}
+
+/// The algorithm the autotune chose for a pass, as text (the most recent matching bucket).
+fn tuned_for(form: Form, case: &BenchCase, pass: Pass) -> String {
+    let t = TUNED.lock().unwrap();
+    let channels = match (case.transpose, pass) {
+        (false, Pass::Forward) | (true, Pass::Forward) => (case.cin, case.cout),
+        (_, Pass::BackwardData) => (case.cout, case.cin),
+        (false, Pass::BackwardWeight) => (case.cout, case.cin),
+        (true, Pass::BackwardWeight) => (case.cin, case.cout),
+    };
+    t.iter()
+        .flatten()
+        .filter(|(k, _)| k.form == form && k.channels == channels)
+        .map(|(_, a)| format!("{a:?}"))
+        .next()
+        .unwrap_or_else(|| "-".into())
 }
