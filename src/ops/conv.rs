@@ -264,10 +264,11 @@ fn dims5(t: &Tensor, what: &str) -> [usize; 5] {
 /// A kernel family and its tile sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Algo {
-    /// Register tiles of 8 subgroup lanes. Gather: lanes are 8 consecutive output z, each
-    /// holding `m` output channels x `v` output rows along y. Wgrad: lanes are 8 A channels
-    /// (`m` per lane), and a tile covers `v` B channels with every tap.
-    Subgroup { m: u32, v: u32 },
+    /// Register tiles of 8 subgroup lanes. Gather and up: lanes are 8 consecutive z, each
+    /// holding `m` output channels x `v` rows along y (`r` = 1). Wgrad: lanes are 8 A channels
+    /// (`m` per lane), a tile covers `v` B channels with every tap and steps over `r` output
+    /// rows along y at a time.
+    Subgroup { m: u32, v: u32, r: u32 },
     /// Workgroup-memory implicit GEMM: `bm` (channels) x `bn` (voxels, or B columns) per
     /// workgroup, reduced `bk` at a time, `tm` x `tn` per invocation.
     Tiled { bm: u32, bn: u32, bk: u32, tm: u32, tn: u32 },
@@ -284,9 +285,9 @@ pub enum Form {
     Wgrad,
 }
 
-const SUBGROUP_GATHER: [(u32, u32); 4] = [(8, 4), (16, 4), (8, 8), (4, 8)];
-const SUBGROUP_UP: [(u32, u32); 4] = [(4, 4), (8, 2), (2, 4), (8, 4)];
-const SUBGROUP_WGRAD: [(u32, u32); 4] = [(2, 2), (4, 1), (2, 1), (1, 2)];
+const SUBGROUP_GATHER: [(u32, u32, u32); 4] = [(8, 4, 1), (16, 4, 1), (8, 8, 1), (4, 8, 1)];
+const SUBGROUP_UP: [(u32, u32, u32); 4] = [(4, 4, 1), (8, 2, 1), (2, 4, 1), (8, 4, 1)];
+const SUBGROUP_WGRAD: [(u32, u32, u32); 5] = [(2, 2, 1), (4, 1, 1), (2, 1, 2), (1, 2, 2), (4, 2, 1)];
 const TILED: [Algo; 2] = [
     Algo::Tiled { bm: 32, bn: 64, bk: 16, tm: 4, tn: 4 },
     Algo::Tiled { bm: 64, bn: 64, bk: 8, tm: 4, tn: 4 },
@@ -302,12 +303,12 @@ pub fn subgroups_usable() -> bool {
 pub fn algos(form: Form) -> Vec<Algo> {
     let mut v: Vec<Algo> = Vec::new();
     if subgroups_usable() {
-        let sg: &[(u32, u32)] = match form {
+        let sg: &[(u32, u32, u32)] = match form {
             Form::Gather => &SUBGROUP_GATHER,
             Form::Up => &SUBGROUP_UP,
             Form::Wgrad => &SUBGROUP_WGRAD,
         };
-        v.extend(sg.iter().map(|&(m, v)| Algo::Subgroup { m, v }));
+        v.extend(sg.iter().map(|&(m, v, r)| Algo::Subgroup { m, v, r }));
     }
     v.extend(TILED);
     v
@@ -319,7 +320,7 @@ pub fn algos(form: Form) -> Vec<Algo> {
 fn candidates(form: Form, channels: (usize, usize)) -> Vec<Algo> {
     let all = algos(form);
     let fits = |a: &Algo| match (form, a) {
-        (Form::Wgrad, Algo::Subgroup { m, v }) => {
+        (Form::Wgrad, Algo::Subgroup { m, v, .. }) => {
             8 * *m as usize <= channels.0.next_power_of_two().max(8)
                 && *v as usize <= channels.1.next_power_of_two()
         }
@@ -390,25 +391,112 @@ struct TuneKey {
 
 static TUNED: Mutex<Option<HashMap<TuneKey, Algo>>> = Mutex::new(None);
 
+thread_local! {
+    static LAST: Cell<[Option<Algo>; 3]> = const { Cell::new([None; 3]) };
+}
+
+/// The algorithm of this thread's latest launch of a form (benchmark reports).
+pub fn last_algo(form: Form) -> Option<Algo> {
+    LAST.with(|c| c.get()[form as usize])
+}
+
 /// The algorithms chosen so far, for reports.
 pub fn tuned() -> Vec<(String, Algo)> {
     let t = TUNED.lock().unwrap();
     t.iter().flatten().map(|(k, a)| (format!("{k:?}"), *a)).collect()
 }
 
+/// Choices of earlier processes, read from the file named by `CAML_CONV_TUNE_FILE` (lines of
+/// "adapter|bucket<TAB>algorithm"); new choices are appended to it.
+static PERSISTED: Mutex<Option<HashMap<String, Algo>>> = Mutex::new(None);
+
+fn tune_file() -> Option<std::path::PathBuf> {
+    std::env::var_os("CAML_CONV_TUNE_FILE").map(Into::into)
+}
+
+fn key_text(key: &TuneKey) -> String {
+    let (c0, c1) = key.channels;
+    format!("{}|{:?} k{} s{} c{} {c0}x{c1} v{}", gpu().info.name, key.form, key.k, key.s, key.ncls, key.vox)
+}
+
+impl std::fmt::Display for Algo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Algo::Subgroup { m, v, r } => write!(f, "subgroup {m} {v} {r}"),
+            Algo::Tiled { bm, bn, bk, tm, tn } => write!(f, "tiled {bm} {bn} {bk} {tm} {tn}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Algo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut it = s.split_whitespace();
+        let kind = it.next().unwrap_or("");
+        let n: Vec<u32> =
+            it.map(|t| t.parse().map_err(|_| format!("bad number in '{s}'"))).collect::<Result<_, _>>()?;
+        match (kind, n.as_slice()) {
+            ("subgroup", &[m, v, r]) => Ok(Algo::Subgroup { m, v, r }),
+            ("tiled", &[bm, bn, bk, tm, tn]) => Ok(Algo::Tiled { bm, bn, bk, tm, tn }),
+            _ => Err(format!("not an algorithm: '{s}'")),
+        }
+    }
+}
+
+fn persisted(key: &TuneKey) -> Option<Algo> {
+    let path = tune_file()?;
+    let mut p = PERSISTED.lock().unwrap();
+    let map = p.get_or_insert_with(|| {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter_map(|(k, a)| Some((k.to_string(), a.parse().ok()?)))
+            .collect()
+    });
+    map.get(&key_text(key)).copied()
+}
+
+fn persist(key: &TuneKey, algo: Algo) {
+    let Some(path) = tune_file() else { return };
+    use std::io::Write as _;
+    let line = format!("{}\t{algo}\n", key_text(key));
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("warning: could not record a convolution kernel choice in {}: {e}", path.display());
+    }
+}
+
 /// Runs `run` with the forced, cached or fastest algorithm and returns its result. The first
-/// launch of a shape bucket times every candidate once after a warm-up (which compiles it), each
-/// waited for by a readback; results of every candidate are valid, the last one is returned.
+/// launch of a shape bucket runs every candidate once (compiling it) and then times it, each
+/// run waited for by a readback, taking the best of up to three runs within 0.1 s; the results of
+/// every candidate are valid, the last one is returned.
 fn autotune(key: TuneKey, cands: Vec<Algo>, run: &dyn Fn(Algo) -> Tensor) -> Tensor {
-    if let Some(a) = FORCED.with(|c| c.get()[key.form as usize]) {
-        return run(a);
+    let form = key.form as usize;
+    let go = |a: Algo| {
+        LAST.with(|c| {
+            let mut v = c.get();
+            v[form] = Some(a);
+            c.set(v);
+        });
+        run(a)
+    };
+    if let Some(a) = FORCED.with(|c| c.get()[form]) {
+        return go(a);
     }
     if let Some(&a) = TUNED.lock().unwrap().get_or_insert_with(HashMap::new).get(&key) {
-        return run(a);
+        return go(a);
+    }
+    if let Some(a) = persisted(&key).filter(|a| cands.contains(a)) {
+        TUNED.lock().unwrap().get_or_insert_with(HashMap::new).insert(key, a);
+        return go(a);
     }
     if cands.len() == 1 || std::env::var_os("CAML_CONV_NO_TUNE").is_some() {
         TUNED.lock().unwrap().get_or_insert_with(HashMap::new).insert(key, cands[0]);
-        return run(cands[0]);
+        return go(cands[0]);
     }
     let wait = |t: &Tensor| {
         gpu().read(t.buffer(), 0, 4);
@@ -416,17 +504,26 @@ fn autotune(key: TuneKey, cands: Vec<Algo>, run: &dyn Fn(Algo) -> Tensor) -> Ten
     let mut best: Option<(f64, Algo)> = None;
     let mut last = None;
     for &a in &cands {
-        wait(&run(a));
-        let t0 = Instant::now();
-        let out = run(a);
-        wait(&out);
-        let dt = t0.elapsed().as_secs_f64();
-        if best.is_none_or(|(b, _)| dt < b) {
-            best = Some((dt, a));
+        wait(&go(a));
+        let (mut fastest, mut spent) = (f64::MAX, 0.0);
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let out = go(a);
+            wait(&out);
+            let dt = t0.elapsed().as_secs_f64();
+            (fastest, spent) = (fastest.min(dt), spent + dt);
+            last = Some(out);
+            if spent > 0.1 {
+                break;
+            }
         }
-        last = Some(out);
+        if best.is_none_or(|(b, _)| fastest < b) {
+            best = Some((fastest, a));
+        }
     }
-    TUNED.lock().unwrap().get_or_insert_with(HashMap::new).insert(key, best.unwrap().1);
+    let chosen = best.unwrap().1;
+    TUNED.lock().unwrap().get_or_insert_with(HashMap::new).insert(key.clone(), chosen);
+    persist(&key, chosen);
     last.unwrap()
 }
 
@@ -625,7 +722,7 @@ fn launch_gather(
     let bias_binding = bias.map_or(wt.binding(), |b| b.binding());
     let bindings = [sb, wt.binding(), bias_binding, db];
     match algo {
-        Algo::Subgroup { m, v } => {
+        Algo::Subgroup { m, v, .. } => {
             let kernel = Kernel::new(sg_gather_shader(g.k, g.s, m as usize, v as usize), "conv_sg");
             gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
         }
@@ -819,7 +916,7 @@ fn launch_up(
     ext: &[usize],
     g: &GatherGeom,
 ) {
-    let Algo::Subgroup { m, v } = algo else { unreachable!("the up kernels are subgroup kernels") };
+    let Algo::Subgroup { m, v, .. } = algo else { unreachable!("the up kernels are subgroup kernels") };
     let (ss, ds) = (src.shape(), dst.shape());
     let nbatch = if sample.is_some() { 1 } else { ss[0] };
     let (sb, src_base) = bind_sample(src, sample);
@@ -1023,10 +1120,15 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
     };
     let run = |algo: Algo| {
         let launches = if split { as_[0] } else { 1 };
-        let rows = as_[2] * as_[3] * if split { 1 } else { as_[0] };
+        // Steps of the reduction: (n, qx, group of r rows along y).
+        let r = match algo {
+            Algo::Subgroup { r, .. } => r as usize,
+            Algo::Tiled { .. } => 1,
+        };
+        let rows = as_[2] * as_[3].div_ceil(r) * if split { 1 } else { as_[0] };
         // Chunks of the reduction domain: enough tiles to fill the device, a bounded partial.
         let tiles = match algo {
-            Algo::Subgroup { m, v } => ca.div_ceil(8 * m as usize) * cb.div_ceil(v as usize),
+            Algo::Subgroup { m, v, .. } => ca.div_ceil(8 * m as usize) * cb.div_ceil(v as usize),
             Algo::Tiled { bm, bn, .. } => ca.div_ceil(bm as usize) * (cb * k3).div_ceil(bn as usize) * 8,
         };
         let want = 512usize.div_ceil(tiles).max(1);
@@ -1062,7 +1164,7 @@ fn launch_wgrad(
     let (bb, b_base) = bind_sample(b, sample);
     let (ca, cb) = (as_[1], bs[1]);
     let (ablocks, bblocks, tiles) = match algo {
-        Algo::Subgroup { m, v } => {
+        Algo::Subgroup { m, v, .. } => {
             let (x, y) = (ca.div_ceil(8 * m as usize), cb.div_ceil(v as usize));
             (x, y, x * y * chunks)
         }
@@ -1095,10 +1197,11 @@ fn launch_wgrad(
         .i(0);
     let bindings = [ab, bb, part.binding()];
     match algo {
-        Algo::Subgroup { m, v } => {
-            let kernel = Kernel::new(sg_wgrad_shader(g.k, g.s, m as usize, v as usize), "wgrad_sg")
-                .with("KS", g.k as f64)
-                .with("ST", g.s as f64);
+        Algo::Subgroup { m, v, r } => {
+            let kernel =
+                Kernel::new(sg_wgrad_shader(g.k, g.s, m as usize, v as usize, r as usize), "wgrad_sg")
+                    .with("KS", g.k as f64)
+                    .with("ST", g.s as f64);
             gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
         }
         Algo::Tiled { bm, bn, bk, tm, tn } => {
@@ -1122,25 +1225,27 @@ fn launch_wgrad(
     }
 }
 
-/// The subgroup weight-gradient kernel for kernel size k, stride s, m A channels per lane and v
-/// B channels per tile.
-fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize) -> &'static str {
-    generated_shader(&format!("conv3d_grad_sg_k{k}s{s}m{m}v{v}"), || sg_wgrad_source(k, s, m, v))
+/// The subgroup weight-gradient kernel for kernel size k, stride s, m A channels per lane, v B
+/// channels per tile and r output rows (along y) per step.
+fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize, r: usize) -> &'static str {
+    generated_shader(&format!("conv3d_grad_sg_k{k}s{s}m{m}v{v}r{r}"), || sg_wgrad_source(k, s, m, v, r))
 }
 
-/// Lanes are 8 channels of A (m each); a tile walks its chunk of rows in runs of 8 z. Each lane
-/// loads its channels' 8 values of A; each B row under the run (8 s + k values) is loaded once
-/// per tile, 8 lanes at a time, and broadcast by shuffles to every tap along z.
-pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize) -> String {
+/// Lanes are 8 channels of A (m each); a tile walks its chunk of steps (n, qx, r rows along y)
+/// in runs of 8 z. Each lane loads its channels' 8 r values of A; each B row under the step
+/// (8 s + k values, (r - 1) s + k rows per x tap) is loaded once per tile, 8 lanes at a time,
+/// and broadcast by shuffles to every tap along z and every output row it serves.
+pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize) -> String {
     let span = 7 * s + k;
     let nl = span.div_ceil(8);
     let k3 = k * k * k;
+    let brows = (r - 1) * s + k;
     let mut o = String::from(include_str!("../../shaders/conv3d_grad.wgsl"));
     let w = &mut o;
     let _ = writeln!(
         w,
         "
-// Generated: kernel {k}, stride {s}, {m} A channels per lane, {v} B channels per tile.
+// Generated: kernel {k}, stride {s}, {m} A channels per lane, {v} B channels per tile, {r} rows.
 @compute @workgroup_size(64)
 fn wgrad_sg(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -1159,11 +1264,13 @@ fn wgrad_sg(
     let chunk = t / p.bblocks;
     let row0 = min(chunk * p.chunk_rows, p.rows);
     let row1 = min(row0 + p.chunk_rows, p.rows);
+    let yblocks = (p.ay + {r1}u) / {r}u;
     let astride = p.ax * p.ay * p.az;
     let bx = i32(p.bx);
     let by = i32(p.by);
     let bz = i32(p.bz);
-    let bstride = bx * by * bz;"
+    let bstride = bx * by * bz;",
+        r1 = r - 1
     );
     for i in 0..m {
         let _ = writeln!(w, "    let ch{i} = ab * {}u + lane + {}u;", 8 * m, 8 * i);
@@ -1183,19 +1290,24 @@ fn wgrad_sg(
     let _ = writeln!(
         w,
         "    for (var row = row0; row < row1; row++) {{
-        let rq = row_of(row);
-        let abase = p.a_base + rq.x * p.a_batch + (rq.y * p.ay + rq.z) * p.az;
-        let bbase = i32(p.b_base + rq.x * p.b_batch);
-        let xi0 = i32(rq.y * {s}u) + p.off.x;
-        let yi0 = i32(rq.z * {s}u) + p.off.y;
+        let n = row / (p.ax * yblocks);
+        let qx = (row / yblocks) % p.ax;
+        let qy0 = (row % yblocks) * {r}u;
+        let abase = p.a_base + n * p.a_batch + (qx * p.ay + qy0) * p.az;
+        let bbase = i32(p.b_base + n * p.b_batch);
+        let xi0 = i32(qx * {s}u) + p.off.x;
+        let yi0 = i32(qy0 * {s}u) + p.off.y;
         for (var z0 = 0u; z0 < p.az; z0 += 8u) {{"
     );
-    for i in 0..m {
-        for j in 0..8 {
-            let _ = writeln!(
-                w,
-                "            let x{i}_{j} = a_at(abase + ch{i} * astride + z0 + {j}u, chok{i} && z0 + {j}u < p.az);"
-            );
+    for rr in 0..r {
+        for i in 0..m {
+            for j in 0..8 {
+                let _ = writeln!(
+                    w,
+                    "            let x{i}_{rr}_{j} = a_at(abase + ch{i} * astride + {off}u + z0 + {j}u, chok{i} && qy0 + {rr}u < p.ay && z0 + {j}u < p.az);",
+                    off = "p.az * ".to_string() + &rr.to_string(),
+                );
+            }
         }
     }
     for q in 0..nl {
@@ -1204,12 +1316,12 @@ fn wgrad_sg(
     }
     for b in 0..v {
         for dx in 0..k {
-            for dy in 0..k {
+            for yy in 0..brows {
                 let _ = writeln!(
                     w,
                     "            {{
                 let xi = xi0 + {dx};
-                let yi = yi0 + {dy};
+                let yi = yi0 + {yy};
                 let ok = bcok{b} && xi >= 0 && xi < bx && yi >= 0 && yi < by;
                 let rb = bbase + i32(bc{b}) * bstride + (select(0, xi, ok) * by + select(0, yi, ok)) * bz;"
                 );
@@ -1224,15 +1336,18 @@ fn wgrad_sg(
                         e % 8
                     );
                 }
-                for j in 0..8 {
-                    for dz in 0..k {
-                        let t = (dx * k + dy) * k + dz;
-                        for i in 0..m {
-                            let _ = writeln!(
-                                w,
-                                "                g{i}_{b}_{t} = fma(x{i}_{j}, e{}, g{i}_{b}_{t});",
-                                j * s + dz
-                            );
+                for rr in 0..r {
+                    let Some(dy) = yy.checked_sub(rr * s).filter(|&d| d < k) else { continue };
+                    for j in 0..8 {
+                        for dz in 0..k {
+                            let t = (dx * k + dy) * k + dz;
+                            for i in 0..m {
+                                let _ = writeln!(
+                                    w,
+                                    "                g{i}_{b}_{t} = fma(x{i}_{rr}_{j}, e{}, g{i}_{b}_{t});",
+                                    j * s + dz
+                                );
+                            }
                         }
                     }
                 }
@@ -1588,8 +1703,12 @@ pub fn bench_conv_kernels(preset: BenchPreset, reps: usize) -> Vec<BenchRow> {
                 .collect();
             times.sort_by(f64::total_cmp);
             let median_s = times[times.len() / 2];
-            let form = if pass == Pass::BackwardWeight { Form::Wgrad } else { Form::Gather };
-            let algo = tuned_for(form, &case, pass);
+            let form = match (pass, case.transpose, (case.k, case.stride, case.padding)) {
+                (Pass::BackwardWeight, _, _) => Form::Wgrad,
+                (Pass::Forward, true, _) | (Pass::BackwardData, false, (2, 2, 0)) => Form::Up,
+                _ => Form::Gather,
+            };
+            let algo = last_algo(form).map_or("-".into(), |a| a.to_string());
             rows.push(BenchRow {
                 kernel: format!("{}{pass:?}", if case.transpose { "conv_transpose3d " } else { "conv3d " }),
                 shape: case.label(),
@@ -1600,21 +1719,4 @@ pub fn bench_conv_kernels(preset: BenchPreset, reps: usize) -> Vec<BenchRow> {
         }
     }
     rows
-}
-
-/// The algorithm the autotune chose for a pass, as text (the most recent matching bucket).
-fn tuned_for(form: Form, case: &BenchCase, pass: Pass) -> String {
-    let t = TUNED.lock().unwrap();
-    let channels = match (case.transpose, pass) {
-        (false, Pass::Forward) | (true, Pass::Forward) => (case.cin, case.cout),
-        (_, Pass::BackwardData) => (case.cout, case.cin),
-        (false, Pass::BackwardWeight) => (case.cout, case.cin),
-        (true, Pass::BackwardWeight) => (case.cin, case.cout),
-    };
-    t.iter()
-        .flatten()
-        .filter(|(k, _)| k.form == form && k.channels == channels)
-        .map(|(_, a)| format!("{a:?}"))
-        .next()
-        .unwrap_or_else(|| "-".into())
 }
