@@ -56,7 +56,7 @@ fn conv3d_forward_and_input_grad_match_cpu_for_every_algo() {
         let (tx, tw, tb) =
             (Tensor::from_vec(&x, &xs), Tensor::from_vec(&w, &ws), Tensor::from_vec(&b, &[cout]));
         let tdy = Tensor::from_vec(&dy, &ys);
-        for algo in conv::algos(Form::Gather) {
+        for algo in conv::algos(Form::Gather, k) {
             let what = format!("case {ci} {algo:?}");
             conv::with_algo(Form::Gather, algo, || {
                 let y = conv::conv3d(&tx, &tw, &tb, s, p);
@@ -67,7 +67,7 @@ fn conv3d_forward_and_input_grad_match_cpu_for_every_algo() {
             });
         }
         if (k, s, p) == (2, 2, 0) {
-            for algo in conv::algos(Form::Up) {
+            for algo in conv::algos(Form::Up, 1) {
                 conv::with_algo(Form::Up, algo, || {
                     let dx = conv::conv3d_input_grad(&tdy, &tw, &xs, s, p);
                     close(&dx.to_vec(), &want_dx, 1e-4, &format!("input grad case {ci} {algo:?}"));
@@ -87,7 +87,7 @@ fn conv3d_weight_and_bias_grads_match_cpu_for_every_algo() {
         let dy = rand(300 + ci as u64, &ys);
         let (_, want_dw, want_db) = cpu::conv3d_backward(&x, xs, &w, ws, &dy, s, p);
         let (tx, tdy) = (Tensor::from_vec(&x, &xs), Tensor::from_vec(&dy, &ys));
-        for algo in conv::algos(Form::Wgrad) {
+        for algo in conv::algos(Form::Wgrad, k) {
             conv::with_algo(Form::Wgrad, algo, || {
                 let dw = conv::conv3d_weight_grad(&tdy, &tx, k, s, p);
                 assert_eq!(dw.shape(), &ws[..]);
@@ -125,20 +125,20 @@ fn conv_transpose3d_matches_cpu_for_every_algo() {
         let (tx, tw, tb) =
             (Tensor::from_vec(&x, &xs), Tensor::from_vec(&w, &ws), Tensor::from_vec(&b, &[cout]));
         let tdy = Tensor::from_vec(&dy, &ys);
-        for algo in conv::algos(Form::Up) {
+        for algo in conv::algos(Form::Up, 1) {
             conv::with_algo(Form::Up, algo, || {
                 let y = conv::conv_transpose3d(&tx, &tw, &tb);
                 assert_eq!(y.shape(), &ys[..]);
                 close(&y.to_vec(), &want, 1e-4, &format!("forward case {ci} {algo:?}"));
             });
         }
-        for algo in conv::algos(Form::Gather) {
+        for algo in conv::algos(Form::Gather, 2) {
             conv::with_algo(Form::Gather, algo, || {
                 let dx = conv::conv_transpose3d_input_grad(&tdy, &tw, &xs);
                 close(&dx.to_vec(), &want_dx, 1e-4, &format!("input grad case {ci} {algo:?}"));
             });
         }
-        for algo in conv::algos(Form::Wgrad) {
+        for algo in conv::algos(Form::Wgrad, 2) {
             conv::with_algo(Form::Wgrad, algo, || {
                 let dw = conv::conv_transpose3d_weight_grad(&tdy, &tx);
                 close(&dw.to_vec(), &want_dw, 1e-4, &format!("weight grad case {ci} {algo:?}"));
@@ -200,7 +200,7 @@ fn conv_transpose3d_grad_matches_finite_differences() {
 
 #[test]
 fn algos_cover_both_families() {
-    let g = conv::algos(Form::Gather);
+    let g = conv::algos(Form::Gather, 3);
     assert!(g.iter().any(|a| matches!(a, Algo::Tiled { .. })));
     assert_eq!(conv::subgroups_usable(), g.iter().any(|a| matches!(a, Algo::Subgroup { .. })));
 }

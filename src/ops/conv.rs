@@ -287,7 +287,9 @@ pub enum Form {
 
 const SUBGROUP_GATHER: [(u32, u32, u32); 4] = [(8, 4, 1), (16, 4, 1), (8, 8, 1), (4, 8, 1)];
 const SUBGROUP_UP: [(u32, u32, u32); 4] = [(4, 4, 1), (8, 2, 1), (2, 4, 1), (8, 4, 1)];
-const SUBGROUP_WGRAD: [(u32, u32, u32); 5] = [(2, 2, 1), (4, 1, 1), (2, 1, 2), (1, 2, 2), (4, 2, 1)];
+const SUBGROUP_WGRAD: [(u32, u32, u32); 4] = [(2, 2, 1), (4, 1, 1), (2, 1, 2), (1, 2, 2)];
+/// Kernels of at most 2^3 taps hold more B channels per tile for the same registers.
+const SUBGROUP_WGRAD_SMALL: [(u32, u32, u32); 4] = [(2, 2, 1), (4, 2, 1), (4, 4, 1), (1, 4, 1)];
 const TILED: [Algo; 2] = [
     Algo::Tiled { bm: 32, bn: 64, bk: 16, tm: 4, tn: 4 },
     Algo::Tiled { bm: 64, bn: 64, bk: 8, tm: 4, tn: 4 },
@@ -299,13 +301,14 @@ pub fn subgroups_usable() -> bool {
     g.features.contains(wgpu::Features::SUBGROUP) && g.info.subgroup_min_size >= 8
 }
 
-/// Every algorithm this adapter can run for a form (what the tests check).
-pub fn algos(form: Form) -> Vec<Algo> {
+/// Every algorithm this adapter can run for a form and kernel size (what the tests check).
+pub fn algos(form: Form, k: usize) -> Vec<Algo> {
     let mut v: Vec<Algo> = Vec::new();
     if subgroups_usable() {
         let sg: &[(u32, u32, u32)] = match form {
             Form::Gather => &SUBGROUP_GATHER,
             Form::Up => &SUBGROUP_UP,
+            Form::Wgrad if k <= 2 => &SUBGROUP_WGRAD_SMALL,
             Form::Wgrad => &SUBGROUP_WGRAD,
         };
         v.extend(sg.iter().map(|&(m, v, r)| Algo::Subgroup { m, v, r }));
@@ -317,8 +320,8 @@ pub fn algos(form: Form) -> Vec<Algo> {
 /// The candidates timed for a shape: subgroup tiles no wider than the channels they cover
 /// (`channels` = output channels, or (A, B) channels of a weight gradient), and on a software
 /// device only those (its workgroup memory is as slow as storage).
-fn candidates(form: Form, channels: (usize, usize)) -> Vec<Algo> {
-    let all = algos(form);
+fn candidates(form: Form, k: usize, channels: (usize, usize)) -> Vec<Algo> {
+    let all = algos(form, k);
     let fits = |a: &Algo| match (form, a) {
         (Form::Wgrad, Algo::Subgroup { m, v, .. }) => {
             8 * *m as usize <= channels.0.next_power_of_two().max(8)
@@ -661,7 +664,7 @@ fn gather(
         }
         dst
     };
-    autotune(key, candidates(form, (g.cout, g.cin)), &run)
+    autotune(key, candidates(form, g.k, (g.cout, g.cin)), &run)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1143,7 +1146,7 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
         }
         part.sum(&[0], false).reshape(&[ca, cb, g.k, g.k, g.k])
     };
-    autotune(key, candidates(Form::Wgrad, (ca, cb)), &run)
+    autotune(key, candidates(Form::Wgrad, g.k, (ca, cb)), &run)
 }
 
 #[allow(clippy::too_many_arguments)]
