@@ -118,6 +118,20 @@ pub(crate) enum Op {
         padding: usize,
         transposed: bool,
     },
+    /// conv3d with bias (PyTorch semantics, cubic kernel).
+    Conv3d {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        stride: usize,
+        padding: usize,
+    },
+    /// conv_transpose3d with kernel = stride = 2 and bias; w [Cin, Cout, 2, 2, 2].
+    ConvTranspose3d {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+    },
     /// LayerNorm over the last axis; `mean` and `rstd` per row.
     LayerNorm {
         x: Tensor,
@@ -153,6 +167,7 @@ impl Op {
             | Op::Upsample2x { x } => vec![x],
             Op::BatchNorm { x, weight, bias, .. } => vec![x, weight, bias],
             Op::ConvRef { x, w, b, .. } => vec![x, w, b],
+            Op::Conv3d { x, w, b, .. } | Op::ConvTranspose3d { x, w, b } => vec![x, w, b],
             Op::LayerNorm { x, w, b, .. } => vec![x, w, b],
             Op::Attention { qkv, .. } => vec![qkv],
             Op::Concat { xs, .. } => xs.iter().collect(),
@@ -162,8 +177,8 @@ impl Op {
     /// Gradients of the inputs (in `inputs()` order) given the gradient `g` of the output `out`.
     fn backward(&self, g: &Tensor) -> Vec<Option<Tensor>> {
         use crate::ops::{
-            attention, batchnorm, conv_ref, dropout, elementwise as ew, layernorm, layout, matmul, reduce,
-            upsample,
+            attention, batchnorm, conv, conv_ref, dropout, elementwise as ew, layernorm, layout, matmul,
+            reduce, upsample,
         };
         match self {
             Op::Binary { op, a, b } => {
@@ -233,6 +248,8 @@ impl Op {
             Op::ConvRef { x, w, stride, padding, transposed, .. } => {
                 conv_ref::conv_ref_grad(x, w, g, *stride, *padding, *transposed).map(Some).into()
             }
+            Op::Conv3d { x, w, b, stride, padding } => conv::conv3d_backward(g, x, w, b, *stride, *padding),
+            Op::ConvTranspose3d { x, w, b } => conv::conv_transpose3d_backward(g, x, w, b),
             Op::LayerNorm { x, w, mean, rstd, .. } => {
                 let (dx, dw, db) = layernorm::layer_norm_grad(x, w, mean, rstd, g);
                 vec![Some(dx), Some(dw), Some(db)]

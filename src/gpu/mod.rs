@@ -16,6 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use pool::Pool;
 pub use pool::{GpuBuffer, MemoryStats};
+pub use shaders::generated as generated_shader;
 
 /// Workgroup size of every one-dimensional kernel (`@workgroup_size(256)` in the shaders).
 pub const WG: u32 = 256;

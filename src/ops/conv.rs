@@ -1,4 +1,1725 @@
-//! The convolutions the network layers call. For now the reference kernels of `conv_ref`; the
-//! tuned kernels replace this file with the same signatures.
+//! 3D convolution (PyTorch Conv3d: cross-correlation plus bias) and the kernel-2 stride-2
+//! transposed convolution of the decoder, forward and backward; layout N, C, X, Y, Z.
+//!
+//! Two forms cover the six kernels:
+//! - gather (shaders/conv3d.wgsl), per axis with r the output parity class:
+//!   `dst[n, o, q*os + r] = bias[o] + sum_i sum_d src[n, i, q*S + d + off_r] * W_r[o, i, d]`.
+//!   conv3d's forward is one class with the weights; its input gradient the same over the
+//!   output gradient with flipped, transposed weights, split by output parity when the stride
+//!   is 2; conv_transpose3d's forward is eight 1x1 classes (one per output parity), its input
+//!   gradient a k2 s2 convolution. `Prep` rearranges the weights for each.
+//! - wgrad (shaders/conv3d_grad.wgsl), summed over chunks of the (n, q) domain:
+//!   `dW[a, b, t] = sum_n sum_q A[n, a, q] * B[n, b, q*S + t + off]`. conv3d's weight gradient
+//!   with A = output gradient, B = input; conv_transpose3d's with A = input, B = output gradient.
+//!
+//! Each form has two kernel families, both checked against `cpu`:
+//! - `Algo::Subgroup`: register tiles of 8 lanes generated per (kernel size, stride, tile) with
+//!   every tap unrolled. Each lane loads a different element and the tile shares them through
+//!   subgroup shuffles, which cost about one FMA on a software device, where a storage load
+//!   costs tens: weights (gather) or B rows (wgrad) are read once per 8 lanes, and a row of
+//!   inputs once for all kernel taps along z.
+//! - `Algo::Tiled`: the workgroup-memory implicit GEMM of GPUs, tile sizes as override
+//!   constants.
+//!
+//! `Algo` is chosen per shape bucket by timing the candidates of the adapter once per process
+//! (`autotune`), or forced with `with_algo` (tests, benchmarks).
+//!
+//! Tensors over the storage binding limit are bound one sample per launch; a sample over the
+//! limit panics naming the shape.
 
-pub use crate::ops::conv_ref::{conv_transpose3d, conv3d};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::autograd::Op;
+use crate::gpu::{Binding, Kernel, generated_shader, gpu};
+use crate::ops::Params;
+use crate::tensor::Tensor;
+
+// ---- public API ----------------------------------------------------------------------------
+
+/// x [N, Cin, X, Y, Z], w [Cout, Cin, k, k, k], b [Cout] -> [N, Cout, X', Y', Z'] with
+/// X' = (X + 2 padding - k) / stride + 1.
+pub fn conv3d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Tensor {
+    let (xs, ws) = (dims5(x, "conv3d input"), dims5(w, "conv3d weight"));
+    let k = ws[2];
+    assert!(ws[2] == ws[3] && ws[3] == ws[4], "conv3d weight {ws:?}: cubic kernels only");
+    assert_eq!(xs[1], ws[1], "conv3d: input {xs:?} and weight {ws:?} disagree on input channels");
+    assert_eq!(b.shape(), &[ws[0]], "conv3d: bias {:?} for {} output channels", b.shape(), ws[0]);
+    assert!((1..=2).contains(&stride), "conv3d: stride {stride} (1 or 2 supported)");
+    let out = conv_out_shape(xs, ws[0], k, stride, padding);
+    let geom = GatherGeom {
+        k,
+        s: stride,
+        os: 1,
+        ncls: 1,
+        off: [[-(padding as i64); 3]; 2],
+        cin: xs[1],
+        cout: ws[0],
+    };
+    let prep = Prep {
+        w,
+        k,
+        kk: k,
+        out: ws[0],
+        inp: ws[1],
+        so: ws[1] * k * k * k,
+        si: k * k * k,
+        tstep: 1,
+        tbase: [[0; 3]; 2],
+        ncls: 1,
+    };
+    let y = gather(x, &prep, None, Some(b), out, &geom);
+    Tensor::with_op(y, Op::Conv3d { x: x.clone(), w: w.clone(), b: b.clone(), stride, padding })
+}
+
+/// x [N, Cin, X, Y, Z], w [Cin, Cout, 2, 2, 2] (PyTorch's ConvTranspose3d layout), b [Cout] ->
+/// [N, Cout, 2X, 2Y, 2Z]: kernel 2, stride 2.
+pub fn conv_transpose3d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+    let (xs, ws) = (dims5(x, "conv_transpose3d input"), dims5(w, "conv_transpose3d weight"));
+    assert_eq!(&ws[2..], &[2, 2, 2], "conv_transpose3d weight {ws:?}: kernel 2 only");
+    assert_eq!(xs[1], ws[0], "conv_transpose3d: input {xs:?} and weight {ws:?} disagree on channels");
+    assert_eq!(b.shape(), &[ws[1]], "conv_transpose3d: bias {:?} for {} channels", b.shape(), ws[1]);
+    let (cin, cout) = (ws[0], ws[1]);
+    let out = [xs[0], cout, 2 * xs[2], 2 * xs[3], 2 * xs[4]];
+    // Output parity r reads input q with tap r: eight 1x1 convolutions.
+    let geom = GatherGeom { k: 1, s: 1, os: 2, ncls: 8, off: [[0; 3]; 2], cin, cout };
+    let prep = Prep {
+        w,
+        k: 2,
+        kk: 1,
+        out: cout,
+        inp: cin,
+        so: 8,
+        si: cout * 8,
+        tstep: 0,
+        tbase: [[0; 3], [1; 3]],
+        ncls: 8,
+    };
+    let up = Prep {
+        w,
+        k: 2,
+        kk: 2,
+        out: cout,
+        inp: cin,
+        so: 8,
+        si: cout * 8,
+        tstep: 1,
+        tbase: [[0; 3]; 2],
+        ncls: 1,
+    };
+    let y = gather(x, &prep, Some(&up), Some(b), out, &geom);
+    Tensor::with_op(y, Op::ConvTranspose3d { x: x.clone(), w: w.clone(), b: b.clone() })
+}
+
+impl Tensor {
+    pub fn conv3d(&self, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Tensor {
+        conv3d(self, w, b, stride, padding)
+    }
+    pub fn conv_transpose3d(&self, w: &Tensor, b: &Tensor) -> Tensor {
+        conv_transpose3d(self, w, b)
+    }
+}
+
+/// Gradient of conv3d's input: dy [N, Cout, X', Y', Z'], w [Cout, Cin, k, k, k] -> dx of shape
+/// `x_shape`.
+pub fn conv3d_input_grad(
+    dy: &Tensor,
+    w: &Tensor,
+    x_shape: &[usize],
+    stride: usize,
+    padding: usize,
+) -> Tensor {
+    let ws = dims5(w, "conv3d weight");
+    let xs: [usize; 5] = x_shape.try_into().expect("conv3d input shape of rank 5");
+    let (cout, cin, k) = (ws[0], ws[1], ws[2]);
+    let (s, p) = (stride as i64, padding as i64);
+    // Input position s*q + r receives the taps t = t0 + s*j of output q + c - j, t0 = (r + p) mod s,
+    // c = (r + p - t0) / s: a stride-1 gather with the kernel flipped and subsampled.
+    let classes: Vec<(i64, i64, i64)> = (0..s)
+        .map(|r| {
+            let t0 = (r + p) % s;
+            let n = if (k as i64) > t0 { (k as i64 - t0 + s - 1) / s } else { 0 };
+            (t0, n, (r + p - t0) / s)
+        })
+        .collect();
+    let kk = classes.iter().map(|c| c.1).max().unwrap().max(1);
+    let mut tbase = [[0; 3]; 2];
+    let mut off = [[0; 3]; 2];
+    for (r, &(t0, _, c)) in classes.iter().enumerate() {
+        tbase[r] = [t0 + s * (kk - 1); 3];
+        off[r] = [c - (kk - 1); 3];
+    }
+    let ncls = if stride == 2 { 8 } else { 1 };
+    let geom = GatherGeom { k: kk as usize, s: 1, os: stride, ncls, off, cin: cout, cout: cin };
+    let prep = Prep {
+        w,
+        k,
+        kk: kk as usize,
+        out: cin,
+        inp: cout,
+        so: k * k * k,
+        si: cin * k * k * k,
+        tstep: -s,
+        tbase,
+        ncls,
+    };
+    // A k2 s2 p0 convolution's input gradient is a k2 s2 transposed convolution of dy.
+    let up = (k == 2 && stride == 2 && padding == 0).then_some(Prep {
+        w,
+        k: 2,
+        kk: 2,
+        out: cin,
+        inp: cout,
+        so: 8,
+        si: cin * 8,
+        tstep: 1,
+        tbase: [[0; 3]; 2],
+        ncls: 1,
+    });
+    gather(dy, &prep, up.as_ref(), None, xs, &geom)
+}
+
+/// Gradient of conv3d's weight: dy [N, Cout, X', Y', Z'], x [N, Cin, X, Y, Z] -> [Cout, Cin, k, k, k].
+pub fn conv3d_weight_grad(dy: &Tensor, x: &Tensor, k: usize, stride: usize, padding: usize) -> Tensor {
+    let geom = WgradGeom { k, s: stride, off: [-(padding as i64); 3] };
+    wgrad(dy, x, &geom)
+}
+
+/// Gradient of conv_transpose3d's input: dy [N, Cout, 2X, 2Y, 2Z], w [Cin, Cout, 2, 2, 2] ->
+/// [N, Cin, X, Y, Z]: a k2 s2 convolution of dy.
+pub fn conv_transpose3d_input_grad(dy: &Tensor, w: &Tensor, x_shape: &[usize]) -> Tensor {
+    let ws = dims5(w, "conv_transpose3d weight");
+    let xs: [usize; 5] = x_shape.try_into().expect("conv_transpose3d input shape of rank 5");
+    let (cin, cout) = (ws[0], ws[1]);
+    let geom = GatherGeom { k: 2, s: 2, os: 1, ncls: 1, off: [[0; 3]; 2], cin: cout, cout: cin };
+    let prep = Prep {
+        w,
+        k: 2,
+        kk: 2,
+        out: cin,
+        inp: cout,
+        so: cout * 8,
+        si: 8,
+        tstep: 1,
+        tbase: [[0; 3]; 2],
+        ncls: 1,
+    };
+    gather(dy, &prep, None, None, xs, &geom)
+}
+
+/// Gradient of conv_transpose3d's weight: dy [N, Cout, 2X, 2Y, 2Z], x [N, Cin, X, Y, Z] ->
+/// [Cin, Cout, 2, 2, 2].
+pub fn conv_transpose3d_weight_grad(dy: &Tensor, x: &Tensor) -> Tensor {
+    wgrad(x, dy, &WgradGeom { k: 2, s: 2, off: [0; 3] })
+}
+
+/// Backward rule of conv3d: gradients of (x, w, b) given dy.
+pub(crate) fn conv3d_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Vec<Option<Tensor>> {
+    vec![
+        x.tracks_grad().then(|| conv3d_input_grad(dy, w, x.shape(), stride, padding)),
+        w.tracks_grad().then(|| conv3d_weight_grad(dy, x, w.dim(2), stride, padding)),
+        b.tracks_grad().then(|| dy.sum(&[0, 2, 3, 4], false)),
+    ]
+}
+
+/// Backward rule of conv_transpose3d: gradients of (x, w, b) given dy.
+pub(crate) fn conv_transpose3d_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+) -> Vec<Option<Tensor>> {
+    vec![
+        x.tracks_grad().then(|| conv_transpose3d_input_grad(dy, w, x.shape())),
+        w.tracks_grad().then(|| conv_transpose3d_weight_grad(dy, x)),
+        b.tracks_grad().then(|| dy.sum(&[0, 2, 3, 4], false)),
+    ]
+}
+
+/// Output shape of conv3d.
+pub fn conv_out_shape(xs: [usize; 5], cout: usize, k: usize, stride: usize, padding: usize) -> [usize; 5] {
+    let o = |d: usize| {
+        assert!(d + 2 * padding >= k, "conv3d: extent {d} with padding {padding} is smaller than kernel {k}");
+        (d + 2 * padding - k) / stride + 1
+    };
+    [xs[0], cout, o(xs[2]), o(xs[3]), o(xs[4])]
+}
+
+fn dims5(t: &Tensor, what: &str) -> [usize; 5] {
+    t.shape().try_into().unwrap_or_else(|_| panic!("{what} of shape {:?}: rank 5 expected", t.shape()))
+}
+
+// ---- kernel choice -------------------------------------------------------------------------
+
+/// A kernel family and its tile sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algo {
+    /// Register tiles of 8 subgroup lanes. Gather and up: lanes are 8 consecutive z, each
+    /// holding `m` output channels x `v` rows along y (`r` = 1). Wgrad: lanes are 8 A channels
+    /// (`m` per lane), a tile covers `v` B channels with every tap and steps over `r` output
+    /// rows along y at a time.
+    Subgroup { m: u32, v: u32, r: u32 },
+    /// Workgroup-memory implicit GEMM: `bm` (channels) x `bn` (voxels, or B columns) per
+    /// workgroup, reduced `bk` at a time, `tm` x `tn` per invocation.
+    Tiled { bm: u32, bn: u32, bk: u32, tm: u32, tn: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Form {
+    /// The gather form in general.
+    Gather,
+    /// The gather form of a k2 s2 transposed convolution (conv_transpose3d's forward, the input
+    /// gradient of a k2 s2 conv3d): its subgroup kernels compute all eight output parities of
+    /// an input voxel together.
+    Up,
+    Wgrad,
+}
+
+const SUBGROUP_GATHER: [(u32, u32, u32); 4] = [(8, 4, 1), (16, 4, 1), (8, 8, 1), (4, 8, 1)];
+const SUBGROUP_UP: [(u32, u32, u32); 4] = [(4, 4, 1), (8, 2, 1), (2, 4, 1), (8, 4, 1)];
+const SUBGROUP_WGRAD: [(u32, u32, u32); 4] = [(2, 2, 1), (4, 1, 1), (2, 1, 2), (1, 2, 2)];
+/// Kernels of at most 2^3 taps hold more B channels per tile for the same registers.
+const SUBGROUP_WGRAD_SMALL: [(u32, u32, u32); 4] = [(2, 2, 1), (4, 2, 1), (4, 4, 1), (1, 4, 1)];
+const TILED: [Algo; 2] = [
+    Algo::Tiled { bm: 32, bn: 64, bk: 16, tm: 4, tn: 4 },
+    Algo::Tiled { bm: 64, bn: 64, bk: 8, tm: 4, tn: 4 },
+];
+
+/// True when the adapter runs the subgroup kernels: shuffles within groups of 8 lanes.
+pub fn subgroups_usable() -> bool {
+    let g = gpu();
+    g.features.contains(wgpu::Features::SUBGROUP) && g.info.subgroup_min_size >= 8
+}
+
+/// Every algorithm this adapter can run for a form and kernel size (what the tests check).
+pub fn algos(form: Form, k: usize) -> Vec<Algo> {
+    let mut v: Vec<Algo> = Vec::new();
+    if subgroups_usable() {
+        let sg: &[(u32, u32, u32)] = match form {
+            Form::Gather => &SUBGROUP_GATHER,
+            Form::Up => &SUBGROUP_UP,
+            Form::Wgrad if k <= 2 => &SUBGROUP_WGRAD_SMALL,
+            Form::Wgrad => &SUBGROUP_WGRAD,
+        };
+        v.extend(sg.iter().map(|&(m, v, r)| Algo::Subgroup { m, v, r }));
+    }
+    v.extend(TILED);
+    v
+}
+
+/// The candidates timed for a shape: subgroup tiles no wider than the channels they cover
+/// (`channels` = output channels, or (A, B) channels of a weight gradient), and on a software
+/// device only those (its workgroup memory is as slow as storage).
+fn candidates(form: Form, k: usize, channels: (usize, usize)) -> Vec<Algo> {
+    let all = algos(form, k);
+    let fits = |a: &Algo| match (form, a) {
+        (Form::Wgrad, Algo::Subgroup { m, v, .. }) => {
+            8 * *m as usize <= channels.0.next_power_of_two().max(8)
+                && *v as usize <= channels.1.next_power_of_two()
+        }
+        (_, Algo::Subgroup { m, .. }) => *m as usize <= channels.0.next_power_of_two().max(4),
+        _ => true,
+    };
+    let software_sg = gpu().is_software() && subgroups_usable();
+    let c: Vec<Algo> = all
+        .iter()
+        .copied()
+        .filter(fits)
+        .filter(|a| !(software_sg && matches!(a, Algo::Tiled { .. })))
+        .collect();
+    if c.is_empty() { all } else { c }
+}
+
+thread_local! {
+    static FORCED: Cell<[Option<Algo>; 3]> = const { Cell::new([None; 3]) };
+    static BINDING_LIMIT: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Runs `f` as if one storage binding could hold at most `bytes` (tests of the per-sample path).
+pub fn with_binding_limit<R>(bytes: u64, f: impl FnOnce() -> R) -> R {
+    let prev = BINDING_LIMIT.with(|c| c.replace(Some(bytes)));
+    struct Restore(Option<u64>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BINDING_LIMIT.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(prev);
+    f()
+}
+
+fn binding_limit() -> u64 {
+    BINDING_LIMIT.with(|c| c.get()).unwrap_or_else(|| gpu().max_binding())
+}
+
+/// Runs `f` with `algo` used for every launch of `form` on this thread (tests, benchmarks).
+pub fn with_algo<R>(form: Form, algo: Algo, f: impl FnOnce() -> R) -> R {
+    let prev = FORCED.with(|c| {
+        let prev = c.get();
+        let mut next = prev;
+        next[form as usize] = Some(algo);
+        c.set(next);
+        prev
+    });
+    struct Restore([Option<Algo>; 3]);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(prev);
+    f()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct TuneKey {
+    form: Form,
+    k: usize,
+    s: usize,
+    ncls: usize,
+    channels: (usize, usize),
+    /// log2 of the output voxels of one launch
+    vox: u32,
+}
+
+static TUNED: Mutex<Option<HashMap<TuneKey, Algo>>> = Mutex::new(None);
+
+thread_local! {
+    static LAST: Cell<[Option<Algo>; 3]> = const { Cell::new([None; 3]) };
+}
+
+/// The algorithm of this thread's latest launch of a form (benchmark reports).
+pub fn last_algo(form: Form) -> Option<Algo> {
+    LAST.with(|c| c.get()[form as usize])
+}
+
+/// The algorithms chosen so far, for reports.
+pub fn tuned() -> Vec<(String, Algo)> {
+    let t = TUNED.lock().unwrap();
+    t.iter().flatten().map(|(k, a)| (format!("{k:?}"), *a)).collect()
+}
+
+/// Choices of earlier processes, read from the file named by `CAML_CONV_TUNE_FILE` (lines of
+/// "adapter|bucket<TAB>algorithm"); new choices are appended to it.
+static PERSISTED: Mutex<Option<HashMap<String, Algo>>> = Mutex::new(None);
+
+fn tune_file() -> Option<std::path::PathBuf> {
+    std::env::var_os("CAML_CONV_TUNE_FILE").map(Into::into)
+}
+
+fn key_text(key: &TuneKey) -> String {
+    let (c0, c1) = key.channels;
+    format!("{}|{:?} k{} s{} c{} {c0}x{c1} v{}", gpu().info.name, key.form, key.k, key.s, key.ncls, key.vox)
+}
+
+impl std::fmt::Display for Algo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Algo::Subgroup { m, v, r } => write!(f, "subgroup {m} {v} {r}"),
+            Algo::Tiled { bm, bn, bk, tm, tn } => write!(f, "tiled {bm} {bn} {bk} {tm} {tn}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Algo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut it = s.split_whitespace();
+        let kind = it.next().unwrap_or("");
+        let n: Vec<u32> =
+            it.map(|t| t.parse().map_err(|_| format!("bad number in '{s}'"))).collect::<Result<_, _>>()?;
+        match (kind, n.as_slice()) {
+            ("subgroup", &[m, v, r]) => Ok(Algo::Subgroup { m, v, r }),
+            ("tiled", &[bm, bn, bk, tm, tn]) => Ok(Algo::Tiled { bm, bn, bk, tm, tn }),
+            _ => Err(format!("not an algorithm: '{s}'")),
+        }
+    }
+}
+
+fn persisted(key: &TuneKey) -> Option<Algo> {
+    let path = tune_file()?;
+    let mut p = PERSISTED.lock().unwrap();
+    let map = p.get_or_insert_with(|| {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter_map(|(k, a)| Some((k.to_string(), a.parse().ok()?)))
+            .collect()
+    });
+    map.get(&key_text(key)).copied()
+}
+
+fn persist(key: &TuneKey, algo: Algo) {
+    let Some(path) = tune_file() else { return };
+    use std::io::Write as _;
+    let line = format!("{}\t{algo}\n", key_text(key));
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("warning: could not record a convolution kernel choice in {}: {e}", path.display());
+    }
+}
+
+/// Runs `run` with the forced, cached or fastest algorithm and returns its result. The first
+/// launch of a shape bucket runs every candidate once (compiling it) and then times it, each
+/// run waited for by a readback, taking the best of up to three runs within 0.1 s; the results of
+/// every candidate are valid, the last one is returned.
+fn autotune(key: TuneKey, cands: Vec<Algo>, run: &dyn Fn(Algo) -> Tensor) -> Tensor {
+    let form = key.form as usize;
+    let go = |a: Algo| {
+        LAST.with(|c| {
+            let mut v = c.get();
+            v[form] = Some(a);
+            c.set(v);
+        });
+        run(a)
+    };
+    if let Some(a) = FORCED.with(|c| c.get()[form]) {
+        return go(a);
+    }
+    if let Some(&a) = TUNED.lock().unwrap().get_or_insert_with(HashMap::new).get(&key) {
+        return go(a);
+    }
+    if let Some(a) = persisted(&key).filter(|a| cands.contains(a)) {
+        TUNED.lock().unwrap().get_or_insert_with(HashMap::new).insert(key, a);
+        return go(a);
+    }
+    if cands.len() == 1 || std::env::var_os("CAML_CONV_NO_TUNE").is_some() {
+        TUNED.lock().unwrap().get_or_insert_with(HashMap::new).insert(key, cands[0]);
+        return go(cands[0]);
+    }
+    let wait = |t: &Tensor| {
+        gpu().read(t.buffer(), 0, 4);
+    };
+    let mut best: Option<(f64, Algo)> = None;
+    let mut last = None;
+    for &a in &cands {
+        wait(&go(a));
+        let (mut fastest, mut spent) = (f64::MAX, 0.0);
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let out = go(a);
+            wait(&out);
+            let dt = t0.elapsed().as_secs_f64();
+            (fastest, spent) = (fastest.min(dt), spent + dt);
+            last = Some(out);
+            if spent > 0.1 {
+                break;
+            }
+        }
+        if best.is_none_or(|(b, _)| fastest < b) {
+            best = Some((fastest, a));
+        }
+    }
+    let chosen = best.unwrap().1;
+    TUNED.lock().unwrap().get_or_insert_with(HashMap::new).insert(key.clone(), chosen);
+    persist(&key, chosen);
+    last.unwrap()
+}
+
+// ---- bindings ------------------------------------------------------------------------------
+
+/// A tensor bound whole (`sample` None) or one sample of it, from the aligned offset below it.
+/// `base` is the element offset of its first element within the binding.
+fn bind_sample(t: &Tensor, sample: Option<usize>) -> (Binding<'_>, usize) {
+    let Some(n) = sample else { return (t.binding(), 0) };
+    let per = t.numel() / t.dim(0) * 4;
+    let offset = (n * per) as u64;
+    let align = gpu().limits.min_storage_buffer_offset_alignment as u64;
+    let start = offset - offset % align;
+    let size = offset + per as u64 - start;
+    let limit = binding_limit();
+    assert!(
+        size <= limit,
+        "one sample of a tensor of shape {:?} is {per} bytes, over this adapter's storage binding \
+         limit of {limit} bytes",
+        t.shape()
+    );
+    (Binding { buffer: t.buffer(), offset: start, size: Some(size) }, ((offset - start) / 4) as usize)
+}
+
+/// True when some tensor must be bound one sample per launch.
+fn split_batch(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.bytes() > binding_limit())
+}
+
+// ---- gather form ---------------------------------------------------------------------------
+
+/// dst[n, o, q*os + r] = bias[o] + sum_i sum_d src[n, i, q*s + d + off[r]] * W_r[o, i, d], d over
+/// k^3 (per axis, r = the parity of that axis).
+struct GatherGeom {
+    k: usize,
+    s: usize,
+    os: usize,
+    ncls: usize,
+    off: [[i64; 3]; 2],
+    cin: usize,
+    cout: usize,
+}
+
+/// How W_r[o, i, d] is read from a weight tensor: w[o * so + i * si + tap], tap per axis =
+/// tbase[r] + tstep * d within a k^3 kernel (else 0); `kk` is the gather's kernel size.
+struct Prep<'a> {
+    w: &'a Tensor,
+    k: usize,
+    kk: usize,
+    out: usize,
+    inp: usize,
+    so: usize,
+    si: usize,
+    tstep: i64,
+    tbase: [[i64; 3]; 2],
+    ncls: usize,
+}
+
+impl Prep<'_> {
+    /// The weights in blocks of `m` output channels (conv3d.wgsl), with 8 spare entries so that
+    /// a tile may read a whole last row of 8.
+    fn run(&self, m: usize) -> Tensor {
+        let cblocks = self.out.div_ceil(m);
+        let total = self.ncls * cblocks * self.inp * self.kk.pow(3) * m;
+        let out = Tensor::empty(&[total + 8]);
+        let mut p = Params::new()
+            .u(m)
+            .u(self.kk)
+            .u(self.k)
+            .u(self.out)
+            .u(self.inp)
+            .u(self.ncls)
+            .u(cblocks)
+            .u(total)
+            .u(self.so)
+            .u(self.si)
+            .i(self.tstep)
+            .u(0);
+        for r in self.tbase {
+            p = p.i(r[0]).i(r[1]).i(r[2]).i(0);
+        }
+        gpu().dispatch_1d(
+            &Kernel::new("conv3d", "prep_weights"),
+            p.bytes(),
+            &[self.w.binding(), out.binding()],
+            total as u64 + 8,
+        );
+        out
+    }
+}
+
+/// Runs the gather form. `up`, for a k2 s2 transposed convolution (k 1, os 2, eight classes,
+/// no offsets), is the same weights as one 2x2x2 kernel per output channel block, read by the
+/// subgroup kernels that compute all eight parities of an input voxel together.
+fn gather(
+    src: &Tensor,
+    prep: &Prep,
+    up: Option<&Prep>,
+    bias: Option<&Tensor>,
+    out_shape: [usize; 5],
+    g: &GatherGeom,
+) -> Tensor {
+    let ss = dims5(src, "convolution input");
+    assert_eq!(ss[1], g.cin, "convolution input {ss:?}: {} channels expected", g.cin);
+    assert_eq!(ss[0], out_shape[0], "convolution batch");
+    let form = if up.is_some() { Form::Up } else { Form::Gather };
+    let ext: Vec<usize> = out_shape[2..].iter().map(|&d| d.div_ceil(g.os)).collect();
+    let vox = (ext.iter().product::<usize>() * g.ncls).max(1);
+    let key = TuneKey {
+        form,
+        k: g.k,
+        s: g.s,
+        ncls: g.ncls,
+        channels: (g.cin, g.cout),
+        vox: usize::BITS - (vox * if split_batch(&[src]) { 1 } else { ss[0] }).leading_zeros(),
+    };
+    let run = |algo: Algo| {
+        let dst = Tensor::empty(&out_shape);
+        if dst.numel() == 0 {
+            return dst;
+        }
+        let (m, prep) = match (algo, up) {
+            (Algo::Subgroup { m, .. }, Some(up)) => (m, up),
+            (Algo::Subgroup { m, .. }, None) => (m, prep),
+            (Algo::Tiled { bm, .. }, _) => (bm, prep),
+        };
+        let wt = prep.run(m as usize);
+        let samples: Vec<Option<usize>> =
+            if split_batch(&[src, &dst]) { (0..ss[0]).map(Some).collect() } else { vec![None] };
+        for n in samples {
+            match (algo, up) {
+                (Algo::Subgroup { .. }, Some(_)) => launch_up(algo, src, n, &wt, bias, &dst, &ext, g),
+                _ => launch_gather(algo, src, n, &wt, bias, &dst, &ext, g),
+            }
+        }
+        dst
+    };
+    autotune(key, candidates(form, g.k, (g.cout, g.cin)), &run)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_gather(
+    algo: Algo,
+    src: &Tensor,
+    sample: Option<usize>,
+    wt: &Tensor,
+    bias: Option<&Tensor>,
+    dst: &Tensor,
+    ext: &[usize],
+    g: &GatherGeom,
+) {
+    let (ss, ds) = (src.shape(), dst.shape());
+    let nbatch = if sample.is_some() { 1 } else { ss[0] };
+    let (sb, src_base) = bind_sample(src, sample);
+    let (db, dst_base) = bind_sample(dst, sample);
+    let m = match algo {
+        Algo::Subgroup { m, .. } => m,
+        Algo::Tiled { bm, .. } => bm,
+    } as usize;
+    let cblocks = g.cout.div_ceil(m);
+    let (zblocks, yblocks, tiles) = match algo {
+        Algo::Subgroup { v, .. } => {
+            let (zb, yb) = (ext[2].div_ceil(8), ext[1].div_ceil(v as usize));
+            (zb, yb, zb * yb * ext[0] * cblocks * g.ncls * nbatch)
+        }
+        Algo::Tiled { bn, .. } => (0, 0, (ext[0] * ext[1] * ext[2]).div_ceil(bn as usize)),
+    };
+    let mut p = Params::new()
+        .u(g.cin)
+        .u(g.cout)
+        .u(ss[2])
+        .u(ss[3])
+        .u(ss[4])
+        .u(ds[2])
+        .u(ds[3])
+        .u(ds[4])
+        .u(g.os)
+        .u(g.ncls)
+        .u(zblocks)
+        .u(yblocks)
+        .u(ext[0])
+        .u(cblocks)
+        .u(tiles)
+        .u(bias.is_some() as usize)
+        .u(src_base)
+        .u(ss[1..].iter().product())
+        .u(dst_base)
+        .u(ds[1..].iter().product())
+        .u(cblocks * g.cin * g.k.pow(3) * m)
+        .u(nbatch)
+        .u(0)
+        .u(0);
+    for r in g.off {
+        p = p.i(r[0]).i(r[1]).i(r[2]).i(0);
+    }
+    let bias_binding = bias.map_or(wt.binding(), |b| b.binding());
+    let bindings = [sb, wt.binding(), bias_binding, db];
+    match algo {
+        Algo::Subgroup { m, v, .. } => {
+            let kernel = Kernel::new(sg_gather_shader(g.k, g.s, m as usize, v as usize), "conv_sg");
+            gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
+        }
+        Algo::Tiled { bm, bn, bk, tm, tn } => {
+            let wgs = (bn / tn) * (bm / tm);
+            let kernel = Kernel::new("conv3d", "conv_tiled")
+                .with("KS", g.k as f64)
+                .with("ST", g.s as f64)
+                .with("BM", bm as f64)
+                .with("BN", bn as f64)
+                .with("BK", bk as f64)
+                .with("TM", tm as f64)
+                .with("TN", tn as f64)
+                .with("WGS", wgs as f64);
+            let [gx, gy, _] = gpu().groups_1d(tiles as u64, 1);
+            gpu().dispatch(&kernel, p.bytes(), &bindings, [gx, gy, (cblocks * g.ncls * nbatch) as u32]);
+        }
+    }
+}
+
+/// The subgroup gather kernel for kernel size k, input stride s, m channels x v rows per lane.
+fn sg_gather_shader(k: usize, s: usize, m: usize, v: usize) -> &'static str {
+    generated_shader(&format!("conv3d_sg_k{k}s{s}m{m}v{v}"), || sg_gather_source(k, s, m, v))
+}
+
+/// Lanes are 8 consecutive output z of one (n, class, channel block, x, y block). For each input
+/// channel and x tap, each lane loads 1/8 of the weight block and the tile's input rows (8 s + k
+/// values each, in `nl` loads of 8), and shuffles deliver the weights and the z-shifted inputs.
+pub fn sg_gather_source(k: usize, s: usize, m: usize, v: usize) -> String {
+    let rows = (v - 1) * s + k;
+    let span = 7 * s + k;
+    let nl = span.div_ceil(8);
+    let wblk = k * k * m;
+    let nw = wblk.div_ceil(8);
+    let mut o = String::from(include_str!("../../shaders/conv3d.wgsl"));
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "
+// Generated: kernel {k}, stride {s}, {m} channels x {v} rows per lane.
+@compute @workgroup_size(64)
+fn conv_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    // Parity classes vary fastest: the tiles of a workgroup then fill the same output lines.
+    let cls = t % p.ncls;
+    t /= p.ncls;
+    let zb = t % p.zblocks;
+    t /= p.zblocks;
+    let yb = t % p.yblocks;
+    t /= p.yblocks;
+    let xo = t % p.xblocks;
+    t /= p.xblocks;
+    let cb = t % p.cblocks;
+    let n = t / p.cblocks;
+    let r = cls_r(cls);
+    let off = cls_off(r);
+    let ext = cls_ext(r);
+    let sx = i32(p.sx);
+    let sy = i32(p.sy);
+    let sz = i32(p.sz);
+    let plane = sy * sz;
+    let cstride = sx * plane;
+    let z0 = i32(zb * {z8}u) + off.z;
+    let y0 = i32(yb * {vs}u) + off.y;
+    let sbase = i32(p.src_base + n * p.src_batch);
+    let wbase = (cls * p.cblocks + cb) * p.cin * {wci}u + lane;",
+        z8 = 8 * s,
+        vs = v * s,
+        wci = k * wblk,
+    );
+    for a in 0..m {
+        for j in 0..v {
+            let _ = writeln!(w, "    var a{a}_{j} = 0.0;");
+        }
+    }
+    for q in 0..nl {
+        let _ = writeln!(w, "    let zi{q} = z0 + i32(lane) + {};", 8 * q);
+        let _ = writeln!(w, "    let zok{q} = zi{q} >= 0 && zi{q} < sz;");
+    }
+    let _ = writeln!(
+        w,
+        "    for (var ci = 0u; ci < p.cin; ci++) {{
+        for (var dx = 0u; dx < {k}u; dx++) {{
+            let xi = i32(xo * {s}u + dx) + off.x;
+            let xok = xi >= 0 && xi < sx;
+            let wb = wbase + (ci * {k}u + dx) * {wblk}u;
+            let xb = sbase + i32(ci) * cstride + select(0, xi, xok) * plane;"
+    );
+    for q in 0..nw {
+        let _ = writeln!(w, "            let w{q} = wt[wb + {}u];", 8 * q);
+    }
+    for row in 0..rows {
+        let _ = writeln!(
+            w,
+            "            {{
+                let yi = y0 + {row};
+                let ok = xok && yi >= 0 && yi < sy;
+                let rb = xb + select(0, yi, ok) * sz;"
+        );
+        for q in 0..nl {
+            let _ = writeln!(w, "                let l{q} = src_at(rb + zi{q}, ok && zok{q});");
+        }
+        for dz in 0..k {
+            // Lane l takes element l * s + dz of the row: from load (l * s + dz) / 8.
+            let slots: Vec<usize> = {
+                let mut v: Vec<usize> = (0..8).map(|l| (l * s + dz) / 8).collect();
+                v.dedup();
+                v
+            };
+            let idx = format!("sb + ((lane * {s}u + {dz}u) & 7u)");
+            let mut e = format!("subgroupShuffle(l{}, {idx})", slots[0]);
+            for &q in &slots[1..] {
+                e = format!("select({e}, subgroupShuffle(l{q}, {idx}), lane * {s}u + {dz}u >= {}u)", 8 * q);
+            }
+            let _ = writeln!(w, "                let v{dz} = {e};");
+        }
+        for dz in 0..k {
+            for j in 0..v {
+                let Some(dy) = row.checked_sub(j * s).filter(|&d| d < k) else { continue };
+                for a in 0..m {
+                    let e = (dy * k + dz) * m + a;
+                    let _ = writeln!(
+                        w,
+                        "                a{a}_{j} = fma(subgroupShuffle(w{}, sb + {}u), v{dz}, a{a}_{j});",
+                        e / 8,
+                        e % 8
+                    );
+                }
+            }
+        }
+        let _ = writeln!(w, "            }}");
+    }
+    let _ = writeln!(
+        w,
+        "        }}
+    }}
+    let zo = zb * 8u + lane;
+    if !live || zo >= ext.z || xo >= ext.x {{
+        return;
+    }}
+    // Interior tiles store without per-element bounds (a quarter of a 1x1 convolution's time).
+    let cs = p.ox * p.oy * p.oz;
+    let rs = p.os * p.oz;
+    let base = dst_index(n, cb * {m}u, vec3<u32>(xo, yb * {v}u, zo), r);
+    if zb * 8u + 8u <= ext.z && yb * {v}u + {v}u <= ext.y && cb * {m}u + {m}u <= p.cout {{"
+    );
+    for a in 0..m {
+        let _ = writeln!(w, "        let b{a} = bias_of(cb * {m}u + {a}u);");
+        for j in 0..v {
+            let _ = writeln!(w, "        dst[base + {a}u * cs + {j}u * rs] = a{a}_{j} + b{a};");
+        }
+    }
+    let _ = writeln!(w, "        return;\n    }}");
+    for a in 0..m {
+        let _ = writeln!(
+            w,
+            "    if cb * {m}u + {a}u < p.cout {{
+        let b = bias_of(cb * {m}u + {a}u);"
+        );
+        for j in 0..v {
+            let _ = writeln!(
+                w,
+                "        if yb * {v}u + {j}u < ext.y {{
+            dst[base + {a}u * cs + {j}u * rs] = a{a}_{j} + b;
+        }}"
+            );
+        }
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_up(
+    algo: Algo,
+    src: &Tensor,
+    sample: Option<usize>,
+    wt: &Tensor,
+    bias: Option<&Tensor>,
+    dst: &Tensor,
+    ext: &[usize],
+    g: &GatherGeom,
+) {
+    let Algo::Subgroup { m, v, .. } = algo else { unreachable!("the up kernels are subgroup kernels") };
+    let (ss, ds) = (src.shape(), dst.shape());
+    let nbatch = if sample.is_some() { 1 } else { ss[0] };
+    let (sb, src_base) = bind_sample(src, sample);
+    let (db, dst_base) = bind_sample(dst, sample);
+    let cblocks = g.cout.div_ceil(m as usize);
+    let (zblocks, yblocks) = (ext[2].div_ceil(8), ext[1].div_ceil(v as usize));
+    let tiles = zblocks * yblocks * ext[0] * cblocks * nbatch;
+    let mut p = Params::new()
+        .u(g.cin)
+        .u(g.cout)
+        .u(ss[2])
+        .u(ss[3])
+        .u(ss[4])
+        .u(ds[2])
+        .u(ds[3])
+        .u(ds[4])
+        .u(2)
+        .u(1)
+        .u(zblocks)
+        .u(yblocks)
+        .u(ext[0])
+        .u(cblocks)
+        .u(tiles)
+        .u(bias.is_some() as usize)
+        .u(src_base)
+        .u(ss[1..].iter().product())
+        .u(dst_base)
+        .u(ds[1..].iter().product())
+        .u(0)
+        .u(nbatch)
+        .u(0)
+        .u(0);
+    for _ in 0..8 {
+        p = p.i(0);
+    }
+    let bias_binding = bias.map_or(wt.binding(), |b| b.binding());
+    let kernel = Kernel::new(sg_up_shader(m as usize, v as usize), "up_sg");
+    gpu().dispatch(
+        &kernel,
+        p.bytes(),
+        &[sb, wt.binding(), bias_binding, db],
+        gpu().groups_1d(tiles as u64, 8),
+    );
+}
+
+fn sg_up_shader(m: usize, v: usize) -> &'static str {
+    generated_shader(&format!("conv3d_up_sg_m{m}v{v}"), || sg_up_source(m, v))
+}
+
+/// out[n, o, 2q + t] = bias[o] + sum_i src[n, i, q] * W[i, o, t] for the eight taps t of a k2 s2
+/// transposed convolution. Lanes are 8 consecutive q along z of one (n, channel block, qx, block
+/// of v rows along y); each lane holds m channels x v rows x 8 taps. For each input channel a lane
+/// loads 1/8 of the weight block (8 m values, [i][t][m]) and its own v inputs. q runs over
+/// ceil(out / 2) per axis, reading 0 past the input (an odd output extent).
+pub fn sg_up_source(m: usize, v: usize) -> String {
+    let mut o = String::from(include_str!("../../shaders/conv3d.wgsl"));
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "
+// Generated: k2 s2 transposed convolution, {m} channels x {v} rows x 8 taps per lane.
+@compute @workgroup_size(64)
+fn up_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    let zb = t % p.zblocks;
+    t /= p.zblocks;
+    let yb = t % p.yblocks;
+    t /= p.yblocks;
+    let qx = t % p.xblocks;
+    t /= p.xblocks;
+    let cb = t % p.cblocks;
+    let n = t / p.cblocks;
+    let qz = zb * 8u + lane;
+    let qy0 = yb * {v}u;
+    let plane = p.sy * p.sz;
+    let xok = qx < p.sx && qz < p.sz;
+    let sbase = p.src_base + n * p.src_batch + select(0u, qx, xok) * plane + select(0u, qz, xok);
+    let wbase = cb * p.cin * {wci}u + lane;",
+        wci = 8 * m
+    );
+    for a in 0..m {
+        for j in 0..v {
+            for t in 0..8 {
+                let _ = writeln!(w, "    var a{a}_{j}_{t} = 0.0;");
+            }
+        }
+    }
+    let _ = writeln!(
+        w,
+        "    for (var ci = 0u; ci < p.cin; ci++) {{
+        let wb = wbase + ci * {wci}u;
+        let cbase = sbase + ci * p.sx * plane;",
+        wci = 8 * m
+    );
+    for q in 0..m {
+        let _ = writeln!(w, "        let w{q} = wt[wb + {}u];", 8 * q);
+    }
+    for j in 0..v {
+        let _ = writeln!(
+            w,
+            "        let ok{j} = xok && qy0 + {j}u < p.sy;
+        let x{j} = src_at(i32(cbase + select(0u, qy0 + {j}u, ok{j}) * p.sz), ok{j});"
+        );
+    }
+    for t in 0..8 {
+        for a in 0..m {
+            let e = t * m + a;
+            let _ = writeln!(
+                w,
+                "        {{
+            let we = subgroupShuffle(w{}, sb + {}u);",
+                e / 8,
+                e % 8
+            );
+            for j in 0..v {
+                let _ = writeln!(w, "            a{a}_{j}_{t} = fma(we, x{j}, a{a}_{j}_{t});");
+            }
+            let _ = writeln!(w, "        }}");
+        }
+    }
+    let _ = writeln!(
+        w,
+        "    }}
+    if !live || 2u * qz >= p.oz || 2u * qx >= p.ox {{
+        return;
+    }}
+    let cs = p.ox * p.oy * p.oz;
+    let xs = p.oy * p.oz;
+    let base = dst_index(n, cb * {m}u, vec3<u32>(qx, qy0, qz), vec3<u32>(0u));
+    let full = zb * 16u + 16u <= p.oz && 2u * (qy0 + {v}u) <= p.oy && 2u * qx + 2u <= p.ox;
+    if full && cb * {m}u + {m}u <= p.cout {{"
+    );
+    let off = |j: usize, t: usize| {
+        let (tx, ty, tz) = (t >> 2, (t >> 1) & 1, t & 1);
+        format!("{tx}u * xs + {}u * p.oz + {tz}u", 2 * j + ty)
+    };
+    for a in 0..m {
+        let _ = writeln!(w, "        let b{a} = bias_of(cb * {m}u + {a}u);");
+        for j in 0..v {
+            for t in 0..8 {
+                let _ = writeln!(w, "        dst[base + {a}u * cs + {}] = a{a}_{j}_{t} + b{a};", off(j, t));
+            }
+        }
+    }
+    let _ = writeln!(w, "        return;\n    }}");
+    for a in 0..m {
+        let _ = writeln!(
+            w,
+            "    if cb * {m}u + {a}u < p.cout {{
+        let b = bias_of(cb * {m}u + {a}u);"
+        );
+        for j in 0..v {
+            for t in 0..8 {
+                let (tx, ty, tz) = (t >> 2, (t >> 1) & 1, t & 1);
+                let _ = writeln!(
+                    w,
+                    "        if all(vec3<u32>(2u * qx + {tx}u, 2u * (qy0 + {j}u) + {ty}u, 2u * qz + {tz}u) < vec3<u32>(p.ox, p.oy, p.oz)) {{
+            dst[base + {a}u * cs + {}] = a{a}_{j}_{t} + b;
+        }}",
+                    off(j, t)
+                );
+            }
+        }
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
+// ---- wgrad form ----------------------------------------------------------------------------
+
+/// dW[a, b, t] = sum_n sum_q A[n, a, q] * B[n, b, q*s + t + off] over a k^3 kernel.
+struct WgradGeom {
+    k: usize,
+    s: usize,
+    off: [i64; 3],
+}
+
+fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
+    let (as_, bs) = (dims5(a, "weight gradient operand"), dims5(b, "weight gradient operand"));
+    assert_eq!(as_[0], bs[0], "weight gradient operands {as_:?} and {bs:?}: batch");
+    let (ca, cb, k3) = (as_[1], bs[1], g.k.pow(3));
+    let split = split_batch(&[a, b]);
+    let vox: usize = as_[2..].iter().product::<usize>() * if split { 1 } else { as_[0] };
+    let key = TuneKey {
+        form: Form::Wgrad,
+        k: g.k,
+        s: g.s,
+        ncls: 1,
+        channels: (ca, cb),
+        vox: usize::BITS - vox.max(1).leading_zeros(),
+    };
+    let run = |algo: Algo| {
+        let launches = if split { as_[0] } else { 1 };
+        // Steps of the reduction: (n, qx, group of r rows along y).
+        let r = match algo {
+            Algo::Subgroup { r, .. } => r as usize,
+            Algo::Tiled { .. } => 1,
+        };
+        let rows = as_[2] * as_[3].div_ceil(r) * if split { 1 } else { as_[0] };
+        // Chunks of the reduction domain: enough tiles to fill the device, a bounded partial.
+        let tiles = match algo {
+            Algo::Subgroup { m, v, .. } => ca.div_ceil(8 * m as usize) * cb.div_ceil(v as usize),
+            Algo::Tiled { bm, bn, .. } => ca.div_ceil(bm as usize) * (cb * k3).div_ceil(bn as usize) * 8,
+        };
+        let want = 512usize.div_ceil(tiles).max(1);
+        let cap = (1usize << 24) / (ca * cb * k3 * launches);
+        let chunks = want.min(cap.max(1)).min(rows.max(1));
+        let chunk_rows = rows.div_ceil(chunks).max(1);
+        let chunks = rows.div_ceil(chunk_rows).max(1);
+        let part = Tensor::empty(&[launches * chunks, ca * cb * k3]);
+        for l in 0..launches {
+            let sample = split.then_some(l);
+            launch_wgrad(algo, a, b, sample, &part, l * chunks, chunks, chunk_rows, rows, g);
+        }
+        part.sum(&[0], false).reshape(&[ca, cb, g.k, g.k, g.k])
+    };
+    autotune(key, candidates(Form::Wgrad, g.k, (ca, cb)), &run)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_wgrad(
+    algo: Algo,
+    a: &Tensor,
+    b: &Tensor,
+    sample: Option<usize>,
+    part: &Tensor,
+    chunk0: usize,
+    chunks: usize,
+    chunk_rows: usize,
+    rows: usize,
+    g: &WgradGeom,
+) {
+    let (as_, bs) = (a.shape(), b.shape());
+    let (ab, a_base) = bind_sample(a, sample);
+    let (bb, b_base) = bind_sample(b, sample);
+    let (ca, cb) = (as_[1], bs[1]);
+    let (ablocks, bblocks, tiles) = match algo {
+        Algo::Subgroup { m, v, .. } => {
+            let (x, y) = (ca.div_ceil(8 * m as usize), cb.div_ceil(v as usize));
+            (x, y, x * y * chunks)
+        }
+        Algo::Tiled { .. } => (0, 0, 0),
+    };
+    let p = Params::new()
+        .u(ca)
+        .u(cb)
+        .u(as_[2])
+        .u(as_[3])
+        .u(as_[4])
+        .u(bs[2])
+        .u(bs[3])
+        .u(bs[4])
+        .u(rows)
+        .u(chunks)
+        .u(chunk_rows)
+        .u(ablocks)
+        .u(bblocks)
+        .u(tiles)
+        .u(a_base)
+        .u(as_[1..].iter().product())
+        .u(b_base)
+        .u(bs[1..].iter().product())
+        .u(chunk0)
+        .u(0)
+        .i(g.off[0])
+        .i(g.off[1])
+        .i(g.off[2])
+        .i(0);
+    let bindings = [ab, bb, part.binding()];
+    match algo {
+        Algo::Subgroup { m, v, r } => {
+            let kernel =
+                Kernel::new(sg_wgrad_shader(g.k, g.s, m as usize, v as usize, r as usize), "wgrad_sg")
+                    .with("KS", g.k as f64)
+                    .with("ST", g.s as f64);
+            gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
+        }
+        Algo::Tiled { bm, bn, bk, tm, tn } => {
+            let wgs = (bn / tn) * (bm / tm);
+            let kernel = Kernel::new("conv3d_grad", "wgrad_tiled")
+                .with("KS", g.k as f64)
+                .with("ST", g.s as f64)
+                .with("BM", bm as f64)
+                .with("BN", bn as f64)
+                .with("BK", bk as f64)
+                .with("TM", tm as f64)
+                .with("TN", tn as f64)
+                .with("WGS", wgs as f64);
+            let groups = [
+                (cb * g.k.pow(3)).div_ceil(bn as usize) as u32,
+                ca.div_ceil(bm as usize) as u32,
+                chunks as u32,
+            ];
+            gpu().dispatch(&kernel, p.bytes(), &bindings, groups);
+        }
+    }
+}
+
+/// The subgroup weight-gradient kernel for kernel size k, stride s, m A channels per lane, v B
+/// channels per tile and r output rows (along y) per step.
+fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize, r: usize) -> &'static str {
+    generated_shader(&format!("conv3d_grad_sg_k{k}s{s}m{m}v{v}r{r}"), || sg_wgrad_source(k, s, m, v, r))
+}
+
+/// Lanes are 8 channels of A (m each); a tile walks its chunk of steps (n, qx, r rows along y)
+/// in runs of 8 z. Each lane loads its channels' 8 r values of A; each B row under the step
+/// (8 s + k values, (r - 1) s + k rows per x tap) is loaded once per tile, 8 lanes at a time,
+/// and broadcast by shuffles to every tap along z and every output row it serves.
+pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize) -> String {
+    let span = 7 * s + k;
+    let nl = span.div_ceil(8);
+    let k3 = k * k * k;
+    let brows = (r - 1) * s + k;
+    let mut o = String::from(include_str!("../../shaders/conv3d_grad.wgsl"));
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "
+// Generated: kernel {k}, stride {s}, {m} A channels per lane, {v} B channels per tile, {r} rows.
+@compute @workgroup_size(64)
+fn wgrad_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    let ab = t % p.ablocks;
+    t /= p.ablocks;
+    let bb = t % p.bblocks;
+    let chunk = t / p.bblocks;
+    let row0 = min(chunk * p.chunk_rows, p.rows);
+    let row1 = min(row0 + p.chunk_rows, p.rows);
+    let yblocks = (p.ay + {r1}u) / {r}u;
+    let astride = p.ax * p.ay * p.az;
+    let bx = i32(p.bx);
+    let by = i32(p.by);
+    let bz = i32(p.bz);
+    let bstride = bx * by * bz;",
+        r1 = r - 1
+    );
+    for i in 0..m {
+        let _ = writeln!(w, "    let ch{i} = ab * {}u + lane + {}u;", 8 * m, 8 * i);
+        let _ = writeln!(w, "    let chok{i} = ch{i} < p.ca;");
+    }
+    for b in 0..v {
+        let _ = writeln!(w, "    let bc{b} = bb * {v}u + {b}u;");
+        let _ = writeln!(w, "    let bcok{b} = bc{b} < p.cb;");
+    }
+    for i in 0..m {
+        for b in 0..v {
+            for t in 0..k3 {
+                let _ = writeln!(w, "    var g{i}_{b}_{t} = 0.0;");
+            }
+        }
+    }
+    let _ = writeln!(
+        w,
+        "    for (var row = row0; row < row1; row++) {{
+        let n = row / (p.ax * yblocks);
+        let qx = (row / yblocks) % p.ax;
+        let qy0 = (row % yblocks) * {r}u;
+        let abase = p.a_base + n * p.a_batch + (qx * p.ay + qy0) * p.az;
+        let bbase = i32(p.b_base + n * p.b_batch);
+        let xi0 = i32(qx * {s}u) + p.off.x;
+        let yi0 = i32(qy0 * {s}u) + p.off.y;
+        for (var z0 = 0u; z0 < p.az; z0 += 8u) {{"
+    );
+    for rr in 0..r {
+        for i in 0..m {
+            for j in 0..8 {
+                let _ = writeln!(
+                    w,
+                    "            let x{i}_{rr}_{j} = a_at(abase + ch{i} * astride + {off}u + z0 + {j}u, chok{i} && qy0 + {rr}u < p.ay && z0 + {j}u < p.az);",
+                    off = "p.az * ".to_string() + &rr.to_string(),
+                );
+            }
+        }
+    }
+    for q in 0..nl {
+        let _ = writeln!(w, "            let zi{q} = i32(z0 * {s}u) + p.off.z + i32(lane) + {};", 8 * q);
+        let _ = writeln!(w, "            let zok{q} = zi{q} >= 0 && zi{q} < bz;");
+    }
+    for b in 0..v {
+        for dx in 0..k {
+            for yy in 0..brows {
+                let _ = writeln!(
+                    w,
+                    "            {{
+                let xi = xi0 + {dx};
+                let yi = yi0 + {yy};
+                let ok = bcok{b} && xi >= 0 && xi < bx && yi >= 0 && yi < by;
+                let rb = bbase + i32(bc{b}) * bstride + (select(0, xi, ok) * by + select(0, yi, ok)) * bz;"
+                );
+                for q in 0..nl {
+                    let _ = writeln!(w, "                let l{q} = b_at(rb + zi{q}, ok && zok{q});");
+                }
+                for e in 0..span {
+                    let _ = writeln!(
+                        w,
+                        "                let e{e} = subgroupShuffle(l{}, sb + {}u);",
+                        e / 8,
+                        e % 8
+                    );
+                }
+                for rr in 0..r {
+                    let Some(dy) = yy.checked_sub(rr * s).filter(|&d| d < k) else { continue };
+                    for j in 0..8 {
+                        for dz in 0..k {
+                            let t = (dx * k + dy) * k + dz;
+                            for i in 0..m {
+                                let _ = writeln!(
+                                    w,
+                                    "                g{i}_{b}_{t} = fma(x{i}_{rr}_{j}, e{}, g{i}_{b}_{t});",
+                                    j * s + dz
+                                );
+                            }
+                        }
+                    }
+                }
+                let _ = writeln!(w, "            }}");
+            }
+        }
+    }
+    let _ = writeln!(
+        w,
+        "        }}
+    }}
+    if !live {{
+        return;
+    }}"
+    );
+    for i in 0..m {
+        for b in 0..v {
+            let _ = writeln!(w, "    if chok{i} && bcok{b} {{");
+            for t in 0..k3 {
+                let _ = writeln!(
+                    w,
+                    "        part[part_index(p.chunk0 + chunk, ch{i}, bc{b}, {t}u)] = g{i}_{b}_{t};"
+                );
+            }
+            let _ = writeln!(w, "    }}");
+        }
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
+// ---- CPU reference -------------------------------------------------------------------------
+
+/// Plain loops with f64 accumulation, the reference of the tests.
+pub mod cpu {
+    fn idx(s: [usize; 5], n: usize, c: usize, x: usize, y: usize, z: usize) -> usize {
+        (((n * s[1] + c) * s[2] + x) * s[3] + y) * s[4] + z
+    }
+
+    /// The input position read by output q through tap t, if inside.
+    fn tap(q: usize, t: usize, stride: usize, pad: usize, d: usize) -> Option<usize> {
+        (q * stride + t).checked_sub(pad).filter(|&i| i < d)
+    }
+
+    /// conv3d: x [N, Cin, X, Y, Z], w [Cout, Cin, k, k, k], b [Cout].
+    pub fn conv3d(
+        x: &[f32],
+        xs: [usize; 5],
+        w: &[f32],
+        ws: [usize; 5],
+        b: &[f32],
+        stride: usize,
+        pad: usize,
+    ) -> (Vec<f32>, [usize; 5]) {
+        let ys = super::conv_out_shape(xs, ws[0], ws[2], stride, pad);
+        let k = ws[2];
+        let mut y = vec![0f32; ys.iter().product()];
+        for n in 0..ys[0] {
+            for co in 0..ys[1] {
+                for qx in 0..ys[2] {
+                    for qy in 0..ys[3] {
+                        for qz in 0..ys[4] {
+                            let mut acc = b[co] as f64;
+                            for ci in 0..xs[1] {
+                                for tx in 0..k {
+                                    let Some(ix) = tap(qx, tx, stride, pad, xs[2]) else { continue };
+                                    for ty in 0..k {
+                                        let Some(iy) = tap(qy, ty, stride, pad, xs[3]) else { continue };
+                                        for tz in 0..k {
+                                            let Some(iz) = tap(qz, tz, stride, pad, xs[4]) else { continue };
+                                            acc += x[idx(xs, n, ci, ix, iy, iz)] as f64
+                                                * w[idx(ws, co, ci, tx, ty, tz)] as f64;
+                                        }
+                                    }
+                                }
+                            }
+                            y[idx(ys, n, co, qx, qy, qz)] = acc as f32;
+                        }
+                    }
+                }
+            }
+        }
+        (y, ys)
+    }
+
+    /// Gradients (dx, dw, db) of conv3d given dy.
+    pub fn conv3d_backward(
+        x: &[f32],
+        xs: [usize; 5],
+        w: &[f32],
+        ws: [usize; 5],
+        dy: &[f32],
+        stride: usize,
+        pad: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let ys = super::conv_out_shape(xs, ws[0], ws[2], stride, pad);
+        let k = ws[2];
+        let mut dx = vec![0f64; x.len()];
+        let mut dw = vec![0f64; w.len()];
+        let mut db = vec![0f64; ws[0]];
+        for n in 0..ys[0] {
+            for co in 0..ys[1] {
+                for qx in 0..ys[2] {
+                    for qy in 0..ys[3] {
+                        for qz in 0..ys[4] {
+                            let g = dy[idx(ys, n, co, qx, qy, qz)] as f64;
+                            db[co] += g;
+                            for ci in 0..xs[1] {
+                                for tx in 0..k {
+                                    let Some(ix) = tap(qx, tx, stride, pad, xs[2]) else { continue };
+                                    for ty in 0..k {
+                                        let Some(iy) = tap(qy, ty, stride, pad, xs[3]) else { continue };
+                                        for tz in 0..k {
+                                            let Some(iz) = tap(qz, tz, stride, pad, xs[4]) else { continue };
+                                            let (xi, wi) =
+                                                (idx(xs, n, ci, ix, iy, iz), idx(ws, co, ci, tx, ty, tz));
+                                            dx[xi] += g * w[wi] as f64;
+                                            dw[wi] += g * x[xi] as f64;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let f = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect();
+        (f(dx), f(dw), f(db))
+    }
+
+    /// conv_transpose3d, kernel 2 stride 2: x [N, Cin, X, Y, Z], w [Cin, Cout, 2, 2, 2], b [Cout].
+    pub fn conv_transpose3d(
+        x: &[f32],
+        xs: [usize; 5],
+        w: &[f32],
+        ws: [usize; 5],
+        b: &[f32],
+    ) -> (Vec<f32>, [usize; 5]) {
+        let ys = [xs[0], ws[1], 2 * xs[2], 2 * xs[3], 2 * xs[4]];
+        let mut y = vec![0f64; ys.iter().product()];
+        for n in 0..ys[0] {
+            for co in 0..ys[1] {
+                for (ox, oy, oz) in cube(ys[2], ys[3], ys[4]) {
+                    let mut acc = b[co] as f64;
+                    for ci in 0..xs[1] {
+                        acc += x[idx(xs, n, ci, ox / 2, oy / 2, oz / 2)] as f64
+                            * w[idx(ws, ci, co, ox % 2, oy % 2, oz % 2)] as f64;
+                    }
+                    y[idx(ys, n, co, ox, oy, oz)] = acc;
+                }
+            }
+        }
+        (y.into_iter().map(|a| a as f32).collect(), ys)
+    }
+
+    /// Gradients (dx, dw, db) of conv_transpose3d given dy.
+    pub fn conv_transpose3d_backward(
+        x: &[f32],
+        xs: [usize; 5],
+        w: &[f32],
+        ws: [usize; 5],
+        dy: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let ys = [xs[0], ws[1], 2 * xs[2], 2 * xs[3], 2 * xs[4]];
+        let mut dx = vec![0f64; x.len()];
+        let mut dw = vec![0f64; w.len()];
+        let mut db = vec![0f64; ws[1]];
+        for n in 0..ys[0] {
+            for co in 0..ys[1] {
+                for (ox, oy, oz) in cube(ys[2], ys[3], ys[4]) {
+                    let g = dy[idx(ys, n, co, ox, oy, oz)] as f64;
+                    db[co] += g;
+                    for ci in 0..xs[1] {
+                        let (xi, wi) =
+                            (idx(xs, n, ci, ox / 2, oy / 2, oz / 2), idx(ws, ci, co, ox % 2, oy % 2, oz % 2));
+                        dx[xi] += g * w[wi] as f64;
+                        dw[wi] += g * x[xi] as f64;
+                    }
+                }
+            }
+        }
+        let f = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect();
+        (f(dx), f(dw), f(db))
+    }
+
+    fn cube(a: usize, b: usize, c: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..a).flat_map(move |i| (0..b).flat_map(move |j| (0..c).map(move |k| (i, j, k))))
+    }
+}
+
+// ---- benchmarks ----------------------------------------------------------------------------
+
+/// Shape sets of `bench_conv_kernels`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchPreset {
+    /// Batch 1, k3 p1 at 16 channels 48x64x64, 32 at 24x32x32, 128 at 10x14x14; transposed
+    /// convolutions with the same channels and output sizes; the small training preset's layers
+    /// (widths 4 and 8).
+    Small,
+    /// The network's layers at batch 4 (VNet widths 16 to 256 at 112x112x80 and below).
+    Paper,
+}
+
+/// One convolution layer to benchmark.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchCase {
+    pub batch: usize,
+    pub cin: usize,
+    pub cout: usize,
+    /// input spatial dims
+    pub dims: [usize; 3],
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+    /// conv_transpose3d (k2 s2) instead of conv3d
+    pub transpose: bool,
+}
+
+impl BenchCase {
+    fn conv(batch: usize, cin: usize, cout: usize, dims: [usize; 3], k: usize, stride: usize) -> Self {
+        BenchCase { batch, cin, cout, dims, k, stride, padding: k / 2 * (k % 2), transpose: false }
+    }
+    fn up(batch: usize, cin: usize, cout: usize, dims: [usize; 3]) -> Self {
+        BenchCase { batch, cin, cout, dims, k: 2, stride: 2, padding: 0, transpose: true }
+    }
+    pub fn x_shape(&self) -> [usize; 5] {
+        [self.batch, self.cin, self.dims[0], self.dims[1], self.dims[2]]
+    }
+    pub fn w_shape(&self) -> [usize; 5] {
+        let k = self.k;
+        if self.transpose { [self.cin, self.cout, k, k, k] } else { [self.cout, self.cin, k, k, k] }
+    }
+    pub fn y_shape(&self) -> [usize; 5] {
+        if self.transpose {
+            let d = self.dims;
+            [self.batch, self.cout, 2 * d[0], 2 * d[1], 2 * d[2]]
+        } else {
+            conv_out_shape(self.x_shape(), self.cout, self.k, self.stride, self.padding)
+        }
+    }
+    /// Multiply-adds times two of one pass (forward, input gradient or weight gradient alike).
+    pub fn flops(&self) -> f64 {
+        let taps = self.k.pow(3) as f64;
+        let (y, x) = (self.y_shape(), self.x_shape());
+        if self.transpose {
+            2.0 * (x.iter().product::<usize>() * self.cout) as f64 * taps
+        } else {
+            2.0 * (y.iter().product::<usize>() * self.cin) as f64 * taps
+        }
+    }
+    pub fn label(&self) -> String {
+        let d = self.dims;
+        let op = if self.transpose {
+            "convT".to_string()
+        } else {
+            format!("k{}s{}p{}", self.k, self.stride, self.padding)
+        };
+        format!("{op} {}->{} n{} {}x{}x{}", self.cin, self.cout, self.batch, d[0], d[1], d[2])
+    }
+}
+
+pub fn bench_cases(preset: BenchPreset) -> Vec<BenchCase> {
+    let c = BenchCase::conv;
+    let up = BenchCase::up;
+    match preset {
+        BenchPreset::Small => vec![
+            c(1, 16, 16, [48, 64, 64], 3, 1),
+            c(1, 32, 32, [24, 32, 32], 3, 1),
+            c(1, 128, 128, [10, 14, 14], 3, 1),
+            up(1, 16, 16, [24, 32, 32]),
+            up(1, 32, 32, [12, 16, 16]),
+            up(1, 128, 128, [5, 7, 7]),
+            c(2, 1, 4, [48, 48, 32], 3, 1),
+            c(2, 4, 4, [48, 48, 32], 3, 1),
+            c(2, 4, 8, [48, 48, 32], 2, 2),
+            c(2, 8, 8, [24, 24, 16], 3, 1),
+            up(2, 8, 4, [24, 24, 16]),
+            c(2, 4, 2, [48, 48, 32], 1, 1),
+        ],
+        BenchPreset::Paper => vec![
+            c(4, 1, 16, [112, 112, 80], 3, 1),
+            c(4, 16, 16, [112, 112, 80], 3, 1),
+            c(4, 16, 32, [112, 112, 80], 2, 2),
+            c(4, 32, 32, [56, 56, 40], 3, 1),
+            c(4, 32, 64, [56, 56, 40], 2, 2),
+            c(4, 64, 64, [28, 28, 20], 3, 1),
+            c(4, 64, 128, [28, 28, 20], 2, 2),
+            c(4, 128, 128, [14, 14, 10], 3, 1),
+            c(4, 128, 256, [14, 14, 10], 2, 2),
+            c(4, 256, 256, [7, 7, 5], 3, 1),
+            up(4, 256, 128, [7, 7, 5]),
+            up(4, 128, 64, [14, 14, 10]),
+            up(4, 64, 32, [28, 28, 20]),
+            up(4, 32, 16, [56, 56, 40]),
+            c(4, 16, 2, [112, 112, 80], 1, 1),
+        ],
+    }
+}
+
+/// The three passes of a layer benchmarked separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    BackwardData,
+    BackwardWeight,
+}
+
+/// One timed pass: the kernel launches, waited for by a 4-byte readback.
+pub struct BenchRow {
+    pub kernel: String,
+    pub shape: String,
+    pub algo: String,
+    pub median_s: f64,
+    pub gflops: f64,
+}
+
+/// Random operands of a case: (x, w, b, dy).
+pub fn bench_operands(case: &BenchCase) -> (Tensor, Tensor, Tensor, Tensor) {
+    let mut rng = crate::gradcheck::Rng::new(1);
+    let mut t = |s: &[usize]| Tensor::from_vec(&rng.vec(s.iter().product(), -1.0, 1.0), s);
+    (t(&case.x_shape()), t(&case.w_shape()), t(&[case.cout]), t(&case.y_shape()))
+}
+
+/// Runs one pass of a case (no gradient recording) and returns its result.
+pub fn bench_pass(case: &BenchCase, pass: Pass, ops: &(Tensor, Tensor, Tensor, Tensor)) -> Tensor {
+    let (x, w, b, dy) = ops;
+    crate::autograd::no_grad(|| match (case.transpose, pass) {
+        (false, Pass::Forward) => conv3d(x, w, b, case.stride, case.padding),
+        (false, Pass::BackwardData) => conv3d_input_grad(dy, w, x.shape(), case.stride, case.padding),
+        (false, Pass::BackwardWeight) => conv3d_weight_grad(dy, x, case.k, case.stride, case.padding),
+        (true, Pass::Forward) => conv_transpose3d(x, w, b),
+        (true, Pass::BackwardData) => conv_transpose3d_input_grad(dy, w, x.shape()),
+        (true, Pass::BackwardWeight) => conv_transpose3d_weight_grad(dy, x),
+    })
+}
+
+/// Median time and GFLOP/s of every pass of every case of a preset, after one autotuned warm-up
+/// run each; `reps` timed runs per pass.
+pub fn bench_conv_kernels(preset: BenchPreset, reps: usize) -> Vec<BenchRow> {
+    let mut rows = Vec::new();
+    for case in bench_cases(preset) {
+        let ops = bench_operands(&case);
+        for pass in [Pass::Forward, Pass::BackwardData, Pass::BackwardWeight] {
+            gpu().read(bench_pass(&case, pass, &ops).buffer(), 0, 4);
+            let mut times: Vec<f64> = (0..reps.max(1))
+                .map(|_| {
+                    let t0 = Instant::now();
+                    let out = bench_pass(&case, pass, &ops);
+                    gpu().read(out.buffer(), 0, 4);
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            let median_s = times[times.len() / 2];
+            let form = match (pass, case.transpose, (case.k, case.stride, case.padding)) {
+                (Pass::BackwardWeight, _, _) => Form::Wgrad,
+                (Pass::Forward, true, _) | (Pass::BackwardData, false, (2, 2, 0)) => Form::Up,
+                _ => Form::Gather,
+            };
+            let algo = last_algo(form).map_or("-".into(), |a| a.to_string());
+            rows.push(BenchRow {
+                kernel: format!("{}{pass:?}", if case.transpose { "conv_transpose3d " } else { "conv3d " }),
+                shape: case.label(),
+                algo,
+                median_s,
+                gflops: case.flops() / median_s / 1e9,
+            });
+        }
+    }
+    rows
+}

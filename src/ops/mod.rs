@@ -28,6 +28,10 @@ impl Params {
         self.0.push(u32::try_from(v).expect("kernel parameter over u32"));
         self
     }
+    pub fn i(mut self, v: i64) -> Self {
+        self.0.push(i32::try_from(v).expect("kernel parameter over i32") as u32);
+        self
+    }
     pub fn f(mut self, v: f32) -> Self {
         self.0.push(v.to_bits());
         self

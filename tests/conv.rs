@@ -1,0 +1,206 @@
+//! conv3d and conv_transpose3d against the CPU reference (every kernel the adapter can run, odd
+//! sizes, strides, borders, batches, channel counts off the tile sizes) and their gradients
+//! against finite differences.
+
+use caml_wgpu::gradcheck::{Rng, Tolerance, check_gradients, weighted_sum};
+use caml_wgpu::ops::conv::{self, Algo, Form, cpu};
+use caml_wgpu::{Tensor, no_grad};
+
+fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}: entry {i}: got {g}, want {w}");
+    }
+}
+
+fn rand(seed: u64, shape: &[usize]) -> Vec<f32> {
+    Rng::new(seed).vec(shape.iter().product(), -1.0, 1.0)
+}
+
+/// A conv3d test layer: batch, channels, input dims, kernel, stride, padding.
+struct Case {
+    n: usize,
+    cin: usize,
+    cout: usize,
+    d: [usize; 3],
+    k: usize,
+    s: usize,
+    p: usize,
+}
+
+const fn case(n: usize, cin: usize, cout: usize, d: [usize; 3], k: usize, s: usize, p: usize) -> Case {
+    Case { n, cin, cout, d, k, s, p }
+}
+
+const CASES: &[Case] = &[
+    case(2, 3, 5, [7, 5, 9], 3, 1, 1),
+    case(1, 4, 9, [7, 6, 11], 3, 2, 1),
+    case(2, 5, 3, [8, 7, 9], 2, 2, 0),
+    case(1, 6, 17, [5, 4, 13], 1, 1, 0),
+    case(1, 3, 4, [6, 5, 7], 2, 1, 1),
+    case(1, 2, 3, [5, 5, 6], 3, 1, 0),
+    case(1, 3, 4, [7, 6, 5], 1, 2, 0),
+    case(1, 1, 4, [9, 3, 18], 3, 1, 1),
+    case(1, 3, 4, [6, 9, 17], 2, 2, 0),
+];
+
+#[test]
+fn conv3d_forward_and_input_grad_match_cpu_for_every_algo() {
+    for (ci, &Case { n, cin, cout, d, k, s, p }) in CASES.iter().enumerate() {
+        let xs = [n, cin, d[0], d[1], d[2]];
+        let ws = [cout, cin, k, k, k];
+        let (x, w, b) = (rand(ci as u64, &xs), rand(100 + ci as u64, &ws), rand(200 + ci as u64, &[cout]));
+        let (want, ys) = cpu::conv3d(&x, xs, &w, ws, &b, s, p);
+        let dy = rand(300 + ci as u64, &ys);
+        let (want_dx, _, _) = cpu::conv3d_backward(&x, xs, &w, ws, &dy, s, p);
+        let (tx, tw, tb) =
+            (Tensor::from_vec(&x, &xs), Tensor::from_vec(&w, &ws), Tensor::from_vec(&b, &[cout]));
+        let tdy = Tensor::from_vec(&dy, &ys);
+        for algo in conv::algos(Form::Gather, k) {
+            let what = format!("case {ci} {algo:?}");
+            conv::with_algo(Form::Gather, algo, || {
+                let y = conv::conv3d(&tx, &tw, &tb, s, p);
+                assert_eq!(y.shape(), &ys[..]);
+                close(&y.to_vec(), &want, 1e-4, &format!("forward {what}"));
+                let dx = conv::conv3d_input_grad(&tdy, &tw, &xs, s, p);
+                close(&dx.to_vec(), &want_dx, 1e-4, &format!("input grad {what}"));
+            });
+        }
+        if (k, s, p) == (2, 2, 0) {
+            for algo in conv::algos(Form::Up, 1) {
+                conv::with_algo(Form::Up, algo, || {
+                    let dx = conv::conv3d_input_grad(&tdy, &tw, &xs, s, p);
+                    close(&dx.to_vec(), &want_dx, 1e-4, &format!("input grad case {ci} {algo:?}"));
+                });
+            }
+        }
+    }
+}
+
+#[test]
+fn conv3d_weight_and_bias_grads_match_cpu_for_every_algo() {
+    for (ci, &Case { n, cin, cout, d, k, s, p }) in CASES.iter().enumerate() {
+        let xs = [n, cin, d[0], d[1], d[2]];
+        let ws = [cout, cin, k, k, k];
+        let (x, w) = (rand(ci as u64, &xs), rand(100 + ci as u64, &ws));
+        let ys = conv::conv_out_shape(xs, cout, k, s, p);
+        let dy = rand(300 + ci as u64, &ys);
+        let (_, want_dw, want_db) = cpu::conv3d_backward(&x, xs, &w, ws, &dy, s, p);
+        let (tx, tdy) = (Tensor::from_vec(&x, &xs), Tensor::from_vec(&dy, &ys));
+        for algo in conv::algos(Form::Wgrad, k) {
+            conv::with_algo(Form::Wgrad, algo, || {
+                let dw = conv::conv3d_weight_grad(&tdy, &tx, k, s, p);
+                assert_eq!(dw.shape(), &ws[..]);
+                close(&dw.to_vec(), &want_dw, 1e-4, &format!("weight grad case {ci} {algo:?}"));
+            });
+        }
+        // Through autograd (autotuned kernels), all three gradients at once.
+        let (vx, vw, vb) = (
+            Tensor::variable(&x, &xs),
+            Tensor::variable(&w, &ws),
+            Tensor::variable(&vec![0.5; cout], &[cout]),
+        );
+        let y = vx.conv3d(&vw, &vb, s, p);
+        let grads = caml_wgpu::backward(&y.mul(&tdy).sum_all());
+        close(&grads.get(&vb).unwrap().to_vec(), &want_db, 1e-4, &format!("bias grad case {ci}"));
+        close(&grads.get(&vw).unwrap().to_vec(), &want_dw, 1e-4, &format!("autograd weight grad case {ci}"));
+        let (want_dx, _, _) = cpu::conv3d_backward(&x, xs, &w, ws, &dy, s, p);
+        close(&grads.get(&vx).unwrap().to_vec(), &want_dx, 1e-4, &format!("autograd input grad case {ci}"));
+    }
+}
+
+/// (batch, cin, cout, [X, Y, Z])
+const TCASES: &[(usize, usize, usize, [usize; 3])] =
+    &[(2, 5, 3, [3, 4, 5]), (1, 9, 17, [2, 3, 3]), (1, 1, 2, [4, 1, 7]), (1, 3, 5, [3, 5, 9])];
+
+#[test]
+fn conv_transpose3d_matches_cpu_for_every_algo() {
+    for (ci, &(n, cin, cout, d)) in TCASES.iter().enumerate() {
+        let xs = [n, cin, d[0], d[1], d[2]];
+        let ws = [cin, cout, 2, 2, 2];
+        let (x, w, b) = (rand(ci as u64, &xs), rand(100 + ci as u64, &ws), rand(200 + ci as u64, &[cout]));
+        let (want, ys) = cpu::conv_transpose3d(&x, xs, &w, ws, &b);
+        let dy = rand(300 + ci as u64, &ys);
+        let (want_dx, want_dw, want_db) = cpu::conv_transpose3d_backward(&x, xs, &w, ws, &dy);
+        let (tx, tw, tb) =
+            (Tensor::from_vec(&x, &xs), Tensor::from_vec(&w, &ws), Tensor::from_vec(&b, &[cout]));
+        let tdy = Tensor::from_vec(&dy, &ys);
+        for algo in conv::algos(Form::Up, 1) {
+            conv::with_algo(Form::Up, algo, || {
+                let y = conv::conv_transpose3d(&tx, &tw, &tb);
+                assert_eq!(y.shape(), &ys[..]);
+                close(&y.to_vec(), &want, 1e-4, &format!("forward case {ci} {algo:?}"));
+            });
+        }
+        for algo in conv::algos(Form::Gather, 2) {
+            conv::with_algo(Form::Gather, algo, || {
+                let dx = conv::conv_transpose3d_input_grad(&tdy, &tw, &xs);
+                close(&dx.to_vec(), &want_dx, 1e-4, &format!("input grad case {ci} {algo:?}"));
+            });
+        }
+        for algo in conv::algos(Form::Wgrad, 2) {
+            conv::with_algo(Form::Wgrad, algo, || {
+                let dw = conv::conv_transpose3d_weight_grad(&tdy, &tx);
+                close(&dw.to_vec(), &want_dw, 1e-4, &format!("weight grad case {ci} {algo:?}"));
+            });
+        }
+        let db = tdy.sum(&[0, 2, 3, 4], false);
+        close(&db.to_vec(), &want_db, 1e-4, "bias grad");
+    }
+}
+
+#[test]
+fn convolutions_bind_one_sample_at_a_time_past_the_binding_limit() {
+    // Samples of 3 * 5 * 4 * 7 floats start at offsets that are not multiples of the alignment.
+    let (xs, ws) = ([3, 3, 5, 4, 7], [4, 3, 3, 3, 3]);
+    let (x, w, b) = (rand(1, &xs), rand(2, &ws), rand(3, &[4]));
+    let (want, ys) = cpu::conv3d(&x, xs, &w, ws, &b, 1, 1);
+    let dy = rand(4, &ys);
+    let (want_dx, want_dw, _) = cpu::conv3d_backward(&x, xs, &w, ws, &dy, 1, 1);
+    let (tx, tw, tb, tdy) = (
+        Tensor::from_vec(&x, &xs),
+        Tensor::from_vec(&w, &ws),
+        Tensor::from_vec(&b, &[4]),
+        Tensor::from_vec(&dy, &ys),
+    );
+    conv::with_binding_limit(2400, || {
+        close(&conv::conv3d(&tx, &tw, &tb, 1, 1).to_vec(), &want, 1e-4, "forward");
+        close(&conv::conv3d_input_grad(&tdy, &tw, &xs, 1, 1).to_vec(), &want_dx, 1e-4, "input grad");
+        close(&conv::conv3d_weight_grad(&tdy, &tx, 3, 1, 1).to_vec(), &want_dw, 1e-4, "weight grad");
+    });
+}
+
+#[test]
+#[should_panic(expected = "over this adapter's storage binding limit")]
+fn a_sample_over_the_binding_limit_is_reported() {
+    let x = Tensor::zeros(&[2, 4, 8, 8, 8]);
+    let (w, b) = (Tensor::zeros(&[2, 4, 3, 3, 3]), Tensor::zeros(&[2]));
+    conv::with_binding_limit(4096, || no_grad(|| conv::conv3d(&x, &w, &b, 1, 1).to_vec()));
+}
+
+fn gradcheck_conv(xs: [usize; 5], ws: [usize; 5], s: usize, p: usize) {
+    let inputs =
+        vec![(rand(1, &xs), xs.to_vec()), (rand(2, &ws), ws.to_vec()), (rand(3, &[ws[0]]), vec![ws[0]])];
+    check_gradients(&inputs, Tolerance::default(), |t| weighted_sum(&t[0].conv3d(&t[1], &t[2], s, p), 7));
+}
+
+#[test]
+fn conv3d_grad_matches_finite_differences() {
+    gradcheck_conv([1, 2, 3, 4, 5], [3, 2, 3, 3, 3], 1, 1);
+    gradcheck_conv([2, 2, 4, 4, 5], [3, 2, 2, 2, 2], 2, 0);
+    gradcheck_conv([1, 3, 2, 3, 3], [2, 3, 1, 1, 1], 1, 0);
+}
+
+#[test]
+fn conv_transpose3d_grad_matches_finite_differences() {
+    let (xs, ws) = ([2, 3, 2, 2, 3], [3, 2, 2, 2, 2]);
+    let inputs = vec![(rand(1, &xs), xs.to_vec()), (rand(2, &ws), ws.to_vec()), (rand(3, &[2]), vec![2])];
+    check_gradients(&inputs, Tolerance::default(), |t| weighted_sum(&t[0].conv_transpose3d(&t[1], &t[2]), 7));
+}
+
+#[test]
+fn algos_cover_both_families() {
+    let g = conv::algos(Form::Gather, 3);
+    assert!(g.iter().any(|a| matches!(a, Algo::Tiled { .. })));
+    assert_eq!(conv::subgroups_usable(), g.iter().any(|a| matches!(a, Algo::Subgroup { .. })));
+}
