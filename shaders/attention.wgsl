@@ -5,12 +5,14 @@
 // layout the out-projection reads). lse and delta are [S*H, L]. Feature rows are read as vec4,
 // so d and Dh are multiples of 4.
 //
-// A workgroup serves one (sequence, head) and 4 * WG rows of it; each invocation holds 4 rows
-// (rows row0 + r * WG, r < 4) in registers, transposed so that the four rows are the lanes of a
-// vec4: qt[k] = (q[row 0][k], .., q[row 3][k]). Every vector loaded from the other side (keys in
-// forward and backward_q, queries in backward_kv) then serves the four rows in vec4 arithmetic;
-// storage loads are what a software device pays most for, and the streamed addresses depend on
-// the workgroup and the loop counter only (a broadcast on a GPU). The L x L scores are never
+// GROUP consecutive invocations serve one (sequence, head) and 4 * GROUP rows of it (a block;
+// long sequences have several); each invocation holds 4 rows (row0 + r * GROUP, r < 4) in
+// registers, transposed so that the four rows are the lanes of a vec4: qt[k] = (q[row 0][k], ..,
+// q[row 3][k]). Every vector loaded from the other side (keys in forward and backward_q, queries
+// in backward_kv) then serves the four rows in vec4 arithmetic; storage loads are what a software
+// device pays most for, and the streamed addresses are the same for the GROUP invocations (a
+// broadcast on a GPU). Short sequences (the inter-sample attention has 4 tokens) have GROUP = 1:
+// a workgroup then serves 64 of them. The L x L scores are never
 // stored: the forward keeps the running max and sum per row (online softmax over blocks of BK
 // keys) and saves logsumexp; the backward recomputes each probability as exp(score - lse).
 //
@@ -29,18 +31,18 @@ struct Params {
     keep_scale: f32,
     seed_lo: u32,
     seed_hi: u32,
-    // ceil(len / (4 * WG)): workgroups per (sequence, head)
+    // ceil(len / (4 * GROUP)): blocks per (sequence, head)
     blocks: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-// Invocations per workgroup, block of the streamed rows, Dh / 4. The register arrays hold Dh
+// Invocations per (sequence, head, block), block of the streamed rows, Dh / 4. The register arrays hold Dh
 // entries of four rows each (sized for Dh = 32) and are only indexed by expressions that become
 // constants once the loops over c < D4 are unrolled: an index that stays dynamic (a nested loop
 // over rows, a vector component picked by a loop counter) sends the whole array to scratch
 // memory, several times slower on a software device.
-override WG: u32 = 64u;
+override GROUP: u32 = 64u;
 override BK: u32 = 8u;
 override D4: u32 = 8u;
 override DROPOUT: bool = false;
@@ -71,8 +73,8 @@ fn keep_factor(rk: vec4<u32>, col_key: vec4<u32>) -> vec4<f32> {
     return select(vec4<f32>(0.0), vec4<f32>(p.keep_scale), mix32(rk ^ col_key) >= vec4<u32>(p.threshold));
 }
 
-// The workgroup's sequence * H + head and the invocation's four rows (unclamped); `valid` is
-// false past the end of a folded launch.
+// The invocation's sequence * H + head and its four rows (unclamped); `valid` is false for the
+// invocations past the last block.
 struct Tile {
     bh: u32,
     h: u32,
@@ -82,11 +84,12 @@ struct Tile {
 }
 
 fn tile(wid: vec3<u32>, nw: vec3<u32>, li: u32) -> Tile {
-    let w = wid.x + wid.y * nw.x;
-    let bh = w / p.blocks;
-    let row0 = (w % p.blocks) * 4u * WG + li;
-    let rows = vec4<u32>(row0, row0 + WG, row0 + 2u * WG, row0 + 3u * WG);
-    return Tile(bh, bh % p.heads, bh / p.heads, rows, w < p.seqs * p.heads * p.blocks);
+    let t = (wid.x + wid.y * nw.x) * 64u + li;
+    let unit = t / GROUP;
+    let bh = unit / p.blocks;
+    let row0 = (unit % p.blocks) * 4u * GROUP + t % GROUP;
+    let rows = vec4<u32>(row0, row0 + GROUP, row0 + 2u * GROUP, row0 + 3u * GROUP);
+    return Tile(bh, bh % p.heads, bh / p.heads, rows, unit < p.seqs * p.heads * p.blocks);
 }
 
 // Rows past the end repeat the last row and are not stored.
@@ -98,7 +101,7 @@ fn clamped(rows: vec4<u32>) -> vec4<u32> {
 @group(0) @binding(2) var<storage, read_write> out: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> lse: array<f32>;
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(64)
 fn forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nw: vec3<u32>,
@@ -240,7 +243,7 @@ fn delta(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 @group(0) @binding(4) var<storage, read> bq_delta: array<f32>;
 @group(0) @binding(5) var<storage, read_write> bq_dqkv: array<vec4<f32>>;
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(64)
 fn backward_q(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nw: vec3<u32>,
@@ -349,7 +352,7 @@ fn backward_q(
 @group(0) @binding(4) var<storage, read> bk_delta: array<f32>;
 @group(0) @binding(5) var<storage, read_write> bk_dqkv: array<vec4<f32>>;
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(64)
 fn backward_kv(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nw: vec3<u32>,

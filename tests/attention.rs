@@ -99,8 +99,10 @@ fn fused_attention_matches_cpu() {
 
 #[test]
 fn fused_attention_matches_composed_values_and_grads() {
-    // Lengths that are not multiples of the 32 rows per invocation nor of the 16-key block.
-    for &(s, l, d, heads) in &[(2, 45, 16, 2), (3, 70, 64, 2), (5, 4, 16, 4), (1, 1, 8, 2)] {
+    // Lengths that are not multiples of the 8-row block nor of the rows a workgroup serves
+    // (4 per invocation, up to 256), one over 256 (several workgroups per sequence and head), the
+    // inter-sample shape (4 tokens) and a single token.
+    for &(s, l, d, heads) in &[(2, 45, 16, 2), (3, 70, 64, 2), (1, 300, 16, 2), (5, 4, 16, 4), (1, 1, 8, 2)] {
         let (x, shape) = qkv_data(11, s, l, d);
         for dropout in [None, Some(HashDropout { p: 0.5, seed: 5 })] {
             let run = |fused: bool| {

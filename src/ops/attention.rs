@@ -34,15 +34,18 @@ impl HashDropout {
 /// Largest head width the kernels hold in registers.
 pub const MAX_HEAD_DIM: usize = 32;
 
-/// Invocations per workgroup, each holding 4 rows: 64, or fewer for short sequences (the
-/// inter-sample attention has 4 tokens, one invocation).
-fn workgroup_size(len: usize) -> usize {
-    len.div_ceil(4).next_power_of_two().min(64)
+/// Invocations per workgroup of the attention kernels.
+const WG: usize = 64;
+
+/// Invocations per (sequence, head, block of rows), each holding 4 rows: 64, or fewer for short
+/// sequences (the inter-sample attention has 4 tokens: one invocation, 64 sequences a workgroup).
+fn group_size(len: usize) -> usize {
+    len.div_ceil(4).next_power_of_two().min(WG)
 }
 
 struct Launch {
     params: Params,
-    wg: usize,
+    group: usize,
     bk: usize,
     dropout: bool,
     d4: usize,
@@ -64,8 +67,8 @@ fn dims(qkv: &Tensor, heads: usize) -> (usize, usize, usize) {
 }
 
 fn launch(s: usize, l: usize, d: usize, heads: usize, dropout: Option<HashDropout>) -> Launch {
-    let wg = workgroup_size(l);
-    let blocks = l.div_ceil(4 * wg);
+    let group = group_size(l);
+    let blocks = l.div_ceil(4 * group);
     let dh = d / heads;
     let (threshold, keep_scale, seed) = match dropout {
         Some(dr) if dr.p > 0.0 => (dr.threshold(), dr.keep_scale(), dr.seed),
@@ -82,13 +85,20 @@ fn launch(s: usize, l: usize, d: usize, heads: usize, dropout: Option<HashDropou
         .u((seed & 0xffff_ffff) as usize)
         .u((seed >> 32) as usize)
         .u(blocks);
-    Launch { params, wg, bk: l.min(8), dropout: threshold > 0, d4: dh / 4, workgroups: s * heads * blocks }
+    Launch {
+        params,
+        group,
+        bk: l.min(8),
+        dropout: threshold > 0,
+        d4: dh / 4,
+        workgroups: (s * heads * blocks * group).div_ceil(WG),
+    }
 }
 
 impl Launch {
     fn kernel(&self, entry: &'static str, dk: bool) -> Kernel {
         Kernel::new("attention", entry)
-            .with("WG", self.wg as f64)
+            .with("GROUP", self.group as f64)
             .with("BK", self.bk as f64)
             .with("D4", self.d4 as f64)
             .with("DROPOUT", self.dropout as u8 as f64)
