@@ -327,3 +327,18 @@ fn u32_vectors_concatenate_and_gather_bit_exactly() {
     assert_eq!(c.to_u32(), vec![1, 5, 3_000_000_000, 7]);
     assert_eq!(c.gather_rows(&Tensor::from_u32(&[3, 0, 2], &[3])).to_u32(), vec![7, 1, 3_000_000_000]);
 }
+
+#[test]
+fn broadcast_axes_collapse_where_both_operands_are_contiguous() {
+    use caml_wgpu::ops::elementwise::{broadcast_strides, collapse};
+    // A channel bias over N, C, X, Y, Z: three runs (N | C | X Y Z).
+    let shape = [2, 3, 4, 5, 6];
+    let (d, a, b) =
+        collapse(&shape, &broadcast_strides(&shape, &shape), &broadcast_strides(&[1, 3, 1, 1, 1], &shape));
+    assert_eq!(d, vec![2, 3, 120]);
+    assert_eq!(a, vec![360, 120, 1]);
+    assert_eq!(b, vec![0, 1, 0]);
+    // A row bias over [rows, cols]: two runs.
+    let (d, _, b) = collapse(&[7, 9], &[9, 1], &broadcast_strides(&[9], &[7, 9]));
+    assert_eq!((d, b), (vec![7, 9], vec![0, 1]));
+}

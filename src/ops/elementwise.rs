@@ -97,6 +97,26 @@ pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     (0..out.len()).map(|i| if i < off || shape[i - off] == 1 { 0 } else { st[i - off] }).collect()
 }
 
+/// Merges adjacent axes along which both operands are laid out contiguously (or both broadcast),
+/// so that a broadcast launch does as few index divisions as the layout allows.
+pub fn collapse(shape: &[usize], sa: &[usize], sb: &[usize]) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    let (mut d, mut a, mut b) = (vec![shape[0]], vec![sa[0]], vec![sb[0]]);
+    for i in 1..shape.len() {
+        let last = d.len() - 1;
+        let joins = |st: &[usize], merged: usize| st[i] * shape[i] == merged;
+        if joins(sa, a[last]) && joins(sb, b[last]) {
+            d[last] *= shape[i];
+            a[last] = sa[i];
+            b[last] = sb[i];
+        } else {
+            d.push(shape[i]);
+            a.push(sa[i]);
+            b.push(sb[i]);
+        }
+    }
+    (d, a, b)
+}
+
 /// Runs `f(start, len)` over element ranges that each fit one storage binding.
 fn for_chunks(n: usize, mut f: impl FnMut(usize, usize)) {
     let g = gpu();
@@ -133,14 +153,9 @@ pub fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Tensor {
         });
     } else {
         let k = Kernel::new("elementwise", "binary").with("OP", op.code() as f64).with("BROADCAST", 1.0);
-        let p = Params::new()
-            .u(n)
-            .u(shape.len())
-            .f(0.0)
-            .f(0.0)
-            .dims8(&shape)
-            .dims8(&broadcast_strides(a.shape(), &shape))
-            .dims8(&broadcast_strides(b.shape(), &shape));
+        let (dims, sa, sb) =
+            collapse(&shape, &broadcast_strides(a.shape(), &shape), &broadcast_strides(b.shape(), &shape));
+        let p = Params::new().u(n).u(dims.len()).f(0.0).f(0.0).dims8(&dims).dims8(&sa).dims8(&sb);
         g.dispatch_1d(&k, p.bytes(), &[a.binding(), b.binding(), out.binding()], n as u64);
     }
     if op.is_comparison() {
