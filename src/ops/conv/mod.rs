@@ -299,6 +299,8 @@ pub enum Form {
 }
 
 const SUBGROUP_GATHER: [(u32, u32, u32); 4] = [(8, 4, 1), (16, 4, 1), (8, 8, 1), (4, 8, 1)];
+/// Kernels of at most 2^3 taps reuse an input only across channels: wider channel tiles.
+const SUBGROUP_GATHER_SMALL: [(u32, u32, u32); 4] = [(8, 4, 1), (16, 4, 1), (32, 4, 1), (4, 8, 1)];
 const SUBGROUP_UP: [(u32, u32, u32); 4] = [(4, 4, 1), (8, 2, 1), (2, 4, 1), (8, 4, 1)];
 const SUBGROUP_WGRAD: [(u32, u32, u32); 4] = [(2, 2, 1), (4, 1, 1), (2, 1, 2), (1, 2, 2)];
 /// Kernels of at most 2^3 taps hold more B channels per tile for the same registers.
@@ -319,6 +321,7 @@ pub fn algos(form: Form, k: usize) -> Vec<Algo> {
     let mut v: Vec<Algo> = Vec::new();
     if subgroups_usable() {
         let sg: &[(u32, u32, u32)] = match form {
+            Form::Gather if k <= 2 => &SUBGROUP_GATHER_SMALL,
             Form::Gather => &SUBGROUP_GATHER,
             Form::Up => &SUBGROUP_UP,
             Form::Wgrad if k <= 2 => &SUBGROUP_WGRAD_SMALL,
