@@ -199,6 +199,16 @@ fn conv_transpose3d_grad_matches_finite_differences() {
 }
 
 #[test]
+fn algorithms_read_back_as_written() {
+    for form in [Form::Gather, Form::Up, Form::Wgrad] {
+        for algo in conv::algos(form, 3).into_iter().chain(conv::algos(form, 2)) {
+            assert_eq!(algo.to_string().parse::<Algo>(), Ok(algo));
+        }
+    }
+    assert!("subgroup 8 8".parse::<Algo>().is_err());
+}
+
+#[test]
 fn algos_cover_both_families() {
     let g = conv::algos(Form::Gather, 3);
     assert!(g.iter().any(|a| matches!(a, Algo::Tiled { .. })));

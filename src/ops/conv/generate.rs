@@ -1,0 +1,456 @@
+//! WGSL generators of the subgroup kernels: the skeleton's bindings and helpers
+//! (shaders/conv3d.wgsl, shaders/conv3d_grad.wgsl) followed by one entry point whose tile is
+//! unrolled into scalar registers.
+
+use std::fmt::Write;
+
+use crate::gpu::generated_shader;
+
+/// The subgroup gather kernel for kernel size k, input stride s, m channels x v rows per lane.
+pub(super) fn sg_gather_shader(k: usize, s: usize, m: usize, v: usize) -> &'static str {
+    generated_shader(&format!("conv3d_sg_k{k}s{s}m{m}v{v}"), || sg_gather_source(k, s, m, v))
+}
+
+/// Lanes are 8 consecutive output z of one (n, class, channel block, x, y block). For each input
+/// channel and x tap, each lane loads 1/8 of the weight block and the tile's input rows (8 s + k
+/// values each, in `nl` loads of 8), and shuffles deliver the weights and the z-shifted inputs.
+pub fn sg_gather_source(k: usize, s: usize, m: usize, v: usize) -> String {
+    let rows = (v - 1) * s + k;
+    let span = 7 * s + k;
+    let nl = span.div_ceil(8);
+    let wblk = k * k * m;
+    let nw = wblk.div_ceil(8);
+    let mut o = String::from(include_str!("../../../shaders/conv3d.wgsl"));
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "
+// Generated: kernel {k}, stride {s}, {m} channels x {v} rows per lane.
+@compute @workgroup_size(64)
+fn conv_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    // Parity classes vary fastest: the tiles of a workgroup then fill the same output lines.
+    let cls = t % p.ncls;
+    t /= p.ncls;
+    let zb = t % p.zblocks;
+    t /= p.zblocks;
+    let yb = t % p.yblocks;
+    t /= p.yblocks;
+    let xo = t % p.xblocks;
+    t /= p.xblocks;
+    let cb = t % p.cblocks;
+    let n = t / p.cblocks;
+    let r = cls_r(cls);
+    let off = cls_off(r);
+    let ext = cls_ext(r);
+    let sx = i32(p.sx);
+    let sy = i32(p.sy);
+    let sz = i32(p.sz);
+    let plane = sy * sz;
+    let cstride = sx * plane;
+    let z0 = i32(zb * {z8}u) + off.z;
+    let y0 = i32(yb * {vs}u) + off.y;
+    let sbase = i32(p.src_base + n * p.src_batch);
+    let wbase = (cls * p.cblocks + cb) * p.cin * {wci}u + lane;",
+        z8 = 8 * s,
+        vs = v * s,
+        wci = k * wblk,
+    );
+    for a in 0..m {
+        for j in 0..v {
+            let _ = writeln!(w, "    var a{a}_{j} = 0.0;");
+        }
+    }
+    for q in 0..nl {
+        let _ = writeln!(w, "    let zi{q} = z0 + i32(lane) + {};", 8 * q);
+        let _ = writeln!(w, "    let zok{q} = zi{q} >= 0 && zi{q} < sz;");
+    }
+    let _ = writeln!(
+        w,
+        "    for (var ci = 0u; ci < p.cin; ci++) {{
+        for (var dx = 0u; dx < {k}u; dx++) {{
+            let xi = i32(xo * {s}u + dx) + off.x;
+            let xok = xi >= 0 && xi < sx;
+            let wb = wbase + (ci * {k}u + dx) * {wblk}u;
+            let xb = sbase + i32(ci) * cstride + select(0, xi, xok) * plane;"
+    );
+    for q in 0..nw {
+        let _ = writeln!(w, "            let w{q} = wt[wb + {}u];", 8 * q);
+    }
+    for row in 0..rows {
+        let _ = writeln!(
+            w,
+            "            {{
+                let yi = y0 + {row};
+                let ok = xok && yi >= 0 && yi < sy;
+                let rb = xb + select(0, yi, ok) * sz;"
+        );
+        for q in 0..nl {
+            let _ = writeln!(w, "                let l{q} = src_at(rb + zi{q}, ok && zok{q});");
+        }
+        for dz in 0..k {
+            // Lane l takes element l * s + dz of the row: from load (l * s + dz) / 8.
+            let slots: Vec<usize> = {
+                let mut v: Vec<usize> = (0..8).map(|l| (l * s + dz) / 8).collect();
+                v.dedup();
+                v
+            };
+            let idx = format!("sb + ((lane * {s}u + {dz}u) & 7u)");
+            let mut e = format!("subgroupShuffle(l{}, {idx})", slots[0]);
+            for &q in &slots[1..] {
+                e = format!("select({e}, subgroupShuffle(l{q}, {idx}), lane * {s}u + {dz}u >= {}u)", 8 * q);
+            }
+            let _ = writeln!(w, "                let v{dz} = {e};");
+        }
+        for dz in 0..k {
+            for j in 0..v {
+                let Some(dy) = row.checked_sub(j * s).filter(|&d| d < k) else { continue };
+                for a in 0..m {
+                    let e = (dy * k + dz) * m + a;
+                    let _ = writeln!(
+                        w,
+                        "                a{a}_{j} = fma(subgroupShuffle(w{}, sb + {}u), v{dz}, a{a}_{j});",
+                        e / 8,
+                        e % 8
+                    );
+                }
+            }
+        }
+        let _ = writeln!(w, "            }}");
+    }
+    let _ = writeln!(
+        w,
+        "        }}
+    }}
+    let zo = zb * 8u + lane;
+    if !live || zo >= ext.z || xo >= ext.x {{
+        return;
+    }}
+    // Interior tiles store without per-element bounds (a quarter of a 1x1 convolution's time).
+    let cs = p.ox * p.oy * p.oz;
+    let rs = p.os * p.oz;
+    let base = dst_index(n, cb * {m}u, vec3<u32>(xo, yb * {v}u, zo), r);
+    if zb * 8u + 8u <= ext.z && yb * {v}u + {v}u <= ext.y && cb * {m}u + {m}u <= p.cout {{"
+    );
+    for a in 0..m {
+        let _ = writeln!(w, "        let b{a} = bias_of(cb * {m}u + {a}u);");
+        for j in 0..v {
+            let _ = writeln!(w, "        dst[base + {a}u * cs + {j}u * rs] = a{a}_{j} + b{a};");
+        }
+    }
+    let _ = writeln!(w, "        return;\n    }}");
+    for a in 0..m {
+        let _ = writeln!(
+            w,
+            "    if cb * {m}u + {a}u < p.cout {{
+        let b = bias_of(cb * {m}u + {a}u);"
+        );
+        for j in 0..v {
+            let _ = writeln!(
+                w,
+                "        if yb * {v}u + {j}u < ext.y {{
+            dst[base + {a}u * cs + {j}u * rs] = a{a}_{j} + b;
+        }}"
+            );
+        }
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
+pub(super) fn sg_up_shader(m: usize, v: usize) -> &'static str {
+    generated_shader(&format!("conv3d_up_sg_m{m}v{v}"), || sg_up_source(m, v))
+}
+
+/// out[n, o, 2q + t] = bias[o] + sum_i src[n, i, q] * W[i, o, t] for the eight taps t of a k2 s2
+/// transposed convolution. Lanes are 8 consecutive q along z of one (n, channel block, qx, block
+/// of v rows along y); each lane holds m channels x v rows x 8 taps. For each input channel a lane
+/// loads 1/8 of the weight block (8 m values, [i][t][m]) and its own v inputs. q runs over
+/// ceil(out / 2) per axis, reading 0 past the input (an odd output extent).
+pub fn sg_up_source(m: usize, v: usize) -> String {
+    let mut o = String::from(include_str!("../../../shaders/conv3d.wgsl"));
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "
+// Generated: k2 s2 transposed convolution, {m} channels x {v} rows x 8 taps per lane.
+@compute @workgroup_size(64)
+fn up_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    let zb = t % p.zblocks;
+    t /= p.zblocks;
+    let yb = t % p.yblocks;
+    t /= p.yblocks;
+    let qx = t % p.xblocks;
+    t /= p.xblocks;
+    let cb = t % p.cblocks;
+    let n = t / p.cblocks;
+    let qz = zb * 8u + lane;
+    let qy0 = yb * {v}u;
+    let plane = p.sy * p.sz;
+    let xok = qx < p.sx && qz < p.sz;
+    let sbase = p.src_base + n * p.src_batch + select(0u, qx, xok) * plane + select(0u, qz, xok);
+    let wbase = cb * p.cin * {wci}u + lane;",
+        wci = 8 * m
+    );
+    for a in 0..m {
+        for j in 0..v {
+            for t in 0..8 {
+                let _ = writeln!(w, "    var a{a}_{j}_{t} = 0.0;");
+            }
+        }
+    }
+    let _ = writeln!(
+        w,
+        "    for (var ci = 0u; ci < p.cin; ci++) {{
+        let wb = wbase + ci * {wci}u;
+        let cbase = sbase + ci * p.sx * plane;",
+        wci = 8 * m
+    );
+    for q in 0..m {
+        let _ = writeln!(w, "        let w{q} = wt[wb + {}u];", 8 * q);
+    }
+    for j in 0..v {
+        let _ = writeln!(
+            w,
+            "        let ok{j} = xok && qy0 + {j}u < p.sy;
+        let x{j} = src_at(i32(cbase + select(0u, qy0 + {j}u, ok{j}) * p.sz), ok{j});"
+        );
+    }
+    for t in 0..8 {
+        for a in 0..m {
+            let e = t * m + a;
+            let _ = writeln!(
+                w,
+                "        {{
+            let we = subgroupShuffle(w{}, sb + {}u);",
+                e / 8,
+                e % 8
+            );
+            for j in 0..v {
+                let _ = writeln!(w, "            a{a}_{j}_{t} = fma(we, x{j}, a{a}_{j}_{t});");
+            }
+            let _ = writeln!(w, "        }}");
+        }
+    }
+    let _ = writeln!(
+        w,
+        "    }}
+    if !live || 2u * qz >= p.oz || 2u * qx >= p.ox {{
+        return;
+    }}
+    let cs = p.ox * p.oy * p.oz;
+    let xs = p.oy * p.oz;
+    let base = dst_index(n, cb * {m}u, vec3<u32>(qx, qy0, qz), vec3<u32>(0u));
+    let full = zb * 16u + 16u <= p.oz && 2u * (qy0 + {v}u) <= p.oy && 2u * qx + 2u <= p.ox;
+    if full && cb * {m}u + {m}u <= p.cout {{"
+    );
+    let off = |j: usize, t: usize| {
+        let (tx, ty, tz) = (t >> 2, (t >> 1) & 1, t & 1);
+        format!("{tx}u * xs + {}u * p.oz + {tz}u", 2 * j + ty)
+    };
+    for a in 0..m {
+        let _ = writeln!(w, "        let b{a} = bias_of(cb * {m}u + {a}u);");
+        for j in 0..v {
+            for t in 0..8 {
+                let _ = writeln!(w, "        dst[base + {a}u * cs + {}] = a{a}_{j}_{t} + b{a};", off(j, t));
+            }
+        }
+    }
+    let _ = writeln!(w, "        return;\n    }}");
+    for a in 0..m {
+        let _ = writeln!(
+            w,
+            "    if cb * {m}u + {a}u < p.cout {{
+        let b = bias_of(cb * {m}u + {a}u);"
+        );
+        for j in 0..v {
+            for t in 0..8 {
+                let (tx, ty, tz) = (t >> 2, (t >> 1) & 1, t & 1);
+                let _ = writeln!(
+                    w,
+                    "        if all(vec3<u32>(2u * qx + {tx}u, 2u * (qy0 + {j}u) + {ty}u, 2u * qz + {tz}u) < vec3<u32>(p.ox, p.oy, p.oz)) {{
+            dst[base + {a}u * cs + {}] = a{a}_{j}_{t} + b;
+        }}",
+                    off(j, t)
+                );
+            }
+        }
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
+/// The subgroup weight-gradient kernel for kernel size k, stride s, m A channels per lane, v B
+/// channels per tile and r output rows (along y) per step.
+pub(super) fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize, r: usize) -> &'static str {
+    generated_shader(&format!("conv3d_grad_sg_k{k}s{s}m{m}v{v}r{r}"), || sg_wgrad_source(k, s, m, v, r))
+}
+
+/// Lanes are 8 channels of A (m each); a tile walks its chunk of steps (n, qx, r rows along y)
+/// in runs of 8 z. Each lane loads its channels' 8 r values of A; each B row under the step
+/// (8 s + k values, (r - 1) s + k rows per x tap) is loaded once per tile, 8 lanes at a time,
+/// and broadcast by shuffles to every tap along z and every output row it serves.
+pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize) -> String {
+    let span = 7 * s + k;
+    let nl = span.div_ceil(8);
+    let k3 = k * k * k;
+    let brows = (r - 1) * s + k;
+    let mut o = String::from(include_str!("../../../shaders/conv3d_grad.wgsl"));
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "
+// Generated: kernel {k}, stride {s}, {m} A channels per lane, {v} B channels per tile, {r} rows.
+@compute @workgroup_size(64)
+fn wgrad_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    let ab = t % p.ablocks;
+    t /= p.ablocks;
+    let bb = t % p.bblocks;
+    let chunk = t / p.bblocks;
+    let row0 = min(chunk * p.chunk_rows, p.rows);
+    let row1 = min(row0 + p.chunk_rows, p.rows);
+    let yblocks = (p.ay + {r1}u) / {r}u;
+    let astride = p.ax * p.ay * p.az;
+    let bx = i32(p.bx);
+    let by = i32(p.by);
+    let bz = i32(p.bz);
+    let bstride = bx * by * bz;",
+        r1 = r - 1
+    );
+    for i in 0..m {
+        let _ = writeln!(w, "    let ch{i} = ab * {}u + lane + {}u;", 8 * m, 8 * i);
+        let _ = writeln!(w, "    let chok{i} = ch{i} < p.ca;");
+    }
+    for b in 0..v {
+        let _ = writeln!(w, "    let bc{b} = bb * {v}u + {b}u;");
+        let _ = writeln!(w, "    let bcok{b} = bc{b} < p.cb;");
+    }
+    for i in 0..m {
+        for b in 0..v {
+            for t in 0..k3 {
+                let _ = writeln!(w, "    var g{i}_{b}_{t} = 0.0;");
+            }
+        }
+    }
+    let _ = writeln!(
+        w,
+        "    for (var row = row0; row < row1; row++) {{
+        let n = row / (p.ax * yblocks);
+        let qx = (row / yblocks) % p.ax;
+        let qy0 = (row % yblocks) * {r}u;
+        let abase = p.a_base + n * p.a_batch + (qx * p.ay + qy0) * p.az;
+        let bbase = i32(p.b_base + n * p.b_batch);
+        let xi0 = i32(qx * {s}u) + p.off.x;
+        let yi0 = i32(qy0 * {s}u) + p.off.y;
+        for (var z0 = 0u; z0 < p.az; z0 += 8u) {{"
+    );
+    for rr in 0..r {
+        for i in 0..m {
+            for j in 0..8 {
+                let _ = writeln!(
+                    w,
+                    "            let x{i}_{rr}_{j} = a_at(abase + ch{i} * astride + {off}u + z0 + {j}u, chok{i} && qy0 + {rr}u < p.ay && z0 + {j}u < p.az);",
+                    off = "p.az * ".to_string() + &rr.to_string(),
+                );
+            }
+        }
+    }
+    for q in 0..nl {
+        let _ = writeln!(w, "            let zi{q} = i32(z0 * {s}u) + p.off.z + i32(lane) + {};", 8 * q);
+        let _ = writeln!(w, "            let zok{q} = zi{q} >= 0 && zi{q} < bz;");
+    }
+    for b in 0..v {
+        for dx in 0..k {
+            for yy in 0..brows {
+                let _ = writeln!(
+                    w,
+                    "            {{
+                let xi = xi0 + {dx};
+                let yi = yi0 + {yy};
+                let ok = bcok{b} && xi >= 0 && xi < bx && yi >= 0 && yi < by;
+                let rb = bbase + i32(bc{b}) * bstride + (select(0, xi, ok) * by + select(0, yi, ok)) * bz;"
+                );
+                for q in 0..nl {
+                    let _ = writeln!(w, "                let l{q} = b_at(rb + zi{q}, ok && zok{q});");
+                }
+                for e in 0..span {
+                    let _ = writeln!(
+                        w,
+                        "                let e{e} = subgroupShuffle(l{}, sb + {}u);",
+                        e / 8,
+                        e % 8
+                    );
+                }
+                for rr in 0..r {
+                    let Some(dy) = yy.checked_sub(rr * s).filter(|&d| d < k) else { continue };
+                    for j in 0..8 {
+                        for dz in 0..k {
+                            let t = (dx * k + dy) * k + dz;
+                            for i in 0..m {
+                                let _ = writeln!(
+                                    w,
+                                    "                g{i}_{b}_{t} = fma(x{i}_{rr}_{j}, e{}, g{i}_{b}_{t});",
+                                    j * s + dz
+                                );
+                            }
+                        }
+                    }
+                }
+                let _ = writeln!(w, "            }}");
+            }
+        }
+    }
+    let _ = writeln!(
+        w,
+        "        }}
+    }}
+    if !live {{
+        return;
+    }}"
+    );
+    for i in 0..m {
+        for b in 0..v {
+            let _ = writeln!(w, "    if chok{i} && bcok{b} {{");
+            for t in 0..k3 {
+                let _ = writeln!(
+                    w,
+                    "        part[part_index(p.chunk0 + chunk, ch{i}, bc{b}, {t}u)] = g{i}_{b}_{t};"
+                );
+            }
+            let _ = writeln!(w, "    }}");
+        }
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
