@@ -10,6 +10,15 @@ use crate::rng::Rng;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum What {
+    /// Median time and GFLOP/s of every convolution kernel (forward, backward data, backward
+    /// weight) at the preset's shapes.
+    Kernels {
+        #[arg(long, value_enum, default_value_t = Preset::Small)]
+        preset: Preset,
+        /// Timed repetitions per kernel.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     /// Seconds per training iteration and the runtime's work per iteration.
     TrainStep {
         #[arg(long, value_enum, default_value_t = Preset::Small)]
@@ -58,6 +67,27 @@ pub fn run(a: Args) -> Result<()> {
     let g = Gpu::init()?;
     println!("adapter: {} ({:?}, {:?})", g.info.name, g.info.backend, g.info.device_type);
     match a.what {
+        What::Kernels { preset, reps } => {
+            use crate::ops::conv::{BenchPreset, bench_conv_kernels};
+            let p = match preset {
+                Preset::Small => BenchPreset::Small,
+                Preset::Paper => BenchPreset::Paper,
+            };
+            println!(
+                "{:<26} {:<40} {:<22} {:>11} {:>9}",
+                "kernel", "shape", "algorithm", "median ms", "GFLOP/s"
+            );
+            for r in bench_conv_kernels(p, reps) {
+                println!(
+                    "{:<26} {:<40} {:<22} {:>11.2} {:>9.2}",
+                    r.kernel,
+                    r.shape,
+                    r.algo,
+                    r.median_s * 1e3,
+                    r.gflops
+                );
+            }
+        }
         What::TrainStep { preset, iters } => {
             let cfg = TrainConfig::preset(preset);
             let model = crate::train::build_model(&cfg);
