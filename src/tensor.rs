@@ -140,6 +140,14 @@ impl Tensor {
     }
     /// The tensor's bytes as a storage binding.
     pub fn binding(&self) -> Binding<'_> {
+        let limit = gpu().max_binding();
+        assert!(
+            self.bytes() <= limit,
+            "a tensor of shape {:?} ({} bytes) is over this adapter's limit of {limit} bytes per storage \
+             binding; use a smaller patch or batch",
+            self.shape(),
+            self.bytes()
+        );
         Binding { buffer: &self.0.buf, offset: 0, size: Some(self.bytes().max(4)) }
     }
     /// The inputs of the op that made this tensor (none for a leaf).
