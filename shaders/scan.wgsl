@@ -30,22 +30,14 @@ fn workgroup_exclusive(t: u32, v: u32) -> u32 {
 }
 
 @group(0) @binding(1) var<storage, read> flags_in: array<f32>;
+@group(0) @binding(1) var<storage, read> values_in: array<u32>;
 @group(0) @binding(2) var<storage, read_write> pos: array<u32>;
 @group(0) @binding(3) var<storage, read_write> sums: array<u32>;
 
-@compute @workgroup_size(256)
-fn scan_flags(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nw: vec3<u32>) {
-    let b = block_id(wid, nw);
+// Writes the exclusive prefix of the block's values (4 per invocation) and the block total.
+fn scan_block(t: u32, b: u32, v: array<u32, 4>) {
     let base = b * 1024u + t * 4u;
-    var v: array<u32, 4>;
-    var s = 0u;
-    for (var i = 0u; i < 4u; i++) {
-        let e = base + i;
-        v[i] = select(0u, 1u, e < p.n && flags_in[min(e, p.n - 1u)] != 0.0);
-        s += v[i];
-    }
-    var run = workgroup_exclusive(t, s);
+    var run = workgroup_exclusive(t, v[0] + v[1] + v[2] + v[3]);
     for (var i = 0u; i < 4u; i++) {
         if base + i < p.n {
             pos[base + i] = run;
@@ -57,32 +49,30 @@ fn scan_flags(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wi
     }
 }
 
-@group(0) @binding(1) var<storage, read> values_in: array<u32>;
-@group(0) @binding(2) var<storage, read_write> vpos: array<u32>;
-@group(0) @binding(3) var<storage, read_write> vsums: array<u32>;
+// Prefix sums of nonzero flags.
+@compute @workgroup_size(256)
+fn scan_flags(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>) {
+    let b = block_id(wid, nw);
+    var v: array<u32, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        let e = b * 1024u + t * 4u + i;
+        v[i] = select(0u, 1u, e < p.n && flags_in[min(e, p.n - 1u)] != 0.0);
+    }
+    scan_block(t, b, v);
+}
 
+// Prefix sums of u32 values (the block totals of a level below).
 @compute @workgroup_size(256)
 fn scan_u32(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nw: vec3<u32>) {
     let b = block_id(wid, nw);
-    let base = b * 1024u + t * 4u;
     var v: array<u32, 4>;
-    var s = 0u;
     for (var i = 0u; i < 4u; i++) {
-        let e = base + i;
+        let e = b * 1024u + t * 4u + i;
         v[i] = select(0u, values_in[min(e, p.n - 1u)], e < p.n);
-        s += v[i];
     }
-    var run = workgroup_exclusive(t, s);
-    for (var i = 0u; i < 4u; i++) {
-        if base + i < p.n {
-            vpos[base + i] = run;
-        }
-        run += v[i];
-    }
-    if t == 255u {
-        vsums[b] = run;
-    }
+    scan_block(t, b, v);
 }
 
 @group(0) @binding(1) var<storage, read> block_offsets: array<u32>;
