@@ -22,7 +22,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Measure the engine: a training iteration, or whole-volume prediction.
+    /// Measure the engine: convolution kernels, a training iteration, or whole-volume prediction.
     Bench(bench::Args),
     /// Segment a dataset split with a model and score it against the labels.
     Eval(Box<eval::Args>),

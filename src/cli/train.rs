@@ -22,6 +22,7 @@ pub struct Args {
     /// Labeled cases: the first N of the train list.
     #[arg(long)]
     pub labeled: Option<usize>,
+    /// Training iterations (15,000 in the paper).
     #[arg(long)]
     pub iters: Option<u64>,
     /// Patch size X Y Z (each a multiple of 16).
@@ -30,19 +31,25 @@ pub struct Args {
     /// Base width F of the network (16 in the paper).
     #[arg(long)]
     pub width: Option<usize>,
+    /// Samples per batch (4 in the paper).
     #[arg(long)]
     pub batch: Option<usize>,
+    /// Labeled samples per batch (2 in the paper).
     #[arg(long)]
     pub labeled_bs: Option<usize>,
+    /// SGD learning rate (constant; 0.01 in the paper).
     #[arg(long)]
     pub lr: Option<f32>,
+    /// Seed of initialization, sampling, augmentation and dropout (1337 in the paper).
     #[arg(long)]
     pub seed: Option<u64>,
     /// Ramp length R (in steps of 150 iterations in the paper preset).
     #[arg(long)]
     pub rampup: Option<f64>,
+    /// Memory-bank features drawn per class each iteration (256 in the paper).
     #[arg(long)]
     pub memory_num: Option<usize>,
+    /// Most confident unlabeled voxels kept per class for the omni-correlation (12,800).
     #[arg(long)]
     pub num_filtered: Option<usize>,
     /// Sharpening temperature T of the consistency targets.
@@ -57,6 +64,7 @@ pub struct Args {
     /// Validation Dice on the test split every N iterations (0: never).
     #[arg(long)]
     pub val_every: Option<u64>,
+    /// A checkpoint every N iterations (the final one is always written).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
     /// Run folder (default: runs/<method>-<labeled>l-s<seed>).
