@@ -2,10 +2,11 @@
 //! `nn.MultiheadAttention` and `nn.LayerNorm`, parameter names and initialization as PyTorch has
 //! them. Tokens are laid out [S, L, d]: S independent sequences of L tokens each.
 //!
-//! Dropout masks come from a counter-based hash of a seed and the entry's position (see
-//! `ops::attention::HashDropout`), so a forward is a pure function of its inputs and its seed.
+//! Dropout masks come from counter-based hashes of a seed and the entry's position (the attention
+//! probabilities' in `ops::attention::HashDropout`, the rest in `ops::dropout`), so a forward is a
+//! pure function of its inputs and its seed, and no mask is stored.
 
-use crate::ops::attention::{HashDropout, attention, attention_composed, dropout_mask};
+use crate::ops::attention::{HashDropout, attention, attention_composed};
 use crate::rng::Rng;
 pub use crate::rng::derive_seed;
 use crate::tensor::Tensor;
@@ -23,11 +24,8 @@ fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
 /// Elementwise dropout of x seen as [rows, cols], training only (`nn.Dropout`).
 fn dropout(x: &Tensor, p: f32, seed: Option<u64>) -> Tensor {
     match seed {
-        Some(seed) if p > 0.0 => {
-            let cols = *x.shape().last().unwrap();
-            x.mul(&dropout_mask(HashDropout { p, seed }, [1, x.numel() / cols, cols]).reshape(x.shape()))
-        }
-        _ => x.clone(),
+        Some(seed) => crate::ops::dropout::dropout(x, p, seed, true),
+        None => x.clone(),
     }
 }
 
