@@ -287,6 +287,21 @@ pub enum Algo {
     Tiled { bm: u32, bn: u32, bk: u32, tm: u32, tn: u32 },
 }
 
+/// The workgroup-memory GEMM pipeline of `shader`/`entry` for kernel size `k`, stride `s` and a
+/// tiled `algo`'s tile sizes (as override constants).
+fn tiled_kernel(shader: &'static str, entry: &'static str, k: usize, s: usize, algo: Algo) -> Kernel {
+    let Algo::Tiled { bm, bn, bk, tm, tn } = algo else { panic!("{algo} is not a tiled algorithm") };
+    Kernel::new(shader, entry)
+        .with("KS", k as f64)
+        .with("ST", s as f64)
+        .with("BM", bm as f64)
+        .with("BN", bn as f64)
+        .with("BK", bk as f64)
+        .with("TM", tm as f64)
+        .with("TN", tn as f64)
+        .with("WGS", ((bn / tn) * (bm / tm)) as f64)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Form {
     /// The gather form in general.
@@ -745,17 +760,8 @@ fn launch_gather(
             let kernel = Kernel::new(sg_gather_shader(g.k, g.s, m as usize, v as usize), "conv_sg");
             gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
         }
-        Algo::Tiled { bm, bn, bk, tm, tn } => {
-            let wgs = (bn / tn) * (bm / tm);
-            let kernel = Kernel::new("conv3d", "conv_tiled")
-                .with("KS", g.k as f64)
-                .with("ST", g.s as f64)
-                .with("BM", bm as f64)
-                .with("BN", bn as f64)
-                .with("BK", bk as f64)
-                .with("TM", tm as f64)
-                .with("TN", tn as f64)
-                .with("WGS", wgs as f64);
+        Algo::Tiled { .. } => {
+            let kernel = tiled_kernel("conv3d", "conv_tiled", g.k, g.s, algo);
             let [gx, gy, _] = gpu().groups_1d(tiles as u64, 1);
             gpu().dispatch(&kernel, p.bytes(), &bindings, [gx, gy, (cblocks * g.ncls * nbatch) as u32]);
         }
@@ -928,17 +934,8 @@ fn launch_wgrad(
                     .with("ST", g.s as f64);
             gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
         }
-        Algo::Tiled { bm, bn, bk, tm, tn } => {
-            let wgs = (bn / tn) * (bm / tm);
-            let kernel = Kernel::new("conv3d_grad", "wgrad_tiled")
-                .with("KS", g.k as f64)
-                .with("ST", g.s as f64)
-                .with("BM", bm as f64)
-                .with("BN", bn as f64)
-                .with("BK", bk as f64)
-                .with("TM", tm as f64)
-                .with("TN", tn as f64)
-                .with("WGS", wgs as f64);
+        Algo::Tiled { bm, bn, .. } => {
+            let kernel = tiled_kernel("conv3d_grad", "wgrad_tiled", g.k, g.s, algo);
             let groups = [
                 (cb * g.k.pow(3)).div_ceil(bn as usize) as u32,
                 ca.div_ceil(bm as usize) as u32,
