@@ -124,11 +124,7 @@ impl TrainConfig {
 
     /// Ramp length R.
     pub fn ramp_length(&self) -> f64 {
-        self.rampup.unwrap_or(match self.labeled {
-            0..=4 => 40.0,
-            5..=8 => 20.0,
-            _ => 15.0,
-        })
+        self.rampup.unwrap_or(crate::caml::losses::Ramp::paper(self.labeled).length)
     }
 
     /// Reads a TOML file over this configuration: keys it names replace the current values.
