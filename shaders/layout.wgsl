@@ -16,9 +16,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-fn at(v: array<vec4<u32>, 2>, d: u32) -> u32 {
-    return v[d / 4u][d % 4u];
-}
 
 fn linear(gid: vec3<u32>, nw: vec3<u32>) -> u32 {
     return gid.x + gid.y * nw.x * 256u;
@@ -37,8 +34,8 @@ fn permute(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     var r = i;
     var src = 0u;
     for (var d = i32(p.rank) - 1; d >= 0; d--) {
-        let s = at(p.shape, u32(d));
-        src += (r % s) * at(p.strides, u32(d));
+        let s = p.shape[u32(d) >> 2u][u32(d) & 3u];
+        src += (r % s) * p.strides[u32(d) >> 2u][u32(d) & 3u];
         r = r / s;
     }
     y[i] = x[src];

@@ -6,6 +6,7 @@
 //! or the batch is full.
 
 mod pool;
+mod profile;
 mod shaders;
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use pool::Pool;
 pub use pool::{GpuBuffer, MemoryStats};
+pub use profile::KernelTime;
 pub use shaders::generated as generated_shader;
 
 /// Workgroup size of every one-dimensional kernel (`@workgroup_size(256)` in the shaders).
@@ -89,6 +91,8 @@ struct Recorder {
     params: Vec<u8>,
     slots: u64,
     params_buffer: wgpu::Buffer,
+    /// Per-kernel device times, when profiling is on.
+    profiler: Option<profile::Profiler>,
 }
 
 pub struct Gpu {
@@ -176,7 +180,13 @@ impl Gpu {
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
-            rec: Mutex::new(Recorder { encoder: None, params: Vec::new(), slots: 0, params_buffer }),
+            rec: Mutex::new(Recorder {
+                encoder: None,
+                params: Vec::new(),
+                slots: 0,
+                params_buffer,
+                profiler: None,
+            }),
             staging: Mutex::new(HashMap::new()),
             dispatches: AtomicU64::new(0),
             submissions: AtomicU64::new(0),
@@ -298,7 +308,7 @@ impl Gpu {
         }
         let pipeline = self.pipeline(kernel);
         let mut rec = self.rec.lock().unwrap();
-        if rec.slots == PARAM_SLOTS {
+        if rec.slots == PARAM_SLOTS || rec.profiler.as_ref().is_some_and(|p| p.full()) {
             self.submit_locked(&mut rec);
         }
         let offset = rec.slots * PARAM_SLOT;
@@ -333,10 +343,13 @@ impl Gpu {
             entries: &entries,
         });
         let device = &self.device;
+        let rec = &mut *rec;
         let encoder = rec.encoder.get_or_insert_with(|| {
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
         });
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        let timestamp_writes = rec.profiler.as_mut().map(|p| p.next(kernel));
+        let mut pass =
+            encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
@@ -409,10 +422,37 @@ impl Gpu {
             rec.params.clear();
             rec.slots = 0;
         }
-        if let Some(encoder) = rec.encoder.take() {
+        if let Some(mut encoder) = rec.encoder.take() {
+            if let Some(p) = &rec.profiler {
+                p.resolve(&mut encoder);
+            }
             self.queue.submit([encoder.finish()]);
             self.submissions.fetch_add(1, Ordering::Relaxed);
+            if let Some(p) = &mut rec.profiler {
+                p.collect(&self.device, self.queue.get_timestamp_period());
+            }
         }
+    }
+
+    /// Starts timing every launch on the device (adapters with TIMESTAMP_QUERY). Each submission
+    /// then waits for the device, so this is for benchmarks only.
+    pub fn start_profiling(&self) -> Result<()> {
+        if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            bail!("adapter '{}' has no timestamp queries; profiling needs them", self.info.name);
+        }
+        let mut rec = self.rec.lock().unwrap();
+        self.submit_locked(&mut rec);
+        rec.profiler = Some(profile::Profiler::new(&self.device));
+        Ok(())
+    }
+
+    /// Stops profiling and returns the device time per kernel, the largest first.
+    pub fn stop_profiling(&self) -> Vec<(&'static str, KernelTime)> {
+        let mut rec = self.rec.lock().unwrap();
+        self.submit_locked(&mut rec);
+        let mut out: Vec<_> = rec.profiler.take().map(|p| p.totals.into_iter().collect()).unwrap_or_default();
+        out.sort_by(|a, b| b.1.nanos.total_cmp(&a.1.nanos));
+        out
     }
 
     /// Submits what is recorded and waits until the device has finished it.
