@@ -25,8 +25,11 @@ pub const WG: u32 = 256;
 
 /// Size of one parameter slot; a kernel's uniform block must fit in it.
 const PARAM_SLOT: u64 = 256;
-/// Parameter slots per batch: a batch is submitted when they are used up.
-const PARAM_SLOTS: u64 = 2048;
+/// Parameter slots per batch: a batch is submitted when they are used up (a training iteration
+/// of the small preset records about 2,600 launches).
+const PARAM_SLOTS: u64 = 4096;
+/// Unit of the staging memory that carries uploads, in bytes.
+const UPLOAD_CHUNK: u64 = 4 << 20;
 
 /// A kernel: a WGSL file from `shaders/`, an entry point and its override constants.
 #[derive(Clone, Debug, PartialEq)]
@@ -93,6 +96,8 @@ struct Recorder {
     params_buffer: wgpu::Buffer,
     /// Per-kernel device times, when profiling is on.
     profiler: Option<profile::Profiler>,
+    /// Staging memory for uploads, copied in recording order.
+    belt: wgpu::util::StagingBelt,
 }
 
 pub struct Gpu {
@@ -165,6 +170,7 @@ impl Gpu {
         device.set_device_lost_callback(|reason, msg| {
             eprintln!("error: the GPU device was lost ({reason:?}): {msg}");
         });
+        let belt = wgpu::util::StagingBelt::new(device.clone(), UPLOAD_CHUNK);
         let params_buffer = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
             size: PARAM_SLOT * PARAM_SLOTS,
@@ -186,6 +192,7 @@ impl Gpu {
                 slots: 0,
                 params_buffer,
                 profiler: None,
+                belt,
             }),
             staging: Mutex::new(HashMap::new()),
             dispatches: AtomicU64::new(0),
@@ -394,11 +401,6 @@ impl Gpu {
             return;
         }
         let mut rec = self.rec.lock().unwrap();
-        // queue.write_buffer lands before the next submission's commands: submit what is
-        // recorded first, so that a pooled buffer still read by recorded work is not overwritten.
-        if rec.encoder.is_some() {
-            self.submit_locked(&mut rec);
-        }
         self.uploads.fetch_add(1, Ordering::Relaxed);
         let padded;
         let data = if data.len().is_multiple_of(4) {
@@ -407,7 +409,16 @@ impl Gpu {
             padded = [data, &[0u8; 3][..4 - data.len() % 4]].concat();
             &padded[..]
         };
-        self.queue.write_buffer(dst.raw(), offset, data);
+        // Through staging memory and a copy recorded in order (queue.write_buffer would land
+        // before every launch of the open batch, so a pooled buffer still read by recorded work
+        // would be overwritten); no submission is needed.
+        let rec = &mut *rec;
+        let device = &self.device;
+        let encoder = rec.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        let size = wgpu::BufferSize::new(data.len() as u64).expect("a non-empty upload");
+        rec.belt.write_buffer(encoder, dst.raw(), offset, size).copy_from_slice(data);
     }
 
     /// Submits everything recorded so far.
@@ -426,7 +437,9 @@ impl Gpu {
             if let Some(p) = &rec.profiler {
                 p.resolve(&mut encoder);
             }
+            rec.belt.finish();
             self.queue.submit([encoder.finish()]);
+            rec.belt.recall();
             self.submissions.fetch_add(1, Ordering::Relaxed);
             if let Some(p) = &mut rec.profiler {
                 p.collect(&self.device, self.queue.get_timestamp_period());
