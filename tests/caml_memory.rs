@@ -3,6 +3,7 @@
 use caml_wgpu::Tensor;
 use caml_wgpu::caml::memory::MemoryBank;
 use caml_wgpu::caml::omni;
+use caml_wgpu::ops::scan::{nonzero_many, prefix_count};
 use caml_wgpu::rng::Rng;
 use std::collections::HashSet;
 
@@ -49,29 +50,48 @@ fn bank_entries_with_an_empty_class_are_kept() {
     assert!(m1.is_none());
 }
 
+/// select_rows on host data: the consistent mask, each voxel's class and confidence.
+fn omni_rows(consistent: &[f32], class: &[f32], conf: &[f32], k: usize) -> [Vec<u32>; 2] {
+    let n = consistent.len();
+    let mask = |c: f32| -> Vec<f32> {
+        (0..n).map(|i| (consistent[i] == 1.0 && class[i] == c) as u8 as f32).collect()
+    };
+    let (m0, m1) = (Tensor::from_vec(&mask(0.0), &[n]), Tensor::from_vec(&mask(1.0), &[n]));
+    let voxels = nonzero_many(&[&m0, &m1]);
+    let rank = prefix_count(&Tensor::from_vec(consistent, &[n]));
+    let got = omni::select_rows(&rank, [&voxels[0], &voxels[1]], &Tensor::from_vec(conf, &[n]), k);
+    got.map(|t| t.to_u32())
+}
+
 #[test]
 fn omni_rows_keep_the_most_confident_per_class_with_stable_ties() {
     let mut rng = Rng::new(5);
     let n = 3000;
     let class: Vec<f32> = (0..n).map(|_| rng.below(2) as f32).collect();
     let conf: Vec<f32> = (0..n).map(|_| 0.5 + rng.below(40) as f32 * 0.0125).collect();
+    let consistent: Vec<f32> = (0..n).map(|_| (rng.below(5) != 0) as u8 as f32).collect();
+    // Position of each voxel among the consistent ones.
+    let position: Vec<u32> = consistent
+        .iter()
+        .scan(0u32, |s, &c| {
+            let p = *s;
+            *s += c as u32;
+            Some(p)
+        })
+        .collect();
     let k = 700;
-    let got = omni::select_rows(&Tensor::from_vec(&class, &[n]), &Tensor::from_vec(&conf, &[n]), k);
+    let got = omni_rows(&consistent, &class, &conf, k);
     for (c, got_c) in got.iter().enumerate() {
-        let mut rows: Vec<usize> = (0..n).filter(|&i| class[i] == c as f32).collect();
+        let mut rows: Vec<usize> = (0..n).filter(|&i| consistent[i] == 1.0 && class[i] == c as f32).collect();
         rows.sort_by(|&a, &b| conf[b].partial_cmp(&conf[a]).unwrap());
         rows.truncate(k);
-        let want: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        assert_eq!(got_c.to_u32(), want, "class {c}");
+        let want: Vec<u32> = rows.iter().map(|&r| position[r]).collect();
+        assert_eq!(got_c, &want, "class {c}");
     }
-    // Under the cap every row of the class is kept, in row order.
-    let got = omni::select_rows(
-        &Tensor::from_vec(&[1.0, 0.0, 1.0], &[3]),
-        &Tensor::from_vec(&[0.6, 0.7, 0.9], &[3]),
-        5,
-    );
-    assert_eq!(got[0].to_u32(), vec![1]);
-    assert_eq!(got[1].to_u32(), vec![0, 2]);
+    // Under the cap every consistent voxel of the class is kept, in voxel order.
+    let got = omni_rows(&[1.0, 0.0, 1.0, 1.0], &[1.0, 1.0, 0.0, 1.0], &[0.6, 0.8, 0.7, 0.9], 5);
+    assert_eq!(got[0], vec![1]);
+    assert_eq!(got[1], vec![0, 2]);
 }
 
 #[test]

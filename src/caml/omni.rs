@@ -1,22 +1,29 @@
 //! The omni-correlation consistency on the unlabeled side (SPEC section 2, item 4).
 
 use crate::caml::losses::{omni_correlation, omni_correlation_loss};
-use crate::ops::{scan, sort};
+use crate::ops::sort;
 use crate::tensor::Tensor;
 
-/// The rows that enter the omni-correlation: per class (0 then 1) the row indices (U32) of that
-/// class, at most `num_filtered` of them, the most confident first (ties by row order).
-pub fn select_rows(class: &Tensor, confidence: &Tensor, num_filtered: usize) -> [Tensor; 2] {
-    let masks = [class.eq(&Tensor::scalar(0.0)), class.eq(&Tensor::scalar(1.0))];
-    let found = scan::nonzero_many(&[&masks[0], &masks[1]]);
-    let mut out = found.into_iter().map(|idx| {
-        if idx.numel() <= num_filtered {
-            return idx;
-        }
-        let conf = confidence.gather_rows(&idx);
-        idx.gather_rows(&sort::top_indices(&conf, num_filtered))
-    });
-    [out.next().unwrap(), out.next().unwrap()]
+/// The rows that enter the omni-correlation: per class (0 then 1), at most `num_filtered` of
+/// the voxels `class_voxels[c]` (U32 flat indices, increasing), the most confident first (ties by
+/// voxel order), given as their positions among the consistent voxels (`rank`, the
+/// [`crate::ops::scan::prefix_count`] of the consistent mask). `confidence` holds every voxel's.
+pub fn select_rows(
+    rank: &Tensor,
+    class_voxels: [&Tensor; 2],
+    confidence: &Tensor,
+    num_filtered: usize,
+) -> [Tensor; 2] {
+    let n = confidence.numel();
+    class_voxels.map(|idx| {
+        let kept = if idx.numel() <= num_filtered {
+            idx.clone()
+        } else {
+            let conf = confidence.reshape(&[n, 1]).gather_rows(idx).reshape(&[idx.numel()]);
+            idx.gather_rows(&sort::top_indices(&conf, num_filtered))
+        };
+        rank.gather_rows(&kept)
+    })
 }
 
 /// loss_o for features of both networks ([rows, E], the same rows), the rows chosen per class by

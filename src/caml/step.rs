@@ -49,21 +49,25 @@ fn voxel_rows(emb: &Tensor, i: usize, n: usize, raw: bool) -> Tensor {
     if raw { s.reshape(&[voxels, f]) } else { s.permute(&[0, 2, 3, 4, 1]).reshape(&[voxels, f]) }
 }
 
-/// Item 3: refresh the bank entries of the batch's labeled cases with the projected embeddings of
-/// the voxels both decoders get right, then draw this iteration's memory.
-fn update_memory_bank(
-    st: &mut TrainState,
-    cfg: &TrainConfig,
-    out: &Outputs,
-    label: &Tensor,
-    cases: &[usize],
-) -> [Option<Tensor>; 2] {
+/// The voxel selections of items 3 and 4, found with one readback of their counts: per labeled
+/// sample the voxels both decoders get right, of class 0 and of class 1; on the unlabeled samples
+/// the voxels where the decoders agree, and those of them decoder 1 calls 0 and 1.
+struct Selections {
+    /// [2 i + c]: labeled sample i, class c.
+    bank: Vec<Tensor>,
+    consistent: Tensor,
+    /// Positions of each unlabeled voxel among the consistent ones (U32).
+    rank: Tensor,
+    class: [Tensor; 2],
+}
+
+fn selections(out: &Outputs, label: &Tensor, l: usize) -> Selections {
     no_grad(|| {
-        let l = cases.len();
-        let arg_v = out.out_v.narrow(0, 0, l).argmax(1);
-        let arg_a = out.out_a.narrow(0, 0, l).argmax(1);
-        let correct = arg_v.eq(label).mul(&arg_a.eq(label));
         let per_sample = label.numel() / l;
+        let arg_v = out.out_v.argmax(1);
+        let arg_a = out.out_a.argmax(1);
+        let (lv, la) = (arg_v.narrow(0, 0, l), arg_a.narrow(0, 0, l));
+        let correct = lv.eq(label).mul(&la.eq(label));
         let mut masks = Vec::new();
         for i in 0..l {
             let (c, g) = (
@@ -73,9 +77,36 @@ fn update_memory_bank(
             masks.push(c.mul(&g.affine(-1.0, 1.0)));
             masks.push(c.mul(&g));
         }
-        let idx = nonzero_many(&masks.iter().collect::<Vec<_>>());
+        let u = arg_v.dim(0) - l;
+        let (uv, ua) = (arg_v.narrow(0, l, u), arg_a.narrow(0, l, u));
+        let n = uv.numel();
+        let uv = uv.reshape(&[n]);
+        let consistent = uv.eq(&ua.reshape(&[n]));
+        let one = consistent.mul(&uv);
+        masks.push(consistent.clone());
+        masks.push(consistent.sub(&one));
+        masks.push(one);
+        let rank = crate::ops::scan::prefix_count(&consistent);
+        let mut idx = nonzero_many(&masks.iter().collect::<Vec<_>>());
+        let class1 = idx.pop().unwrap();
+        let class0 = idx.pop().unwrap();
+        let consistent = idx.pop().unwrap();
+        Selections { bank: idx, consistent, rank, class: [class0, class1] }
+    })
+}
+
+/// Item 3: refresh the bank entries of the batch's labeled cases with the projected embeddings of
+/// the voxels both decoders get right, then draw this iteration's memory.
+fn update_memory_bank(
+    st: &mut TrainState,
+    cfg: &TrainConfig,
+    out: &Outputs,
+    sel: &Selections,
+    cases: &[usize],
+) -> [Option<Tensor>; 2] {
+    no_grad(|| {
         for (i, &case) in cases.iter().enumerate() {
-            let (i0, i1) = (&idx[2 * i], &idx[2 * i + 1]);
+            let (i0, i1) = (&sel.bank[2 * i], &sel.bank[2 * i + 1]);
             let counts = [i0.numel(), i1.numel()];
             if counts[0] + counts[1] == 0 {
                 st.bank.update(case, Tensor::zeros(&[0, cfg.embed]), [0, 0]);
@@ -99,33 +130,24 @@ fn omni_correlation_term(
     out: &Outputs,
     p_v: &Tensor,
     l: usize,
+    s: &Selections,
     memory: &[Option<Tensor>; 2],
 ) -> Option<Tensor> {
-    if memory.iter().all(|m| m.is_none()) {
+    // BatchNorm1d in training mode needs more than one row.
+    if memory.iter().all(|m| m.is_none()) || s.consistent.numel() < 2 {
         return None;
     }
     let u = out.out_v.dim(0) - l;
-    let (sel, cls, conf) = no_grad(|| {
-        let arg_v = out.out_v.narrow(0, l, u).argmax(1);
-        let arg_a = out.out_a.narrow(0, l, u).argmax(1);
-        let n = arg_v.numel();
-        let consistent = arg_v.eq(&arg_a).reshape(&[n]);
-        let conf = p_v.narrow(0, l, u).max_axis(1).reshape(&[n]);
-        let sel = nonzero_many(&[&consistent]).pop().unwrap();
-        let cls = arg_v.reshape(&[n, 1]).gather_rows(&sel).reshape(&[sel.numel()]);
-        let conf = conf.reshape(&[n, 1]).gather_rows(&sel).reshape(&[sel.numel()]);
-        (sel, cls, conf)
+    let conf = no_grad(|| {
+        let conf = p_v.narrow(0, l, u).max_axis(1);
+        conf.reshape(&[conf.numel()])
     });
-    // BatchNorm1d in training mode needs more than one row.
-    if sel.numel() < 2 {
-        return None;
-    }
-    let rows_v = voxel_rows(&out.emb_v, l, u, false).gather_rows(&sel);
-    let rows_a = voxel_rows(&out.emb_a, l, u, false).gather_rows(&sel);
+    let rows_v = voxel_rows(&out.emb_v, l, u, false).gather_rows(&s.consistent);
+    let rows_a = voxel_rows(&out.emb_a, l, u, false).gather_rows(&s.consistent);
     let m = &st.model;
     let feats_v = m.prediction_head1.forward(&m.projection_head1.forward(&rows_v, true), true);
     let feats_a = m.prediction_head2.forward(&m.projection_head2.forward(&rows_a, true), true);
-    let rows = omni::select_rows(&cls, &conf, cfg.num_filtered);
+    let rows = no_grad(|| omni::select_rows(&s.rank, [&s.class[0], &s.class[1]], &conf, cfg.num_filtered));
     omni::omni_loss(&feats_v, &feats_a, &rows, memory, cfg.corr_temperature)
 }
 
@@ -162,8 +184,9 @@ pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Resu
         parts.push(Tensor::zeros(&[1]));
     }
     let loss_o = if cfg.method == Method::Caml {
-        let memory = update_memory_bank(st, cfg, &out, &label, &batch.indices.labeled);
-        omni_correlation_term(st, cfg, &out, &p_v, l, &memory)
+        let sel = selections(&out, &label, l);
+        let memory = update_memory_bank(st, cfg, &out, &sel, &batch.indices.labeled);
+        omni_correlation_term(st, cfg, &out, &p_v, l, &sel, &memory)
     } else {
         None
     };
@@ -177,15 +200,19 @@ pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Resu
     drop(out);
     let grads = backward(&loss);
     let params = st.model.params();
-    // One readback: the loss parts and a sum over every gradient, non-finite if any entry is.
+    // One readback: the loss parts and a sum over every gradient, non-finite if any entry is
+    // (the gradients copied end to end, then one reduction rather than one per parameter).
     let values = no_grad(|| {
         let mut all = vec![loss.reshape(&[1])];
         all.extend(parts.iter().map(|p| p.reshape(&[1])));
-        let grad_sum = params
-            .iter()
-            .filter_map(|p| grads.get(p))
-            .fold(Tensor::zeros(&[1]), |acc, g| acc.add(&g.sum_all()));
-        all.push(grad_sum);
+        let present: Vec<&Tensor> = params.iter().filter_map(|p| grads.get(p)).collect();
+        let flat = Tensor::empty(&[present.iter().map(|g| g.numel()).sum::<usize>().max(1)]);
+        let mut offset = 0;
+        for g in present {
+            crate::gpu::gpu().copy(g.buffer(), 0, flat.buffer(), offset, g.bytes());
+            offset += g.bytes();
+        }
+        all.push(if offset == 0 { Tensor::zeros(&[1]) } else { flat.sum_all().reshape(&[1]) });
         Tensor::concat(&all, 0)
     });
     let v = values.to_vec();

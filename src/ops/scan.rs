@@ -65,6 +65,16 @@ pub fn nonzero_many(masks: &[&Tensor]) -> Vec<Tensor> {
     parts.into_iter().zip(counts).map(|((idx, _), c)| idx.with_shape_unchecked(&[c as usize])).collect()
 }
 
+/// For every entry of `mask`, how many nonzero entries precede it (U32, shape [n]): an entry's
+/// position among the indices [`nonzero`] returns. No readback.
+pub fn prefix_count(mask: &Tensor) -> Tensor {
+    assert_eq!(mask.dtype(), DType::F32, "prefix_count of a {:?} tensor", mask.dtype());
+    if mask.numel() == 0 {
+        return Tensor::empty_u32(&[0]);
+    }
+    exclusive_scan(mask)
+}
+
 /// The flat indices where `mask` is nonzero, in increasing order (U32, shape [count]). Reads the
 /// count back to the host.
 pub fn nonzero(mask: &Tensor) -> Tensor {
