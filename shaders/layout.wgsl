@@ -1,5 +1,6 @@
-// Data movement: permute, copies along one axis (slice, concat, pad), row gather and
-// scatter-add.
+// Data movement as bit copies (f32 and u32 alike): strided box copies (permute, slice, concat,
+// padding), row gather and scatter-add. Tensors are bound in windows that fit one storage
+// binding; offsets say where a launch's first element sits in each window.
 
 struct Params {
     n: u32,
@@ -11,7 +12,8 @@ struct Params {
     e: u32,
     f: u32,
     shape: array<vec4<u32>, 2>,
-    strides: array<vec4<u32>, 2>,
+    xs: array<vec4<u32>, 2>,
+    ys: array<vec4<u32>, 2>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -24,73 +26,70 @@ fn linear(gid: vec3<u32>, nw: vec3<u32>) -> u32 {
     return gid.x + gid.y * nw.x * 256u;
 }
 
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<u32>;
+@group(0) @binding(2) var<storage, read_write> y: array<u32>;
 
-// y has shape `shape`; `strides` are x's strides taken in y's axis order.
+// y[b + sum_d i_d * ys[d]] = x[a + sum_d i_d * xs[d]] for every index i of the box `shape`
+// (`rank` axes, n elements).
 @compute @workgroup_size(256)
-fn permute(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-    let i = linear(gid, nw);
-    if i >= p.n {
-        return;
-    }
-    var r = i;
-    var src = 0u;
-    for (var d = i32(p.rank) - 1; d >= 0; d--) {
-        let s = at(p.shape, u32(d));
-        src += (r % s) * at(p.strides, u32(d));
-        r = r / s;
-    }
-    y[i] = x[src];
-}
-
-// y[o, dst_start + j, i] = x[o, src_start + j, i] for j < len.
-// a = outer, b = len, c = inner, d = src axis size, e = src start, f = dst axis size,
-// shape[0].x = dst start.
-@compute @workgroup_size(256)
-fn copy_axis(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+fn copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let t = linear(gid, nw);
     if t >= p.n {
         return;
     }
-    let i = t % p.c;
-    let j = (t / p.c) % p.b;
-    let o = t / (p.c * p.b);
-    let dst_start = p.shape[0].x;
-    y[(o * p.f + dst_start + j) * p.c + i] = x[(o * p.d + p.e + j) * p.c + i];
+    var r = t;
+    var src = p.a;
+    var dst = p.b;
+    for (var d = i32(p.rank) - 1; d >= 0; d--) {
+        let s = at(p.shape, u32(d));
+        let i = r % s;
+        r = r / s;
+        src += i * at(p.xs, u32(d));
+        dst += i * at(p.ys, u32(d));
+    }
+    y[dst] = x[src];
 }
 
-@group(0) @binding(1) var<storage, read> gx: array<f32>;
+@group(0) @binding(1) var<storage, read> gx: array<u32>;
 @group(0) @binding(2) var<storage, read> gidx: array<u32>;
-@group(0) @binding(3) var<storage, read_write> gy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gy: array<u32>;
 
-// gy[r, :] = gx[idx[r], :]; a = rows, b = cols.
+// gy[a + r * f + col] = gx[b + (idx[c + r] - d) * f + col] for the n / f output rows r whose
+// source row idx falls in the window [d, d + e) of table rows bound at gx; f = cols.
 @compute @workgroup_size(256)
 fn gather_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let t = linear(gid, nw);
     if t >= p.n {
         return;
     }
-    let c = t % p.b;
-    let r = t / p.b;
-    gy[t] = gx[gidx[r] * p.b + c];
+    let col = t % p.f;
+    let s = gidx[p.c + t / p.f] - p.d;
+    if s >= p.e {
+        return;
+    }
+    gy[p.a + t] = gx[p.b + s * p.f + col];
 }
 
 @group(0) @binding(1) var<storage, read> sg: array<f32>;
 @group(0) @binding(2) var<storage, read> sidx: array<u32>;
 @group(0) @binding(3) var<storage, read_write> sout: array<atomic<u32>>;
 
-// sout[idx[r], :] += sg[r, :], an f32 add through compare-exchange so repeated indices add up.
+// sout[b + (idx[c + r] - d) * f + col] += sg[a + r * f + col] for the rows whose destination
+// falls in the window [d, d + e) of table rows bound at sout: an f32 add through compare-exchange, so
+// that repeated indices add up.
 @compute @workgroup_size(256)
 fn scatter_add_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let t = linear(gid, nw);
     if t >= p.n {
         return;
     }
-    let c = t % p.b;
-    let r = t / p.b;
-    let k = sidx[r] * p.b + c;
-    let v = sg[t];
+    let col = t % p.f;
+    let s = sidx[p.c + t / p.f] - p.d;
+    if s >= p.e {
+        return;
+    }
+    let k = p.b + s * p.f + col;
+    let v = sg[p.a + t];
     var old = atomicLoad(&sout[k]);
     loop {
         let res = atomicCompareExchangeWeak(&sout[k], old, bitcast<u32>(bitcast<f32>(old) + v));
@@ -99,18 +98,4 @@ fn scatter_add_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
         }
         old = res.old_value;
     }
-}
-
-@group(0) @binding(1) var<storage, read> ux: array<u32>;
-@group(0) @binding(2) var<storage, read> uidx: array<u32>;
-@group(0) @binding(3) var<storage, read_write> uy: array<u32>;
-
-// uy[r] = ux[idx[r]] for index vectors.
-@compute @workgroup_size(256)
-fn gather_u32(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-    let t = linear(gid, nw);
-    if t >= p.n {
-        return;
-    }
-    uy[t] = ux[uidx[t]];
 }
