@@ -2,7 +2,7 @@
 
 use crate::autograd::Op;
 use crate::gpu::{Kernel, gpu};
-use crate::ops::{Params, Tiling, too_large};
+use crate::ops::{MAX_LOOP, Params, Tiling, too_large};
 use crate::tensor::Tensor;
 
 /// The (batch, rows, cols) of a rank-2 or rank-3 operand, transposed when `t`.
@@ -40,6 +40,7 @@ pub fn matmul_t(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Tensor {
         .at_most(0, max_groups)
         .at_most(1, max_groups * 64)
         .at_most(2, max_groups * 64)
+        .at_most(3, MAX_LOOP)
         .split()
         .unwrap_or_else(|e| too_large("matmul", [&out, a, b][e.tensor], &e, "one element"));
     let kernel = Kernel::new("matmul", "matmul").with("TA", ta as u8 as f64).with("TB", tb as u8 as f64);

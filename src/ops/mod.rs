@@ -92,6 +92,10 @@ pub fn with_binding_limit<R>(bytes: u64, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The most iterations a kernel's loop over a tensor's extent may run: software rasterizers
+/// (llvmpipe) end any shader loop after 65535 iterations, so such loops are split over launches.
+pub(crate) const MAX_LOOP: usize = 65535;
+
 /// Storage bindings start at multiples of this many 4-byte elements.
 pub(crate) fn align_elems() -> usize {
     (crate::gpu::gpu().limits.min_storage_buffer_offset_alignment as usize / 4).max(1)

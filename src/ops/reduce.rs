@@ -3,7 +3,7 @@
 
 use crate::autograd::Op;
 use crate::gpu::{Binding, Kernel, gpu};
-use crate::ops::{Params, Tiling, split_at_axis, too_large};
+use crate::ops::{MAX_LOOP, Params, Tiling, split_at_axis, too_large};
 use crate::tensor::Tensor;
 
 /// Invocations worth keeping busy: a reduction whose output is smaller splits its axis in chunks.
@@ -37,7 +37,7 @@ impl Lanes {
 
     /// Launches `kernel` over boxes of lanes whose footprints fit one binding each, `bindings` in
     /// the kernel's order. `split_rows`: a lane's rows may be split over launches (the kernel
-    /// accumulates). `per_row`: one invocation per row of each lane rather than per lane.
+    /// accumulates), and are, in runs of at most `MAX_LOOP`. `per_row`: one invocation per row of each lane rather than per lane.
     fn launch(
         &self,
         op: &str,
@@ -53,7 +53,14 @@ impl Lanes {
         for &(_, layout) in bindings {
             tiling = tiling.tensor(if layout == Rows { &xs } else { &ys });
         }
-        if !split_rows {
+        if split_rows {
+            tiling = tiling.at_most(2, MAX_LOOP);
+        } else {
+            assert!(
+                chunk_len <= MAX_LOOP || !gpu().is_software(),
+                "{op} along an axis of {r} entries: this software device ends shader loops after {MAX_LOOP} \
+                 iterations"
+            );
             tiling = tiling.whole(2);
         }
         let tiles =
