@@ -30,44 +30,69 @@ fn linear(gid: vec3<u32>, nw: vec3<u32>) -> u32 {
 @group(0) @binding(2) var<storage, read_write> y: array<u32>;
 
 // y[b + sum_d i_d * ys[d]] = x[a + sum_d i_d * xs[d]] for every index i of the box `shape`
-// (`rank` axes, n elements).
+// (`rank` axes). Each of the n invocations copies up to COPY_RUN consecutive elements of the last
+// axis, so that the index arithmetic (integer divisions, slow on CPU devices) is shared.
+const COPY_RUN: u32 = 8u;
+
 @compute @workgroup_size(256)
 fn copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let t = linear(gid, nw);
     if t >= p.n {
         return;
     }
-    var r = t;
-    var src = p.a;
-    var dst = p.b;
-    for (var d = i32(p.rank) - 1; d >= 0; d--) {
+    let last = p.rank - 1u;
+    let len = at(p.shape, last);
+    let runs = (len + COPY_RUN - 1u) / COPY_RUN;
+    var r = t / runs;
+    let i0 = (t - r * runs) * COPY_RUN;
+    let xl = at(p.xs, last);
+    let yl = at(p.ys, last);
+    var src = p.a + i0 * xl;
+    var dst = p.b + i0 * yl;
+    for (var d = i32(last) - 1; d >= 0; d--) {
         let s = at(p.shape, u32(d));
         let i = r % s;
         r = r / s;
         src += i * at(p.xs, u32(d));
         dst += i * at(p.ys, u32(d));
     }
-    y[dst] = x[src];
+    for (var j = i0; j < min(i0 + COPY_RUN, len); j++) {
+        y[dst] = x[src];
+        src += xl;
+        dst += yl;
+    }
 }
 
 @group(0) @binding(1) var<storage, read> gx: array<u32>;
 @group(0) @binding(2) var<storage, read> gidx: array<u32>;
 @group(0) @binding(3) var<storage, read_write> gy: array<u32>;
 
-// gy[a + r * f + col] = gx[b + (idx[c + r] - d) * f + col] for the n / f output rows r whose
-// source row idx falls in the window [d, d + e) of table rows bound at gx; f = cols.
+// A run of up to COPY_RUN columns of one indexed row: (row, first column).
+fn row_run(t: u32) -> vec2<u32> {
+    let runs = (p.f + COPY_RUN - 1u) / COPY_RUN;
+    let r = t / runs;
+    return vec2<u32>(r, (t - r * runs) * COPY_RUN);
+}
+
+// gy[a + r * f + col] = gx[b + (idx[c + r] - d) * f + col] for the output rows r whose source row
+// idx falls in the window [d, d + e) of table rows bound at gx; f = cols. n invocations, one per
+// run of columns.
 @compute @workgroup_size(256)
 fn gather_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let t = linear(gid, nw);
     if t >= p.n {
         return;
     }
-    let col = t % p.f;
-    let s = gidx[p.c + t / p.f] - p.d;
+    let rc = row_run(t);
+    let s = gidx[p.c + rc.x] - p.d;
     if s >= p.e {
         return;
     }
-    gy[p.a + t] = gx[p.b + s * p.f + col];
+    let src = p.b + s * p.f;
+    let dst = p.a + rc.x * p.f;
+    for (var col = rc.y; col < min(rc.y + COPY_RUN, p.f); col++) {
+        gy[dst + col] = gx[src + col];
+    }
 }
 
 @group(0) @binding(1) var<storage, read> sg: array<f32>;
@@ -75,27 +100,29 @@ fn gather_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 @group(0) @binding(3) var<storage, read_write> sout: array<atomic<u32>>;
 
 // sout[b + (idx[c + r] - d) * f + col] += sg[a + r * f + col] for the rows whose destination
-// falls in the window [d, d + e) of table rows bound at sout: an f32 add through compare-exchange, so
-// that repeated indices add up.
+// falls in the window [d, d + e) of table rows bound at sout: f32 adds through compare-exchange,
+// so that repeated indices add up. n invocations, one per run of columns.
 @compute @workgroup_size(256)
 fn scatter_add_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let t = linear(gid, nw);
     if t >= p.n {
         return;
     }
-    let col = t % p.f;
-    let s = sidx[p.c + t / p.f] - p.d;
+    let rc = row_run(t);
+    let s = sidx[p.c + rc.x] - p.d;
     if s >= p.e {
         return;
     }
-    let k = p.b + s * p.f + col;
-    let v = sg[p.a + t];
-    var old = atomicLoad(&sout[k]);
-    loop {
-        let res = atomicCompareExchangeWeak(&sout[k], old, bitcast<u32>(bitcast<f32>(old) + v));
-        if res.exchanged {
-            break;
+    for (var col = rc.y; col < min(rc.y + COPY_RUN, p.f); col++) {
+        let k = p.b + s * p.f + col;
+        let v = sg[p.a + rc.x * p.f + col];
+        var old = atomicLoad(&sout[k]);
+        loop {
+            let res = atomicCompareExchangeWeak(&sout[k], old, bitcast<u32>(bitcast<f32>(old) + v));
+            if res.exchanged {
+                break;
+            }
+            old = res.old_value;
         }
-        old = res.old_value;
     }
 }

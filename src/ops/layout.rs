@@ -10,6 +10,10 @@ use crate::ops::{
 };
 use crate::tensor::{DType, Tensor};
 
+/// Consecutive elements each invocation of the copy, gather and scatter kernels moves (COPY_RUN in
+/// layout.wgsl), so that they share one invocation's index arithmetic.
+const COPY_RUN: usize = 8;
+
 /// y[y_base + sum_d i_d * ys[d]] = x[x_base + sum_d i_d * xs[d]] for every index i of `dims`,
 /// launched over boxes whose footprints in x and y fit one binding each.
 fn copy_box(
@@ -38,9 +42,11 @@ fn copy_box(
     let k = Kernel::new("layout", "copy");
     for t in tiles {
         let ((xb, xo), (yb, yo)) = (t.bind(x, x_base, &xs), t.bind(y, y_base, &ys));
-        let p = Params::new().u(t.count()).u(dims.len()).u(xo).u(yo).u(0).u(0).u(0).u(0);
+        let last = t.len[dims.len() - 1];
+        let n = t.count() / last * last.div_ceil(COPY_RUN);
+        let p = Params::new().u(n).u(dims.len()).u(xo).u(yo).u(0).u(0).u(0).u(0);
         let p = p.dims8(&t.len).dims8(&xs).dims8(&ys);
-        gpu().dispatch_1d(&k, p.bytes(), &[xb, yb], t.count() as u64);
+        gpu().dispatch_1d(&k, p.bytes(), &[xb, yb], n as u64);
     }
 }
 
@@ -96,8 +102,9 @@ fn row_launches<'a>(
         for first in (0..table_rows.max(1)).step_by(per) {
             let count = per.min(table_rows.max(1) - first);
             let (tb, to) = window(table, first * cols, count * cols);
-            let params = Params::new().u(b.count()).u(0).u(ro).u(to).u(io).u(first).u(count).u(cols);
-            out.push(RowLaunch { rows: rb, index: ib, table: tb, params, n: b.count() });
+            let n = b.len[0] * cols.div_ceil(COPY_RUN);
+            let params = Params::new().u(n).u(0).u(ro).u(to).u(io).u(first).u(count).u(cols);
+            out.push(RowLaunch { rows: rb, index: ib, table: tb, params, n });
         }
     }
     out
