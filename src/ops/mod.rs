@@ -92,9 +92,11 @@ pub fn with_binding_limit<R>(bytes: u64, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// The most iterations a kernel's loop over a tensor's extent may run: software rasterizers
-/// (llvmpipe) end any shader loop after 65535 iterations, so such loops are split over launches.
-pub(crate) const MAX_LOOP: usize = 65535;
+/// The most iterations the loops of one invocation may run together, loops over a tensor's extent
+/// included: llvmpipe counts every loop's passes (its trips plus one) against one budget of 65535
+/// per invocation and silently ends all loops past it, so such loops are split over launches.
+/// The margin covers the kernels' short loops.
+pub(crate) const MAX_LOOP: usize = 65_000;
 
 /// Storage bindings start at multiples of this many 4-byte elements.
 pub(crate) fn align_elems() -> usize {

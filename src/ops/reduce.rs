@@ -20,6 +20,15 @@ enum Layout {
 }
 use Layout::{Lane, Rows};
 
+/// Whether a launch may take part of a lane's rows.
+#[derive(Clone, Copy)]
+enum RowRuns {
+    /// The kernel continues a lane from an earlier launch: rows go in runs of at most MAX_LOOP.
+    Split,
+    /// Every launch takes whole lanes, visiting their rows `passes` times.
+    Whole { passes: usize },
+}
+
 /// x seen as [outer, r, inner], reduced by lanes (o, c, i) for c < chunks that each visit the
 /// `chunk_len` rows from row c * chunk_len on.
 struct Lanes {
@@ -36,14 +45,13 @@ impl Lanes {
     }
 
     /// Launches `kernel` over boxes of lanes whose footprints fit one binding each, `bindings` in
-    /// the kernel's order. `split_rows`: a lane's rows may be split over launches (the kernel
-    /// accumulates), and are, in runs of at most `MAX_LOOP`. `per_row`: one invocation per row of each lane rather than per lane.
+    /// the kernel's order. `per_row`: one invocation per row of each lane rather than per lane.
     fn launch(
         &self,
         op: &str,
         kernel: &Kernel,
         bindings: &[(&Tensor, Layout)],
-        split_rows: bool,
+        runs: RowRuns,
         per_row: bool,
     ) {
         let Lanes { outer, r, inner, chunks, chunk_len } = *self;
@@ -53,15 +61,17 @@ impl Lanes {
         for &(_, layout) in bindings {
             tiling = tiling.tensor(if layout == Rows { &xs } else { &ys });
         }
-        if split_rows {
-            tiling = tiling.at_most(2, MAX_LOOP);
-        } else {
-            assert!(
-                chunk_len <= MAX_LOOP || !gpu().is_software(),
-                "{op} along an axis of {r} entries: this software device ends shader loops after {MAX_LOOP} \
-                 iterations"
-            );
-            tiling = tiling.whole(2);
+        match runs {
+            RowRuns::Split => tiling = tiling.at_most(2, MAX_LOOP),
+            RowRuns::Whole { passes } => {
+                assert!(
+                    passes * chunk_len <= MAX_LOOP || !gpu().is_software(),
+                    "{op} along an axis of {r} entries: this software device ends the loops of one shader \
+                     invocation after {MAX_LOOP} iterations in all, {passes} passes over at most {} entries",
+                    MAX_LOOP / passes
+                );
+                tiling = tiling.whole(2);
+            }
         }
         let tiles =
             tiling.split().unwrap_or_else(|e| too_large(op, bindings[e.tensor].0, &e, "one lane's rows"));
@@ -97,7 +107,7 @@ fn sum_middle(x: &Tensor, outer: usize, r: usize, inner: usize) -> Tensor {
     let chunks = r.div_ceil(chunk_len);
     let out = Tensor::empty(&[outer * chunks * inner]);
     let l = Lanes { outer, r, inner, chunks, chunk_len };
-    l.launch("sum", &Kernel::new("reduce", "sum_axis"), &[(x, Rows), (&out, Lane)], true, false);
+    l.launch("sum", &Kernel::new("reduce", "sum_axis"), &[(x, Rows), (&out, Lane)], RowRuns::Split, false);
     if chunks > 1 { sum_middle(&out, outer, chunks, inner) } else { out }
 }
 
@@ -170,7 +180,7 @@ pub fn max_axis(x: &Tensor, axis: usize) -> (Tensor, Tensor) {
         "max_axis",
         &k,
         &[(x, Rows), (&out, Lane), (&arg, Lane)],
-        true,
+        RowRuns::Split,
         false,
     );
     let out = Tensor::with_op(out, Op::MaxAxis { x: x.clone(), axis, arg: arg.clone() });
@@ -181,7 +191,13 @@ pub(crate) fn max_axis_grad(g: &Tensor, arg: &Tensor, shape: &[usize], axis: usi
     let (outer, r, inner) = split_at_axis(shape, axis);
     let out = Tensor::empty(shape);
     let k = Kernel::new("reduce", "max_grad");
-    Lanes::whole(outer, r, inner).launch("max_axis", &k, &[(g, Lane), (arg, Lane), (&out, Rows)], true, true);
+    Lanes::whole(outer, r, inner).launch(
+        "max_axis",
+        &k,
+        &[(g, Lane), (arg, Lane), (&out, Rows)],
+        RowRuns::Split,
+        true,
+    );
     out
 }
 
@@ -189,7 +205,13 @@ fn softmax_impl(x: &Tensor, axis: usize, log: bool) -> Tensor {
     let (outer, r, inner) = split_at_axis(x.shape(), axis);
     let out = Tensor::empty(x.shape());
     let k = Kernel::new("reduce", "softmax_axis").with("LOG", log as u8 as f64);
-    Lanes::whole(outer, r, inner).launch("softmax", &k, &[(x, Rows), (&out, Rows)], false, false);
+    Lanes::whole(outer, r, inner).launch(
+        "softmax",
+        &k,
+        &[(x, Rows), (&out, Rows)],
+        RowRuns::Whole { passes: 3 },
+        false,
+    );
     let y = out.detach();
     let op =
         if log { Op::LogSoftmax { x: x.clone(), y, axis } } else { Op::Softmax { x: x.clone(), y, axis } };
@@ -200,7 +222,13 @@ pub(crate) fn softmax_grad(y: &Tensor, g: &Tensor, axis: usize, log: bool) -> Te
     let (outer, r, inner) = split_at_axis(y.shape(), axis);
     let out = Tensor::empty(y.shape());
     let k = Kernel::new("reduce", "softmax_grad").with("LOG", log as u8 as f64);
-    Lanes::whole(outer, r, inner).launch("softmax", &k, &[(y, Rows), (g, Rows), (&out, Rows)], false, false);
+    Lanes::whole(outer, r, inner).launch(
+        "softmax",
+        &k,
+        &[(y, Rows), (g, Rows), (&out, Rows)],
+        RowRuns::Whole { passes: 2 },
+        false,
+    );
     out
 }
 
