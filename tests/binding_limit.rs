@@ -228,6 +228,16 @@ fn a_softmax_whose_rows_span_more_than_one_binding_is_reported() {
 }
 
 #[test]
+#[should_panic(
+    expected = "gather_rows: a tensor of shape [3, 10000] (120000 bytes) is over this adapter's limit of \
+                           32768 bytes per storage binding and one row still spans 40000 bytes; use a smaller patch"
+)]
+fn a_row_over_one_binding_is_reported() {
+    let (x, index) = (Tensor::zeros(&[3, 10000]), Tensor::from_u32(&[2, 0], &[2]));
+    with_binding_limit(SMALL, || no_grad(|| x.gather_rows(&index).to_vec()));
+}
+
+#[test]
 fn matmul_and_broadcasts_split_under_a_small_limit() {
     let (b, m, k, n) = (3, 67, 151, 29);
     let a = data(12, b * m * k);
@@ -516,10 +526,10 @@ fn caml_embedding_rows_split_past_the_limit() {
     let want: Vec<f32> = sel.iter().flat_map(|&r| row(r).map(|i| emb[i])).collect();
     assert_eq!(picked.to_vec(), want, "voxel rows");
     let model = Caml::new(f, 32, false, 45);
-    let feats = model.prediction_head1.forward(&model.projection_head1.forward(&picked, true), true);
-    // The gradient reaching the picked rows, from the same heads on a copy of them.
+    let feats = model.projection_head1.forward(&picked, true);
+    // The gradient reaching the picked rows, from the same head on a copy of them.
     let copy = Tensor::variable(&want, &[sel.len(), f]);
-    let feats_copy = model.prediction_head1.forward(&model.projection_head1.forward(&copy, true), true);
+    let feats_copy = model.projection_head1.forward(&copy, true);
     let g_rows = backward(&weighted_sum(&feats_copy, 46)).remove(&copy).unwrap().to_vec();
     let g = backward(&weighted_sum(&feats, 46)).remove(&e).unwrap().to_vec();
     let mut want = vec![0f32; emb.len()];

@@ -89,13 +89,13 @@ fn row_launches<'a>(
     if cols == 0 || index.numel() == 0 {
         return Vec::new();
     }
-    let boxes = Tiling::new(&[index.numel(), cols]).tensor(&[cols, 1]).tensor(&[1, 0]).whole(1).split();
-    let boxes = boxes.unwrap_or_else(|e| too_large(op, rows, &e, "one row"));
     let table_rows = table.numel() / cols;
     let per = ((binding_limit() / 4) as usize - (align_elems() - 1)) / cols;
     if per == 0 {
         too_large(op, table, &Overflow { tensor: 0, bytes: cols as u64 * 4 }, "one row");
     }
+    let boxes = Tiling::new(&[index.numel(), cols]).tensor(&[cols, 1]).tensor(&[1, 0]).whole(1).split();
+    let boxes = boxes.unwrap_or_else(|e| too_large(op, rows, &e, "one row"));
     let mut out = Vec::new();
     for b in &boxes {
         let ((rb, ro), (ib, io)) = (b.bind(rows, 0, &[cols, 1]), b.bind(index, 0, &[1, 0]));
