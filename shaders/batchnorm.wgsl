@@ -377,3 +377,140 @@ fn grad_input4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
     idx4[t] = f.x * dy + f.y * (x - f.w) + f.z;
 }
+
+// BatchNorm1d over rows [M, C] with C a multiple of 4 up to 1024 (channels-last): a vec4 holds
+// four channels of one row. The per-element kernels give each invocation ROWS rows of one channel
+// group, so the four channels' statistics are loaded once.
+const ROWS: u32 = 4u;
+
+@group(0) @binding(1) var<storage, read> rx4: array<vec4<f32>>;
+
+// Workgroup `block` reads rows [block * block_len, ..) whole: lane l takes channel group
+// l % (C / 4) of rows l / (C / 4), + slots, + 2 slots, ... (slots = 256 / (C / 4) rows at a time,
+// so that neighbouring lanes read neighbouring bytes); the first C / 4 lanes then merge the
+// slots' partials, one channel of their group at a time.
+fn rows_slots() -> u32 {
+    return WG / (p.c / 4u);
+}
+
+@compute @workgroup_size(256)
+fn stats_partial_rows4(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let groups = p.c / 4u;
+    let slots = rows_slots();
+    let cg = lid % groups;
+    let start = wid.x * p.block_len;
+    let end = min(start + p.block_len, p.outer);
+    var n = 0.0;
+    var mean = vec4<f32>(0.0);
+    var m2 = vec4<f32>(0.0);
+    if lid < slots * groups {
+        for (var r = start + lid / groups; r < end; r += slots) {
+            let v = rx4[r * groups + cg];
+            n += 1.0;
+            let d = v - mean;
+            mean += d / n;
+            m2 += d * (v - mean);
+        }
+    }
+    for (var j = 0u; j < 4u; j++) {
+        sh[lid] = vec4<f32>(n, mean[j], m2[j], 0.0);
+        workgroupBarrier();
+        if lid < groups {
+            var acc = sh[lid];
+            for (var q = 1u; q < slots; q++) {
+                acc = merge(acc, sh[q * groups + lid]);
+            }
+            spart[(4u * cg + j) * p.total_blocks + p.block0 + wid.x] = acc;
+        }
+        workgroupBarrier();
+    }
+}
+
+// The statistics of channels 4 cg .. 4 cg + 3 by component: mean, invstd, scale, bias.
+struct Stats4 {
+    mean: vec4<f32>,
+    invstd: vec4<f32>,
+    scale: vec4<f32>,
+    bias: vec4<f32>,
+}
+
+fn stats4(s0: vec4<f32>, s1: vec4<f32>, s2: vec4<f32>, s3: vec4<f32>) -> Stats4 {
+    return Stats4(vec4<f32>(s0.x, s1.x, s2.x, s3.x), vec4<f32>(s0.y, s1.y, s2.y, s3.y),
+        vec4<f32>(s0.z, s1.z, s2.z, s3.z), vec4<f32>(s0.w, s1.w, s2.w, s3.w));
+}
+
+@compute @workgroup_size(256)
+fn normalize_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let t = linear(gid, nw);
+    let groups = p.c / 4u;
+    let cg = t % groups;
+    let r0 = (t / groups) * ROWS;
+    if r0 >= p.outer {
+        return;
+    }
+    let s = stats4(nstats[4u * cg], nstats[4u * cg + 1u], nstats[4u * cg + 2u], nstats[4u * cg + 3u]);
+    for (var r = r0; r < min(r0 + ROWS, p.outer); r++) {
+        let y = (nx4[r * groups + cg] - s.mean) * s.scale + s.bias;
+        ny4[r * groups + cg] = select(y, max(y, vec4<f32>(0.0)), RELU);
+    }
+}
+
+@compute @workgroup_size(256)
+fn grad_partial_rows4(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let groups = p.c / 4u;
+    let slots = rows_slots();
+    let cg = lid % groups;
+    let s = stats4(gstats[4u * cg], gstats[4u * cg + 1u], gstats[4u * cg + 2u], gstats[4u * cg + 3u]);
+    let start = wid.x * p.block_len;
+    let end = min(start + p.block_len, p.outer);
+    var sdy = vec4<f32>(0.0);
+    var sdx = vec4<f32>(0.0);
+    if lid < slots * groups {
+        for (var r = start + lid / groups; r < end; r += slots) {
+            let x = gx4[r * groups + cg];
+            var dy = gdy4[r * groups + cg];
+            if RELU {
+                dy = select(vec4<f32>(0.0), dy, (x - s.mean) * s.scale + s.bias > vec4<f32>(0.0));
+            }
+            sdy += dy;
+            sdx += dy * (x - s.mean) * s.invstd;
+        }
+    }
+    for (var j = 0u; j < 4u; j++) {
+        sh[lid] = vec4<f32>(sdy[j], sdx[j], 0.0, 0.0);
+        workgroupBarrier();
+        if lid < groups {
+            var acc = sh[lid];
+            for (var q = 1u; q < slots; q++) {
+                acc += sh[q * groups + lid];
+            }
+            gpart[(4u * cg + j) * p.total_blocks + p.block0 + wid.x] = acc;
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(256)
+fn grad_input_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let t = linear(gid, nw);
+    let groups = p.c / 4u;
+    let cg = t % groups;
+    let r0 = (t / groups) * ROWS;
+    if r0 >= p.outer {
+        return;
+    }
+    // coef by component: k, a, q, mean.
+    let f = stats4(icoef[4u * cg], icoef[4u * cg + 1u], icoef[4u * cg + 2u], icoef[4u * cg + 3u]);
+    var s: Stats4;
+    if RELU {
+        s = stats4(istats[4u * cg], istats[4u * cg + 1u], istats[4u * cg + 2u], istats[4u * cg + 3u]);
+    }
+    for (var r = r0; r < min(r0 + ROWS, p.outer); r++) {
+        let x = ix4[r * groups + cg];
+        var dy = idy4[r * groups + cg];
+        if RELU {
+            dy = select(vec4<f32>(0.0), dy, (x - s.mean) * s.scale + s.bias > vec4<f32>(0.0));
+        }
+        idx4[r * groups + cg] = f.mean * dy + f.invstd * (x - f.bias) + f.scale;
+    }
+}

@@ -22,9 +22,6 @@ struct Params {
 override OP: u32 = 0u;
 override BROADCAST: bool = false;
 
-fn at(v: array<vec4<u32>, 2>, d: u32) -> u32 {
-    return v[d / 4u][d % 4u];
-}
 
 fn linear(gid: vec3<u32>, nw: vec3<u32>) -> u32 {
     return gid.x + gid.y * nw.x * 256u;
@@ -49,11 +46,11 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         io = p.out_off + i;
         var r = i;
         for (var d = i32(p.rank) - 1; d >= 0; d--) {
-            let s = at(p.shape, u32(d));
+            let s = p.shape[u32(d) >> 2u][u32(d) & 3u];
             let c = r % s;
             r = r / s;
-            ia += c * at(p.sa, u32(d));
-            ib += c * at(p.sb, u32(d));
+            ia += c * p.sa[u32(d) >> 2u][u32(d) & 3u];
+            ib += c * p.sb[u32(d) >> 2u][u32(d) & 3u];
         }
     }
     let a = xa[ia];

@@ -18,10 +18,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-fn at(v: array<vec4<u32>, 2>, d: u32) -> u32 {
-    return v[d / 4u][d % 4u];
-}
-
 fn linear(gid: vec3<u32>, nw: vec3<u32>) -> u32 {
     return gid.x + gid.y * nw.x * 256u;
 }
@@ -41,20 +37,22 @@ fn copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         return;
     }
     let last = p.rank - 1u;
-    let len = at(p.shape, last);
+    let len = p.shape[last >> 2u][last & 3u];
     let runs = (len + COPY_RUN - 1u) / COPY_RUN;
     var r = t / runs;
     let i0 = (t - r * runs) * COPY_RUN;
-    let xl = at(p.xs, last);
-    let yl = at(p.ys, last);
+    let xl = p.xs[last >> 2u][last & 3u];
+    let yl = p.ys[last >> 2u][last & 3u];
     var src = p.a + i0 * xl;
     var dst = p.b + i0 * yl;
     for (var d = i32(last) - 1; d >= 0; d--) {
-        let s = at(p.shape, u32(d));
+        let v = u32(d) >> 2u;
+        let c = u32(d) & 3u;
+        let s = p.shape[v][c];
         let i = r % s;
         r = r / s;
-        src += i * at(p.xs, u32(d));
-        dst += i * at(p.ys, u32(d));
+        src += i * p.xs[v][c];
+        dst += i * p.ys[v][c];
     }
     for (var j = i0; j < min(i0 + COPY_RUN, len); j++) {
         y[dst] = x[src];

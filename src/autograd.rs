@@ -58,6 +58,12 @@ pub(crate) enum Op {
         ta: bool,
         tb: bool,
     },
+    /// x [rows, in] W^T [in, out] + b, in one kernel.
+    Linear {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+    },
     Softmax {
         x: Tensor,
         y: Tensor,
@@ -166,6 +172,7 @@ impl Op {
             | Op::Dropout { x, .. }
             | Op::Upsample2x { x } => vec![x],
             Op::BatchNorm { x, weight, bias, .. } => vec![x, weight, bias],
+            Op::Linear { x, w, b } => vec![x, w, b],
             Op::ConvRef { x, w, b, .. } => vec![x, w, b],
             Op::Conv3d { x, w, b, .. } | Op::ConvTranspose3d { x, w, b } => vec![x, w, b],
             Op::LayerNorm { x, w, b, .. } => vec![x, w, b],
@@ -239,6 +246,11 @@ impl Op {
                     })
                     .collect()
             }
+            Op::Linear { x, w, b } => vec![
+                x.tracks_grad().then(|| matmul::matmul_t(g, w, false, false)),
+                w.tracks_grad().then(|| matmul::matmul_t(g, x, true, false)),
+                b.tracks_grad().then(|| reduce::sum_to(g, b.shape())),
+            ],
             Op::GatherRows { x, index } => vec![Some(layout::scatter_add_rows(g, index, x.dim(0)))],
             Op::BatchNorm { x, weight, stats, train, relu, .. } => {
                 batchnorm::batch_norm_grad(x, weight, stats, g, *train, *relu).map(Some).into()

@@ -63,9 +63,17 @@ impl Layer {
 
 // Scalar kernels (inner not a multiple of 4): [2, 3, 5, 6, 7] (420 values per channel, one partial
 // block) and [3, 2, 17, 19, 23] (22287 values, two blocks); vec4 kernels: [2, 3, 4, 5, 6] and
-// [3, 2, 16, 19, 23] (20976 values, two blocks); BatchNorm1d: [37, 5].
-const SHAPES: [&[usize]; 5] =
-    [&[2, 3, 5, 6, 7], &[3, 2, 17, 19, 23], &[2, 3, 4, 5, 6], &[3, 2, 16, 19, 23], &[37, 5]];
+// [3, 2, 16, 19, 23] (20976 values, two blocks); BatchNorm1d: [37, 5] (scalar), [37, 8] and
+// [4100, 12] (channels-last vec4 kernels, one and three blocks).
+const SHAPES: [&[usize]; 7] = [
+    &[2, 3, 5, 6, 7],
+    &[3, 2, 17, 19, 23],
+    &[2, 3, 4, 5, 6],
+    &[3, 2, 16, 19, 23],
+    &[37, 5],
+    &[37, 8],
+    &[4100, 12],
+];
 
 #[test]
 fn batchnorm_forward_matches_cpu_in_training_and_eval() {
@@ -176,14 +184,15 @@ fn batchnorm_grads_match_cpu() {
 
 #[test]
 fn batchnorm_grads_match_finite_differences() {
-    for shape in [vec![2, 3, 2, 2, 3], vec![6, 3]] {
+    for shape in [vec![2, 3, 2, 2, 3], vec![6, 3], vec![5, 4]] {
         let n: usize = shape.iter().product();
+        let c = shape[1];
         let x = (normal(50, n, 0.2, 1.0), shape.clone());
-        let w = (Rng::new(51).vec(3, 0.5, 1.5), vec![3]);
-        let b = (Rng::new(52).vec(3, -0.5, 0.5), vec![3]);
+        let w = (Rng::new(51).vec(c, 0.5, 1.5), vec![c]);
+        let b = (Rng::new(52).vec(c, -0.5, 0.5), vec![c]);
         for train in [true, false] {
-            let rm = Tensor::from_vec(&[0.1, -0.2, 0.3], &[3]);
-            let rv = Tensor::from_vec(&[0.8, 1.2, 1.5], &[3]);
+            let rm = Tensor::from_vec(&[0.1, -0.2, 0.3, 0.05][..c], &[c]);
+            let rv = Tensor::from_vec(&[0.8, 1.2, 1.5, 0.9][..c], &[c]);
             let count = Tensor::from_u32(&[0], &[]);
             check_gradients(&[x.clone(), w.clone(), b.clone()], Tolerance::default(), |t| {
                 let s = BatchNormState {

@@ -40,6 +40,14 @@ fn linear_grads_match_finite_differences() {
     check_gradients(&[x.clone(), w.clone(), b], Tolerance::default(), |t| {
         weighted_sum(&linear(&t[0], &t[1], Some(&t[2])), 13)
     });
+    // 256 rows, in a multiple of 4 and out of 8: the tall kernel with the bias in its epilogue
+    // (on subgroup adapters).
+    let xt = (Rng::new(16).vec(256 * 4, -1.0, 1.0), vec![256, 4]);
+    let wt = (Rng::new(17).vec(8 * 4, -1.0, 1.0), vec![8, 4]);
+    let bt = (Rng::new(18).vec(8, -1.0, 1.0), vec![8]);
+    check_gradients(&[xt, wt, bt], Tolerance::default(), |t| {
+        weighted_sum(&linear(&t[0], &t[1], Some(&t[2])), 19)
+    });
     let x3 = (Rng::new(14).vec(2 * 3 * 4, -1.0, 1.0), vec![2, 3, 4]);
     check_gradients(&[x3, w], Tolerance::default(), |t| weighted_sum(&linear(&t[0], &t[1], None), 15));
 }

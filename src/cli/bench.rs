@@ -26,6 +26,10 @@ pub enum What {
         /// Timed iterations after two warm-up iterations.
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// Then one more iteration with every launch timed on the device (timestamp queries):
+        /// device milliseconds per kernel, the largest first.
+        #[arg(long)]
+        profile: bool,
     },
     /// Seconds to segment one LA-sized volume (130 x 130 x 88) with the preset's windows.
     Predict {
@@ -88,7 +92,7 @@ pub fn run(a: Args) -> Result<()> {
                 );
             }
         }
-        What::TrainStep { preset, iters } => {
+        What::TrainStep { preset, iters, profile } => {
             let cfg = TrainConfig::preset(preset);
             let model = crate::train::build_model(&cfg);
             let opt = Sgd::new(
@@ -143,6 +147,27 @@ pub fn run(a: Args) -> Result<()> {
                 m.peak_in_use as f64 / 1048576.0,
                 m.peak_reserved as f64 / 1048576.0
             );
+            if profile {
+                g.start_profiling()?;
+                let t = std::time::Instant::now();
+                train_step(&mut st, &cfg, &batch)?;
+                let wall = t.elapsed().as_secs_f64();
+                let kernels = g.stop_profiling();
+                let device: f64 = kernels.iter().map(|(_, t)| t.nanos).sum::<f64>() * 1e-9;
+                println!(
+                    "  profiled iteration: {wall:.3} s wall (every submission waited for), {device:.3} s on the device"
+                );
+                println!("  {:<60} {:>9} {:>11} {:>7}", "kernel", "launches", "device ms", "share");
+                for (name, t) in kernels.iter().take(30) {
+                    println!(
+                        "  {:<60} {:>9} {:>11.2} {:>6.1}%",
+                        name,
+                        t.launches,
+                        t.nanos * 1e-6,
+                        100.0 * t.nanos * 1e-9 / device.max(1e-12)
+                    );
+                }
+            }
         }
         What::Predict { preset } => {
             let cfg = TrainConfig::preset(preset);

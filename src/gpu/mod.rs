@@ -6,6 +6,7 @@
 //! or the batch is full.
 
 mod pool;
+mod profile;
 mod shaders;
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use pool::Pool;
 pub use pool::{GpuBuffer, MemoryStats};
+pub use profile::KernelTime;
 pub use shaders::generated as generated_shader;
 
 /// Workgroup size of every one-dimensional kernel (`@workgroup_size(256)` in the shaders).
@@ -23,8 +25,11 @@ pub const WG: u32 = 256;
 
 /// Size of one parameter slot; a kernel's uniform block must fit in it.
 const PARAM_SLOT: u64 = 256;
-/// Parameter slots per batch: a batch is submitted when they are used up.
-const PARAM_SLOTS: u64 = 2048;
+/// Parameter slots per batch: a batch is submitted when they are used up (a training iteration
+/// of the small preset records about 2,600 launches).
+const PARAM_SLOTS: u64 = 4096;
+/// Unit of the staging memory that carries uploads, in bytes.
+const UPLOAD_CHUNK: u64 = 4 << 20;
 
 /// A kernel: a WGSL file from `shaders/`, an entry point and its override constants.
 #[derive(Clone, Debug, PartialEq)]
@@ -89,6 +94,10 @@ struct Recorder {
     params: Vec<u8>,
     slots: u64,
     params_buffer: wgpu::Buffer,
+    /// Per-kernel device times, when profiling is on.
+    profiler: Option<profile::Profiler>,
+    /// Staging memory for uploads, copied in recording order.
+    belt: wgpu::util::StagingBelt,
 }
 
 pub struct Gpu {
@@ -161,6 +170,7 @@ impl Gpu {
         device.set_device_lost_callback(|reason, msg| {
             eprintln!("error: the GPU device was lost ({reason:?}): {msg}");
         });
+        let belt = wgpu::util::StagingBelt::new(device.clone(), UPLOAD_CHUNK);
         let params_buffer = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
             size: PARAM_SLOT * PARAM_SLOTS,
@@ -176,7 +186,14 @@ impl Gpu {
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
-            rec: Mutex::new(Recorder { encoder: None, params: Vec::new(), slots: 0, params_buffer }),
+            rec: Mutex::new(Recorder {
+                encoder: None,
+                params: Vec::new(),
+                slots: 0,
+                params_buffer,
+                profiler: None,
+                belt,
+            }),
             staging: Mutex::new(HashMap::new()),
             dispatches: AtomicU64::new(0),
             submissions: AtomicU64::new(0),
@@ -298,7 +315,7 @@ impl Gpu {
         }
         let pipeline = self.pipeline(kernel);
         let mut rec = self.rec.lock().unwrap();
-        if rec.slots == PARAM_SLOTS {
+        if rec.slots == PARAM_SLOTS || rec.profiler.as_ref().is_some_and(|p| p.full()) {
             self.submit_locked(&mut rec);
         }
         let offset = rec.slots * PARAM_SLOT;
@@ -333,10 +350,13 @@ impl Gpu {
             entries: &entries,
         });
         let device = &self.device;
+        let rec = &mut *rec;
         let encoder = rec.encoder.get_or_insert_with(|| {
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
         });
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+        let timestamp_writes = rec.profiler.as_mut().map(|p| p.next(kernel));
+        let mut pass =
+            encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
@@ -381,11 +401,6 @@ impl Gpu {
             return;
         }
         let mut rec = self.rec.lock().unwrap();
-        // queue.write_buffer lands before the next submission's commands: submit what is
-        // recorded first, so that a pooled buffer still read by recorded work is not overwritten.
-        if rec.encoder.is_some() {
-            self.submit_locked(&mut rec);
-        }
         self.uploads.fetch_add(1, Ordering::Relaxed);
         let padded;
         let data = if data.len().is_multiple_of(4) {
@@ -394,7 +409,16 @@ impl Gpu {
             padded = [data, &[0u8; 3][..4 - data.len() % 4]].concat();
             &padded[..]
         };
-        self.queue.write_buffer(dst.raw(), offset, data);
+        // Through staging memory and a copy recorded in order (queue.write_buffer would land
+        // before every launch of the open batch, so a pooled buffer still read by recorded work
+        // would be overwritten); no submission is needed.
+        let rec = &mut *rec;
+        let device = &self.device;
+        let encoder = rec.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        let size = wgpu::BufferSize::new(data.len() as u64).expect("a non-empty upload");
+        rec.belt.write_buffer(encoder, dst.raw(), offset, size).copy_from_slice(data);
     }
 
     /// Submits everything recorded so far.
@@ -409,10 +433,39 @@ impl Gpu {
             rec.params.clear();
             rec.slots = 0;
         }
-        if let Some(encoder) = rec.encoder.take() {
+        if let Some(mut encoder) = rec.encoder.take() {
+            if let Some(p) = &rec.profiler {
+                p.resolve(&mut encoder);
+            }
+            rec.belt.finish();
             self.queue.submit([encoder.finish()]);
+            rec.belt.recall();
             self.submissions.fetch_add(1, Ordering::Relaxed);
+            if let Some(p) = &mut rec.profiler {
+                p.collect(&self.device, self.queue.get_timestamp_period());
+            }
         }
+    }
+
+    /// Starts timing every launch on the device (adapters with TIMESTAMP_QUERY). Each submission
+    /// then waits for the device, so this is for benchmarks only.
+    pub fn start_profiling(&self) -> Result<()> {
+        if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            bail!("adapter '{}' has no timestamp queries; profiling needs them", self.info.name);
+        }
+        let mut rec = self.rec.lock().unwrap();
+        self.submit_locked(&mut rec);
+        rec.profiler = Some(profile::Profiler::new(&self.device));
+        Ok(())
+    }
+
+    /// Stops profiling and returns the device time per kernel, the largest first.
+    pub fn stop_profiling(&self) -> Vec<(&'static str, KernelTime)> {
+        let mut rec = self.rec.lock().unwrap();
+        self.submit_locked(&mut rec);
+        let mut out: Vec<_> = rec.profiler.take().map(|p| p.totals.into_iter().collect()).unwrap_or_default();
+        out.sort_by(|a, b| b.1.nanos.total_cmp(&a.1.nanos));
+        out
     }
 
     /// Submits what is recorded and waits until the device has finished it.

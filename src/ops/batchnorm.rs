@@ -15,17 +15,39 @@ use crate::tensor::{DType, Tensor};
 /// workgroup's merge tree is a small part of its work.
 const BLOCK: usize = 16384;
 
-/// The kernel `entry`, or its vec4 twin when a vec4 never straddles two channels.
-fn kernel(entry: &'static str, inner: usize) -> Kernel {
-    const VEC4: [(&str, &str); 4] = [
-        ("stats_partial", "stats_partial4"),
-        ("normalize", "normalize4"),
-        ("grad_partial", "grad_partial4"),
-        ("grad_input", "grad_input4"),
+/// The kernel `entry`, its vec4 twin when a vec4 never straddles two channels, or its
+/// channels-last twin for rows of a multiple of 4 channels (BatchNorm1d).
+fn kernel(entry: &'static str, c: usize, inner: usize) -> Kernel {
+    const VEC4: [(&str, &str, &str); 4] = [
+        ("stats_partial", "stats_partial4", "stats_partial_rows4"),
+        ("normalize", "normalize4", "normalize_rows4"),
+        ("grad_partial", "grad_partial4", "grad_partial_rows4"),
+        ("grad_input", "grad_input4", "grad_input_rows4"),
     ];
-    let v4 = VEC4.iter().find(|(e, _)| *e == entry).filter(|_| inner.is_multiple_of(4));
-    Kernel::new("batchnorm", v4.map_or(entry, |(_, e)| e))
+    let twins = VEC4.iter().find(|(e, ..)| *e == entry);
+    let name = match twins {
+        Some((_, v4, _)) if inner.is_multiple_of(4) => v4,
+        Some((_, _, rows4)) if rows_layout(c, inner) => rows4,
+        _ => entry,
+    };
+    Kernel::new("batchnorm", name)
 }
+
+/// Rows of channels (inner 1) in groups of four, at most 256 groups: the channels-last kernels.
+fn rows_layout(c: usize, inner: usize) -> bool {
+    inner == 1 && c.is_multiple_of(4) && c <= 1024
+}
+
+/// Rows reduced by one workgroup of the channels-last reductions (all channels of each row).
+const ROWS_BLOCK: usize = 2048;
+
+/// Elements of one channel that one workgroup of a reduction covers.
+fn block_len(c: usize, inner: usize) -> usize {
+    if rows_layout(c, inner) { ROWS_BLOCK } else { BLOCK }
+}
+
+/// Rows per invocation of the channels-last per-element kernels (ROWS in the shader).
+const ROWS: usize = 4;
 
 /// A BatchNorm layer's affine parameters and running statistics (updated in place in training).
 pub struct BatchNormState<'a> {
@@ -67,7 +89,7 @@ impl Launch {
             .u(self.outer)
             .u(self.c)
             .u(self.inner)
-            .u(BLOCK)
+            .u(block_len(self.c, self.inner))
             .u(self.block0)
             .u(self.total_blocks)
             .u(self.m)
@@ -83,7 +105,7 @@ fn runs(outer: usize, c: usize, inner: usize) -> (Vec<(usize, usize, usize)>, us
         .into_iter()
         .map(|(o0, count)| {
             let r = (o0, count, block0);
-            block0 += (count * inner).div_ceil(BLOCK);
+            block0 += (count * inner).div_ceil(block_len(c, inner));
             r
         })
         .collect();
@@ -99,11 +121,13 @@ fn reduce_blocks(kernel: &Kernel, full: &[&Tensor], channel: &[&Tensor], base: &
     let part = Tensor::empty(&[c, total_blocks, 4]);
     for &(o0, count, block0) in &runs {
         let l = Launch { outer: count, block0, total_blocks, ..*base };
-        let blocks = (count * inner).div_ceil(BLOCK);
+        let blocks = (count * inner).div_ceil(block_len(c, inner));
         let mut b: Vec<Binding> = full.iter().map(|t| range_binding(t, o0 * plane, count * plane)).collect();
         b.extend(channel.iter().map(|t| t.binding()));
         b.push(part.binding());
-        gpu().dispatch(kernel, l.params().bytes(), &b, [blocks as u32, c as u32, 1]);
+        // The channels-last kernels cover every channel in each workgroup.
+        let groups = if rows_layout(c, inner) { 1 } else { c };
+        gpu().dispatch(kernel, l.params().bytes(), &b, [blocks as u32, groups as u32, 1]);
     }
     part
 }
@@ -116,7 +140,13 @@ fn per_element(kernel: &Kernel, full: &[&Tensor], channel: &[&Tensor], out: &Ten
         let mut b: Vec<Binding> = full.iter().map(|t| range_binding(t, o0 * plane, count * plane)).collect();
         b.extend(channel.iter().map(|t| t.binding()));
         b.push(range_binding(out, o0 * plane, count * plane));
-        let lanes = if kernel.entry.ends_with('4') { count * plane / 4 } else { count * plane };
+        let lanes = if kernel.entry.ends_with("rows4") {
+            base.c / 4 * count.div_ceil(ROWS)
+        } else if kernel.entry.ends_with('4') {
+            count * plane / 4
+        } else {
+            count * plane
+        };
         gpu().dispatch_1d(kernel, l.params().bytes(), &b, lanes as u64);
     }
 }
@@ -135,7 +165,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
     let stats = Tensor::empty(&[c, 4]);
     if train {
         assert!(m > 1, "batch_norm in training needs more than one value per channel, got {:?}", x.shape());
-        let part = reduce_blocks(&kernel("stats_partial", inner), &[x], &[], &base);
+        let part = reduce_blocks(&kernel("stats_partial", c, inner), &[x], &[], &base);
         let l = Launch { total_blocks: part.dim(1), ..base };
         gpu().dispatch(
             &Kernel::new("batchnorm", "stats_finalize"),
@@ -166,7 +196,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
         );
     }
     let y = Tensor::empty(x.shape());
-    per_element(&kernel("normalize", inner).with("RELU", relu as u8 as f64), &[x], &[&stats], &y, &base);
+    per_element(&kernel("normalize", c, inner).with("RELU", relu as u8 as f64), &[x], &[&stats], &y, &base);
     let op = Op::BatchNorm {
         x: x.clone(),
         weight: s.weight.clone(),
@@ -192,7 +222,8 @@ pub fn batch_norm_grad(
     let base =
         Launch { outer, c, inner, block0: 0, total_blocks: 0, m: outer * inner, momentum: 0.0, eps: 0.0 };
     let relu_k = relu as u8 as f64;
-    let part = reduce_blocks(&kernel("grad_partial", inner).with("RELU", relu_k), &[x, dy], &[stats], &base);
+    let part =
+        reduce_blocks(&kernel("grad_partial", c, inner).with("RELU", relu_k), &[x, dy], &[stats], &base);
     let (coef, dweight, dbias) = (Tensor::empty(&[c, 4]), Tensor::empty(&[c]), Tensor::empty(&[c]));
     let l = Launch { total_blocks: part.dim(1), ..base };
     gpu().dispatch(
@@ -209,7 +240,7 @@ pub fn batch_norm_grad(
         [c as u32, 1, 1],
     );
     let dx = Tensor::empty(x.shape());
-    per_element(&kernel("grad_input", inner).with("RELU", relu_k), &[x, dy], &[&coef, stats], &dx, &base);
+    per_element(&kernel("grad_input", c, inner).with("RELU", relu_k), &[x, dy], &[&coef, stats], &dx, &base);
     [dx, dweight.reshape(weight.shape()), dbias.reshape(weight.shape())]
 }
 

@@ -1,7 +1,8 @@
-//! torch.nn.functional.linear: y = x W^T + b over the last axis, composed of the engine's matmul
-//! (with the transpose folded into the kernel) and a broadcast bias add, so that both the forward
-//! and the backward reuse existing kernels.
+//! torch.nn.functional.linear: y = x W^T + b over the last axis. Many rows take the tall matmul
+//! kernel with the bias added in its epilogue; otherwise the engine's matmul (with the transpose
+//! folded into the kernel) and a broadcast bias add. The backward reuses the matmul.
 
+use crate::autograd::Op;
 use crate::ops::matmul::matmul_t;
 use crate::tensor::Tensor;
 
@@ -10,6 +11,17 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     let &[out, inp] = w.shape() else { panic!("linear weight must be [out, in], got {:?}", w.shape()) };
     assert_eq!(x.shape().last(), Some(&inp), "linear input {:?} for weight {:?}", x.shape(), w.shape());
     let rows = x.numel() / inp;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = out;
+    if let Some(b) = b
+        && crate::ops::matmul::tall_kernel_fits(rows, inp, out)
+        && crate::ops::matmul::each_fits(&[x.numel(), w.numel(), rows * out])
+    {
+        assert_eq!(b.numel(), out, "linear bias of shape {:?} for weight {:?}", b.shape(), w.shape());
+        let (x2, b1) = (x.reshape(&[rows, inp]), b.reshape(&[out]));
+        let y = crate::ops::matmul::tall(&x2, w, Some(&b1), [1, rows, out, inp], [0, 0], true);
+        return Tensor::with_op(y, Op::Linear { x: x2, w: w.clone(), b: b1 }).reshape(&shape);
+    }
     let y = matmul_t(&x.reshape(&[rows, inp]), w, false, true);
     let y = match b {
         Some(b) => {
@@ -18,8 +30,6 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
         }
         None => y,
     };
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = out;
     y.reshape(&shape)
 }
 

@@ -2,7 +2,7 @@
 
 use crate::autograd::Op;
 use crate::gpu::{Kernel, gpu};
-use crate::ops::{MAX_LOOP, Params, Tiling, too_large};
+use crate::ops::{MAX_LOOP, Params, Tiling, binding_limit, too_large};
 use crate::tensor::Tensor;
 
 /// The (batch, rows, cols) of a rank-2 or rank-3 operand, transposed when `t`.
@@ -24,11 +24,41 @@ pub fn matmul_t(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Tensor {
     assert!(ba == bb || ba == 1 || bb == 1, "matmul batch sizes {ba} and {bb}");
     let batch = ba.max(bb);
     let shape = if a.rank() == 3 || b.rank() == 3 { vec![batch, m, n] } else { vec![m, n] };
-    let out = if k == 0 { Tensor::zeros(&shape) } else { Tensor::empty(&shape) };
     let stride_a = if a.rank() == 3 && ba > 1 { m * k } else { 0 };
     let stride_b = if b.rank() == 3 && bb > 1 { k * n } else { 0 };
+    let vec4 =
+        k > 0 && (k.is_multiple_of(4) || (ta && !tb)) && n.is_multiple_of(4) && (!ta || m.is_multiple_of(4));
+    let fits = each_fits(&[a.numel(), b.numel(), batch * m * n]);
+    let fast = if vec4 && fits {
+        matmul4(a, b, &shape, [batch, m, n, k], [stride_a, stride_b], ta, tb)
+    } else {
+        None
+    };
+    let out =
+        fast.unwrap_or_else(|| matmul_boxes(a, b, &shape, [batch, m, n, k], [stride_a, stride_b], ta, tb));
+    Tensor::with_op(out, Op::Matmul { a: a.clone(), b: b.clone(), ta, tb })
+}
+
+/// True when tensors of these element counts fit one storage binding each: the kernels that bind
+/// whole operands can take them.
+pub(crate) fn each_fits(elems: &[usize]) -> bool {
+    elems.iter().all(|&e| e as u64 * 4 <= binding_limit())
+}
+
+/// The product with the scalar kernel over boxes of (batch, M, N, K) whose footprints fit one
+/// binding each and whose K ranges fit the loop budget of one invocation; a box past K's first
+/// range adds to C.
+fn matmul_boxes(
+    a: &Tensor,
+    b: &Tensor,
+    shape: &[usize],
+    [batch, m, n, k]: [usize; 4],
+    [stride_a, stride_b]: [usize; 2],
+    ta: bool,
+    tb: bool,
+) -> Tensor {
+    let out = if k == 0 { Tensor::zeros(shape) } else { Tensor::empty(shape) };
     let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
-    // Boxes of (batch, M, N, K), K last: a box past K's first range adds to C.
     let sa = [stride_a, if ta { 1 } else { lda }, 0, if ta { lda } else { 1 }];
     let sb = [stride_b, 0, if tb { ldb } else { 1 }, if tb { 1 } else { ldb }];
     let sc = [m * n, n, 1, 0];
@@ -57,7 +87,45 @@ pub fn matmul_t(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Tensor {
             [tn.div_ceil(64) as u32, tm.div_ceil(64) as u32, tz as u32],
         );
     }
-    Tensor::with_op(out, Op::Matmul { a: a.clone(), b: b.clone(), ta, tb })
+    out
+}
+
+/// Invocations below which a product with a long K is split along K.
+const FILL: usize = 16384;
+
+/// The 16-byte-load kernel; N, K (unless `ta` and not `tb`) and M (when `ta`) are multiples of 4. A single product whose
+/// 4 x 4 blocks are too few to fill the device and whose K is long sums K in splits, then adds
+/// the splits up. None when an invocation's loop over its K range would pass the loop budget.
+fn matmul4(
+    a: &Tensor,
+    b: &Tensor,
+    shape: &[usize],
+    [batch, m, n, k]: [usize; 4],
+    [stride_a, stride_b]: [usize; 2],
+    ta: bool,
+    tb: bool,
+) -> Option<Tensor> {
+    if !ta && tall_kernel_fits(m, k, n) {
+        return Some(tall(a, b, None, [batch, m, n, k], [stride_a, stride_b], tb));
+    }
+    let blocks = m.div_ceil(4) * n.div_ceil(4);
+    let splits = if batch == 1 && blocks < FILL { FILL.div_ceil(blocks).min(k / 256).max(1) } else { 1 };
+    let kc = k.div_ceil(splits).next_multiple_of(4);
+    let splits = k.div_ceil(kc);
+    if kc / 4 > MAX_LOOP {
+        return None;
+    }
+    let p = Params::new().u(m).u(n).u(k).u(stride_a).u(stride_b).u(m * n).u(kc).u(splits);
+    let out = Tensor::empty(&[batch * splits * m * n]);
+    let bindings = [a.binding(), b.binding(), out.binding()];
+    let kernel = |entry| Kernel::new("matmul", entry).with("TA", ta as u8 as f64).with("TB", tb as u8 as f64);
+    if splits == 1 {
+        let groups = [n.div_ceil(4 * 8) as u32, m.div_ceil(4 * 32) as u32, batch as u32];
+        gpu().dispatch(&kernel("matmul4"), p.bytes(), &bindings, groups);
+        return Some(out.reshape(shape));
+    }
+    gpu().dispatch_1d(&kernel("matmul4_split"), p.bytes(), &bindings, (blocks * splits) as u64);
+    Some(crate::ops::reduce::sum_middle(&out, 1, splits, m * n).reshape(shape))
 }
 
 impl Tensor {
@@ -86,4 +154,147 @@ pub fn matmul_cpu(a: &[f32], b: &[f32], [batch, m, k, n]: [usize; 4], ta: bool, 
         }
     }
     c
+}
+
+/// True when A [M, K] op(B) [K, N] can take the tall kernel: subgroups, many rows, K and N
+/// multiples of 4, K within the loop budget of one invocation.
+pub(crate) fn tall_kernel_fits(m: usize, k: usize, n: usize) -> bool {
+    m >= 256
+        && k > 0
+        && k.is_multiple_of(4)
+        && k / 4 <= MAX_LOOP
+        && n.is_multiple_of(4)
+        && crate::ops::conv::subgroups_usable()
+}
+
+/// A [B, M, K] op(B) [B, K, N] (+ bias [N]) with the tall kernel, as [B, M, N] (or [M, N]).
+pub(crate) fn tall(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    [batch, m, n, k]: [usize; 4],
+    [stride_a, stride_b]: [usize; 2],
+    tb: bool,
+) -> Tensor {
+    // Columns per workgroup: the largest of 32, 16, 8, 4 dividing N.
+    let nb = [32, 16, 8, 4].into_iter().find(|c| n.is_multiple_of(*c)).unwrap();
+    let kernel = Kernel::new(rows_shader(nb, tb, bias.is_some()), "matmul_rows");
+    let p = Params::new().u(m).u(n).u(k).u(stride_a).u(stride_b).u(m * n);
+    let [gx, gy, _] = gpu().groups_1d(m as u64, 64);
+    let out = Tensor::empty(&[batch * m * n]);
+    let groups = [gx, gy, (batch * n / nb) as u32];
+    match bias {
+        Some(bias) => gpu().dispatch(
+            &kernel,
+            p.bytes(),
+            &[a.binding(), b.binding(), out.binding(), bias.binding()],
+            groups,
+        ),
+        None => gpu().dispatch(&kernel, p.bytes(), &[a.binding(), b.binding(), out.binding()], groups),
+    }
+    if a.rank() == 3 || b.rank() == 3 { out.reshape(&[batch, m, n]) } else { out.reshape(&[m, n]) }
+}
+
+/// The tall-product kernel for `nb` columns per workgroup (4 or a multiple of 8), B transposed or not:
+/// one row of C per lane, 64 rows per workgroup. For each four values of K, the 8 lanes of a
+/// group load the B block (nb vectors of 4) an eighth each and pass it round with shuffles, so a
+/// lane's loads per 4 nb FMAs are one vector of A and nb / 8 of B.
+/// With `bias`, binding 4 holds a bias [N] added to every row.
+fn rows_shader(nb: usize, tb: bool, bias: bool) -> &'static str {
+    let name = format!("matmul_rows_n{nb}_t{}_b{}", tb as u8, bias as u8);
+    crate::gpu::generated_shader(&name, || rows_source(nb, tb, bias))
+}
+
+pub fn rows_source(nb: usize, tb: bool, bias: bool) -> String {
+    use std::fmt::Write;
+    let per_lane = nb.div_ceil(8);
+    // With fewer than 8 vectors per block, lanes past them load a copy.
+    let lane = if nb < 8 { format!("(lane % {nb}u)") } else { "lane".to_string() };
+    let groups = nb / 4;
+    let mut w = String::from(
+        "// Generated: C[b] = A[b] op(B[b]) for a tall A, see rows_shader in src/ops/matmul.rs.
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch_a: u32,
+    batch_b: u32,
+    batch_c: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> c4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> bias4: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn matmul_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    let row = (wid.x + wid.y * nw.x) * 64u + li;
+    // Every lane stays to the end: its loads feed the others' shuffles.
+    let r = min(row, p.m - 1u);
+",
+    );
+    let _ = writeln!(w, "    let blocks = p.n / {nb}u;");
+    let _ = writeln!(w, "    let batch = wid.z / blocks;");
+    let _ = writeln!(w, "    let col0 = (wid.z % blocks) * {nb}u;");
+    let _ = writeln!(w, "    let ab = batch * p.batch_a + r * p.k;");
+    let _ = writeln!(w, "    let bb = batch * p.batch_b;");
+    if tb {
+        for c in 0..nb {
+            let _ = writeln!(w, "    var acc{c} = 0.0;");
+        }
+    } else {
+        for g in 0..groups {
+            let _ = writeln!(w, "    var acc{g} = vec4<f32>();");
+        }
+    }
+    let _ = writeln!(w, "    for (var kk = 0u; kk < p.k; kk += 4u) {{");
+    let _ = writeln!(w, "        let a = a4[(ab + kk) / 4u];");
+    for i in 0..per_lane {
+        // Vector v = lane + 8 i of the block.
+        if tb {
+            // Column v, four values of K.
+            let _ =
+                writeln!(w, "        let l{i} = b4[(bb + (col0 + {lane} + {}u) * p.k + kk) / 4u];", 8 * i);
+        } else {
+            // K offset v / groups, columns 4 (v % groups) .. + 4.
+            let _ = writeln!(
+                w,
+                "        let l{i} = b4[(bb + (kk + ({lane} + {o}u) / {groups}u) * p.n + col0 + 4u * (({lane} + {o}u) % {groups}u)) / 4u];",
+                o = 8 * i
+            );
+        }
+    }
+    for v in 0..nb {
+        let e = format!("subgroupShuffle(l{}, sb + {}u)", v / 8, v % 8);
+        if tb {
+            let _ = writeln!(w, "        acc{v} += dot(a, {e});");
+        } else {
+            let (j, g) = (v / groups, v % groups);
+            let comp = ["x", "y", "z", "w"][j];
+            let _ = writeln!(w, "        acc{g} = fma(vec4<f32>(a.{comp}), {e}, acc{g});");
+        }
+    }
+    let _ = writeln!(w, "    }}");
+    let _ = writeln!(w, "    if row < p.m {{");
+    let _ = writeln!(w, "        let cb = (batch * p.batch_c + row * p.n + col0) / 4u;");
+    for g in 0..groups {
+        let v = if tb {
+            format!("vec4<f32>(acc{}, acc{}, acc{}, acc{})", 4 * g, 4 * g + 1, 4 * g + 2, 4 * g + 3)
+        } else {
+            format!("acc{g}")
+        };
+        let v = if bias { format!("{v} + bias4[col0 / 4u + {g}u]") } else { v };
+        let _ = writeln!(w, "        c4[cb + {g}u] = {v};");
+    }
+    let _ = writeln!(w, "    }}\n}}");
+    w
 }

@@ -96,7 +96,7 @@ impl Lanes {
 }
 
 /// Sums x seen as [outer, r, inner] over r, giving [outer, inner] (as a flat tensor).
-fn sum_middle(x: &Tensor, outer: usize, r: usize, inner: usize) -> Tensor {
+pub(crate) fn sum_middle(x: &Tensor, outer: usize, r: usize, inner: usize) -> Tensor {
     let lanes = outer * inner;
     let chunks = if lanes < MIN_PARALLEL && r >= 2 * MIN_CHUNK {
         MIN_PARALLEL.div_ceil(lanes).min(r / MIN_CHUNK)
