@@ -290,6 +290,10 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
         if final_iter || (cfg.checkpoint_every > 0 && last.iter % cfg.checkpoint_every == 0) {
             save_checkpoint(out, &st, cfg, &sampler_state)?;
         }
+        // Writes only after new pipelines were compiled: the first iteration, the first validation.
+        if let Err(e) = crate::gpu::gpu().save_pipeline_cache() {
+            bar.println(format!("warning: {e:#}"));
+        }
     }
     bar.finish();
     checkpoint::save(&out.join(FINAL_MODEL), &model_dict(&st.model), &model_metadata(cfg))?;

@@ -30,8 +30,16 @@ pub fn run(_a: Args) -> anyhow::Result<()> {
         ("SHADER_F16", wgpu::Features::SHADER_F16),
         ("TIMESTAMP_QUERY", wgpu::Features::TIMESTAMP_QUERY),
         ("SUBGROUP", wgpu::Features::SUBGROUP),
+        ("PIPELINE_CACHE", wgpu::Features::PIPELINE_CACHE),
     ] {
         println!("  {name:<16} {}", if g.features.contains(f) { "yes" } else { "no" });
+    }
+    match g.pipeline_cache() {
+        Some(c) if c.loaded_bytes > 0 => {
+            println!("pipeline cache: {} ({} bytes loaded)", c.path.display(), c.loaded_bytes)
+        }
+        Some(c) => println!("pipeline cache: {} (empty so far)", c.path.display()),
+        None => println!("pipeline cache: off (CAML_PIPELINE_CACHE, or no PIPELINE_CACHE feature)"),
     }
     Ok(())
 }

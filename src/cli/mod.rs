@@ -43,7 +43,7 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let result = match cli.command {
         Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(*a),
         Command::Info(a) => info::run(a),
@@ -53,5 +53,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::PrepareLa(a) => prepare_la::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Train(a) => train::run(*a),
+    };
+    // Pipelines compiled by this command start the next one faster, even after a failure.
+    if let Some(g) = crate::gpu::Gpu::opened()
+        && let Err(e) = g.save_pipeline_cache()
+    {
+        eprintln!("warning: {e:#}");
     }
+    result
 }

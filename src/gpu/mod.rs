@@ -5,6 +5,7 @@
 //! shared command encoder that is submitted when a result is read back, an upload needs ordering,
 //! or the batch is full.
 
+pub mod pipeline_cache;
 mod pool;
 mod profile;
 mod shaders;
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+use pipeline_cache::PipelineCacheFile;
 use pool::Pool;
 pub use pool::{GpuBuffer, MemoryStats};
 pub use profile::KernelTime;
@@ -109,6 +111,8 @@ pub struct Gpu {
     pool: Mutex<Pool>,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    /// Compiled pipelines persisted across processes (adapters with `PIPELINE_CACHE`).
+    pipeline_cache: Option<PipelineCacheFile>,
     rec: Mutex<Recorder>,
     /// Mappable buffers for readbacks, by power-of-two size.
     staging: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
@@ -132,8 +136,10 @@ pub fn gpu() -> &'static Gpu {
 }
 
 /// Features the engine uses when the adapter has them.
-const WANTED_FEATURES: wgpu::Features =
-    wgpu::Features::SHADER_F16.union(wgpu::Features::TIMESTAMP_QUERY).union(wgpu::Features::SUBGROUP);
+const WANTED_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::TIMESTAMP_QUERY)
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::PIPELINE_CACHE);
 
 const NO_ADAPTER_HELP: &str = "no GPU adapter found. Install your GPU's Vulkan, Metal or DX12 \
 driver, or on a machine without a GPU a software Vulkan device: `apt-get install \
@@ -144,6 +150,11 @@ impl Gpu {
     /// Opens the adapter chosen by wgpu's environment variables, once per process.
     pub fn init() -> Result<&'static Gpu> {
         GPU.get_or_init(|| Gpu::open().map_err(|e| format!("{e:#}"))).as_ref().map_err(|e| anyhow!("{e}"))
+    }
+
+    /// The process-wide GPU if it was opened already; never opens one.
+    pub fn opened() -> Option<&'static Gpu> {
+        GPU.get().and_then(|g| g.as_ref().ok())
     }
 
     fn open() -> Result<Gpu> {
@@ -171,6 +182,12 @@ impl Gpu {
             eprintln!("error: the GPU device was lost ({reason:?}): {msg}");
         });
         let belt = wgpu::util::StagingBelt::new(device.clone(), UPLOAD_CHUNK);
+        let pipeline_cache = features
+            .contains(wgpu::Features::PIPELINE_CACHE)
+            .then(pipeline_cache::cache_dir)
+            .flatten()
+            .and_then(|dir| pipeline_cache::cache_file(&dir, &info))
+            .map(|path| PipelineCacheFile::open(&device, path));
         let params_buffer = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
             size: PARAM_SLOT * PARAM_SLOTS,
@@ -186,6 +203,7 @@ impl Gpu {
             pool: Mutex::new(Pool::default()),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
+            pipeline_cache,
             rec: Mutex::new(Recorder {
                 encoder: None,
                 params: Vec::new(),
@@ -283,10 +301,24 @@ impl Gpu {
                 constants: &kernel.constants,
                 zero_initialize_workgroup_memory: false,
             },
-            cache: None,
+            cache: self.pipeline_cache.as_ref().map(|c| &c.cache),
         }));
         self.compiled.fetch_add(1, Ordering::Relaxed);
         self.pipelines.lock().unwrap().entry(key).or_insert(pipeline).clone()
+    }
+
+    /// The persistent pipeline cache, when the adapter supports one and it is not disabled.
+    pub fn pipeline_cache(&self) -> Option<&PipelineCacheFile> {
+        self.pipeline_cache.as_ref()
+    }
+
+    /// Saves the pipeline cache when pipelines were compiled since the last save; true when it
+    /// wrote. Commands call it when they finish and after the first training iteration.
+    pub fn save_pipeline_cache(&self) -> Result<bool> {
+        match &self.pipeline_cache {
+            Some(c) => c.save(self.compiled.load(Ordering::Relaxed)),
+            None => Ok(false),
+        }
     }
 
     /// Records one kernel launch. `params` is the kernel's uniform block (at most 256 bytes).

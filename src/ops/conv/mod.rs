@@ -27,7 +27,8 @@
 //! `Algo` is chosen per shape bucket by timing the adapter's candidates once per process
 //! (`autotune`; on a software device with subgroups only the subgroup kernels, whose memory
 //! model it rewards), or forced with `with_algo` (tests, benchmarks). `CAML_CONV_TUNE_FILE`
-//! keeps the choices across processes, `CAML_CONV_NO_TUNE` takes the first candidate.
+//! (default: `conv_tune.tsv` in the pipeline cache folder) keeps the choices across processes,
+//! `CAML_CONV_NO_TUNE` takes the first candidate.
 //!
 //! Tensors over the storage binding limit are bound one sample per launch; a sample over the
 //! limit panics naming the shape.
@@ -432,8 +433,12 @@ pub fn tuned() -> Vec<(String, Algo)> {
 /// "adapter|bucket<TAB>algorithm"); new choices are appended to it.
 static PERSISTED: Mutex<Option<HashMap<String, Algo>>> = Mutex::new(None);
 
+/// `CAML_CONV_TUNE_FILE` (empty: none), else `conv_tune.tsv` in the pipeline cache folder.
 fn tune_file() -> Option<std::path::PathBuf> {
-    std::env::var_os("CAML_CONV_TUNE_FILE").map(Into::into)
+    match std::env::var_os("CAML_CONV_TUNE_FILE") {
+        Some(p) => (!p.is_empty()).then(|| p.into()),
+        None => crate::gpu::pipeline_cache::cache_dir().map(|d| d.join("conv_tune.tsv")),
+    }
 }
 
 fn key_text(key: &TuneKey) -> String {
@@ -482,6 +487,9 @@ fn persist(key: &TuneKey, algo: Algo) {
     let Some(path) = tune_file() else { return };
     use std::io::Write as _;
     let line = format!("{}\t{algo}\n", key_text(key));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::create_dir_all(dir);
+    }
     let written = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
