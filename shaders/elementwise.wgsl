@@ -10,6 +10,10 @@ struct Params {
     shape: array<vec4<u32>, 2>,
     sa: array<vec4<u32>, 2>,
     sb: array<vec4<u32>, 2>,
+    // Broadcast launches: where each tensor's first element sits in its binding.
+    a_off: u32,
+    b_off: u32,
+    out_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -35,9 +39,11 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
     var ia = i;
     var ib = i;
+    var io = i;
     if BROADCAST {
-        ia = 0u;
-        ib = 0u;
+        ia = p.a_off;
+        ib = p.b_off;
+        io = p.out_off + i;
         var r = i;
         for (var d = i32(p.rank) - 1; d >= 0; d--) {
             let s = p.shape[u32(d) >> 2u][u32(d) & 3u];
@@ -62,7 +68,7 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         case 8u: { z = b; }
         default: { z = 0.0; }
     }
-    out[i] = z;
+    out[io] = z;
 }
 
 fn unary_f(x: f32) -> f32 {

@@ -1,5 +1,6 @@
-// Data movement: permute, copies along one axis (slice, concat, pad), row gather and
-// scatter-add.
+// Data movement as bit copies (f32 and u32 alike): strided box copies (permute, slice, concat,
+// padding), row gather and scatter-add. Tensors are bound in windows that fit one storage
+// binding; offsets say where a launch's first element sits in each window.
 
 struct Params {
     n: u32,
@@ -11,103 +12,115 @@ struct Params {
     e: u32,
     f: u32,
     shape: array<vec4<u32>, 2>,
-    strides: array<vec4<u32>, 2>,
+    xs: array<vec4<u32>, 2>,
+    ys: array<vec4<u32>, 2>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-
 
 fn linear(gid: vec3<u32>, nw: vec3<u32>) -> u32 {
     return gid.x + gid.y * nw.x * 256u;
 }
 
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<u32>;
+@group(0) @binding(2) var<storage, read_write> y: array<u32>;
 
-// y has shape `shape`; `strides` are x's strides taken in y's axis order.
-@compute @workgroup_size(256)
-fn permute(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-    let i = linear(gid, nw);
-    if i >= p.n {
-        return;
-    }
-    var r = i;
-    var src = 0u;
-    for (var d = i32(p.rank) - 1; d >= 0; d--) {
-        let s = p.shape[u32(d) >> 2u][u32(d) & 3u];
-        src += (r % s) * p.strides[u32(d) >> 2u][u32(d) & 3u];
-        r = r / s;
-    }
-    y[i] = x[src];
-}
+// y[b + sum_d i_d * ys[d]] = x[a + sum_d i_d * xs[d]] for every index i of the box `shape`
+// (`rank` axes). Each of the n invocations copies up to COPY_RUN consecutive elements of the last
+// axis, so that the index arithmetic (integer divisions, slow on CPU devices) is shared.
+const COPY_RUN: u32 = 8u;
 
-// y[o, dst_start + j, i] = x[o, src_start + j, i] for j < len.
-// a = outer, b = len, c = inner, d = src axis size, e = src start, f = dst axis size,
-// shape[0].x = dst start.
 @compute @workgroup_size(256)
-fn copy_axis(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+fn copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let t = linear(gid, nw);
     if t >= p.n {
         return;
     }
-    let i = t % p.c;
-    let j = (t / p.c) % p.b;
-    let o = t / (p.c * p.b);
-    let dst_start = p.shape[0].x;
-    y[(o * p.f + dst_start + j) * p.c + i] = x[(o * p.d + p.e + j) * p.c + i];
+    let last = p.rank - 1u;
+    let len = p.shape[last >> 2u][last & 3u];
+    let runs = (len + COPY_RUN - 1u) / COPY_RUN;
+    var r = t / runs;
+    let i0 = (t - r * runs) * COPY_RUN;
+    let xl = p.xs[last >> 2u][last & 3u];
+    let yl = p.ys[last >> 2u][last & 3u];
+    var src = p.a + i0 * xl;
+    var dst = p.b + i0 * yl;
+    for (var d = i32(last) - 1; d >= 0; d--) {
+        let v = u32(d) >> 2u;
+        let c = u32(d) & 3u;
+        let s = p.shape[v][c];
+        let i = r % s;
+        r = r / s;
+        src += i * p.xs[v][c];
+        dst += i * p.ys[v][c];
+    }
+    for (var j = i0; j < min(i0 + COPY_RUN, len); j++) {
+        y[dst] = x[src];
+        src += xl;
+        dst += yl;
+    }
 }
 
-@group(0) @binding(1) var<storage, read> gx: array<f32>;
+@group(0) @binding(1) var<storage, read> gx: array<u32>;
 @group(0) @binding(2) var<storage, read> gidx: array<u32>;
-@group(0) @binding(3) var<storage, read_write> gy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gy: array<u32>;
 
-// gy[r, :] = gx[idx[r], :]; a = rows, b = cols.
+// A run of up to COPY_RUN columns of one indexed row: (row, first column).
+fn row_run(t: u32) -> vec2<u32> {
+    let runs = (p.f + COPY_RUN - 1u) / COPY_RUN;
+    let r = t / runs;
+    return vec2<u32>(r, (t - r * runs) * COPY_RUN);
+}
+
+// gy[a + r * f + col] = gx[b + (idx[c + r] - d) * f + col] for the output rows r whose source row
+// idx falls in the window [d, d + e) of table rows bound at gx; f = cols. n invocations, one per
+// run of columns.
 @compute @workgroup_size(256)
 fn gather_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let t = linear(gid, nw);
     if t >= p.n {
         return;
     }
-    let c = t % p.b;
-    let r = t / p.b;
-    gy[t] = gx[gidx[r] * p.b + c];
+    let rc = row_run(t);
+    let s = gidx[p.c + rc.x] - p.d;
+    if s >= p.e {
+        return;
+    }
+    let src = p.b + s * p.f;
+    let dst = p.a + rc.x * p.f;
+    for (var col = rc.y; col < min(rc.y + COPY_RUN, p.f); col++) {
+        gy[dst + col] = gx[src + col];
+    }
 }
 
 @group(0) @binding(1) var<storage, read> sg: array<f32>;
 @group(0) @binding(2) var<storage, read> sidx: array<u32>;
 @group(0) @binding(3) var<storage, read_write> sout: array<atomic<u32>>;
 
-// sout[idx[r], :] += sg[r, :], an f32 add through compare-exchange so repeated indices add up.
+// sout[b + (idx[c + r] - d) * f + col] += sg[a + r * f + col] for the rows whose destination
+// falls in the window [d, d + e) of table rows bound at sout: f32 adds through compare-exchange,
+// so that repeated indices add up. n invocations, one per run of columns.
 @compute @workgroup_size(256)
 fn scatter_add_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let t = linear(gid, nw);
     if t >= p.n {
         return;
     }
-    let c = t % p.b;
-    let r = t / p.b;
-    let k = sidx[r] * p.b + c;
-    let v = sg[t];
-    var old = atomicLoad(&sout[k]);
-    loop {
-        let res = atomicCompareExchangeWeak(&sout[k], old, bitcast<u32>(bitcast<f32>(old) + v));
-        if res.exchanged {
-            break;
-        }
-        old = res.old_value;
-    }
-}
-
-@group(0) @binding(1) var<storage, read> ux: array<u32>;
-@group(0) @binding(2) var<storage, read> uidx: array<u32>;
-@group(0) @binding(3) var<storage, read_write> uy: array<u32>;
-
-// uy[r] = ux[idx[r]] for index vectors.
-@compute @workgroup_size(256)
-fn gather_u32(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-    let t = linear(gid, nw);
-    if t >= p.n {
+    let rc = row_run(t);
+    let s = sidx[p.c + rc.x] - p.d;
+    if s >= p.e {
         return;
     }
-    uy[t] = ux[uidx[t]];
+    for (var col = rc.y; col < min(rc.y + COPY_RUN, p.f); col++) {
+        let k = p.b + s * p.f + col;
+        let v = sg[p.a + rc.x * p.f + col];
+        var old = atomicLoad(&sout[k]);
+        loop {
+            let res = atomicCompareExchangeWeak(&sout[k], old, bitcast<u32>(bitcast<f32>(old) + v));
+            if res.exchanged {
+                break;
+            }
+            old = res.old_value;
+        }
+    }
 }

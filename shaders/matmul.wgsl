@@ -1,6 +1,9 @@
 // Batched matrix product C[b] = op(A[b]) op(B[b]), op = optional transpose (TA, TB).
 // Each invocation computes a 4 x 4 block of C held in registers; a 16 x 16 workgroup covers a
-// 64 x 64 tile. Batch strides of 0 broadcast an operand over the batch.
+// 64 x 64 tile. Batch strides of 0 broadcast an operand over the batch. A launch may cover a
+// block of a larger product: leading dimensions (lda, ldb, ldc) and offsets locate it in the
+// windows the operands are bound in, and `accumulate` adds to C the product over a later range of
+// the inner dimension.
 
 struct Params {
     m: u32,
@@ -9,6 +12,13 @@ struct Params {
     batch_a: u32,
     batch_b: u32,
     batch_c: u32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
+    a_off: u32,
+    b_off: u32,
+    c_off: u32,
+    accumulate: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -21,16 +31,16 @@ override TB: bool = false;
 
 fn load_a(base: u32, row: u32, kk: u32) -> f32 {
     if TA {
-        return a[base + kk * p.m + row];
+        return a[base + kk * p.lda + row];
     }
-    return a[base + row * p.k + kk];
+    return a[base + row * p.lda + kk];
 }
 
 fn load_b(base: u32, kk: u32, col: u32) -> f32 {
     if TB {
-        return b[base + col * p.k + kk];
+        return b[base + col * p.ldb + kk];
     }
-    return b[base + kk * p.n + col];
+    return b[base + kk * p.ldb + col];
 }
 
 @compute @workgroup_size(16, 16, 1)
@@ -40,8 +50,8 @@ fn matmul(@builtin(global_invocation_id) gid: vec3<u32>) {
     if row0 >= p.m || col0 >= p.n {
         return;
     }
-    let ab = gid.z * p.batch_a;
-    let bb = gid.z * p.batch_b;
+    let ab = p.a_off + gid.z * p.batch_a;
+    let bb = p.b_off + gid.z * p.batch_b;
     // Out-of-range rows and columns read the last valid one and are not stored.
     var rows: array<u32, 4>;
     var cols: array<u32, 4>;
@@ -57,13 +67,18 @@ fn matmul(@builtin(global_invocation_id) gid: vec3<u32>) {
             acc[i] += load_a(ab, rows[i], kk) * bv;
         }
     }
-    let cb = gid.z * p.batch_c;
+    let cb = p.c_off + gid.z * p.batch_c;
     for (var i = 0u; i < 4u; i++) {
         let row = row0 + i;
         if row < p.m {
             for (var j = 0u; j < 4u; j++) {
                 if col0 + j < p.n {
-                    c[cb + row * p.n + col0 + j] = acc[i][j];
+                    let at = cb + row * p.ldc + col0 + j;
+                    var v = acc[i][j];
+                    if p.accumulate != 0u {
+                        v += c[at];
+                    }
+                    c[at] = v;
                 }
             }
         }

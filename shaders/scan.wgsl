@@ -1,8 +1,14 @@
 // Stream compaction: exclusive prefix sums in blocks of 1024 (256 invocations x 4 values),
 // block totals scanned recursively, then the positions of the nonzero entries written in order.
 
+// n = elements of this launch. compact only: `base` = global index of its first element, the
+// output window [w0, w0 + wlen) it may write, and `last` when it writes the count.
 struct Params {
     n: u32,
+    base: u32,
+    w0: u32,
+    wlen: u32,
+    last: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -99,10 +105,11 @@ fn compact(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         return;
     }
     let on = cflags[i] != 0.0;
-    if on {
-        cout[cpos[i]] = i;
+    let d = cpos[i] - p.w0;
+    if on && d < p.wlen {
+        cout[d] = p.base + i;
     }
-    if i == p.n - 1u {
+    if p.last != 0u && i == p.n - 1u {
         ccount[0] = cpos[i] + select(0u, 1u, on);
     }
 }

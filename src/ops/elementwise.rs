@@ -2,8 +2,8 @@
 //! (relu, exp, log, sqrt, pow, clamp, affine) and their gradients; fill.
 
 use crate::autograd::Op;
-use crate::gpu::{Binding, Kernel, gpu};
-use crate::ops::{Params, strides};
+use crate::gpu::{Kernel, gpu};
+use crate::ops::{Params, Tiling, align_elems, binding_limit, range_binding, strides, too_large};
 use crate::tensor::{DType, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -119,19 +119,14 @@ pub fn collapse(shape: &[usize], sa: &[usize], sb: &[usize]) -> (Vec<usize>, Vec
 
 /// Runs `f(start, len)` over element ranges that each fit one storage binding.
 fn for_chunks(n: usize, mut f: impl FnMut(usize, usize)) {
-    let g = gpu();
-    let align = (g.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
-    let chunk = ((g.max_binding() / 4) as usize / align * align).max(align);
+    let align = align_elems();
+    let chunk = ((binding_limit() / 4) as usize / align * align).max(align);
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
         f(start, len);
         start += len;
     }
-}
-
-fn range(t: &Tensor, start: usize, len: usize) -> Binding<'_> {
-    Binding { buffer: t.buffer(), offset: start as u64 * 4, size: Some(len.max(1) as u64 * 4) }
 }
 
 pub fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Tensor {
@@ -147,21 +142,41 @@ pub fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Tensor {
             g.dispatch_1d(
                 &k,
                 p.bytes(),
-                &[range(a, s, len), range(b, s, len), range(&out, s, len)],
+                &[range_binding(a, s, len), range_binding(b, s, len), range_binding(&out, s, len)],
                 len as u64,
             );
         });
     } else {
-        let k = Kernel::new("elementwise", "binary").with("OP", op.code() as f64).with("BROADCAST", 1.0);
-        let (dims, sa, sb) =
-            collapse(&shape, &broadcast_strides(a.shape(), &shape), &broadcast_strides(b.shape(), &shape));
-        let p = Params::new().u(n).u(dims.len()).f(0.0).f(0.0).dims8(&dims).dims8(&sa).dims8(&sb);
-        g.dispatch_1d(&k, p.bytes(), &[a.binding(), b.binding(), out.binding()], n as u64);
+        broadcast(op.code(), a, b, &out);
     }
     if op.is_comparison() {
         return out;
     }
     Tensor::with_op(out, Op::Binary { op, a: a.clone(), b: b.clone() })
+}
+
+/// out = op(a, b) with a and b broadcast to out's shape (op 8 copies b), over boxes of the output
+/// whose footprints fit one binding each: output boxes are contiguous, since the axis cut first
+/// is always the outermost one still longer than 1.
+pub(crate) fn broadcast(code: u32, a: &Tensor, b: &Tensor, out: &Tensor) {
+    let shape = if out.rank() == 0 { &[1][..] } else { out.shape() };
+    if out.numel() == 0 {
+        return;
+    }
+    let k = Kernel::new("elementwise", "binary").with("OP", code as f64).with("BROADCAST", 1.0);
+    let (dims, sa, sb) =
+        collapse(shape, &broadcast_strides(a.shape(), shape), &broadcast_strides(b.shape(), shape));
+    let so = strides(&dims);
+    let tiles = Tiling::new(&dims).tensor(&so).tensor(&sa).tensor(&sb).split();
+    let tiles = tiles.unwrap_or_else(|e| too_large("broadcast", out, &e, "one element"));
+    for t in tiles {
+        let ((out_b, out_off), (a_b, a_off), (b_b, b_off)) =
+            (t.bind(out, 0, &so), t.bind(a, 0, &sa), t.bind(b, 0, &sb));
+        debug_assert_eq!(t.span(&so), t.count(), "output boxes are contiguous");
+        let p = Params::new().u(t.count()).u(dims.len()).f(0.0).f(0.0).dims8(&t.len).dims8(&sa).dims8(&sb);
+        let p = p.u(a_off).u(b_off).u(out_off);
+        gpu().dispatch_1d(&k, p.bytes(), &[a_b, b_b, out_b], t.count() as u64);
+    }
 }
 
 pub fn unary(op: UnaryOp, x: &Tensor) -> Tensor {
@@ -171,7 +186,12 @@ pub fn unary(op: UnaryOp, x: &Tensor) -> Tensor {
     let k = Kernel::new("elementwise", "unary").with("OP", code as f64);
     for_chunks(x.numel(), |s, len| {
         let p = Params::new().u(len).u(0).f(s0).f(s1);
-        gpu().dispatch_1d(&k, p.bytes(), &[range(x, s, len), range(&out, s, len)], len as u64);
+        gpu().dispatch_1d(
+            &k,
+            p.bytes(),
+            &[range_binding(x, s, len), range_binding(&out, s, len)],
+            len as u64,
+        );
     });
     let y = out.detach();
     Tensor::with_op(out, Op::Unary { op, x: x.clone(), y })
@@ -184,7 +204,12 @@ pub(crate) fn unary_grad(op: UnaryOp, x: &Tensor, y: &Tensor, g: &Tensor) -> Ten
     let k = Kernel::new("elementwise", "unary_grad").with("OP", code as f64);
     for_chunks(x.numel(), |s, len| {
         let p = Params::new().u(len).u(0).f(s0).f(s1);
-        let b = [range(x, s, len), range(y, s, len), range(g, s, len), range(&out, s, len)];
+        let b = [
+            range_binding(x, s, len),
+            range_binding(y, s, len),
+            range_binding(g, s, len),
+            range_binding(&out, s, len),
+        ];
         gpu().dispatch_1d(&k, p.bytes(), &b, len as u64);
     });
     out
@@ -194,7 +219,7 @@ pub fn fill(t: &Tensor, value: f32) {
     let k = Kernel::new("elementwise", "fill");
     for_chunks(t.numel(), |s, len| {
         let p = Params::new().u(len).u(0).f(value).f(0.0);
-        gpu().dispatch_1d(&k, p.bytes(), &[range(t, s, len)], len as u64);
+        gpu().dispatch_1d(&k, p.bytes(), &[range_binding(t, s, len)], len as u64);
     });
 }
 

@@ -2,8 +2,8 @@
 
 use crate::autograd::Op;
 use crate::gpu::{Kernel, gpu};
-use crate::ops::Params;
 use crate::ops::reduce::sum_keepdim;
+use crate::ops::{Params, plane_groups, range_binding};
 use crate::tensor::Tensor;
 
 /// x [..., d], w [d], b [d] -> [..., d]: (x - mean) / sqrt(var + eps) * w + b per row of d.
@@ -12,12 +12,15 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Tensor {
     assert!(w.shape() == [d] && b.shape() == [d], "layer_norm weight {:?}, bias {:?} for d = {d}", w, b);
     let rows = x.numel() / d;
     let (y, mean, rstd) = (Tensor::empty(x.shape()), Tensor::empty(&[rows]), Tensor::empty(&[rows]));
-    gpu().dispatch_1d(
-        &Kernel::new("layernorm", "forward"),
-        Params::new().u(rows).u(d).f(eps).bytes(),
-        &[x.binding(), w.binding(), b.binding(), y.binding(), mean.binding(), rstd.binding()],
-        rows as u64,
-    );
+    for (r0, count) in plane_groups(rows, &[d, 1]) {
+        let (full, row) = (|t| range_binding(t, r0 * d, count * d), |t| range_binding(t, r0, count));
+        gpu().dispatch_1d(
+            &Kernel::new("layernorm", "forward"),
+            Params::new().u(count).u(d).f(eps).bytes(),
+            &[full(x), w.binding(), b.binding(), full(&y), row(&mean), row(&rstd)],
+            count as u64,
+        );
+    }
     Tensor::with_op(y, Op::LayerNorm { x: x.clone(), w: w.clone(), b: b.clone(), mean, rstd })
 }
 
@@ -32,20 +35,15 @@ pub(crate) fn layer_norm_grad(
     let d = w.numel();
     let rows = x.numel() / d;
     let (dx, gxhat) = (Tensor::empty(x.shape()), Tensor::empty(&[rows, d]));
-    gpu().dispatch_1d(
-        &Kernel::new("layernorm", "backward"),
-        Params::new().u(rows).u(d).f(0.0).bytes(),
-        &[
-            x.binding(),
-            w.binding(),
-            g.binding(),
-            mean.binding(),
-            rstd.binding(),
-            dx.binding(),
-            gxhat.binding(),
-        ],
-        rows as u64,
-    );
+    for (r0, count) in plane_groups(rows, &[d, 1]) {
+        let (full, row) = (|t| range_binding(t, r0 * d, count * d), |t| range_binding(t, r0, count));
+        gpu().dispatch_1d(
+            &Kernel::new("layernorm", "backward"),
+            Params::new().u(count).u(d).f(0.0).bytes(),
+            &[full(x), w.binding(), full(g), row(mean), row(rstd), full(&dx), full(&gxhat)],
+            count as u64,
+        );
+    }
     let dw = sum_keepdim(&gxhat, &[0]).reshape(&[d]);
     let db = sum_keepdim(&g.reshape(&[rows, d]), &[0]).reshape(&[d]);
     (dx, dw, db)

@@ -2,18 +2,112 @@
 //! its scatter-add gradient.
 
 use crate::autograd::Op;
+use crate::gpu::Binding;
 use crate::gpu::{Kernel, gpu};
-use crate::ops::{Params, split_at_axis, strides};
+use crate::ops::elementwise::collapse;
+use crate::ops::{
+    Overflow, Params, Tiling, align_elems, binding_limit, split_at_axis, strides, too_large, window,
+};
 use crate::tensor::{DType, Tensor};
+
+/// Consecutive elements each invocation of the copy, gather and scatter kernels moves (COPY_RUN in
+/// layout.wgsl), so that they share one invocation's index arithmetic.
+const COPY_RUN: usize = 8;
+
+/// y[y_base + sum_d i_d * ys[d]] = x[x_base + sum_d i_d * xs[d]] for every index i of `dims`,
+/// launched over boxes whose footprints in x and y fit one binding each.
+fn copy_box(
+    x: &Tensor,
+    x_base: usize,
+    xs: &[usize],
+    y: &Tensor,
+    y_base: usize,
+    ys: &[usize],
+    dims: &[usize],
+) {
+    if dims.contains(&0) {
+        return;
+    }
+    // Axes of length 1 move nothing; neighbours laid out alike in both merge.
+    let keep: Vec<usize> = (0..dims.len()).filter(|&d| dims[d] > 1).collect();
+    let (dims, xs, ys) = if keep.is_empty() {
+        (vec![1], vec![0], vec![0])
+    } else {
+        let pick = |v: &[usize]| keep.iter().map(|&d| v[d]).collect::<Vec<_>>();
+        collapse(&pick(dims), &pick(xs), &pick(ys))
+    };
+    let tiles = Tiling::new(&dims).tensor(&ys).tensor(&xs).split();
+    let tiles =
+        tiles.unwrap_or_else(|e| too_large("copy", if e.tensor == 0 { y } else { x }, &e, "one element"));
+    let k = Kernel::new("layout", "copy");
+    for t in tiles {
+        let ((xb, xo), (yb, yo)) = (t.bind(x, x_base, &xs), t.bind(y, y_base, &ys));
+        let last = t.len[dims.len() - 1];
+        let n = t.count() / last * last.div_ceil(COPY_RUN);
+        let p = Params::new().u(n).u(dims.len()).u(xo).u(yo).u(0).u(0).u(0).u(0);
+        let p = p.dims8(&t.len).dims8(&xs).dims8(&ys);
+        gpu().dispatch_1d(&k, p.bytes(), &[xb, yb], n as u64);
+    }
+}
 
 /// y[o, dst_start + j, i] = x[o, src_start + j, i] for j < len, along `axis` of both.
 fn copy_axis(x: &Tensor, y: &Tensor, axis: usize, src_start: usize, dst_start: usize, len: usize) {
     let (outer, src_n, inner) = split_at_axis(x.shape(), axis);
     let dst_n = y.dim(axis);
-    let n = outer * len * inner;
-    let p =
-        Params::new().u(n).u(0).u(outer).u(len).u(inner).u(src_n).u(src_start).u(dst_n).dims8(&[dst_start]);
-    gpu().dispatch_1d(&Kernel::new("layout", "copy_axis"), p.bytes(), &[x.binding(), y.binding()], n as u64);
+    let dims = [outer, len, inner];
+    copy_box(
+        x,
+        src_start * inner,
+        &[src_n * inner, inner, 1],
+        y,
+        dst_start * inner,
+        &[dst_n * inner, inner, 1],
+        &dims,
+    );
+}
+
+/// One launch of a row gather or scatter-add: a box of rows of `rows` (one index each) against a
+/// window of whole rows of the table.
+struct RowLaunch<'a> {
+    rows: Binding<'a>,
+    index: Binding<'a>,
+    table: Binding<'a>,
+    params: Params,
+    n: usize,
+}
+
+/// The launches that pair every box of `rows` (rows of `cols` elements indexed by `index`) that
+/// fits one binding with every window of whole rows of `table` that does. Rows whose index falls
+/// outside a launch's window skip it, so that every pair is visited once.
+fn row_launches<'a>(
+    op: &str,
+    rows: &'a Tensor,
+    index: &'a Tensor,
+    table: &'a Tensor,
+    cols: usize,
+) -> Vec<RowLaunch<'a>> {
+    if cols == 0 || index.numel() == 0 {
+        return Vec::new();
+    }
+    let table_rows = table.numel() / cols;
+    let per = ((binding_limit() / 4) as usize - (align_elems() - 1)) / cols;
+    if per == 0 {
+        too_large(op, table, &Overflow { tensor: 0, bytes: cols as u64 * 4 }, "one row");
+    }
+    let boxes = Tiling::new(&[index.numel(), cols]).tensor(&[cols, 1]).tensor(&[1, 0]).whole(1).split();
+    let boxes = boxes.unwrap_or_else(|e| too_large(op, rows, &e, "one row"));
+    let mut out = Vec::new();
+    for b in &boxes {
+        let ((rb, ro), (ib, io)) = (b.bind(rows, 0, &[cols, 1]), b.bind(index, 0, &[1, 0]));
+        for first in (0..table_rows.max(1)).step_by(per) {
+            let count = per.min(table_rows.max(1) - first);
+            let (tb, to) = window(table, first * cols, count * cols);
+            let n = b.len[0] * cols.div_ceil(COPY_RUN);
+            let params = Params::new().u(n).u(0).u(ro).u(to).u(io).u(first).u(count).u(cols);
+            out.push(RowLaunch { rows: rb, index: ib, table: tb, params, n });
+        }
+    }
+    out
 }
 
 /// `x` zero-padded along `axis` to `size`, its data starting at `start` (the gradient of narrow).
@@ -31,14 +125,10 @@ pub(crate) fn scatter_add_rows(g: &Tensor, index: &Tensor, rows: usize) -> Tenso
     let mut shape = g.shape().to_vec();
     shape[0] = rows;
     let out = Tensor::zeros(&shape);
-    let n = g.numel();
-    let p = Params::new().u(n).u(0).u(g.dim(0)).u(cols);
-    gpu().dispatch_1d(
-        &Kernel::new("layout", "scatter_add_rows"),
-        p.bytes(),
-        &[g.binding(), index.binding(), out.binding()],
-        n as u64,
-    );
+    let k = Kernel::new("layout", "scatter_add_rows");
+    for l in row_launches("scatter_add_rows", g, index, &out, cols) {
+        gpu().dispatch_1d(&k, l.params.bytes(), &[l.rows, l.index, l.table], l.n as u64);
+    }
     out
 }
 
@@ -50,14 +140,7 @@ impl Tensor {
         let shape: Vec<usize> = perm.iter().map(|&p| self.dim(p)).collect();
         let pst: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
         let out = Tensor::empty(&shape);
-        let n = out.numel();
-        let p = Params::new().u(n).u(shape.len()).u(0).u(0).u(0).u(0).u(0).u(0).dims8(&shape).dims8(&pst);
-        gpu().dispatch_1d(
-            &Kernel::new("layout", "permute"),
-            p.bytes(),
-            &[self.binding(), out.binding()],
-            n as u64,
-        );
+        copy_box(self, 0, &pst, &out, 0, &strides(&shape), &shape);
         Tensor::with_op(out, Op::Permute { x: self.clone(), perm: perm.to_vec() })
     }
 
@@ -100,33 +183,25 @@ impl Tensor {
         out
     }
 
-    /// Rows (entries of axis 0) picked by a U32 index tensor.
+    /// Rows (entries of axis 0) picked by a U32 index tensor (a U32 tensor must be a vector).
     pub fn gather_rows(&self, index: &Tensor) -> Tensor {
         assert_eq!(index.dtype(), DType::U32, "gather_rows needs a U32 index");
-        if self.dtype() == DType::U32 {
-            assert_eq!(self.rank(), 1, "gather of U32 values needs a vector");
-            let out = Tensor::empty_u32(&[index.numel()]);
-            let n = index.numel();
-            gpu().dispatch_1d(
-                &Kernel::new("layout", "gather_u32"),
-                Params::new().u(n).bytes(),
-                &[self.binding(), index.binding(), out.binding()],
-                n as u64,
-            );
-            return out;
-        }
         let cols = self.numel() / self.dim(0).max(1);
         let mut shape = self.shape().to_vec();
         shape[0] = index.numel();
-        let out = Tensor::empty(&shape);
-        let n = out.numel();
-        let p = Params::new().u(n).u(0).u(index.numel()).u(cols);
-        gpu().dispatch_1d(
-            &Kernel::new("layout", "gather_rows"),
-            p.bytes(),
-            &[self.binding(), index.binding(), out.binding()],
-            n as u64,
-        );
+        let out = if self.dtype() == DType::U32 {
+            assert_eq!(self.rank(), 1, "gather of U32 values needs a vector");
+            Tensor::empty_u32(&shape)
+        } else {
+            Tensor::empty(&shape)
+        };
+        let k = Kernel::new("layout", "gather_rows");
+        for l in row_launches("gather_rows", &out, index, self, cols) {
+            gpu().dispatch_1d(&k, l.params.bytes(), &[l.table, l.index, l.rows], l.n as u64);
+        }
+        if self.dtype() == DType::U32 {
+            return out;
+        }
         Tensor::with_op(out, Op::GatherRows { x: self.clone(), index: index.clone() })
     }
 }

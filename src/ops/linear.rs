@@ -15,6 +15,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     *shape.last_mut().unwrap() = out;
     if let Some(b) = b
         && crate::ops::matmul::tall_kernel_fits(rows, inp, out)
+        && crate::ops::matmul::each_fits(&[x.numel(), w.numel(), rows * out])
     {
         assert_eq!(b.numel(), out, "linear bias of shape {:?} for weight {:?}", b.shape(), w.shape());
         let (x2, b1) = (x.reshape(&[rows, inp]), b.reshape(&[out]));

@@ -2,7 +2,7 @@
 
 use crate::autograd::Op;
 use crate::gpu::{Kernel, gpu};
-use crate::ops::Params;
+use crate::ops::{MAX_LOOP, Params, Tiling, binding_limit, too_large};
 use crate::tensor::Tensor;
 
 /// The (batch, rows, cols) of a rank-2 or rank-3 operand, transposed when `t`.
@@ -26,34 +26,29 @@ pub fn matmul_t(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Tensor {
     let shape = if a.rank() == 3 || b.rank() == 3 { vec![batch, m, n] } else { vec![m, n] };
     let stride_a = if a.rank() == 3 && ba > 1 { m * k } else { 0 };
     let stride_b = if b.rank() == 3 && bb > 1 { k * n } else { 0 };
-    let out = if k > 0
-        && (k.is_multiple_of(4) || (ta && !tb))
-        && n.is_multiple_of(4)
-        && (!ta || m.is_multiple_of(4))
-    {
+    let vec4 =
+        k > 0 && (k.is_multiple_of(4) || (ta && !tb)) && n.is_multiple_of(4) && (!ta || m.is_multiple_of(4));
+    let fits = each_fits(&[a.numel(), b.numel(), batch * m * n]);
+    let fast = if vec4 && fits {
         matmul4(a, b, &shape, [batch, m, n, k], [stride_a, stride_b], ta, tb)
     } else {
-        let out = Tensor::empty(&shape);
-        let p = Params::new().u(m).u(n).u(k).u(stride_a).u(stride_b).u(m * n);
-        let kernel = Kernel::new("matmul", "matmul").with("TA", ta as u8 as f64).with("TB", tb as u8 as f64);
-        gpu().dispatch(
-            &kernel,
-            p.bytes(),
-            &[a.binding(), b.binding(), out.binding()],
-            [n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32],
-        );
-        out
+        None
     };
+    let out =
+        fast.unwrap_or_else(|| matmul_boxes(a, b, &shape, [batch, m, n, k], [stride_a, stride_b], ta, tb));
     Tensor::with_op(out, Op::Matmul { a: a.clone(), b: b.clone(), ta, tb })
 }
 
-/// Invocations below which a product with a long K is split along K.
-const FILL: usize = 16384;
+/// True when tensors of these element counts fit one storage binding each: the kernels that bind
+/// whole operands can take them.
+pub(crate) fn each_fits(elems: &[usize]) -> bool {
+    elems.iter().all(|&e| e as u64 * 4 <= binding_limit())
+}
 
-/// The 16-byte-load kernel; N, K (unless `ta` and not `tb`) and M (when `ta`) are multiples of 4. A single product whose
-/// 4 x 4 blocks are too few to fill the device and whose K is long sums K in splits, then adds
-/// the splits up.
-fn matmul4(
+/// The product with the scalar kernel over boxes of (batch, M, N, K) whose footprints fit one
+/// binding each and whose K ranges fit the loop budget of one invocation; a box past K's first
+/// range adds to C.
+fn matmul_boxes(
     a: &Tensor,
     b: &Tensor,
     shape: &[usize],
@@ -62,13 +57,64 @@ fn matmul4(
     ta: bool,
     tb: bool,
 ) -> Tensor {
+    let out = if k == 0 { Tensor::zeros(shape) } else { Tensor::empty(shape) };
+    let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+    let sa = [stride_a, if ta { 1 } else { lda }, 0, if ta { lda } else { 1 }];
+    let sb = [stride_b, 0, if tb { ldb } else { 1 }, if tb { 1 } else { ldb }];
+    let sc = [m * n, n, 1, 0];
+    let max_groups = gpu().limits.max_compute_workgroups_per_dimension as usize;
+    let tiles = Tiling::new(&[batch, m, n, k])
+        .tensor(&sc)
+        .tensor(&sa)
+        .tensor(&sb)
+        .at_most(0, max_groups)
+        .at_most(1, max_groups * 64)
+        .at_most(2, max_groups * 64)
+        .at_most(3, MAX_LOOP)
+        .split()
+        .unwrap_or_else(|e| too_large("matmul", [&out, a, b][e.tensor], &e, "one element"));
+    let kernel = Kernel::new("matmul", "matmul").with("TA", ta as u8 as f64).with("TB", tb as u8 as f64);
+    for t in tiles {
+        let ((bc, c_off), (ba_, a_off), (bb_, b_off)) =
+            (t.bind(&out, 0, &sc), t.bind(a, 0, &sa), t.bind(b, 0, &sb));
+        let [tz, tm, tn, tk] = [t.len[0], t.len[1], t.len[2], t.len[3]];
+        let p = Params::new().u(tm).u(tn).u(tk).u(stride_a).u(stride_b).u(m * n).u(lda).u(ldb).u(n);
+        let p = p.u(a_off).u(b_off).u(c_off).u((t.start[3] > 0) as usize);
+        gpu().dispatch(
+            &kernel,
+            p.bytes(),
+            &[ba_, bb_, bc],
+            [tn.div_ceil(64) as u32, tm.div_ceil(64) as u32, tz as u32],
+        );
+    }
+    out
+}
+
+/// Invocations below which a product with a long K is split along K.
+const FILL: usize = 16384;
+
+/// The 16-byte-load kernel; N, K (unless `ta` and not `tb`) and M (when `ta`) are multiples of 4. A single product whose
+/// 4 x 4 blocks are too few to fill the device and whose K is long sums K in splits, then adds
+/// the splits up. None when an invocation's loop over its K range would pass the loop budget.
+fn matmul4(
+    a: &Tensor,
+    b: &Tensor,
+    shape: &[usize],
+    [batch, m, n, k]: [usize; 4],
+    [stride_a, stride_b]: [usize; 2],
+    ta: bool,
+    tb: bool,
+) -> Option<Tensor> {
     if !ta && tall_kernel_fits(m, k, n) {
-        return tall(a, b, None, [batch, m, n, k], [stride_a, stride_b], tb);
+        return Some(tall(a, b, None, [batch, m, n, k], [stride_a, stride_b], tb));
     }
     let blocks = m.div_ceil(4) * n.div_ceil(4);
     let splits = if batch == 1 && blocks < FILL { FILL.div_ceil(blocks).min(k / 256).max(1) } else { 1 };
     let kc = k.div_ceil(splits).next_multiple_of(4);
     let splits = k.div_ceil(kc);
+    if kc / 4 > MAX_LOOP {
+        return None;
+    }
     let p = Params::new().u(m).u(n).u(k).u(stride_a).u(stride_b).u(m * n).u(kc).u(splits);
     let out = Tensor::empty(&[batch * splits * m * n]);
     let bindings = [a.binding(), b.binding(), out.binding()];
@@ -76,10 +122,10 @@ fn matmul4(
     if splits == 1 {
         let groups = [n.div_ceil(4 * 8) as u32, m.div_ceil(4 * 32) as u32, batch as u32];
         gpu().dispatch(&kernel("matmul4"), p.bytes(), &bindings, groups);
-        return out.reshape(shape);
+        return Some(out.reshape(shape));
     }
     gpu().dispatch_1d(&kernel("matmul4_split"), p.bytes(), &bindings, (blocks * splits) as u64);
-    crate::ops::reduce::sum_middle(&out, 1, splits, m * n).reshape(shape)
+    Some(crate::ops::reduce::sum_middle(&out, 1, splits, m * n).reshape(shape))
 }
 
 impl Tensor {
@@ -111,9 +157,14 @@ pub fn matmul_cpu(a: &[f32], b: &[f32], [batch, m, k, n]: [usize; 4], ta: bool, 
 }
 
 /// True when A [M, K] op(B) [K, N] can take the tall kernel: subgroups, many rows, K and N
-/// multiples of 4.
+/// multiples of 4, K within the loop budget of one invocation.
 pub(crate) fn tall_kernel_fits(m: usize, k: usize, n: usize) -> bool {
-    m >= 256 && k > 0 && k.is_multiple_of(4) && n.is_multiple_of(4) && crate::ops::conv::subgroups_usable()
+    m >= 256
+        && k > 0
+        && k.is_multiple_of(4)
+        && k / 4 <= MAX_LOOP
+        && n.is_multiple_of(4)
+        && crate::ops::conv::subgroups_usable()
 }
 
 /// A [B, M, K] op(B) [B, K, N] (+ bias [N]) with the tall kernel, as [B, M, N] (or [M, N]).

@@ -2,9 +2,8 @@
 //! along an axis; the broadcasting helpers their gradients need.
 
 use crate::autograd::Op;
-use crate::gpu::{Kernel, gpu};
-use crate::ops::elementwise::broadcast_strides;
-use crate::ops::{Params, split_at_axis};
+use crate::gpu::{Binding, Kernel, gpu};
+use crate::ops::{MAX_LOOP, Params, Tiling, split_at_axis, too_large};
 use crate::tensor::Tensor;
 
 /// Invocations worth keeping busy: a reduction whose output is smaller splits its axis in chunks.
@@ -12,8 +11,88 @@ const MIN_PARALLEL: usize = 4096;
 /// Shortest chunk worth its own invocation.
 const MIN_CHUNK: usize = 64;
 
-fn params(outer: usize, r: usize, inner: usize, chunks: usize, chunk_len: usize) -> Params {
-    Params::new().u(outer).u(r).u(inner).u(chunks).u(chunk_len)
+/// How a tensor of a reduction is laid out: like x ([outer, r, inner]), or one value per lane
+/// ([outer, chunks, inner]).
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    Rows,
+    Lane,
+}
+use Layout::{Lane, Rows};
+
+/// Whether a launch may take part of a lane's rows.
+#[derive(Clone, Copy)]
+enum RowRuns {
+    /// The kernel continues a lane from an earlier launch: rows go in runs of at most MAX_LOOP.
+    Split,
+    /// Every launch takes whole lanes, visiting their rows `passes` times.
+    Whole { passes: usize },
+}
+
+/// x seen as [outer, r, inner], reduced by lanes (o, c, i) for c < chunks that each visit the
+/// `chunk_len` rows from row c * chunk_len on.
+struct Lanes {
+    outer: usize,
+    r: usize,
+    inner: usize,
+    chunks: usize,
+    chunk_len: usize,
+}
+
+impl Lanes {
+    fn whole(outer: usize, r: usize, inner: usize) -> Lanes {
+        Lanes { outer, r, inner, chunks: 1, chunk_len: r }
+    }
+
+    /// Launches `kernel` over boxes of lanes whose footprints fit one binding each, `bindings` in
+    /// the kernel's order. `per_row`: one invocation per row of each lane rather than per lane.
+    fn launch(
+        &self,
+        op: &str,
+        kernel: &Kernel,
+        bindings: &[(&Tensor, Layout)],
+        runs: RowRuns,
+        per_row: bool,
+    ) {
+        let Lanes { outer, r, inner, chunks, chunk_len } = *self;
+        let xs = [r * inner, chunk_len * inner, inner, 1];
+        let ys = [chunks * inner, inner, 0, 1];
+        let mut tiling = Tiling::new(&[outer, chunks, chunk_len, inner]);
+        for &(_, layout) in bindings {
+            tiling = tiling.tensor(if layout == Rows { &xs } else { &ys });
+        }
+        match runs {
+            RowRuns::Split => tiling = tiling.at_most(2, MAX_LOOP),
+            RowRuns::Whole { passes } => {
+                assert!(
+                    passes * chunk_len <= MAX_LOOP || !gpu().is_software(),
+                    "{op} along an axis of {r} entries: this software device ends the loops of one shader \
+                     invocation after {MAX_LOOP} iterations in all, {passes} passes over at most {} entries",
+                    MAX_LOOP / passes
+                );
+                tiling = tiling.whole(2);
+            }
+        }
+        let tiles =
+            tiling.split().unwrap_or_else(|e| too_large(op, bindings[e.tensor].0, &e, "one lane's rows"));
+        for t in tiles {
+            let (mut x_off, mut y_off) = (0, 0);
+            let b: Vec<Binding> = bindings
+                .iter()
+                .map(|&(tensor, layout)| {
+                    let (b, off) = t.bind(tensor, 0, if layout == Rows { &xs } else { &ys });
+                    *(if layout == Rows { &mut x_off } else { &mut y_off }) = off;
+                    b
+                })
+                .collect();
+            let [o, c, rows, i] = [t.len[0], t.len[1], t.len[2], t.len[3]];
+            let p = Params::new().u(o).u(c).u(i).u(rows).u(xs[0]).u(xs[1]).u(xs[2]).u(ys[0]).u(ys[1]);
+            let p = p.u(x_off).u(y_off).u(t.start[1] * chunk_len + t.start[2]).u(chunk_len).u(r);
+            let p = p.u((t.start[2] > 0) as usize);
+            let n = o * c * i * if per_row { rows } else { 1 };
+            gpu().dispatch_1d(kernel, p.bytes(), &b, n as u64);
+        }
+    }
 }
 
 /// Sums x seen as [outer, r, inner] over r, giving [outer, inner] (as a flat tensor).
@@ -27,12 +106,8 @@ pub(crate) fn sum_middle(x: &Tensor, outer: usize, r: usize, inner: usize) -> Te
     let chunk_len = r.div_ceil(chunks);
     let chunks = r.div_ceil(chunk_len);
     let out = Tensor::empty(&[outer * chunks * inner]);
-    gpu().dispatch_1d(
-        &Kernel::new("reduce", "sum_axis"),
-        params(outer, r, inner, chunks, chunk_len).bytes(),
-        &[x.binding(), out.binding()],
-        (outer * chunks * inner) as u64,
-    );
+    let l = Lanes { outer, r, inner, chunks, chunk_len };
+    l.launch("sum", &Kernel::new("reduce", "sum_axis"), &[(x, Rows), (&out, Lane)], RowRuns::Split, false);
     if chunks > 1 { sum_middle(&out, outer, chunks, inner) } else { out }
 }
 
@@ -74,10 +149,7 @@ pub fn sum_axes(x: &Tensor, axes: &[usize]) -> Tensor {
 /// Broadcast copy of `x` to `shape` (numpy rules), without recording an op.
 fn expand_raw(x: &Tensor, shape: &[usize]) -> Tensor {
     let out = Tensor::empty(shape);
-    let st = broadcast_strides(x.shape(), shape);
-    let p = Params::new().u(out.numel()).u(shape.len()).f(0.0).f(0.0).dims8(shape).dims8(&st).dims8(&st);
-    let k = Kernel::new("elementwise", "binary").with("OP", 8.0).with("BROADCAST", 1.0);
-    gpu().dispatch_1d(&k, p.bytes(), &[x.binding(), x.binding(), out.binding()], out.numel() as u64);
+    crate::ops::elementwise::broadcast(8, x, x, &out);
     out
 }
 
@@ -103,11 +175,13 @@ pub fn max_axis(x: &Tensor, axis: usize) -> (Tensor, Tensor) {
     let mut shape = x.shape().to_vec();
     shape[axis] = 1;
     let (out, arg) = (Tensor::empty(&shape), Tensor::empty(&shape));
-    gpu().dispatch_1d(
-        &Kernel::new("reduce", "max_axis"),
-        params(outer, r, inner, 1, r).bytes(),
-        &[x.binding(), out.binding(), arg.binding()],
-        (outer * inner) as u64,
+    let k = Kernel::new("reduce", "max_axis");
+    Lanes::whole(outer, r, inner).launch(
+        "max_axis",
+        &k,
+        &[(x, Rows), (&out, Lane), (&arg, Lane)],
+        RowRuns::Split,
+        false,
     );
     let out = Tensor::with_op(out, Op::MaxAxis { x: x.clone(), axis, arg: arg.clone() });
     (out, arg)
@@ -116,11 +190,13 @@ pub fn max_axis(x: &Tensor, axis: usize) -> (Tensor, Tensor) {
 pub(crate) fn max_axis_grad(g: &Tensor, arg: &Tensor, shape: &[usize], axis: usize) -> Tensor {
     let (outer, r, inner) = split_at_axis(shape, axis);
     let out = Tensor::empty(shape);
-    gpu().dispatch_1d(
-        &Kernel::new("reduce", "max_grad"),
-        params(outer, r, inner, 1, r).bytes(),
-        &[g.binding(), arg.binding(), out.binding()],
-        out.numel() as u64,
+    let k = Kernel::new("reduce", "max_grad");
+    Lanes::whole(outer, r, inner).launch(
+        "max_axis",
+        &k,
+        &[(g, Lane), (arg, Lane), (&out, Rows)],
+        RowRuns::Split,
+        true,
     );
     out
 }
@@ -128,11 +204,13 @@ pub(crate) fn max_axis_grad(g: &Tensor, arg: &Tensor, shape: &[usize], axis: usi
 fn softmax_impl(x: &Tensor, axis: usize, log: bool) -> Tensor {
     let (outer, r, inner) = split_at_axis(x.shape(), axis);
     let out = Tensor::empty(x.shape());
-    gpu().dispatch_1d(
-        &Kernel::new("reduce", "softmax_axis").with("LOG", log as u8 as f64),
-        params(outer, r, inner, 1, r).bytes(),
-        &[x.binding(), out.binding()],
-        (outer * inner) as u64,
+    let k = Kernel::new("reduce", "softmax_axis").with("LOG", log as u8 as f64);
+    Lanes::whole(outer, r, inner).launch(
+        "softmax",
+        &k,
+        &[(x, Rows), (&out, Rows)],
+        RowRuns::Whole { passes: 3 },
+        false,
     );
     let y = out.detach();
     let op =
@@ -143,11 +221,13 @@ fn softmax_impl(x: &Tensor, axis: usize, log: bool) -> Tensor {
 pub(crate) fn softmax_grad(y: &Tensor, g: &Tensor, axis: usize, log: bool) -> Tensor {
     let (outer, r, inner) = split_at_axis(y.shape(), axis);
     let out = Tensor::empty(y.shape());
-    gpu().dispatch_1d(
-        &Kernel::new("reduce", "softmax_grad").with("LOG", log as u8 as f64),
-        params(outer, r, inner, 1, r).bytes(),
-        &[y.binding(), g.binding(), out.binding()],
-        (outer * inner) as u64,
+    let k = Kernel::new("reduce", "softmax_grad").with("LOG", log as u8 as f64);
+    Lanes::whole(outer, r, inner).launch(
+        "softmax",
+        &k,
+        &[(y, Rows), (g, Rows), (&out, Rows)],
+        RowRuns::Whole { passes: 2 },
+        false,
     );
     out
 }

@@ -1,10 +1,19 @@
 //! Stream compaction on the GPU: the indices of a mask's nonzero entries, in order.
 
 use crate::gpu::{Kernel, gpu};
-use crate::ops::Params;
+use crate::ops::{Params, align_elems, binding_limit, range_binding};
 use crate::tensor::{DType, Tensor};
 
 const BLOCK: usize = 1024;
+
+/// Runs [start, start + len) of `n` elements that fit one binding, each a whole number of blocks
+/// whose block-total offset is aligned too.
+fn chunks(n: usize) -> Vec<(usize, usize)> {
+    let unit = BLOCK * align_elems();
+    let chunk = (binding_limit() as usize / 4) / unit * unit;
+    assert!(chunk > 0, "a storage binding limit of {} bytes holds no scan block", binding_limit());
+    (0..n).step_by(chunk).map(|s| (s, chunk.min(n - s))).collect()
+}
 
 /// Exclusive prefix sums of `x` (F32 read as nonzero flags, or U32 values).
 fn exclusive_scan(x: &Tensor) -> Tensor {
@@ -14,21 +23,26 @@ fn exclusive_scan(x: &Tensor) -> Tensor {
     let sums = Tensor::empty_u32(&[blocks]);
     let entry = if x.dtype() == DType::F32 { "scan_flags" } else { "scan_u32" };
     let g = gpu();
-    let p = Params::new().u(n);
-    g.dispatch(
-        &Kernel::new("scan", entry),
-        p.bytes(),
-        &[x.binding(), pos.binding(), sums.binding()],
-        g.groups_1d(blocks as u64, 1),
-    );
+    let runs = chunks(n);
+    for &(s, len) in &runs {
+        let nb = len.div_ceil(BLOCK);
+        g.dispatch(
+            &Kernel::new("scan", entry),
+            Params::new().u(len).bytes(),
+            &[range_binding(x, s, len), range_binding(&pos, s, len), range_binding(&sums, s / BLOCK, nb)],
+            g.groups_1d(nb as u64, 1),
+        );
+    }
     if blocks > 1 {
         let offsets = exclusive_scan(&sums);
-        g.dispatch_1d(
-            &Kernel::new("scan", "add_offsets"),
-            p.bytes(),
-            &[offsets.binding(), pos.binding()],
-            n as u64,
-        );
+        for &(s, len) in &runs {
+            g.dispatch_1d(
+                &Kernel::new("scan", "add_offsets"),
+                Params::new().u(len).bytes(),
+                &[range_binding(&offsets, s / BLOCK, len.div_ceil(BLOCK)), range_binding(&pos, s, len)],
+                len as u64,
+            );
+        }
     }
     pos
 }
@@ -44,12 +58,27 @@ fn compact(mask: &Tensor) -> (Tensor, Tensor) {
         return (out, count);
     }
     let pos = exclusive_scan(mask);
-    gpu().dispatch_1d(
-        &Kernel::new("scan", "compact"),
-        Params::new().u(n).bytes(),
-        &[mask.binding(), pos.binding(), out.binding(), count.binding()],
-        n as u64,
-    );
+    let runs = chunks(n);
+    // Entries of a run land at or before their own index: output windows past the run are idle.
+    let wlen = runs[0].1;
+    for (ri, &(s, len)) in runs.iter().enumerate() {
+        for w0 in (0..s + len).step_by(wlen) {
+            let last = ri + 1 == runs.len() && w0 == 0;
+            let wl = wlen.min(n - w0);
+            let p = Params::new().u(len).u(s).u(w0).u(wl).u(last as usize);
+            gpu().dispatch_1d(
+                &Kernel::new("scan", "compact"),
+                p.bytes(),
+                &[
+                    range_binding(mask, s, len),
+                    range_binding(&pos, s, len),
+                    range_binding(&out, w0, wl),
+                    count.binding(),
+                ],
+                len as u64,
+            );
+        }
+    }
     (out, count)
 }
 

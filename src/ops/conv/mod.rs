@@ -374,24 +374,12 @@ fn candidates(form: Form, k: usize, channels: (usize, usize)) -> Vec<Algo> {
 
 thread_local! {
     static FORCED: Cell<[Option<Algo>; 3]> = const { Cell::new([None; 3]) };
-    static BINDING_LIMIT: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
-/// Runs `f` as if one storage binding could hold at most `bytes` (tests of the per-sample path).
-pub fn with_binding_limit<R>(bytes: u64, f: impl FnOnce() -> R) -> R {
-    let prev = BINDING_LIMIT.with(|c| c.replace(Some(bytes)));
-    struct Restore(Option<u64>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            BINDING_LIMIT.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(prev);
-    f()
-}
+pub use crate::ops::with_binding_limit;
 
 fn binding_limit() -> u64 {
-    BINDING_LIMIT.with(|c| c.get()).unwrap_or_else(|| gpu().max_binding())
+    crate::ops::binding_limit()
 }
 
 /// Runs `f` with `algo` used for every launch of `form` on this thread (tests, benchmarks).
