@@ -359,11 +359,13 @@ fn caml_rows_path(emb: &[f32], shape: [usize; 5]) -> Vec<Vec<f32>> {
     let (fv, fa) = (feats(0), feats(1));
     let class: Vec<f32> = (0..sel.numel()).map(|r| (r % 3 == 0) as u8 as f32).collect();
     let conf = Rng::new(26).vec(sel.numel(), 0.5, 1.0);
-    let chosen = omni::select_rows(
-        &Tensor::from_vec(&class, &[class.len()]),
-        &Tensor::from_vec(&conf, &[conf.len()]),
-        300,
-    );
+    // Every selected row counts as consistent: positions are row indices.
+    let m = class.len();
+    let of_class =
+        |c: f32| Tensor::from_vec(&class.iter().map(|&k| (k == c) as u8 as f32).collect::<Vec<_>>(), &[m]);
+    let voxels = scan::nonzero_many(&[&of_class(0.0), &of_class(1.0)]);
+    let rank = scan::prefix_count(&Tensor::full(&[m], 1.0));
+    let chosen = omni::select_rows(&rank, [&voxels[0], &voxels[1]], &Tensor::from_vec(&conf, &[m]), 300);
     let loss = omni::omni_loss(&fv, &fa, &chosen, &memory, 0.1).expect("both classes have rows and memory");
     let mut grads = backward(&loss);
     let mut out = vec![loss.to_vec(), grads.remove(&e).unwrap().to_vec()];
