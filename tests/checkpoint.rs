@@ -55,3 +55,73 @@ fn corrupt_and_truncated_files_are_named_in_the_error() {
     let missing = dir.path().join("nope.safetensors");
     assert!(format!("{:#}", checkpoint::load(&missing).unwrap_err()).contains("nope.safetensors"));
 }
+
+/// The weights of a width-2 network, as `train` saves them.
+fn tiny_model() -> (caml_wgpu::config::TrainConfig, StateDict) {
+    use caml_wgpu::config::{Preset, TrainConfig};
+    let cfg = TrainConfig { width: 2, embed: 4, patch: [16, 16, 16], ..TrainConfig::preset(Preset::Small) };
+    let model = caml_wgpu::train::build_model(&cfg);
+    let (p, b) = model.named();
+    let dict = p
+        .iter()
+        .chain(&b)
+        .map(|(k, t)| {
+            let e = match t.dtype() {
+                caml_wgpu::DType::F32 => Entry::f32(t.shape(), t.to_vec()),
+                caml_wgpu::DType::U32 => {
+                    Entry::i64(t.shape(), t.to_u32().into_iter().map(i64::from).collect())
+                }
+            };
+            (k.clone(), e)
+        })
+        .collect();
+    (cfg, dict)
+}
+
+#[test]
+fn a_model_file_with_missing_extra_and_misshaped_tensors_is_one_error_listing_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let (cfg, mut d) = tiny_model();
+    let meta = caml_wgpu::train::model_metadata(&cfg);
+    checkpoint::save(&path, &d, &meta).unwrap();
+    caml_wgpu::train::load_model(&path, &cfg).unwrap();
+
+    d.remove("decoder1.out_conv.bias").unwrap();
+    d.insert("stray.weight".into(), Entry::f32(&[1], vec![0.0]));
+    let w = d.get_mut("encoder1.block_one.conv.0.weight").unwrap();
+    w.shape = vec![w.shape.iter().product()];
+    checkpoint::save(&path, &d, &meta).unwrap();
+    let err = format!("{:#}", caml_wgpu::train::load_model(&path, &cfg).err().unwrap());
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("missing (1): decoder1.out_conv.bias"), "{err}");
+    assert!(err.contains("unexpected (1): stray.weight"), "{err}");
+    assert!(err.contains("wrong shape (1): encoder1.block_one.conv.0.weight: file has [54]"), "{err}");
+}
+
+#[test]
+fn non_finite_weights_and_a_width_the_file_cannot_hold_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let (cfg, mut d) = tiny_model();
+    let meta = caml_wgpu::train::model_metadata(&cfg);
+    if let checkpoint::Data::F32(v) = &mut d.get_mut("decoder2.out_conv.weight").unwrap().data {
+        v[3] = f32::NAN;
+    }
+    checkpoint::save(&path, &d, &meta).unwrap();
+    let err = format!("{:#}", caml_wgpu::train::load_model(&path, &cfg).err().unwrap());
+    assert!(err.contains("model.safetensors") && err.contains("decoder2.out_conv.weight"), "{err}");
+    assert!(err.contains("non-finite value at entry 3"), "{err}");
+
+    // A configuration claiming a network far larger than the weights is refused before the
+    // network is built (width 100000 would need terabytes).
+    let bomb = caml_wgpu::config::TrainConfig { width: 100_000, ..cfg.clone() };
+    let (_, d) = tiny_model();
+    checkpoint::save(&path, &d, &caml_wgpu::train::model_metadata(&bomb)).unwrap();
+    let err = format!("{:#}", caml_wgpu::train::load_model(&path, &cfg).err().unwrap());
+    assert!(err.contains("model.safetensors") && err.contains("width 100000"), "{err}");
+    assert!(
+        caml_wgpu::train::min_model_values(2, 4)
+            <= d.values().map(|e| e.shape.iter().product::<usize>() as u64).sum()
+    );
+}
