@@ -501,16 +501,19 @@ impl Gpu {
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        // The callback runs inside a completed wait; a few more polls allow for a late one.
-        let mapped = (0..100).find_map(|_| {
+        // Another thread's poll may have taken the completion and be about to run the callback:
+        // wait for it, checking that the device is still there.
+        let mapped = loop {
             self.wait();
-            rx.try_recv().ok()
-        });
-        let lost = || LOST.get().map(|why| format!(" (the device was lost: {why})")).unwrap_or_default();
-        match mapped {
-            Some(Ok(())) => {}
-            Some(Err(e)) => panic!("reading a GPU buffer back failed: {e}{}", lost()),
-            None => panic!("a GPU readback never completed{}", lost()),
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(e) => panic!("reading a GPU buffer back failed: {e}"),
+            }
+        };
+        if let Err(e) = mapped {
+            let lost = LOST.get().map(|why| format!(" (the device was lost: {why})")).unwrap_or_default();
+            panic!("reading a GPU buffer back failed: {e}{lost}");
         }
         let out = slice.get_mapped_range().unwrap_or_else(|e| panic!("mapping a GPU buffer failed: {e:?}"))
             [..bytes as usize]
