@@ -125,3 +125,53 @@ fn non_finite_weights_and_a_width_the_file_cannot_hold_are_errors() {
             <= d.values().map(|e| e.shape.iter().product::<usize>() as u64).sum()
     );
 }
+
+#[test]
+fn a_training_state_saved_for_another_run_is_refused_before_anything_is_loaded() {
+    use caml_wgpu::caml::{memory::MemoryBank, step::TrainState};
+    use caml_wgpu::optim::{Sgd, SgdConfig};
+    use caml_wgpu::rng::Rng;
+    let state = |cfg: &caml_wgpu::config::TrainConfig| {
+        let model = caml_wgpu::train::build_model(cfg);
+        let opt = Sgd::new(SgdConfig { lr: cfg.lr, momentum: 0.9, weight_decay: 0.0 }, &model.params());
+        TrainState {
+            model,
+            opt,
+            bank: MemoryBank::new(cfg.labeled, cfg.memory_num),
+            rng: Rng::new(1),
+            iter: 0,
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _) = tiny_model();
+    let cfg = caml_wgpu::config::TrainConfig { labeled: 2, labeled_bs: 1, batch: 2, ..cfg };
+    let mut saved = state(&cfg);
+    saved.iter = 7;
+    let sampler = caml_wgpu::data::sampler::Sampler::new(5, 2, 1, 1, 3).unwrap();
+    caml_wgpu::train::save_checkpoint(dir.path(), &saved, &cfg, &sampler.state()).unwrap();
+    let mut st = state(&cfg);
+    caml_wgpu::train::restore_checkpoint(dir.path(), &mut st, &cfg, 5).unwrap();
+    assert_eq!(st.iter, 7);
+
+    // Another number of training cases, or of labeled samples per batch.
+    let mut st = state(&cfg);
+    let e =
+        format!("{:#}", caml_wgpu::train::restore_checkpoint(dir.path(), &mut st, &cfg, 6).err().unwrap());
+    assert!(e.contains("checkpoint.safetensors") && e.contains("saved for 5 training cases"), "{e}");
+    assert_eq!(st.iter, 0);
+    let other = caml_wgpu::config::TrainConfig { batch: 3, ..cfg.clone() };
+    let e =
+        format!("{:#}", caml_wgpu::train::restore_checkpoint(dir.path(), &mut st, &other, 5).err().unwrap());
+    assert!(e.contains("in batches of 1 + 1") && e.contains("1 + 2"), "{e}");
+    // Another embedding width: the heads and their momentum, listed in one error.
+    let wide = caml_wgpu::config::TrainConfig { embed: 8, ..cfg.clone() };
+    let mut st = state(&wide);
+    let e =
+        format!("{:#}", caml_wgpu::train::restore_checkpoint(dir.path(), &mut st, &wide, 5).err().unwrap());
+    assert!(
+        e.contains("wrong shape (") && e.contains("prediction_head1.0.bias: file has [4], model expects [8]"),
+        "{e}"
+    );
+    assert!(e.contains("optim/prediction_head1.0.weight: file has [4, 4], model expects [8, 8]"), "{e}");
+    assert_eq!(st.iter, 0);
+}
