@@ -83,6 +83,9 @@ fn fixtures(target: &str) -> PathBuf {
 /// it produced; each error must contain `names`.
 type Read<'a> = dyn Fn(&Path) -> Vec<Result<()>> + 'a;
 
+/// A mutation: a seeded change of a valid file's bytes.
+type Mutate<'a> = dyn Fn(&mut Rng, &[u8]) -> Vec<u8> + 'a;
+
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<String>()
         .cloned()
@@ -121,7 +124,7 @@ struct Target<'a> {
     /// What every error must contain (the file's path, or the dataset folder's).
     names: String,
     seeds: Vec<Vec<u8>>,
-    mutate: Box<dyn Fn(&mut Rng, &[u8]) -> Vec<u8> + 'a>,
+    mutate: Box<Mutate<'a>>,
     read: Box<Read<'a>>,
 }
 
