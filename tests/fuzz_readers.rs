@@ -183,6 +183,7 @@ impl Target<'_> {
             failures.len(),
             failures.join("\n")
         );
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
