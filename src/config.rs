@@ -167,8 +167,34 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("lr must be a positive number, got {}", self.lr);
         }
-        if self.temperature <= 0.0 || self.corr_temperature <= 0.0 {
-            bail!("temperatures must be positive");
+        // Written so that NaN fails every test.
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        let non_negative = |v: f64| v >= 0.0 && v.is_finite();
+        if !positive(self.temperature as f64) || !positive(self.corr_temperature as f64) {
+            bail!(
+                "temperatures must be positive numbers, got {} and {}",
+                self.temperature,
+                self.corr_temperature
+            );
+        }
+        if !(non_negative(self.momentum as f64) && self.momentum < 1.0) {
+            bail!("momentum must be in [0, 1), got {}", self.momentum);
+        }
+        if !non_negative(self.weight_decay as f64) {
+            bail!("weight_decay must be a non-negative number, got {}", self.weight_decay);
+        }
+        if !non_negative(self.consistency) || !non_negative(self.omni) {
+            bail!(
+                "the loss weights must be non-negative numbers, got {} and {}",
+                self.consistency,
+                self.omni
+            );
+        }
+        if let Some(r) = self.rampup.filter(|&r| !non_negative(r)) {
+            bail!("rampup must be a non-negative number, got {r}");
+        }
+        if self.ramp_every == 0 {
+            bail!("ramp_every must be positive");
         }
         Ok(())
     }

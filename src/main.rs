@@ -6,9 +6,15 @@ fn main() {
         // SAFETY: single-threaded here, before anything reads the environment.
         unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
     }
+    caml_wgpu::cli::install_panic_hook();
     let cli = caml_wgpu::cli::Cli::parse();
-    if let Err(e) = caml_wgpu::cli::run(cli) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match std::panic::catch_unwind(|| caml_wgpu::cli::run(cli)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        // The hook has printed the message.
+        Err(_) => std::process::exit(101),
     }
 }

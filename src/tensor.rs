@@ -40,10 +40,16 @@ pub fn numel(shape: &[usize]) -> usize {
 
 /// Bytes needed for a shape, with an error naming the shape when the adapter cannot hold it.
 fn alloc_for(shape: &[usize]) -> GpuBuffer {
-    let bytes = numel(shape) as u64 * 4;
+    let Some(bytes) = shape.iter().try_fold(4u64, |a, &d| a.checked_mul(d as u64)) else {
+        panic!(
+            "a tensor of shape {shape:?} has more bytes than fit in 64 bits; use a smaller --patch or --batch"
+        )
+    };
     gpu()
         .alloc(bytes)
-        .unwrap_or_else(|e| panic!("cannot allocate a tensor of shape {shape:?} ({bytes} bytes): {e}"))
+        .unwrap_or_else(|e| {
+            panic!("cannot allocate a tensor of shape {shape:?} ({bytes} bytes): {e}; use a smaller --patch or --batch")
+        })
 }
 
 impl Tensor {
@@ -144,7 +150,7 @@ impl Tensor {
         assert!(
             self.bytes() <= limit,
             "a tensor of shape {:?} ({} bytes) is over this adapter's limit of {limit} bytes per storage \
-             binding; use a smaller patch or batch",
+             binding; use a smaller --patch or --batch",
             self.shape(),
             self.bytes()
         );

@@ -43,6 +43,59 @@ pub fn build_model(cfg: &TrainConfig) -> Caml {
     Caml::new(cfg.width, cfg.embed, cfg.method == Method::Caml, cfg.seed)
 }
 
+/// A lower bound on the values in a network's state_dict: the three 3x3x3 convolutions of each
+/// encoder's deepest block (16F to 16F channels) and the E x E layers of the four heads.
+pub fn min_model_values(width: usize, embed: usize) -> u64 {
+    let deep = 16 * width as u64;
+    let e = embed as u64;
+    (2 * 3 * 27u64)
+        .saturating_mul(deep.saturating_mul(deep))
+        .saturating_add(4u64.saturating_mul(e.saturating_mul(e)))
+}
+
+/// Checks, before any data is read or memory allocated, that the largest tensors of a
+/// configuration fit the adapter, whose limits are `(max_buffer, max_binding)` bytes: the
+/// weights of the deepest convolution [16F, 16F, 3, 3, 3] and of the heads [E, max(F, E)], and
+/// one sample's activations [F, X, Y, Z], each bound whole by a kernel; the activations of a
+/// batch [N, F, X, Y, Z] in one buffer. `batch_flag` names the option that sets N.
+pub fn preflight(cfg: &TrainConfig, batch: usize, limits: (u64, u64), batch_flag: &str) -> Result<()> {
+    let (max_buffer, max_binding) = limits;
+    let [x, y, z] = cfg.patch;
+    let (f, e) = (cfg.width, cfg.embed);
+    let checks: [(&str, Vec<usize>, u64, &str, String); 4] = [
+        (
+            "the deepest convolution's weights",
+            vec![f.saturating_mul(16), f.saturating_mul(16), 3, 3, 3],
+            max_binding,
+            "binding",
+            "--width".into(),
+        ),
+        ("the heads' weights", vec![e, f.max(e)], max_binding, "binding", "embed or --width".into()),
+        ("one sample's activations", vec![f, x, y, z], max_binding, "binding", "--patch".into()),
+        (
+            "a batch's activations",
+            vec![batch, f, x, y, z],
+            max_buffer,
+            "buffer",
+            format!("--patch or {batch_flag}"),
+        ),
+    ];
+    for (what, shape, limit, kind, knob) in checks {
+        let limit_text = match kind {
+            "binding" => format!("this adapter's limit of {limit} bytes per storage binding"),
+            _ => format!("this adapter's maximum buffer size of {limit} bytes"),
+        };
+        match shape.iter().try_fold(4u64, |a, &d| a.checked_mul(d as u64)) {
+            Some(b) if b <= limit => {}
+            Some(b) => {
+                bail!("{what} of shape {shape:?} ({b} bytes) exceed {limit_text}; use a smaller {knob}")
+            }
+            None => bail!("{what} of shape {shape:?} exceed {limit_text}; use a smaller {knob}"),
+        }
+    }
+    Ok(())
+}
+
 /// The metadata a model file carries so that predict and eval rebuild the same network.
 pub fn model_metadata(cfg: &TrainConfig) -> HashMap<String, String> {
     HashMap::from([("format".into(), "caml-wgpu".into()), ("config".into(), cfg.to_toml())])
@@ -125,21 +178,41 @@ pub fn load_model_weights(model: &Caml, dict: &StateDict, path: &Path) -> Result
 pub fn load_model(path: &Path, fallback: &TrainConfig) -> Result<(Caml, TrainConfig)> {
     let (dict, meta) = checkpoint::load(path)?;
     let cfg = match meta.get("config") {
-        Some(text) => toml::from_str::<TrainConfig>(text)
-            .with_context(|| format!("{}: unreadable saved configuration", path.display()))?,
+        Some(text) => {
+            let cfg = toml::from_str::<TrainConfig>(text)
+                .with_context(|| format!("{}: unreadable saved configuration", path.display()))?;
+            cfg.validate().with_context(|| format!("{}: invalid saved configuration", path.display()))?;
+            cfg
+        }
         // A file trained elsewhere carries no configuration: it has CMA weights when it has the keys.
         None => {
             let cma = dict.keys().any(|k| k.contains("intra_attention"));
             TrainConfig { method: if cma { Method::Caml } else { Method::Mutual }, ..fallback.clone() }
         }
     };
+    // The network is built before its names and shapes can be compared: a file too small for
+    // the width it claims is rejected first, so that a corrupt width allocates nothing.
+    let held: u64 = dict
+        .iter()
+        .filter(|(k, _)| !k.contains('/'))
+        .map(|(_, e)| e.shape.iter().map(|&d| d as u64).product::<u64>())
+        .fold(0, u64::saturating_add);
+    let need = min_model_values(cfg.width, cfg.embed);
+    ensure!(
+        held >= need,
+        "{} holds {held} weights, fewer than the {need} at least that a network of width {} and \
+         embedding {} has",
+        path.display(),
+        cfg.width,
+        cfg.embed
+    );
     let model = build_model(&cfg);
     load_model_weights(&model, &dict, path)?;
     Ok((model, cfg))
 }
 
 /// Writes the complete training state in one file, atomically.
-fn save_checkpoint(dir: &Path, st: &TrainState, cfg: &TrainConfig, sampler: &SamplerState) -> Result<()> {
+pub fn save_checkpoint(dir: &Path, st: &TrainState, cfg: &TrainConfig, sampler: &SamplerState) -> Result<()> {
     let mut dict = model_dict(&st.model);
     let names: Vec<String> = st.model.named().0.into_iter().map(|(k, _)| k).collect();
     for (k, m) in names.iter().zip(&st.opt.momentum) {
@@ -160,28 +233,84 @@ fn save_checkpoint(dir: &Path, st: &TrainState, cfg: &TrainConfig, sampler: &Sam
     checkpoint::save(&dir.join(CHECKPOINT), &dict, &meta)
 }
 
-fn restore_checkpoint(dir: &Path, st: &mut TrainState) -> Result<SamplerState> {
+/// Restores the training state saved in `dir` (weights, momentum, memory bank, random streams)
+/// into `st` and returns the sampler positioned where it stood. Everything in the file is
+/// checked against the configuration and the `n_train` training cases before any of it is used,
+/// so that a corrupt or foreign checkpoint is an error naming it.
+pub fn restore_checkpoint(
+    dir: &Path,
+    st: &mut TrainState,
+    cfg: &TrainConfig,
+    n_train: usize,
+) -> Result<Sampler> {
     let path = dir.join(CHECKPOINT);
     let (dict, meta) = checkpoint::load(&path)?;
-    load_model_weights(&st.model, &dict, &path)?;
-    let get = |k: &str| meta.get(k).with_context(|| format!("{}: no '{k}' entry", path.display()));
-    st.iter = get("iteration")?.parse().with_context(|| format!("{}: bad iteration", path.display()))?;
-    let names: Vec<String> = st.model.named().0.into_iter().map(|(k, _)| k).collect();
-    for (k, m) in names.iter().zip(&st.opt.momentum) {
-        let key = format!("optim/{k}");
-        let e = dict.get(&key).with_context(|| format!("{}: missing {key}", path.display()))?;
-        load_entry(m, e, &key, &path)?;
+    let (params, buffers) = st.model.named();
+    let mut expected: Vec<(String, Vec<usize>)> = Vec::new();
+    for (k, t) in params.iter().chain(&buffers) {
+        expected.push((k.clone(), t.shape().to_vec()));
     }
-    let counts: Vec<(usize, [usize; 2])> = serde_json::from_str(get("bank")?)?;
+    for (k, t) in &params {
+        expected.push((format!("optim/{k}"), t.shape().to_vec()));
+    }
+    let at = |what: &str| format!("{}: {what}", path.display());
+    let get = |k: &str| meta.get(k).with_context(|| at(&format!("no '{k}' entry")));
+    let counts: Vec<(usize, [usize; 2])> =
+        serde_json::from_str(get("bank")?).with_context(|| at("unreadable memory-bank counts"))?;
+    let labeled = st.bank.entries.len();
+    let mut seen = vec![false; labeled];
+    for &(i, c) in &counts {
+        ensure!(i < labeled, "{}", at(&format!("memory-bank entry {i} of {labeled} labeled cases")));
+        ensure!(!std::mem::replace(&mut seen[i], true), "{}", at(&format!("memory-bank entry {i} twice")));
+        let rows = c[0].checked_add(c[1]).with_context(|| at(&format!("memory-bank counts {c:?}")))?;
+        expected.push((format!("bank/{i}"), vec![rows, cfg.embed]));
+    }
+    // Bank tensors the counts do not list are reported as unexpected with the rest.
+    checkpoint::check_against(&path, &dict, &expected)?;
+    for (k, t) in params.iter().chain(&buffers) {
+        let want_f32 = t.dtype() == crate::DType::F32;
+        ensure!(dict[k].as_f32().is_some() == want_f32, "{}", at(&format!("{k} has the wrong element type")));
+    }
+    if let Some((k, _)) = dict.iter().find(|(k, e)| k.contains('/') && e.as_f32().is_none()) {
+        bail!("{}", at(&format!("{k} is not a floating-point tensor")));
+    }
+    let iter: u64 = get("iteration")?.parse().with_context(|| at("bad iteration"))?;
+    let rng = serde_json::from_str::<RngState>(get("rng")?).with_context(|| at("unreadable random state"))?;
+    let saved: SamplerState =
+        serde_json::from_str(get("sampler")?).with_context(|| at("unreadable sampler state"))?;
+    let unlabeled_bs =
+        if cfg.method == Method::LabeledOnly { 0 } else { cfg.batch.saturating_sub(cfg.labeled_bs) }.max(1);
+    ensure!(
+        (saved.n_train, saved.labelnum, saved.labeled_bs, saved.unlabeled_bs)
+            == (n_train, cfg.labeled, cfg.labeled_bs, unlabeled_bs),
+        "{}",
+        at(&format!(
+            "the sampler was saved for {} training cases ({} labeled) in batches of {} + {}, this run \
+             has {n_train} ({}) in batches of {} + {unlabeled_bs}",
+            saved.n_train, saved.labelnum, saved.labeled_bs, saved.unlabeled_bs, cfg.labeled, cfg.labeled_bs
+        ))
+    );
+    let sampler = Sampler::from_state(saved).with_context(|| at("bad sampler state"))?;
+    for (k, e) in &dict {
+        if let Some(bad) = e.as_f32().and_then(|v| v.iter().position(|x| !x.is_finite())) {
+            bail!("{}", at(&format!("{k} holds a non-finite value at entry {bad}")));
+        }
+    }
+    // Checked: now load.
+    load_model_weights(&st.model, &dict, &path)?;
+    for ((k, _), m) in params.iter().zip(&st.opt.momentum) {
+        let key = format!("optim/{k}");
+        load_entry(m, &dict[&key], &key, &path)?;
+    }
     for (i, c) in counts {
         let key = format!("bank/{i}");
-        let e = dict.get(&key).with_context(|| format!("{}: missing {key}", path.display()))?;
-        let v = e.as_f32().with_context(|| format!("{}: {key} is not f32", path.display()))?;
-        ensure!(i < st.bank.entries.len(), "{}: bank entry {i} out of range", path.display());
+        let e = &dict[&key];
+        let v = e.as_f32().expect("bank tensors were checked to be f32");
         st.bank.update(i, Tensor::from_vec(v, &e.shape), c);
     }
-    st.rng = Rng::from_state(serde_json::from_str::<RngState>(get("rng")?)?);
-    Ok(serde_json::from_str(get("sampler")?)?)
+    st.iter = iter;
+    st.rng = Rng::from_state(rng);
+    Ok(sampler)
 }
 
 /// Batches prepared on a background thread, each with the sampler state after it, so that a
@@ -210,6 +339,8 @@ const LOG_HEADER: &str = "iter,loss,loss_s,loss_c,loss_o,lambda_c,lambda_o,lr,se
 /// Trains as `cfg` says, into `out`; with `resume`, continues the run saved there.
 pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     cfg.validate()?;
+    let gpu = crate::gpu::Gpu::init()?;
+    preflight(cfg, cfg.batch, (gpu.limits.max_buffer_size, gpu.max_binding()), "--batch")?;
     let data_dir = dataset_dir(cfg.data.as_deref())?;
     let ds = Dataset::open(&data_dir)?;
     ensure!(
@@ -222,6 +353,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     let train_cases = ds.load_train()?;
     let test_cases = ds.load_test()?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create run folder {}", out.display()))?;
+    crate::fsutil::remove_stale_temps(out)?;
 
     let model = build_model(cfg);
     let params = model.params();
@@ -236,7 +368,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     };
     let unlabeled_bs = if cfg.method == Method::LabeledOnly { 0 } else { cfg.batch - cfg.labeled_bs };
     let sampler = if resume {
-        Sampler::from_state(restore_checkpoint(out, &mut st)?)?
+        restore_checkpoint(out, &mut st, cfg, train_cases.len())?
     } else {
         Sampler::new(train_cases.len(), cfg.labeled, cfg.labeled_bs, unlabeled_bs.max(1), cfg.seed)?
     };

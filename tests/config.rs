@@ -35,6 +35,14 @@ fn bad_config_files_name_the_file_and_the_problem() {
         ("itres = 5", "invalid training configuration"),
         ("patch = [30, 32, 32]", "multiple of 16"),
         ("iters = [", "not valid TOML"),
+        // Values that would stop or corrupt a run long after it started.
+        ("rampup = -1.0", "rampup"),
+        ("ramp_every = 0", "ramp_every"),
+        ("temperature = nan", "temperatures"),
+        ("corr_temperature = -inf", "temperatures"),
+        ("momentum = nan", "momentum"),
+        ("weight_decay = -1.0", "weight_decay"),
+        ("omni = nan", "loss weights"),
     ] {
         std::fs::write(&path, text).unwrap();
         let err = format!("{:#}", TrainConfig::preset(Preset::Paper).merge_file(&path).unwrap_err());

@@ -62,9 +62,20 @@ fn killed_training_resumes_from_its_last_complete_checkpoint() {
     let (_, meta) = caml_wgpu::checkpoint::load(&run.join("checkpoint.safetensors")).unwrap();
     let saved: u64 = meta["iteration"].parse().unwrap();
     assert!(saved >= 2, "a complete checkpoint survives the kill (iteration {saved})");
+    // A kill during a write leaves its temporary file; the resumed run removes it.
+    let pid = child.id();
+    let stray: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(stray.iter().all(|n| n.ends_with(&format!(".tmp-{pid}"))), "{stray:?}");
+    let planted = run.join(format!(".checkpoint.safetensors.tmp-{pid}"));
+    std::fs::write(&planted, b"the first bytes of a checkpoint").unwrap();
     // Resume to a nearer end so the test stays short.
     let status = args(&(saved + 2).to_string()).arg("--resume").status().unwrap();
     assert!(status.success());
+    assert!(!planted.exists(), "the killed run's temporary file is removed");
     let text = std::fs::read_to_string(&log).unwrap();
     let iters: Vec<u64> =
         text.lines().skip(1).map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();

@@ -41,7 +41,17 @@ fn predict_on_a_folder_keeps_names_and_geometry_and_skips_bad_cases() {
         std::fs::copy(data.join(case).join("image.nii.gz"), inputs.join(format!("{case}.nii.gz"))).unwrap();
     }
     std::fs::write(inputs.join("broken.nii.gz"), b"not a nifti file").unwrap();
+    let mut nan = caml_wgpu::data::nifti_io::read_image(data.join("synth_000/image.nii.gz")).unwrap();
+    nan.set(3, 4, 5, f32::NAN);
+    caml_wgpu::data::nifti_io::write_image(inputs.join("nan.nii.gz"), &nan).unwrap();
     let out = dir.path().join("out");
+    // What writers killed mid-write by an earlier run left (a process that has exited).
+    std::fs::create_dir_all(&out).unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    for stale in [format!(".synth_000-{}-tmp.nii.gz", gone.id()), format!(".table.csv.tmp-{}", gone.id())] {
+        std::fs::write(out.join(stale), b"half a file").unwrap();
+    }
     let res = bin()
         .args(["predict", "-i", inputs.to_str().unwrap(), "-o", out.to_str().unwrap(), "--checkpoint"])
         .arg(&model)
@@ -51,6 +61,8 @@ fn predict_on_a_folder_keeps_names_and_geometry_and_skips_bad_cases() {
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success(), "a failed case makes the exit status non-zero");
     assert!(stderr.contains("broken.nii.gz"), "{stderr}");
+    assert!(stderr.contains("nan.nii.gz") && stderr.contains("1 voxels are NaN or infinite"), "{stderr}");
+    assert!(!out.join("nan.nii.gz").exists());
     for case in ["synth_000", "synth_005"] {
         let mask = read_mask(out.join(format!("{case}.nii.gz"))).unwrap();
         let image_header = read_header(data.join(case).join("image.nii.gz")).unwrap();
@@ -61,7 +73,7 @@ fn predict_on_a_folder_keeps_names_and_geometry_and_skips_bad_cases() {
         assert!(out.join(format!("{case}_prob.nii.gz")).exists());
     }
     assert!(!out.join("broken.nii.gz").exists());
-    // Nothing half-written is left behind.
+    // Nothing half-written is left behind, from this run or the killed one.
     let stray: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -51,6 +51,7 @@ pub fn run(a: Args) -> Result<()> {
         a.model.checkpoint.parent().unwrap_or(std::path::Path::new(".")).join(format!("eval-{split}"))
     });
     std::fs::create_dir_all(&out)?;
+    crate::fsutil::remove_stale_temps(&out)?;
     let mut csv = String::from("case,dice,jaccard,hd95,asd\n");
     let mut all: Vec<Metrics> = Vec::new();
     println!("{:<24} {:>8} {:>8} {:>8} {:>8}", "case", "Dice", "Jaccard", "95HD", "ASD");

@@ -62,3 +62,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
     result
 }
+
+/// Makes a panic (an assertion deep in the engine naming a shape or a device limit) print as one
+/// `error:` line instead of Rust's report; with RUST_BACKTRACE set the report stays, for debugging.
+pub fn install_panic_hook() {
+    if std::env::var_os("RUST_BACKTRACE").is_some() {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown internal error");
+        eprintln!("error: {}", msg.split_whitespace().collect::<Vec<_>>().join(" "));
+    }));
+}

@@ -40,7 +40,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The model with its weights, and the options to run it.
     pub fn load(&self) -> Result<(Caml, PredictOptions)> {
-        Gpu::init()?;
+        let gpu = Gpu::init()?;
         let mut fallback = TrainConfig::preset(Preset::Paper);
         if let Some(w) = self.width {
             fallback.width = w;
@@ -58,6 +58,9 @@ impl ModelArgs {
         }
         window.gaussian = self.gaussian;
         window.batch = self.window_batch.max(1);
+        cfg.validate()?;
+        let limits = (gpu.limits.max_buffer_size, gpu.max_binding());
+        crate::train::preflight(&cfg, window.batch, limits, "--window-batch")?;
         let opts = PredictOptions {
             window,
             average_decoders: self.average_decoders,
@@ -122,6 +125,10 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         (vec![a.input.clone()], vec![a.output.clone()])
     };
+    // Files a killed earlier run was writing into the same folder.
+    let out_dir =
+        if a.input.is_dir() { a.output.as_path() } else { a.output.parent().unwrap_or(Path::new(".")) };
+    crate::fsutil::remove_stale_temps(if out_dir.as_os_str().is_empty() { Path::new(".") } else { out_dir })?;
     let (model, opts) = a.model.load()?;
     let bar = indicatif::ProgressBar::new(inputs.len() as u64);
     let mut failed = Vec::new();
@@ -129,6 +136,7 @@ pub fn run(a: Args) -> Result<()> {
         bar.set_message(inp.display().to_string());
         let result = (|| -> Result<()> {
             let image = read_image(inp)?;
+            crate::data::dataset::check_finite(&image, inp)?;
             let (mask, prob) = predict(&model, &image, &opts)?;
             write_mask(out, &mask)?;
             if a.save_probabilities {
@@ -142,7 +150,8 @@ pub fn run(a: Args) -> Result<()> {
             if a.fail_fast {
                 return Err(e);
             }
-            bar.println(format!("error: {e:#} (skipped)"));
+            // On stderr whether or not the bar is drawn (it is hidden when stderr is not a terminal).
+            bar.suspend(|| eprintln!("error: {e:#} (skipped)"));
             failed.push(inp.clone());
         }
         bar.inc(1);

@@ -249,7 +249,8 @@ impl Dataset {
     }
 }
 
-fn check_finite(image: &Image, path: &Path) -> Result<()> {
+/// An error naming the file when any voxel is NaN or infinite.
+pub fn check_finite(image: &Image, path: &Path) -> Result<()> {
     let bad = image.data().iter().filter(|v| !v.is_finite()).count();
     ensure!(bad == 0, "image {}: {bad} voxels are NaN or infinite", path.display());
     Ok(())

@@ -18,6 +18,8 @@ use super::volume::{Geometry, Image, Mask, Volume};
 /// Volumes larger than this many voxels are rejected as corrupt dims.
 const MAX_VOXELS: usize = 1 << 30;
 const HEADER_BYTES: u64 = 348;
+/// The largest expansion of a deflate stream (RFC 1951 blocks of 258-byte matches).
+const MAX_DEFLATE_RATIO: u64 = 1032;
 
 pub fn read_image(path: impl AsRef<Path>) -> Result<Image> {
     let path = path.as_ref();
@@ -127,9 +129,16 @@ fn read_as<T: Copy + Default>(path: &Path, convert: impl Fn(f64) -> T) -> Result
     );
     let skip = h.vox_offset as u64 - HEADER_BYTES;
     let gz = is_gzip(path)?;
-    if !gz {
-        let len = std::fs::metadata(path)?.len();
-        let need = h.vox_offset as u64 + nbytes as u64;
+    let len = std::fs::metadata(path)?.len();
+    let need = (h.vox_offset as u64).saturating_add(nbytes as u64);
+    if gz {
+        // Deflate expands at most 1032-fold.
+        ensure!(
+            need <= len.saturating_mul(MAX_DEFLATE_RATIO),
+            "truncated: dims {dims:?} of {elem}-byte voxels need {need} bytes, more than a \
+             {len}-byte gzip file can hold"
+        );
+    } else {
         ensure!(
             len >= need,
             "truncated: dims {dims:?} of {elem}-byte voxels need {need} bytes, the file has {len}"

@@ -20,6 +20,8 @@ use super::volume::{Geometry, Image, Volume};
 
 const MAX_HEADER_BYTES: usize = 1 << 16;
 const MAX_VOXELS: usize = 1 << 30;
+/// The largest expansion of a deflate stream (RFC 1951 blocks of 258-byte matches).
+const MAX_DEFLATE_RATIO: u64 = 1032;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ty {
@@ -110,6 +112,7 @@ fn parse_vector(s: &str) -> Result<Option<[f64; 3]>> {
         .collect::<Result<_, _>>()
         .with_context(|| format!("vector {s:?} has a non-numeric component"))?;
     ensure!(v.len() == 3, "vector {s:?} needs 3 components (3D space)");
+    ensure!(v.iter().all(|c| c.is_finite()), "vector {s:?} has a component that is not a finite number");
     Ok(Some([v[0], v[1], v[2]]))
 }
 
@@ -146,7 +149,7 @@ fn read_impl(path: &Path) -> Result<Image> {
     let file_len = std::fs::metadata(path).context("cannot open")?.len();
     let mut r = BufReader::new(File::open(path).context("cannot open")?);
     let mut first = String::new();
-    r.read_line(&mut first)?;
+    (&mut r).take(MAX_HEADER_BYTES as u64).read_line(&mut first).context("reading the first line")?;
     ensure!(
         first.starts_with("NRRD000"),
         "not a NRRD file (first line {:?}, expected NRRD000x)",
@@ -156,7 +159,8 @@ fn read_impl(path: &Path) -> Result<Image> {
     let mut header_len = first.len();
     loop {
         let mut line = String::new();
-        let n = r.read_line(&mut line).context("reading the header")?;
+        let room = (MAX_HEADER_BYTES + 1).saturating_sub(header_len) as u64;
+        let n = (&mut r).take(room).read_line(&mut line).context("reading the header")?;
         ensure!(n > 0, "the header has no blank line before the data");
         header_len += n;
         ensure!(header_len <= MAX_HEADER_BYTES, "the header exceeds {MAX_HEADER_BYTES} bytes");
@@ -192,10 +196,13 @@ fn read_impl(path: &Path) -> Result<Image> {
         .filter(|&n| n <= MAX_VOXELS)
         .with_context(|| format!("sizes {dims:?} are implausibly large"))?;
     let nbytes = n * ty.size();
+    let encoding = get("encoding")?;
+    let text = matches!(encoding, "ascii" | "text" | "txt");
     let big = match fields.get("endian").map(String::as_str) {
         Some("big") => true,
         Some("little") => false,
-        None if ty.size() == 1 => false,
+        // Byte order matters only for binary data of multi-byte types.
+        None if ty.size() == 1 || text => false,
         None => bail!("multi-byte type {ty_s:?} without an endian field"),
         Some(e) => bail!("unknown endian {e:?}"),
     };
@@ -203,24 +210,32 @@ fn read_impl(path: &Path) -> Result<Image> {
         None => 0,
         Some(s) => s.parse().with_context(|| format!("byte skip {s:?} is not a non-negative integer"))?,
     };
-    let encoding = get("encoding")?;
 
-    // File order is x fastest; values go straight to their place in the volume layout.
+    // File order is x fastest; values go straight to their place in the volume layout. The
+    // volume is allocated only once the file is known to hold that many values.
     let [nx, ny, nz] = dims;
-    let mut data = vec![0f32; n];
     let place = |i: usize| {
         let (x, y, z) = (i % nx, (i / nx) % ny, i / (nx * ny));
         (x * ny + y) * nz + z
     };
+    let data_len = file_len.saturating_sub(header_len as u64);
+    let mut data;
     match encoding {
         "raw" | "gzip" | "gz" => {
             let gz = encoding != "raw";
-            if !gz {
-                let need = header_len as u64 + byte_skip + nbytes as u64;
+            let need = byte_skip.saturating_add(nbytes as u64);
+            if gz {
+                // Deflate expands at most 1032-fold.
                 ensure!(
-                    file_len >= need,
-                    "truncated: sizes {dims:?} of {ty_s} need {need} bytes with the header, \
-                     the file has {file_len}"
+                    need <= data_len.saturating_mul(MAX_DEFLATE_RATIO),
+                    "truncated: sizes {dims:?} of {ty_s} need {need} bytes of data, more than \
+                     {data_len} compressed bytes can hold"
+                );
+            } else {
+                ensure!(
+                    data_len >= need,
+                    "truncated: sizes {dims:?} of {ty_s} need {need} bytes of data after the \
+                     {header_len}-byte header, the file has {data_len}"
                 );
             }
             let mut src: Box<dyn Read> = if gz { Box::new(MultiGzDecoder::new(r)) } else { Box::new(r) };
@@ -236,11 +251,18 @@ fn read_impl(path: &Path) -> Result<Image> {
                 "truncated: sizes {dims:?} of {ty_s} need {nbytes} bytes of data, found {}",
                 raw.len()
             );
+            data = vec![0f32; n];
             for (i, c) in raw.chunks_exact(ty.size()).enumerate() {
                 data[place(i)] = ty.decode(c, big) as f32;
             }
         }
         "ascii" | "text" | "txt" => {
+            // Every value but the last takes a digit and a separator.
+            ensure!(
+                (n as u64).saturating_mul(2) <= data_len + 1,
+                "truncated: sizes {dims:?} need {n} values, more than {data_len} bytes of text can hold"
+            );
+            data = vec![0f32; n];
             let mut s = String::new();
             r.read_to_string(&mut s).context("ascii data is not text")?;
             let mut count = 0;
@@ -273,7 +295,7 @@ fn geometry(fields: &HashMap<String, String>) -> Result<Geometry> {
                 Some(vec) => {
                     d[a] = vec;
                     let norm = vec.iter().map(|c| c * c).sum::<f64>().sqrt();
-                    if norm > 0.0 {
+                    if norm > 0.0 && (norm as f32).is_finite() {
                         spacing[a] = norm as f32;
                     }
                 }
@@ -288,8 +310,9 @@ fn geometry(fields: &HashMap<String, String>) -> Result<Geometry> {
         ensure!(v.len() == 3, "spacings {s:?} must list 3 values");
         for (a, t) in v.iter().enumerate() {
             if let Ok(x) = t.parse::<f64>()
-                && x.is_finite()
                 && x > 0.0
+                && (x as f32).is_finite()
+                && x as f32 > 0.0
             {
                 spacing[a] = x as f32;
             }

@@ -194,23 +194,45 @@ pub fn prepare_la(raw: &Path, out: &Path, seed: u64, list_dir: Option<&Path>) ->
 pub fn import_h5(h5: &Path, out: &Path, list_dir: Option<&Path>) -> Result<PrepareReport> {
     convert_all(h5, out, "mri_norm2.h5", list_dir, |name| {
         let p = h5.join(name).join("mri_norm2.h5");
-        read_la_h5(&p).with_context(|| format!("reading {}", p.display()))
+        read_la_h5(&p)
     })
 }
 
 /// Reads the `image` and `label` datasets of one preprocessed LA file.
 #[cfg(feature = "h5")]
 pub fn read_la_h5(path: &Path) -> Result<(Image, Mask)> {
+    read_la_h5_inner(path).with_context(|| format!("reading HDF5 {}", path.display()))
+}
+
+#[cfg(feature = "h5")]
+fn read_la_h5_inner(path: &Path) -> Result<(Image, Mask)> {
     use crate::data::Volume;
+    let file_len = std::fs::metadata(path).context("cannot open")?.len();
     let f = rust_hdf5::H5File::open(path).map_err(|e| anyhow::anyhow!("cannot open: {e}"))?;
-    let read = |name: &str| -> Result<(Vec<usize>, Vec<f64>)> {
+    let read = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
         let ds = f.dataset(name).map_err(|e| anyhow::anyhow!("no dataset {name:?}: {e}"))?;
         let shape = ds.shape();
         ensure!(shape.len() == 3, "dataset {name:?} has shape {shape:?}, expected 3 dims");
+        // The data and each chunk the reader decodes whole must fit in what the file can hold
+        // (deflate expands at most 1032-fold) before anything that large is read.
+        let most = file_len.saturating_mul(1032).min(1 << 32);
+        let elem = ds.element_size() as u64;
+        ensure!((1..=8).contains(&elem), "dataset {name:?} has {elem}-byte elements");
+        let bytes = |dims: &[usize]| dims.iter().try_fold(elem, |a, &d| a.checked_mul(d as u64));
+        ensure!(
+            bytes(&shape).is_some_and(|b| b <= most),
+            "dataset {name:?} has shape {shape:?}, more than the {file_len}-byte file can hold"
+        );
+        if let Some(chunk) = ds.chunk_dims() {
+            ensure!(
+                chunk.len() == shape.len() && bytes(&chunk).is_some_and(|b| b <= most),
+                "dataset {name:?} has chunks of {chunk:?}, more than the {file_len}-byte file can hold"
+            );
+        }
         let v = ds
-            .read_raw::<f64>()
-            .or_else(|_| ds.read_raw::<f32>().map(|v| v.into_iter().map(f64::from).collect()))
-            .or_else(|_| ds.read_raw::<u8>().map(|v| v.into_iter().map(f64::from).collect()))
+            .read_raw::<f32>()
+            .or_else(|_| ds.read_raw::<u8>().map(|v| v.into_iter().map(f32::from).collect()))
+            .or_else(|_| ds.read_raw::<f64>().map(|v| v.into_iter().map(|x| x as f32).collect()))
             .map_err(|e| anyhow::anyhow!("dataset {name:?}: unsupported element type: {e}"))?;
         Ok((shape, v))
     };
@@ -219,7 +241,9 @@ pub fn read_la_h5(path: &Path) -> Result<(Image, Mask)> {
     ensure!(si == sl, "label is {sl:?} but image is {si:?}");
     let dims = [si[0], si[1], si[2]];
     // h5py writes C order: the last axis (Z) fastest, which is the volume layout already.
-    let image = Volume::from_vec(dims, vi.iter().map(|&v| v as f32).collect())?;
+    let image = Volume::from_vec(dims, vi)?;
+    let bad = image.data().iter().filter(|v| !v.is_finite()).count();
+    ensure!(bad == 0, "image has {bad} voxels that are NaN or infinite");
     let bad = vl.iter().filter(|&&v| v != 0.0 && v != 1.0).count();
     ensure!(bad == 0, "label has {bad} voxels outside {{0, 1}}");
     let label = Volume::from_vec(dims, vl.iter().map(|&v| v as u8).collect())?;

@@ -178,15 +178,28 @@ impl Sampler {
     }
 
     pub fn from_state(s: SamplerState) -> Result<Self> {
+        // In this order, so that n_train - labelnum cannot underflow.
         ensure!(
             s.labeled_bs > 0
                 && s.labelnum >= s.labeled_bs
                 && s.labelnum <= s.n_train
+                && s.unlabeled_bs <= s.n_train - s.labelnum
+                && (s.labeled_perm.is_empty() || s.labeled_perm.len() == s.labelnum)
+                && (s.unlabeled_perm.is_empty() || s.unlabeled_perm.len() == s.n_train - s.labelnum)
                 && s.labeled_pos <= s.labeled_perm.len()
                 && s.unlabeled_pos <= s.unlabeled_perm.len()
                 && s.labeled_perm.iter().all(|&i| i < s.labelnum)
                 && s.unlabeled_perm.iter().all(|&i| i < s.n_train - s.labelnum),
-            "inconsistent sampler state"
+            "inconsistent sampler state ({} training cases, {} labeled, batches of {} labeled and {} \
+             unlabeled, permutations of {} and {} at {} and {})",
+            s.n_train,
+            s.labelnum,
+            s.labeled_bs,
+            s.unlabeled_bs,
+            s.labeled_perm.len(),
+            s.unlabeled_perm.len(),
+            s.labeled_pos,
+            s.unlabeled_pos
         );
         Ok(Self { rng: Rng::from_state(s.rng), aug_rng: Rng::from_state(s.aug_rng), s })
     }
@@ -282,5 +295,9 @@ mod tests {
         assert!(Sampler::new(4, 8, 2, 2, 0).is_err());
         assert!(Sampler::new(4, 4, 4, 0, 0).is_ok());
         assert!(Sampler::from_json("{}").is_err());
+        // A saved state whose unlabeled batch cannot be filled would index an empty permutation.
+        let mut st = Sampler::new(4, 2, 1, 2, 0).unwrap().state();
+        st.unlabeled_bs = 3;
+        assert!(Sampler::from_state(st).is_err());
     }
 }

@@ -13,6 +13,7 @@ mod shaders;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -126,6 +127,14 @@ pub struct Gpu {
 
 static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
 
+/// Why the device was lost, once it has been.
+static LOST: OnceLock<String> = OnceLock::new();
+
+/// A wgpu error's text (which spans lines) on one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// The process-wide GPU; panics with the adapter error when there is none. Command-line entry
 /// points call [`Gpu::init`] first so that the error reaches the user as a message.
 pub fn gpu() -> &'static Gpu {
@@ -179,7 +188,8 @@ impl Gpu {
         }))
         .with_context(|| format!("could not open a device on adapter '{}'", info.name))?;
         device.set_device_lost_callback(|reason, msg| {
-            eprintln!("error: the GPU device was lost ({reason:?}): {msg}");
+            let why = if msg.is_empty() { format!("{reason:?}") } else { format!("{reason:?}: {msg}") };
+            let _ = LOST.set(one_line(&why));
         });
         let belt = wgpu::util::StagingBelt::new(device.clone(), UPLOAD_CHUNK);
         let pipeline_cache = features
@@ -188,6 +198,23 @@ impl Gpu {
             .flatten()
             .and_then(|dir| pipeline_cache::cache_file(&dir, &info))
             .map(|path| PipelineCacheFile::open(&device, path));
+        // Errors no error scope caught, as one-line panics rather than wgpu's multi-line report.
+        // A destroyed or lost device reports its loss only from a poll, and meanwhile its objects
+        // are merely "invalid": a poll here (no wgpu lock is held) tells which.
+        let polled = device.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let text = one_line(&e.to_string());
+            if LOST.get().is_none() {
+                let _ = polled.poll(wgpu::PollType::Poll);
+            }
+            match (LOST.get(), &e) {
+                (Some(why), _) => panic!("the GPU device was lost ({why}): {text}"),
+                (None, wgpu::Error::OutOfMemory { .. }) => {
+                    panic!("the GPU is out of memory ({text}); use a smaller --patch or --batch")
+                }
+                (None, _) => panic!("GPU error: {text}"),
+            }
+        }));
         let params_buffer = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
             size: PARAM_SLOT * PARAM_SLOTS,
@@ -241,7 +268,13 @@ impl Gpu {
                 self.limits.max_buffer_size
             );
         }
-        Ok(self.pool.lock().unwrap().take(&self.device, bytes))
+        self.pool.lock().unwrap().take(&self.device, bytes, self.limits.max_buffer_size).map_err(|e| {
+            let what = match e {
+                wgpu::Error::OutOfMemory { .. } => "the device is out of memory".to_string(),
+                e => one_line(&e.to_string()),
+            };
+            anyhow!("the device could not allocate a buffer of {bytes} bytes: {what}")
+        })
     }
 
     pub fn memory(&self) -> MemoryStats {
@@ -503,8 +536,23 @@ impl Gpu {
     /// Submits what is recorded and waits until the device has finished it.
     pub fn sync(&self) {
         self.flush();
-        if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
-            panic!("waiting for the GPU failed: {e}");
+        self.wait();
+    }
+
+    /// Waits for the submitted work, checking every second whether the device was lost, so that a
+    /// lost device is an error rather than a hang.
+    fn wait(&self) {
+        loop {
+            let wait = wgpu::PollType::Wait { submission_index: None, timeout: Some(Duration::from_secs(1)) };
+            let polled = self.device.poll(wait);
+            if let Some(why) = LOST.get() {
+                panic!("the GPU device was lost ({why})");
+            }
+            match polled {
+                Ok(_) => return,
+                Err(wgpu::PollError::Timeout) => {}
+                Err(e) => panic!("waiting for the GPU failed: {e}"),
+            }
         }
     }
 
@@ -538,12 +586,20 @@ impl Gpu {
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
-            panic!("waiting for the GPU failed: {e}");
+        // Another thread's poll may have taken the completion and be about to run the callback:
+        // wait for it, checking that the device is still there.
+        let mapped = loop {
+            self.wait();
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(e) => panic!("reading a GPU buffer back failed: {e}"),
+            }
+        };
+        if let Err(e) = mapped {
+            let lost = LOST.get().map(|why| format!(" (the device was lost: {why})")).unwrap_or_default();
+            panic!("reading a GPU buffer back failed: {e}{lost}");
         }
-        rx.recv()
-            .expect("map callback dropped")
-            .unwrap_or_else(|e| panic!("reading a GPU buffer back failed: {e}"));
         let out = slice.get_mapped_range().unwrap_or_else(|e| panic!("mapping a GPU buffer failed: {e:?}"))
             [..bytes as usize]
             .to_vec();

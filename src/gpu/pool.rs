@@ -29,27 +29,36 @@ fn size_class(bytes: u64) -> u64 {
 }
 
 impl Pool {
-    pub(crate) fn take(&mut self, device: &wgpu::Device, bytes: u64) -> GpuBuffer {
-        let class = size_class(bytes);
+    /// A buffer of at least `bytes` (at most `max`, the device's largest); when the device cannot
+    /// create one (out of memory) the pool's free buffers are released and the creation tried once
+    /// more.
+    pub(crate) fn take(
+        &mut self,
+        device: &wgpu::Device,
+        bytes: u64,
+        max: u64,
+    ) -> Result<GpuBuffer, wgpu::Error> {
+        // A class rounded up past the device's maximum would be refused: the exact size is not.
+        let class = size_class(bytes).min(max.max(bytes));
         let buffer = match self.free.get_mut(&class).and_then(|v| v.pop()) {
             Some(b) => b,
             None => {
+                let b = match create(device, class) {
+                    Ok(b) => b,
+                    Err(_) => {
+                        self.trim();
+                        create(device, class)?
+                    }
+                };
                 self.stats.allocations += 1;
                 self.stats.reserved += class;
                 self.stats.peak_reserved = self.stats.peak_reserved.max(self.stats.reserved);
-                device.create_buffer(&wgpu::BufferDescriptor {
-                    label: None,
-                    size: class,
-                    usage: wgpu::BufferUsages::STORAGE
-                        | wgpu::BufferUsages::COPY_SRC
-                        | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                })
+                b
             }
         };
         self.stats.in_use += class;
         self.stats.peak_in_use = self.stats.peak_in_use.max(self.stats.in_use);
-        GpuBuffer { buffer: Some(buffer) }
+        Ok(GpuBuffer { buffer: Some(buffer) })
     }
 
     fn give_back(&mut self, buffer: wgpu::Buffer) {
@@ -75,6 +84,23 @@ impl Pool {
         for (class, list) in self.free.drain() {
             self.stats.reserved -= class * list.len() as u64;
         }
+    }
+}
+
+/// A storage buffer, with the error the device reports instead of its uncaptured-error handler.
+fn create(device: &wgpu::Device, size: u64) -> Result<wgpu::Buffer, wgpu::Error> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let invalid = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let invalid = pollster::block_on(invalid.pop());
+    match invalid.or(pollster::block_on(oom.pop())) {
+        Some(e) => Err(e),
+        None => Ok(buffer),
     }
 }
 
