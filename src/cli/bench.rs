@@ -72,6 +72,7 @@ pub fn run(a: Args) -> Result<()> {
     println!("adapter: {} ({:?}, {:?})", g.info.name, g.info.backend, g.info.device_type);
     match a.what {
         What::Kernels { preset, reps } => {
+            anyhow::ensure!(reps >= 1, "--reps must be at least 1");
             use crate::ops::conv::{BenchPreset, bench_conv_kernels};
             let p = match preset {
                 Preset::Small => BenchPreset::Small,
