@@ -55,9 +55,11 @@ fn voxel_rows(emb: &Tensor, i: usize, n: usize, raw: bool) -> Tensor {
 struct Selections {
     /// [2 i + c]: labeled sample i, class c.
     bank: Vec<Tensor>,
+    /// Flat indices of the consistent unlabeled voxels (U32, increasing).
     consistent: Tensor,
     /// Positions of each unlabeled voxel among the consistent ones (U32).
     rank: Tensor,
+    /// The consistent voxels decoder 1 calls 0, and 1 (flat indices).
     class: [Tensor; 2],
 }
 
