@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::caml::memory::MemoryBank;
 use crate::caml::model::Caml;
-use crate::caml::step::{StepLog, TrainState, train_step};
+use crate::caml::step::{StepLog, TrainState, flush, train_step};
 use crate::checkpoint::{self, Entry, StateDict};
 use crate::config::{Method, TrainConfig};
 use crate::data::dataset::{Case, Dataset};
@@ -213,6 +213,11 @@ pub fn load_model(path: &Path, fallback: &TrainConfig) -> Result<(Caml, TrainCon
 
 /// Writes the complete training state in one file, atomically.
 pub fn save_checkpoint(dir: &Path, st: &TrainState, cfg: &TrainConfig, sampler: &SamplerState) -> Result<()> {
+    anyhow::ensure!(
+        st.pending.is_none(),
+        "iteration {}'s loss values are unread: flush them before saving a checkpoint",
+        st.iter
+    );
     let mut dict = model_dict(&st.model);
     let names: Vec<String> = st.model.named().0.into_iter().map(|(k, _)| k).collect();
     for (k, m) in names.iter().zip(&st.opt.momentum) {
@@ -365,6 +370,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
         bank: MemoryBank::new(cfg.labeled, cfg.memory_num),
         rng: Rng::new(cfg.seed ^ 0xB4_4E),
         iter: 0,
+        pending: None,
     };
     let unlabeled_bs = if cfg.method == Method::LabeledOnly { 0 } else { cfg.batch - cfg.labeled_bs };
     let sampler = if resume {
@@ -387,39 +393,50 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     );
     let start = Instant::now();
     let mut last = StepLog::default();
+    // Seconds since the start when each iteration finished recording, until its values are read.
+    let mut finished: Option<(u64, f64)> = None;
     for _ in 0..remaining {
         let (batch, sampler_state) = batches.recv().context("the batch loader stopped")??;
-        last = train_step(&mut st, cfg, &batch)?;
-        writeln!(
-            log,
-            "{},{},{},{},{},{},{},{},{:.3}",
-            last.iter,
-            last.loss,
-            last.loss_s,
-            last.loss_c,
-            last.loss_o,
-            last.lambda_c,
-            last.lambda_o,
-            cfg.lr,
-            start.elapsed().as_secs_f64()
-        )?;
+        let mut logs: Vec<StepLog> = train_step(&mut st, cfg, &batch)?.into_iter().collect();
+        let iter = st.iter;
+        let seconds = start.elapsed().as_secs_f64();
+        let final_iter = iter == cfg.iters;
+        let validate =
+            cfg.val_every > 0 && (iter.is_multiple_of(cfg.val_every) || final_iter) && !test_cases.is_empty();
+        let save = final_iter || (cfg.checkpoint_every > 0 && iter.is_multiple_of(cfg.checkpoint_every));
+        if validate || save {
+            // The log and the checkpoint agree on the last iteration, and a non-finite one stops
+            // the run before anything is written.
+            logs.extend(flush(&mut st)?);
+        }
+        for l in logs {
+            let at = match finished {
+                Some((i, t)) if i == l.iter => t,
+                _ => seconds,
+            };
+            writeln!(
+                log,
+                "{},{},{},{},{},{},{},{},{at:.3}",
+                l.iter, l.loss, l.loss_s, l.loss_c, l.loss_o, l.lambda_c, l.lambda_o, cfg.lr
+            )?;
+            bar.set_message(format!(
+                "loss {:.4} s {:.4} c {:.4} o {:.4}",
+                l.loss, l.loss_s, l.loss_c, l.loss_o
+            ));
+            last = l;
+        }
         log.flush()?;
-        bar.set_position(last.iter);
-        bar.set_message(format!(
-            "loss {:.4} s {:.4} c {:.4} o {:.4}",
-            last.loss, last.loss_s, last.loss_c, last.loss_o
-        ));
-        let final_iter = last.iter == cfg.iters;
-        if cfg.val_every > 0 && (last.iter % cfg.val_every == 0 || final_iter) && !test_cases.is_empty() {
+        finished = Some((iter, seconds));
+        bar.set_position(iter);
+        if validate {
             let dice = mean_dice(&st.model, &test_cases, cfg.patch)?;
             bar.println(format!(
-                "iteration {}: validation Dice {dice:.4} on {} test cases",
-                last.iter,
+                "iteration {iter}: validation Dice {dice:.4} on {} test cases",
                 test_cases.len()
             ));
-            append_line(&out.join("validation.csv"), "iter,dice", &format!("{},{dice:.6}", last.iter))?;
+            append_line(&out.join("validation.csv"), "iter,dice", &format!("{iter},{dice:.6}"))?;
         }
-        if final_iter || (cfg.checkpoint_every > 0 && last.iter % cfg.checkpoint_every == 0) {
+        if save {
             save_checkpoint(out, &st, cfg, &sampler_state)?;
         }
         // Writes only after new pipelines were compiled: the first iteration, the first validation.

@@ -137,3 +137,23 @@ fn sgd_step_matches_pytorch_formula() {
         }
     }
 }
+
+#[test]
+fn a_guarded_sgd_step_is_skipped_when_a_guard_value_is_not_finite() {
+    let w0 = [0.5f32, -1.0, 2.0];
+    let w = Tensor::variable(&w0, &[3]);
+    let mut opt = Sgd::new(SgdConfig::default(), std::slice::from_ref(&w));
+    let grads = || backward(&w.mul(&Tensor::from_vec(&[0.1, 0.2, -0.3], &[3])).sum_all());
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        opt.step_guarded(std::slice::from_ref(&w), &grads(), &Tensor::from_vec(&[1.0, bad, 2.0], &[3]));
+        assert_eq!(w.to_vec(), w0, "guard {bad}: weights untouched");
+        assert_eq!(opt.momentum[0].to_vec(), vec![0.0; 3], "guard {bad}: momentum untouched");
+    }
+    // Finite guards: the plain step.
+    opt.step_guarded(std::slice::from_ref(&w), &grads(), &Tensor::from_vec(&[1.0, -3e38, 0.0], &[3]));
+    let want: Vec<f32> =
+        w0.iter().zip([0.1f32, 0.2, -0.3]).map(|(&v, g)| v - 0.01 * (g + 1e-4 * v)).collect();
+    for (got, want) in w.to_vec().iter().zip(&want) {
+        assert_relative_eq!(*got, *want, epsilon = 1e-6);
+    }
+}

@@ -140,6 +140,7 @@ fn a_training_state_saved_for_another_run_is_refused_before_anything_is_loaded()
             bank: MemoryBank::new(cfg.labeled, cfg.memory_num),
             rng: Rng::new(1),
             iter: 0,
+            pending: None,
         }
     };
     let dir = tempfile::tempdir().unwrap();

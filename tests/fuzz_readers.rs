@@ -1207,7 +1207,7 @@ fn fuzz_training_state() {
     for _ in 0..3 {
         sampler.next_indices();
     }
-    let st = TrainState { model, opt, bank, rng: Rng::new(9), iter: 3 };
+    let st = TrainState { model, opt, bank, rng: Rng::new(9), iter: 3, pending: None };
     let dir = tmpdir("training-state");
     train::save_checkpoint(&dir, &st, &cfg, &sampler.state()).unwrap();
     let seed = std::fs::read(dir.join(train::CHECKPOINT)).unwrap();

@@ -114,3 +114,21 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     assert_eq!(meta["iteration"], (failed_at - 1).to_string());
     train::load_model(&run.join(train::CHECKPOINT), &cfg).unwrap();
 }
+
+#[test]
+fn a_non_finite_loss_found_with_the_next_iterations_readback_stops_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    // No checkpoint or validation between iterations: an iteration's values are read with the
+    // next one's selection counts, and its optimizer step was guarded on the device meanwhile.
+    let cfg =
+        TrainConfig { lr: 1e30, iters: 6, checkpoint_every: 0, val_every: 0, ..tiny(&data, Method::Caml) };
+    let run = dir.path().join("run");
+    let err = format!("{:#}", train::train(&cfg, &run, false).unwrap_err());
+    assert!(err.contains("optimizer step was not applied"), "{err}");
+    let failed_at: u64 = err.split_whitespace().nth(1).unwrap().trim_end_matches(':').parse().unwrap();
+    assert!((1..=6).contains(&failed_at), "{err}");
+    let logged = log_rows(&run).len() as u64;
+    assert_eq!(logged, failed_at - 1, "every iteration before the failing one is logged, and no other");
+    assert!(!run.join(train::CHECKPOINT).exists(), "nothing was saved");
+}

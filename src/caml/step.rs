@@ -9,7 +9,7 @@ use crate::caml::model::{Caml, Outputs};
 use crate::caml::omni;
 use crate::config::{Method, TrainConfig};
 use crate::data::sampler::Batch;
-use crate::ops::scan::nonzero_many;
+use crate::ops::scan::nonzero_many_with;
 use crate::optim::Sgd;
 use crate::rng::Rng;
 use crate::rng::derive_seed;
@@ -37,6 +37,44 @@ pub struct TrainState {
     pub rng: Rng,
     /// Iterations done.
     pub iter: u64,
+    /// The last iteration's loss values while they are still on the device.
+    pub pending: Option<Pending>,
+}
+
+/// An iteration whose loss values (loss, loss_s, loss_c, loss_o, the gradient sum) have not been
+/// read yet: they come back with the next iteration's selection counts, or through [`flush`].
+/// Its optimizer step was guarded on the device by the same values.
+pub struct Pending {
+    iter: u64,
+    values: Tensor,
+    lambda_c: f64,
+    lambda_o: f64,
+}
+
+impl Pending {
+    fn log(&self, v: &[f32]) -> Result<StepLog> {
+        check_finite(self.iter, v)?;
+        let (iter, lambda_c, lambda_o) = (self.iter, self.lambda_c, self.lambda_o);
+        Ok(StepLog { iter, loss: v[0], loss_s: v[1], loss_c: v[2], loss_o: v[3], lambda_c, lambda_o })
+    }
+}
+
+/// An error naming the first non-finite value among an iteration's loss values.
+fn check_finite(iter: u64, v: &[f32]) -> Result<()> {
+    for (name, value) in ["loss", "loss_s", "loss_c", "loss_o", "the gradients"].iter().zip(v) {
+        if !value.is_finite() {
+            bail!(
+                "iteration {iter}: {name} is {value}; its optimizer step was not applied, so the weights and \
+                 the last checkpoint are intact (try a lower --lr)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads the pending iteration's loss values (one readback) and returns its log.
+pub fn flush(st: &mut TrainState) -> Result<Option<StepLog>> {
+    st.pending.take().map(|p| p.log(&p.values.to_vec())).transpose()
 }
 
 /// Rows [voxels, F] of sample `i` of an N, F, X, Y, Z embedding, one row per voxel in X, Y, Z
@@ -63,7 +101,8 @@ struct Selections {
     class: [Tensor; 2],
 }
 
-fn selections(out: &Outputs, label: &Tensor, l: usize) -> Selections {
+/// Also reads `previous`'s loss values back with the counts.
+fn selections(out: &Outputs, label: &Tensor, l: usize, previous: Option<&Tensor>) -> (Selections, Vec<f32>) {
     no_grad(|| {
         let per_sample = label.numel() / l;
         let arg_v = out.out_v.argmax(1);
@@ -89,11 +128,11 @@ fn selections(out: &Outputs, label: &Tensor, l: usize) -> Selections {
         masks.push(consistent.sub(&one));
         masks.push(one);
         let rank = crate::ops::scan::prefix_count(&consistent);
-        let mut idx = nonzero_many(&masks.iter().collect::<Vec<_>>());
+        let (mut idx, values) = nonzero_many_with(&masks.iter().collect::<Vec<_>>(), previous);
         let class1 = idx.pop().unwrap();
         let class0 = idx.pop().unwrap();
         let consistent = idx.pop().unwrap();
-        Selections { bank: idx, consistent, rank, class: [class0, class1] }
+        (Selections { bank: idx, consistent, rank, class: [class0, class1] }, values)
     })
 }
 
@@ -153,8 +192,11 @@ fn omni_correlation_term(
     omni::omni_loss(&feats_v, &feats_a, &rows, memory, cfg.corr_temperature)
 }
 
-/// One iteration on `batch`: forward, losses, backward, optimizer step.
-pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<StepLog> {
+/// One iteration on `batch`: forward, losses, backward, optimizer step. Returns the log of the
+/// latest iteration whose values have been read: with CAML, the previous one (its values come
+/// back with this iteration's selection counts, so that an iteration reads back once; this one
+/// stays pending until the next step or [`flush`]); otherwise this one.
+pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<Option<StepLog>> {
     let iter = st.iter + 1;
     let [px, py, pz] = batch.patch;
     let l = batch.indices.labeled.len();
@@ -185,8 +227,11 @@ pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Resu
     } else {
         parts.push(Tensor::zeros(&[1]));
     }
+    let mut previous = None;
     let loss_o = if cfg.method == Method::Caml {
-        let sel = selections(&out, &label, l);
+        let pending = st.pending.take();
+        let (sel, values) = selections(&out, &label, l, pending.as_ref().map(|p| &p.values));
+        previous = pending.map(|p| p.log(&values)).transpose()?;
         let memory = update_memory_bank(st, cfg, &out, &sel, &batch.indices.labeled);
         omni_correlation_term(st, cfg, &out, &p_v, l, &sel, &memory)
     } else {
@@ -202,8 +247,8 @@ pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Resu
     drop(out);
     let grads = backward(&loss);
     let params = st.model.params();
-    // One readback: the loss parts and a sum over every gradient, non-finite if any entry is
-    // (the gradients copied end to end, then one reduction rather than one per parameter).
+    // The loss parts and a sum over every gradient, non-finite if any entry is (the gradients
+    // copied end to end, then one reduction rather than one per parameter).
     let values = no_grad(|| {
         let mut all = vec![loss.reshape(&[1])];
         all.extend(parts.iter().map(|p| p.reshape(&[1])));
@@ -217,16 +262,15 @@ pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Resu
         all.push(if offset == 0 { Tensor::zeros(&[1]) } else { flat.sum_all().reshape(&[1]) });
         Tensor::concat(&all, 0)
     });
-    let v = values.to_vec();
-    for (name, value) in ["loss", "loss_s", "loss_c", "loss_o", "the gradients"].iter().zip(&v) {
-        if !value.is_finite() {
-            bail!(
-                "iteration {iter}: {name} is {value}; stopped before the optimizer step, so the weights and the \
-                 last checkpoint are intact (try a lower --lr)"
-            );
-        }
+    let this = Pending { iter, values, lambda_c, lambda_o };
+    if cfg.method == Method::Caml {
+        st.opt.step_guarded(&params, &grads, &this.values);
+        st.iter = iter;
+        st.pending = Some(this);
+        return Ok(previous);
     }
+    let log = this.log(&this.values.to_vec())?;
     st.opt.step(&params, &grads);
     st.iter = iter;
-    Ok(StepLog { iter, loss: v[0], loss_s: v[1], loss_c: v[2], loss_o: v[3], lambda_c, lambda_o })
+    Ok(Some(log))
 }

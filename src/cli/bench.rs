@@ -106,6 +106,7 @@ pub fn run(a: Args) -> Result<()> {
                 bank: MemoryBank::new(cfg.labeled, cfg.memory_num),
                 rng: Rng::new(1),
                 iter: 0,
+                pending: None,
             };
             let mut rng = Rng::new(7);
             let batch = synthetic_batch(&cfg, &mut rng);

@@ -85,13 +85,26 @@ fn compact(mask: &Tensor) -> (Tensor, Tensor) {
 /// The flat indices where each mask is nonzero, in increasing order (U32, shape [count]), with
 /// one readback for all the counts.
 pub fn nonzero_many(masks: &[&Tensor]) -> Vec<Tensor> {
+    nonzero_many_with(masks, None).0
+}
+
+/// [`nonzero_many`], reading the values of `extra` (F32) back in the same readback.
+pub fn nonzero_many_with(masks: &[&Tensor], extra: Option<&Tensor>) -> (Vec<Tensor>, Vec<f32>) {
     let parts: Vec<(Tensor, Tensor)> = masks.iter().map(|m| compact(m)).collect();
-    let counts = Tensor::empty_u32(&[parts.len().max(1)]);
+    let extra_len = extra.map_or(0, |e| e.numel());
+    let words = Tensor::empty_u32(&[(parts.len() + extra_len).max(1)]);
     for (i, (_, c)) in parts.iter().enumerate() {
-        gpu().copy(c.buffer(), 0, counts.buffer(), 4 * i as u64, 4);
+        gpu().copy(c.buffer(), 0, words.buffer(), 4 * i as u64, 4);
     }
-    let counts = counts.to_u32();
-    parts.into_iter().zip(counts).map(|((idx, _), c)| idx.with_shape_unchecked(&[c as usize])).collect()
+    if let Some(e) = extra {
+        assert_eq!(e.dtype(), DType::F32, "values read with the counts must be F32");
+        gpu().copy(e.buffer(), 0, words.buffer(), 4 * parts.len() as u64, e.bytes());
+    }
+    let words = words.to_u32();
+    let values = words[parts.len()..parts.len() + extra_len].iter().map(|&w| f32::from_bits(w)).collect();
+    let idx =
+        parts.into_iter().zip(words).map(|((idx, _), c)| idx.with_shape_unchecked(&[c as usize])).collect();
+    (idx, values)
 }
 
 /// For every entry of `mask`, how many nonzero entries precede it (U32, shape [n]): an entry's
