@@ -33,4 +33,18 @@ fn batching_pool_and_readback_counters() {
     assert_eq!(gpu().allocations(), allocs, "pool misses on a repeated computation");
     let m = gpu().memory();
     assert!(m.peak_in_use >= m.in_use && m.peak_reserved >= m.reserved && m.reserved >= m.in_use);
+    // Uploads are copied in recording order: they submit nothing, and a launch recorded before
+    // one still sees the old contents of a recycled buffer.
+    let s1 = gpu().counters().submissions;
+    let y = Tensor::from_vec(&[2.0; 5], &[5]).add(&x);
+    let z = Tensor::from_vec(&[3.0; 5], &[5]).mul(&y);
+    assert_eq!(gpu().counters().submissions, s1, "an upload submitted");
+    assert_eq!(z.to_vec(), vec![6.0, 159.0, 159.0, 6.0, 159.0]);
+    // A small request takes a released buffer one or two size classes up (16000 bytes -> 20480).
+    drop(Tensor::zeros(&[5000]));
+    let allocs = gpu().allocations();
+    let smaller = Tensor::zeros(&[4000]);
+    assert_eq!(gpu().allocations(), allocs, "a larger free buffer was not reused");
+    assert!(smaller.buffer().size() >= 16000);
+    assert_eq!(smaller.to_vec(), vec![0.0; 4000]);
 }

@@ -18,6 +18,10 @@ pub(crate) struct Pool {
     stats: MemoryStats,
 }
 
+/// Requests up to this many bytes may take a buffer of a larger class (whole-buffer bindings
+/// of such buffers stay far below any device's binding limit).
+const REUSE_LARGER_BELOW: u64 = 32 << 20;
+
 /// The size class of a request: the next size of the form m * 2^k with m in 4..=7, so that a
 /// class wastes at most a quarter of its bytes.
 fn size_class(bytes: u64) -> u64 {
@@ -40,7 +44,7 @@ impl Pool {
     ) -> Result<GpuBuffer, wgpu::Error> {
         // A class rounded up past the device's maximum would be refused: the exact size is not.
         let class = size_class(bytes).min(max.max(bytes));
-        let buffer = match self.free.get_mut(&class).and_then(|v| v.pop()) {
+        let buffer = match self.reuse(class) {
             Some(b) => b,
             None => {
                 let b = match create(device, class) {
@@ -56,9 +60,21 @@ impl Pool {
                 b
             }
         };
-        self.stats.in_use += class;
+        self.stats.in_use += buffer.size();
         self.stats.peak_in_use = self.stats.peak_in_use.max(self.stats.in_use);
         Ok(GpuBuffer { buffer: Some(buffer) })
+    }
+
+    /// A free buffer of `class`, or for a small request one of the next two classes up (at most
+    /// about 1.6x the bytes): tensors whose sizes vary from step to step (selected rows) then
+    /// reuse what the last steps released instead of allocating.
+    fn reuse(&mut self, class: u64) -> Option<wgpu::Buffer> {
+        let mut candidates = vec![class];
+        if class <= REUSE_LARGER_BELOW {
+            let up = size_class(class + 1);
+            candidates.extend([up, size_class(up + 1)]);
+        }
+        candidates.into_iter().find_map(|c| self.free.get_mut(&c).and_then(|v| v.pop()))
     }
 
     fn give_back(&mut self, buffer: wgpu::Buffer) {
