@@ -860,7 +860,13 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
         let want = 512usize.div_ceil(tiles).max(1);
         let cap = (1usize << 24) / (ca * cb * k3 * launches);
         let chunks = want.min(cap.max(1)).min(rows.max(1));
-        let chunk_rows = rows.div_ceil(chunks).max(1);
+        let mut chunk_rows = rows.div_ceil(chunks).max(1);
+        if gpu().is_software() {
+            // Each row is one pass of the row loop and loops over z in steps of 8 (its trips plus
+            // one): keep an invocation's passes within the software device's loop budget.
+            let passes_per_row = as_[4].div_ceil(8) + 2;
+            chunk_rows = chunk_rows.min((crate::ops::MAX_LOOP / passes_per_row).max(1));
+        }
         let chunks = rows.div_ceil(chunk_rows).max(1);
         let part = Tensor::empty(&[launches * chunks, ca * cb * k3]);
         for l in 0..launches {
