@@ -124,15 +124,16 @@ fn selections(out: &Outputs, label: &Tensor, l: usize, previous: Option<&Tensor>
         let uv = uv.reshape(&[n]);
         let consistent = uv.eq(&ua.reshape(&[n]));
         let one = consistent.mul(&uv);
-        masks.push(consistent.clone());
-        masks.push(consistent.sub(&one));
-        masks.push(one);
-        let rank = crate::ops::scan::prefix_count(&consistent);
-        let (mut idx, values) = nonzero_many_with(&masks.iter().collect::<Vec<_>>(), previous);
+        let zero = consistent.sub(&one);
+        let consistent_at = masks.len();
+        masks.extend([consistent, zero, one]);
+        let found = nonzero_many_with(&masks.iter().collect::<Vec<_>>(), previous);
+        let mut idx = found.indices;
         let class1 = idx.pop().unwrap();
         let class0 = idx.pop().unwrap();
         let consistent = idx.pop().unwrap();
-        (Selections { bank: idx, consistent, rank, class: [class0, class1] }, values)
+        let rank = found.prefix_counts[consistent_at].clone();
+        (Selections { bank: idx, consistent, rank, class: [class0, class1] }, found.values)
     })
 }
 

@@ -69,12 +69,12 @@ impl Pool {
     /// about 1.6x the bytes): tensors whose sizes vary from step to step (selected rows) then
     /// reuse what the last steps released instead of allocating.
     fn reuse(&mut self, class: u64) -> Option<wgpu::Buffer> {
-        let mut candidates = vec![class];
-        if class <= REUSE_LARGER_BELOW {
-            let up = size_class(class + 1);
-            candidates.extend([up, size_class(up + 1)]);
-        }
-        candidates.into_iter().find_map(|c| self.free.get_mut(&c).and_then(|v| v.pop()))
+        let up = size_class(class + 1);
+        let classes = if class <= REUSE_LARGER_BELOW { 3 } else { 1 };
+        [class, up, size_class(up + 1)]
+            .into_iter()
+            .take(classes)
+            .find_map(|c| self.free.get_mut(&c).and_then(|v| v.pop()))
     }
 
     fn give_back(&mut self, buffer: wgpu::Buffer) {

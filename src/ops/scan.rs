@@ -48,14 +48,14 @@ fn exclusive_scan(x: &Tensor) -> Tensor {
 }
 
 /// Compaction without reading the count: the indices (valid up to the count) and the count.
-fn compact(mask: &Tensor) -> (Tensor, Tensor) {
+fn compact(mask: &Tensor) -> (Tensor, Tensor, Tensor) {
     assert_eq!(mask.dtype(), DType::F32, "nonzero of a {:?} tensor", mask.dtype());
     let n = mask.numel();
     let out = Tensor::empty_u32(&[n.max(1)]);
     let count = Tensor::empty_u32(&[1]);
     if n == 0 {
         gpu().upload(count.buffer(), 0, bytemuck::bytes_of(&0u32));
-        return (out, count);
+        return (out, count, Tensor::empty_u32(&[0]));
     }
     let pos = exclusive_scan(mask);
     let runs = chunks(n);
@@ -79,21 +79,31 @@ fn compact(mask: &Tensor) -> (Tensor, Tensor) {
             );
         }
     }
-    (out, count)
+    (out, count, pos)
 }
 
 /// The flat indices where each mask is nonzero, in increasing order (U32, shape [count]), with
 /// one readback for all the counts.
 pub fn nonzero_many(masks: &[&Tensor]) -> Vec<Tensor> {
-    nonzero_many_with(masks, None).0
+    nonzero_many_with(masks, None).indices
 }
 
-/// [`nonzero_many`], reading the values of `extra` (F32) back in the same readback.
-pub fn nonzero_many_with(masks: &[&Tensor], extra: Option<&Tensor>) -> (Vec<Tensor>, Vec<f32>) {
-    let parts: Vec<(Tensor, Tensor)> = masks.iter().map(|m| compact(m)).collect();
+/// What [`nonzero_many_with`] finds.
+pub struct Compacted {
+    /// Per mask, the flat indices of its nonzero entries (U32, shape [count]).
+    pub indices: Vec<Tensor>,
+    /// Per mask, its [`prefix_count`] (computed on the way, no extra work).
+    pub prefix_counts: Vec<Tensor>,
+    /// The values of `extra`, read back with the counts.
+    pub values: Vec<f32>,
+}
+
+/// [`nonzero_many`], also reading the values of `extra` (F32) back in the same readback.
+pub fn nonzero_many_with(masks: &[&Tensor], extra: Option<&Tensor>) -> Compacted {
+    let parts: Vec<(Tensor, Tensor, Tensor)> = masks.iter().map(|m| compact(m)).collect();
     let extra_len = extra.map_or(0, |e| e.numel());
     let words = Tensor::empty_u32(&[(parts.len() + extra_len).max(1)]);
-    for (i, (_, c)) in parts.iter().enumerate() {
+    for (i, (_, c, _)) in parts.iter().enumerate() {
         gpu().copy(c.buffer(), 0, words.buffer(), 4 * i as u64, 4);
     }
     if let Some(e) = extra {
@@ -102,9 +112,12 @@ pub fn nonzero_many_with(masks: &[&Tensor], extra: Option<&Tensor>) -> (Vec<Tens
     }
     let words = words.to_u32();
     let values = words[parts.len()..parts.len() + extra_len].iter().map(|&w| f32::from_bits(w)).collect();
-    let idx =
-        parts.into_iter().zip(words).map(|((idx, _), c)| idx.with_shape_unchecked(&[c as usize])).collect();
-    (idx, values)
+    let (mut indices, mut prefix_counts) = (Vec::new(), Vec::new());
+    for ((idx, _, pos), c) in parts.into_iter().zip(words) {
+        indices.push(idx.with_shape_unchecked(&[c as usize]));
+        prefix_counts.push(pos);
+    }
+    Compacted { indices, prefix_counts, values }
 }
 
 /// For every entry of `mask`, how many nonzero entries precede it (U32, shape [n]): an entry's
