@@ -17,6 +17,17 @@ pub enum Method {
     LabeledOnly,
 }
 
+/// How the learning rate changes over a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// The paper's: `lr` throughout.
+    #[default]
+    Constant,
+    /// `lr * (1 - i / iters)^0.9` at 0-based iteration i, as nnU-Net and the MC-Net family use.
+    Poly,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
@@ -40,6 +51,7 @@ pub struct TrainConfig {
     pub batch: usize,
     pub labeled_bs: usize,
     pub lr: f32,
+    pub lr_schedule: LrSchedule,
     pub momentum: f32,
     pub weight_decay: f32,
     pub seed: u64,
@@ -86,6 +98,7 @@ impl TrainConfig {
             batch: 4,
             labeled_bs: 2,
             lr: 0.01,
+            lr_schedule: LrSchedule::Constant,
             momentum: 0.9,
             weight_decay: 1e-4,
             seed: 1337,
@@ -121,6 +134,17 @@ impl TrainConfig {
                 preset: Preset::Small,
                 ..paper
             },
+        }
+    }
+
+    /// The learning rate of iteration `iter` (1-based, as logged).
+    pub fn lr_at(&self, iter: u64) -> f32 {
+        match self.lr_schedule {
+            LrSchedule::Constant => self.lr,
+            LrSchedule::Poly => {
+                let done = (iter.saturating_sub(1) as f64 / self.iters.max(1) as f64).min(1.0);
+                (self.lr as f64 * (1.0 - done).powf(0.9)) as f32
+            }
         }
     }
 

@@ -397,6 +397,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     let mut finished: Option<(u64, f64)> = None;
     for _ in 0..remaining {
         let (batch, sampler_state) = batches.recv().context("the batch loader stopped")??;
+        st.opt.config.lr = cfg.lr_at(st.iter + 1);
         let mut logs: Vec<StepLog> = train_step(&mut st, cfg, &batch)?.into_iter().collect();
         let iter = st.iter;
         let seconds = start.elapsed().as_secs_f64();
@@ -417,7 +418,14 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
             writeln!(
                 log,
                 "{},{},{},{},{},{},{},{},{at:.3}",
-                l.iter, l.loss, l.loss_s, l.loss_c, l.loss_o, l.lambda_c, l.lambda_o, cfg.lr
+                l.iter,
+                l.loss,
+                l.loss_s,
+                l.loss_c,
+                l.loss_o,
+                l.lambda_c,
+                l.lambda_o,
+                cfg.lr_at(l.iter)
             )?;
             bar.set_message(format!(
                 "loss {:.4} s {:.4} c {:.4} o {:.4}",

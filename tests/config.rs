@@ -1,6 +1,6 @@
 //! Training configuration: presets, TOML files over presets, validation messages.
 
-use caml_wgpu::config::{Method, Preset, TrainConfig};
+use caml_wgpu::config::{LrSchedule, Method, Preset, TrainConfig};
 
 #[test]
 fn paper_preset_matches_the_reference() {
@@ -10,7 +10,22 @@ fn paper_preset_matches_the_reference() {
     assert_eq!((c.lr, c.momentum, c.weight_decay), (0.01, 0.9, 1e-4));
     assert_eq!(c.ramp_length(), 20.0);
     assert_eq!(TrainConfig { labeled: 4, ..c.clone() }.ramp_length(), 40.0);
-    assert_eq!(TrainConfig { labeled: 16, ..c }.ramp_length(), 15.0);
+    assert_eq!(TrainConfig { labeled: 16, ..c.clone() }.ramp_length(), 15.0);
+    assert_eq!(c.lr_schedule, LrSchedule::Constant);
+    assert_eq!((c.lr_at(1), c.lr_at(15_000)), (0.01, 0.01));
+}
+
+#[test]
+fn poly_schedule_follows_its_formula() {
+    let c = TrainConfig { lr_schedule: LrSchedule::Poly, lr: 0.1, iters: 100, ..TrainConfig::default() };
+    // Iteration 1 takes the base rate; iteration i takes lr * (1 - (i - 1) / iters)^0.9.
+    assert_eq!(c.lr_at(1), 0.1);
+    assert!((c.lr_at(51) - 0.1 * 0.5f32.powf(0.9)).abs() < 1e-7);
+    assert!((c.lr_at(100) - 0.1 * 0.01f32.powf(0.9)).abs() < 1e-7);
+    assert!(c.lr_at(100) > 0.0 && c.lr_at(101) == 0.0);
+    let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
+    assert_eq!(back.lr_schedule, LrSchedule::Poly);
+    assert!(toml::from_str::<TrainConfig>("lr_schedule = \"cosine\"").is_err());
 }
 
 #[test]

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::config::{Method, Preset, TrainConfig};
+use crate::config::{LrSchedule, Method, Preset, TrainConfig};
 use crate::gpu::Gpu;
 
 /// Train CAML. With no arguments: the bundled synthetic data, with the preset that fits the
@@ -40,6 +40,9 @@ pub struct Args {
     /// SGD learning rate (constant; 0.01 in the paper).
     #[arg(long)]
     pub lr: Option<f32>,
+    /// Learning-rate schedule (constant in the paper).
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<LrSchedule>,
     /// Seed of initialization, sampling, augmentation and dropout (1337 in the paper).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -101,7 +104,20 @@ pub fn run(a: Args) -> Result<()> {
     macro_rules! set {
         ($($field:ident),*) => { $(if let Some(v) = a.$field.clone() { cfg.$field = v; })* };
     }
-    set!(method, labeled, iters, width, batch, labeled_bs, lr, seed, memory_num, num_filtered, temperature);
+    set!(
+        method,
+        labeled,
+        iters,
+        width,
+        batch,
+        labeled_bs,
+        lr,
+        lr_schedule,
+        seed,
+        memory_num,
+        num_filtered,
+        temperature
+    );
     set!(val_every, checkpoint_every);
     if a.data.is_some() {
         cfg.data = a.data.clone();
