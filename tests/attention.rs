@@ -124,6 +124,25 @@ fn fused_attention_matches_composed_values_and_grads() {
 }
 
 #[test]
+fn long_sequences_are_not_cut_short() {
+    // 4000 tokens: an invocation's loops over the keys (forward, backward_q) and the queries
+    // (backward_kv) pass over 500 blocks of 8 with 8 vec4 columns each, past the 65,535 loop
+    // iterations after which a software device stops an invocation's loops.
+    let (s, l, d, heads) = (1, 4000, 32, 1);
+    let (x, shape) = qkv_data(15, s, l, d);
+    let run = |fused: bool| {
+        let v = Tensor::variable(&x, &shape);
+        let y = if fused { attention(&v, heads, None) } else { attention_composed(&v, heads, None) };
+        let grads = backward(&weighted_sum(&y, 16));
+        (y.to_vec(), grads.get(&v).unwrap().to_vec())
+    };
+    let ((yf, gf), (yc, gc)) = (run(true), run(false));
+    close(&yf, &attention::cpu::attention(&x, [s, l, d], heads, None), 1e-5, "long: fused vs cpu");
+    close(&yf, &yc, 1e-5, "long: fused vs composed values");
+    close(&gf, &gc, 1e-4, "long: fused vs composed gradients");
+}
+
+#[test]
 fn fused_attention_grads_match_finite_differences() {
     // d = 8, 2 heads, 5 tokens, 3 sequences; with dropout the mask is fixed by the seed.
     let x = qkv_data(13, 3, 5, 8);

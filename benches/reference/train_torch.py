@@ -135,6 +135,8 @@ def main():
     ap.add_argument("--width", type=int)
     ap.add_argument("--patch", type=int, nargs=3)
     ap.add_argument("--labeled", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--labeled-bs", type=int)
     ap.add_argument("--ramp-every", type=int)
     ap.add_argument("--rampup", type=float, help="ramp length R (default: 40, 20 or 15 for 4, 8, 16 labels)")
     ap.add_argument("--seed", type=int, default=1337)
@@ -144,7 +146,8 @@ def main():
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    over = {k: v for k, v in dict(lr=a.lr, width=a.width, labeled=a.labeled, ramp_every=a.ramp_every).items()
+    over = {k: v for k, v in dict(lr=a.lr, width=a.width, labeled=a.labeled, ramp_every=a.ramp_every, batch=a.batch,
+                                      labeled_bs=a.labeled_bs).items()
             if v is not None}
     if a.patch:
         over["patch"] = tuple(a.patch)
