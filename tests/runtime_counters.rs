@@ -47,4 +47,13 @@ fn batching_pool_and_readback_counters() {
     assert_eq!(gpu().allocations(), allocs, "a larger free buffer was not reused");
     assert!(smaller.buffer().size() >= 16000);
     assert_eq!(smaller.to_vec(), vec![0.0; 4000]);
+    // So does a large one (48 MiB -> 40 MiB), and the reused buffer binds only the bytes asked
+    // for: a kernel reading the whole binding sees the tensor, not the buffer's tail.
+    drop(Tensor::zeros(&[12 << 20]).add_scalar(5.0));
+    let allocs = gpu().allocations();
+    let ones = Tensor::zeros(&[10 << 20]).add_scalar(1.0);
+    assert_eq!(gpu().allocations(), allocs, "a larger free buffer was not reused for a large request");
+    assert_eq!(ones.buffer().bytes(), 40 << 20);
+    assert!(ones.buffer().size() > ones.buffer().bytes());
+    assert_eq!(ones.sum_all().item(), (10 << 20) as f32);
 }

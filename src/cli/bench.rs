@@ -30,6 +30,13 @@ pub enum What {
         /// device milliseconds per kernel, the largest first.
         #[arg(long)]
         profile: bool,
+        /// Patch X Y Z instead of the preset's (each a multiple of 16): what a patch costs
+        /// in time and memory on this adapter.
+        #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"])]
+        patch: Option<Vec<usize>>,
+        /// Samples per batch instead of the preset's (half of them labeled).
+        #[arg(long)]
+        batch: Option<usize>,
     },
     /// Seconds to segment one LA-sized volume (130 x 130 x 88) with the preset's windows.
     Predict {
@@ -93,8 +100,17 @@ pub fn run(a: Args) -> Result<()> {
                 );
             }
         }
-        What::TrainStep { preset, iters, profile } => {
-            let cfg = TrainConfig::preset(preset);
+        What::TrainStep { preset, iters, profile, patch, batch } => {
+            let mut cfg = TrainConfig::preset(preset);
+            if let Some(p) = patch {
+                cfg.patch = [p[0], p[1], p[2]];
+            }
+            if let Some(b) = batch {
+                cfg.batch = b;
+                cfg.labeled_bs = b.div_ceil(2).min(b.saturating_sub(1)).max(1);
+            }
+            cfg.validate()?;
+            crate::train::preflight(&cfg, cfg.batch, (g.limits.max_buffer_size, g.max_binding()), "--batch")?;
             let model = crate::train::build_model(&cfg);
             let opt = Sgd::new(
                 SgdConfig { lr: cfg.lr, momentum: cfg.momentum, weight_decay: cfg.weight_decay },

@@ -71,7 +71,7 @@ struct PipelineKey {
 pub struct Binding<'a> {
     pub buffer: &'a GpuBuffer,
     pub offset: u64,
-    /// Bytes; `None` binds to the end of the buffer.
+    /// Bytes; `None` binds to the end of the bytes the buffer was asked for.
     pub size: Option<u64>,
 }
 
@@ -368,7 +368,7 @@ impl Gpu {
         );
         assert!(params.len() as u64 <= PARAM_SLOT, "parameter block over {PARAM_SLOT} bytes");
         for b in buffers {
-            let size = b.size.unwrap_or(b.buffer.size() - b.offset);
+            let size = b.size.unwrap_or(b.buffer.bytes() - b.offset);
             assert!(
                 size <= self.max_binding(),
                 "kernel {}::{} binds {size} bytes of one buffer, over this adapter's storage \
@@ -405,7 +405,7 @@ impl Gpu {
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: b.buffer.raw(),
                     offset: b.offset,
-                    size: b.size.and_then(std::num::NonZeroU64::new),
+                    size: std::num::NonZeroU64::new(b.size.unwrap_or(b.buffer.bytes() - b.offset)),
                 }),
             });
         }

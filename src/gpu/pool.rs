@@ -1,6 +1,6 @@
 //! Buffer pool: released storage buffers are kept by size class and handed out again.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// Bytes held by buffers: `in_use` by live tensors, `reserved` including the pool's free list.
 #[derive(Clone, Copy, Debug, Default)]
@@ -14,13 +14,9 @@ pub struct MemoryStats {
 
 #[derive(Default)]
 pub(crate) struct Pool {
-    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    free: BTreeMap<u64, Vec<wgpu::Buffer>>,
     stats: MemoryStats,
 }
-
-/// Requests up to this many bytes may take a buffer of a larger class (whole-buffer bindings
-/// of such buffers stay far below any device's binding limit).
-const REUSE_LARGER_BELOW: u64 = 32 << 20;
 
 /// The size class of a request: the next size of the form m * 2^k with m in 4..=7, so that a
 /// class wastes at most a quarter of its bytes.
@@ -62,19 +58,18 @@ impl Pool {
         };
         self.stats.in_use += buffer.size();
         self.stats.peak_in_use = self.stats.peak_in_use.max(self.stats.in_use);
-        Ok(GpuBuffer { buffer: Some(buffer) })
+        Ok(GpuBuffer { buffer: Some(buffer), len: bytes })
     }
 
-    /// A free buffer of `class`, or for a small request one of the next two classes up (at most
-    /// about 1.6x the bytes): tensors whose sizes vary from step to step (selected rows) then
-    /// reuse what the last steps released instead of allocating.
+    /// The smallest free buffer of `class` or of the next two classes up (at most about 1.6x
+    /// the bytes): tensors whose sizes vary from step to step (selected rows) then reuse what the
+    /// last steps released instead of allocating, and the backward pass's temporaries take the
+    /// buffers the forward pass's activations released even when their sizes differ a little.
+    /// The tensor binds only the bytes it asked for.
     fn reuse(&mut self, class: u64) -> Option<wgpu::Buffer> {
-        let up = size_class(class + 1);
-        let classes = if class <= REUSE_LARGER_BELOW { 3 } else { 1 };
-        [class, up, size_class(up + 1)]
-            .into_iter()
-            .take(classes)
-            .find_map(|c| self.free.get_mut(&c).and_then(|v| v.pop()))
+        let top = size_class(size_class(class + 1) + 1);
+        let (&c, _) = self.free.range_mut(class..=top).find(|(_, v)| !v.is_empty())?;
+        self.free.get_mut(&c).and_then(|v| v.pop())
     }
 
     fn give_back(&mut self, buffer: wgpu::Buffer) {
@@ -97,7 +92,7 @@ impl Pool {
 
     /// Frees every pooled buffer that no tensor holds.
     pub(crate) fn trim(&mut self) {
-        for (class, list) in self.free.drain() {
+        for (class, list) in std::mem::take(&mut self.free) {
             self.stats.reserved -= class * list.len() as u64;
         }
     }
@@ -123,15 +118,21 @@ fn create(device: &wgpu::Device, size: u64) -> Result<wgpu::Buffer, wgpu::Error>
 /// A pooled storage buffer; dropping it returns it to the pool.
 pub struct GpuBuffer {
     buffer: Option<wgpu::Buffer>,
+    /// The bytes asked for: what a whole-buffer binding covers.
+    len: u64,
 }
 
 impl GpuBuffer {
     pub fn raw(&self) -> &wgpu::Buffer {
         self.buffer.as_ref().expect("buffer present until drop")
     }
-    /// Capacity in bytes (the size class, at least what was asked for).
+    /// Capacity in bytes (a size class, at least what was asked for).
     pub fn size(&self) -> u64 {
         self.raw().size()
+    }
+    /// The bytes asked for (at most the capacity): a binding without a size ends here.
+    pub fn bytes(&self) -> u64 {
+        self.len
     }
 }
 
