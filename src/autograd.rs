@@ -154,6 +154,14 @@ pub(crate) enum Op {
         heads: usize,
         dropout: Option<crate::ops::attention::HashDropout>,
     },
+    /// sum(-softmax(la / t) * log(softmax(lv / t) + eps)) / rows over logits [rows, cols]; only
+    /// the logits are kept, the softmaxes are recomputed in the backward.
+    SoftmaxXent {
+        lv: Tensor,
+        la: Tensor,
+        temperature: f32,
+        eps: f32,
+    },
 }
 
 impl Op {
@@ -177,6 +185,7 @@ impl Op {
             Op::Conv3d { x, w, b, .. } | Op::ConvTranspose3d { x, w, b } => vec![x, w, b],
             Op::LayerNorm { x, w, b, .. } => vec![x, w, b],
             Op::Attention { qkv, .. } => vec![qkv],
+            Op::SoftmaxXent { lv, la, .. } => vec![lv, la],
             Op::Concat { xs, .. } => xs.iter().collect(),
         }
     }
@@ -268,6 +277,10 @@ impl Op {
             }
             Op::Attention { qkv, out, lse, heads, dropout } => {
                 vec![Some(attention::attention_grad(qkv, out, lse, g, *heads, *dropout))]
+            }
+            Op::SoftmaxXent { lv, la, temperature, eps } => {
+                let (dv, da) = reduce::softmax_xent_grad(lv, la, *temperature, *eps, g);
+                vec![lv.tracks_grad().then_some(dv), la.tracks_grad().then_some(da)]
             }
         }
     }

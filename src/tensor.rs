@@ -21,8 +21,10 @@ pub(crate) struct Inner {
     id: u64,
     shape: Vec<usize>,
     dtype: DType,
-    buf: Arc<GpuBuffer>,
-    op: Mutex<Option<Op>>,
+    /// `None` for a graph handle ([`Tensor::graph_handle`]).
+    buf: Option<Arc<GpuBuffer>>,
+    /// Shared by a tensor and its graph handles.
+    op: Arc<Mutex<Option<Op>>>,
     is_variable: bool,
 }
 
@@ -52,25 +54,51 @@ fn alloc_for(shape: &[usize]) -> GpuBuffer {
         })
 }
 
+fn traced(buf: GpuBuffer, shape: &[usize]) -> Arc<GpuBuffer> {
+    let buf = Arc::new(buf);
+    crate::gpu::memtrace::record(Arc::as_ptr(&buf) as usize, buf.size(), shape);
+    buf
+}
+
 impl Tensor {
-    fn make(shape: Vec<usize>, dtype: DType, buf: Arc<GpuBuffer>, op: Option<Op>, var: bool) -> Tensor {
+    fn make(
+        shape: Vec<usize>,
+        dtype: DType,
+        buf: Option<Arc<GpuBuffer>>,
+        op: Option<Op>,
+        var: bool,
+    ) -> Tensor {
         Tensor(Arc::new(Inner {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             shape,
             dtype,
             buf,
-            op: Mutex::new(op),
+            op: Arc::new(Mutex::new(op)),
             is_variable: var,
+        }))
+    }
+
+    /// The same node of the graph (id, shape, the op that made it) without its data: what an op
+    /// whose backward needs only its input's shape records, so that the input's buffer is freed
+    /// as soon as the forward pass is done with it instead of living until the backward.
+    pub(crate) fn graph_handle(&self) -> Tensor {
+        Tensor(Arc::new(Inner {
+            id: self.0.id,
+            shape: self.0.shape.clone(),
+            dtype: self.0.dtype,
+            buf: None,
+            op: self.0.op.clone(),
+            is_variable: self.0.is_variable,
         }))
     }
 
     /// A fresh tensor with undefined contents, to be written by a kernel.
     pub fn empty(shape: &[usize]) -> Tensor {
-        Tensor::make(shape.to_vec(), DType::F32, Arc::new(alloc_for(shape)), None, false)
+        Tensor::make(shape.to_vec(), DType::F32, Some(traced(alloc_for(shape), shape)), None, false)
     }
 
     pub fn empty_u32(shape: &[usize]) -> Tensor {
-        Tensor::make(shape.to_vec(), DType::U32, Arc::new(alloc_for(shape)), None, false)
+        Tensor::make(shape.to_vec(), DType::U32, Some(traced(alloc_for(shape), shape)), None, false)
     }
 
     pub fn from_vec(data: &[f32], shape: &[usize]) -> Tensor {
@@ -142,7 +170,9 @@ impl Tensor {
         self.numel() as u64 * 4
     }
     pub fn buffer(&self) -> &GpuBuffer {
-        &self.0.buf
+        self.0.buf.as_deref().unwrap_or_else(|| {
+            panic!("tensor #{} {:?} is a graph handle: its data was not kept", self.0.id, self.0.shape)
+        })
     }
     /// The tensor's bytes as a storage binding.
     pub fn binding(&self) -> Binding<'_> {
@@ -154,7 +184,7 @@ impl Tensor {
             self.shape(),
             self.bytes()
         );
-        Binding { buffer: &self.0.buf, offset: 0, size: Some(self.bytes().max(4)) }
+        Binding { buffer: self.buffer(), offset: 0, size: Some(self.bytes().max(4)) }
     }
     /// The inputs of the op that made this tensor (none for a leaf).
     pub(crate) fn op_inputs(&self) -> Vec<Tensor> {
@@ -210,7 +240,8 @@ impl Tensor {
             shape[p] = self.numel() / rest.max(1);
         }
         assert_eq!(numel(&shape), self.numel(), "cannot reshape {:?} to {shape:?}", self.shape());
-        let op = (autograd::is_enabled() && self.tracks_grad()).then(|| Op::Reshape { x: self.clone() });
+        let op =
+            (autograd::is_enabled() && self.tracks_grad()).then(|| Op::Reshape { x: self.graph_handle() });
         Tensor::make(shape, self.0.dtype, self.0.buf.clone(), op, false)
     }
 }

@@ -101,6 +101,91 @@ fn omni_correlation_loss_matches_hand_computation() {
     );
 }
 
+fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}: entry {i}: got {g}, want {w}");
+    }
+}
+
+/// loss_o composed of the per-op kernels, softmaxes and their logarithm kept for the backward.
+fn composed_xent(lv: &Tensor, la: &Tensor, t: f32) -> Tensor {
+    losses::omni_correlation_loss(&lv.mul_scalar(1.0 / t).softmax(1), &la.mul_scalar(1.0 / t).softmax(1))
+}
+
+#[test]
+fn fused_correlation_cross_entropy_matches_the_composed_loss() {
+    // Moderate logits, and large ones whose softmax saturates (entries below the 1e-8 floor).
+    for (scale, t) in [(0.3f32, 0.1f32), (8.0, 0.1), (1.0, 1.0)] {
+        let mut rng = Rng::new(31);
+        let (rows, cols) = (9, 13);
+        let lv: Vec<f32> = rng.vec(rows * cols, -scale, scale);
+        let la: Vec<f32> = rng.vec(rows * cols, -scale, scale);
+        let run = |fused: bool| {
+            let (v, a) = (Tensor::variable(&lv, &[rows, cols]), Tensor::variable(&la, &[rows, cols]));
+            let loss = if fused {
+                caml_wgpu::ops::reduce::softmax_xent(&v, &a, t, 1e-8)
+            } else {
+                composed_xent(&v, &a, t)
+            };
+            let g = backward(&loss.mul_scalar(1.7));
+            (loss.item(), g.get(&v).unwrap().to_vec(), g.get(&a).unwrap().to_vec())
+        };
+        let ((lf, vf, af), (lc, vc, ac)) = (run(true), run(false));
+        let what = format!("scale {scale} t {t}");
+        assert_relative_eq!(lf, lc, max_relative = 1e-5);
+        close(&vf, &vc, 1e-4, &format!("d lv, {what}"));
+        close(&af, &ac, 1e-4, &format!("d la, {what}"));
+    }
+    let mut rng = Rng::new(32);
+    let inputs = [(rng.vec(4 * 6, -0.3, 0.3), vec![4, 6]), (rng.vec(4 * 6, -0.3, 0.3), vec![4, 6])];
+    check_gradients(&inputs, Tolerance::default(), |t| {
+        caml_wgpu::ops::reduce::softmax_xent(&t[0], &t[1], 0.1, 1e-8)
+    });
+}
+
+#[test]
+fn omni_loss_is_the_per_class_correlation_matrices_stacked() {
+    let mut rng = Rng::new(33);
+    let (n, e) = (20, 6);
+    let fv = rng.vec(n * e, -0.5, 0.5);
+    let fa = rng.vec(n * e, -0.5, 0.5);
+    let m0 = Tensor::from_vec(&rng.vec(3 * e, -1.0, 1.0), &[3, e]);
+    let m1 = Tensor::from_vec(&rng.vec(4 * e, -1.0, 1.0), &[4, e]);
+    let idx = |v: &[u32]| Tensor::from_u32(v, &[v.len()]);
+    let cases = [
+        ([idx(&[3, 0, 7, 12, 5, 19]), idx(&[1, 2, 9, 4])], [Some(m0.clone()), Some(m1.clone())]),
+        // A class with one row is left out; a class without memory contributes no columns.
+        ([idx(&[8]), idx(&[1, 2, 9, 4, 6])], [None, Some(m1.clone())]),
+    ];
+    for (rows, memory) in &cases {
+        let run = |fused: bool| {
+            let (v, a) = (Tensor::variable(&fv, &[n, e]), Tensor::variable(&fa, &[n, e]));
+            let loss = if fused {
+                caml_wgpu::caml::omni::omni_loss(&v, &a, rows, memory, 0.1).unwrap()
+            } else {
+                // SPEC section 2, item 4, class by class.
+                let present: Vec<&Tensor> = memory.iter().flatten().collect();
+                let (mut cv, mut ca) = (Vec::new(), Vec::new());
+                for r in rows.iter().filter(|r| r.numel() > 1) {
+                    cv.push(losses::omni_correlation(&v.gather_rows(r), &present, 0.1));
+                    ca.push(losses::omni_correlation(&a.gather_rows(r), &present, 0.1));
+                }
+                let stack = |m: Vec<Tensor>| if m.len() == 1 { m[0].clone() } else { Tensor::concat(&m, 0) };
+                losses::omni_correlation_loss(&stack(cv), &stack(ca))
+            };
+            let g = backward(&loss);
+            (loss.item(), g.get(&v).unwrap().to_vec(), g.get(&a).unwrap().to_vec())
+        };
+        let ((lf, vf, af), (lc, vc, ac)) = (run(true), run(false));
+        assert_relative_eq!(lf, lc, max_relative = 1e-5);
+        close(&vf, &vc, 1e-4, "d feats_v");
+        close(&af, &ac, 1e-4, "d feats_a");
+    }
+    let none = [idx(&[1]), idx(&[2])];
+    assert!(caml_wgpu::caml::omni::omni_loss(&m0, &m0, &none, &[Some(m1.clone()), None], 0.1).is_none());
+}
+
 #[test]
 fn ramp_reproduces_the_released_first_iteration_loss() {
     let ramp = Ramp::paper(8);

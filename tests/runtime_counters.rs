@@ -56,4 +56,18 @@ fn batching_pool_and_readback_counters() {
     assert_eq!(ones.buffer().bytes(), 40 << 20);
     assert!(ones.buffer().size() > ones.buffer().bytes());
     assert_eq!(ones.sum_all().item(), (10 << 20) as f32);
+    drop(ones);
+    // An op whose backward needs only its input's shape (here a permute, then a row gather)
+    // keeps no reference to the input's data: the 8 MiB intermediate is freed once the forward
+    // drops it, and the gradient still flows through it.
+    let v = Tensor::variable(&vec![1.5; 2 << 20], &[2, 1 << 20]);
+    let before = gpu().memory().in_use;
+    let doubled = v.add(&v);
+    let rows = doubled.permute(&[1, 0]).gather_rows(&Tensor::from_u32(&[3, 3, 7], &[3]));
+    assert!(gpu().memory().in_use >= before + (8 << 20));
+    drop(doubled);
+    assert!(gpu().memory().in_use < before + (8 << 20), "a shape-only op kept its input's data alive");
+    let grads = caml_wgpu::backward(&rows.sum_all());
+    let g = grads.get(&v).unwrap().to_vec();
+    assert_eq!((g[3], g[(1 << 20) + 3], g[7], g[8]), (4.0, 4.0, 2.0, 0.0));
 }

@@ -1,6 +1,5 @@
 //! The omni-correlation consistency on the unlabeled side (SPEC section 2, item 4).
 
-use crate::caml::losses::{omni_correlation, omni_correlation_loss};
 use crate::ops::sort;
 use crate::tensor::Tensor;
 
@@ -28,6 +27,11 @@ pub fn select_rows(
 
 /// loss_o for features of both networks ([rows, E], the same rows), the rows chosen per class by
 /// [`select_rows`], and the sampled memory per class. `None` when either matrix is empty.
+///
+/// The rows of every class meet the same memory (the classes present, joined along columns), so
+/// the per-class correlation matrices stacked by rows are one product of the stacked rows with
+/// the joined memory, and the loss is one fused cross-entropy that keeps only the two logit
+/// matrices for the backward ([`crate::ops::reduce::softmax_xent`]).
 pub fn omni_loss(
     feats_v: &Tensor,
     feats_a: &Tensor,
@@ -35,20 +39,18 @@ pub fn omni_loss(
     memory: &[Option<Tensor>; 2],
     temperature: f32,
 ) -> Option<Tensor> {
-    let (mut corr_v, mut corr_a) = (Vec::new(), Vec::new());
-    for idx in rows {
-        let present: Vec<&Tensor> =
-            memory.iter().flatten().filter(|m| idx.numel() > 1 && m.dim(0) > 1).collect();
-        if present.is_empty() {
-            continue;
-        }
-        corr_v.push(omni_correlation(&feats_v.gather_rows(idx), &present, temperature));
-        corr_a.push(omni_correlation(&feats_a.gather_rows(idx), &present, temperature));
-    }
-    if corr_v.is_empty() {
+    let present: Vec<Tensor> = memory.iter().flatten().filter(|m| m.dim(0) > 1).cloned().collect();
+    let kept: Vec<&Tensor> = rows.iter().filter(|idx| idx.numel() > 1).collect();
+    if present.is_empty() || kept.is_empty() {
         return None;
     }
-    let stack =
-        |v: Vec<Tensor>| if v.len() == 1 { v.into_iter().next().unwrap() } else { Tensor::concat(&v, 0) };
-    Some(omni_correlation_loss(&stack(corr_v), &stack(corr_a)))
+    let join = |v: Vec<Tensor>, axis| {
+        if v.len() == 1 { v.into_iter().next().unwrap() } else { Tensor::concat(&v, axis) }
+    };
+    let memory = join(present, 0);
+    let logits = |feats: &Tensor| {
+        let f = join(kept.iter().map(|idx| feats.gather_rows(idx)).collect(), 0);
+        crate::ops::matmul::matmul_t(&f, &memory, false, true)
+    };
+    Some(crate::ops::reduce::softmax_xent(&logits(feats_v), &logits(feats_a), temperature, 1e-8))
 }

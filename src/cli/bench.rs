@@ -130,6 +130,7 @@ pub fn run(a: Args) -> Result<()> {
                 train_step(&mut st, &cfg, &batch)?;
             }
             g.reset_peak_memory();
+            crate::gpu::memtrace::reset_peak();
             let (c0, a0) = (gpu().counters(), gpu().allocations());
             let mut times = Vec::new();
             for _ in 0..iters.max(1) {
@@ -165,6 +166,12 @@ pub fn run(a: Args) -> Result<()> {
                 m.peak_in_use as f64 / 1048576.0,
                 m.peak_reserved as f64 / 1048576.0
             );
+            if crate::gpu::memtrace::enabled() {
+                println!("  tensors of 1 MiB or more alive at the peak, by the code that made them:");
+                for (bytes, n, shape, site) in crate::gpu::memtrace::report(25) {
+                    println!("  {:>9.1} MiB {n:>4} x e.g. {shape:?}  {site}", bytes as f64 / 1048576.0);
+                }
+            }
             if profile {
                 g.start_profiling()?;
                 let t = std::time::Instant::now();

@@ -5,6 +5,7 @@
 //! shared command encoder that is submitted when a result is read back, an upload needs ordering,
 //! or the batch is full.
 
+pub mod memtrace;
 pub mod pipeline_cache;
 mod pool;
 mod profile;

@@ -138,6 +138,7 @@ impl GpuBuffer {
 
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
+        super::memtrace::release(self as *const GpuBuffer as usize);
         if let (Some(b), Some(Ok(gpu))) = (self.buffer.take(), super::GPU.get()) {
             gpu.pool.lock().unwrap().give_back(b);
         }

@@ -42,7 +42,7 @@ fn apply(x: &Tensor, p: f32, seed: u64, inner: usize) -> Tensor {
 
 fn dropout_units(x: &Tensor, p: f32, seed: u64, inner: usize) -> Tensor {
     let y = apply(x, p, seed, inner);
-    Tensor::with_op(y, Op::Dropout { x: x.clone(), p, seed, inner })
+    Tensor::with_op(y, Op::Dropout { x: x.graph_handle(), p, seed, inner })
 }
 
 /// The backward: dy through the same mask and scale.

@@ -152,7 +152,10 @@ pub fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Tensor {
     if op.is_comparison() {
         return out;
     }
-    Tensor::with_op(out, Op::Binary { op, a: a.clone(), b: b.clone() })
+    // Sums and differences need only the operands' shapes in the backward.
+    let keep =
+        |t: &Tensor| if matches!(op, BinaryOp::Add | BinaryOp::Sub) { t.graph_handle() } else { t.clone() };
+    Tensor::with_op(out, Op::Binary { op, a: keep(a), b: keep(b) })
 }
 
 /// out = op(a, b) with a and b broadcast to out's shape (op 8 copies b), over boxes of the output

@@ -141,7 +141,7 @@ impl Tensor {
         let pst: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
         let out = Tensor::empty(&shape);
         copy_box(self, 0, &pst, &out, 0, &strides(&shape), &shape);
-        Tensor::with_op(out, Op::Permute { x: self.clone(), perm: perm.to_vec() })
+        Tensor::with_op(out, Op::Permute { x: self.graph_handle(), perm: perm.to_vec() })
     }
 
     /// The `len` entries of `axis` from `start` on.
@@ -151,7 +151,7 @@ impl Tensor {
         shape[axis] = len;
         let out = Tensor::empty(&shape);
         copy_axis(self, &out, axis, start, 0, len);
-        Tensor::with_op(out, Op::Slice { x: self.clone(), axis, start })
+        Tensor::with_op(out, Op::Slice { x: self.graph_handle(), axis, start })
     }
 
     /// Tensors joined along `axis`.
@@ -168,7 +168,7 @@ impl Tensor {
             copy_axis(x, &out, axis, 0, at, x.dim(axis));
             at += x.dim(axis);
         }
-        Tensor::with_op(out, Op::Concat { xs: xs.to_vec(), axis })
+        Tensor::with_op(out, Op::Concat { xs: xs.iter().map(Tensor::graph_handle).collect(), axis })
     }
 
     /// U32 vectors joined end to end (a byte copy: index bit patterns never pass through floats).
@@ -202,7 +202,7 @@ impl Tensor {
         if self.dtype() == DType::U32 {
             return out;
         }
-        Tensor::with_op(out, Op::GatherRows { x: self.clone(), index: index.clone() })
+        Tensor::with_op(out, Op::GatherRows { x: self.graph_handle(), index: index.clone() })
     }
 }
 

@@ -136,7 +136,7 @@ pub fn sum_keepdim(x: &Tensor, axes: &[usize]) -> Tensor {
     }
     // With nothing to reduce (every reduced axis has size 1) the sum is a copy.
     let out = cur.unwrap_or_else(|| expand_raw(x, x.shape()));
-    Tensor::with_op(out.detach().reshape(&out_shape), Op::Sum { x: x.clone() })
+    Tensor::with_op(out.detach().reshape(&out_shape), Op::Sum { x: x.graph_handle() })
 }
 
 /// Sum over `axes`, dropping them.
@@ -183,7 +183,7 @@ pub fn max_axis(x: &Tensor, axis: usize) -> (Tensor, Tensor) {
         RowRuns::Split,
         false,
     );
-    let out = Tensor::with_op(out, Op::MaxAxis { x: x.clone(), axis, arg: arg.clone() });
+    let out = Tensor::with_op(out, Op::MaxAxis { x: x.graph_handle(), axis, arg: arg.clone() });
     (out, arg)
 }
 
@@ -213,8 +213,11 @@ fn softmax_impl(x: &Tensor, axis: usize, log: bool) -> Tensor {
         false,
     );
     let y = out.detach();
-    let op =
-        if log { Op::LogSoftmax { x: x.clone(), y, axis } } else { Op::Softmax { x: x.clone(), y, axis } };
+    let op = if log {
+        Op::LogSoftmax { x: x.graph_handle(), y, axis }
+    } else {
+        Op::Softmax { x: x.graph_handle(), y, axis }
+    };
     Tensor::with_op(out, op)
 }
 
@@ -262,6 +265,74 @@ impl Tensor {
     pub fn log_softmax(&self, axis: usize) -> Tensor {
         softmax_impl(self, axis, true)
     }
+}
+
+/// The two softmaxes of [`softmax_xent`]: (softmax(lv / t), softmax(la / t)) along axis 1.
+fn xent_softmaxes(lv: &Tensor, la: &Tensor, temperature: f32) -> (Tensor, Tensor) {
+    // One statement each: a temporary lives to the end of its statement.
+    let cv = lv.mul_scalar(1.0 / temperature).softmax(1);
+    let ca = la.mul_scalar(1.0 / temperature).softmax(1);
+    (cv, ca)
+}
+
+/// `sum(-softmax(la / t) * log(softmax(lv / t) + eps)) / rows` for logits lv, la [rows, cols]:
+/// the cross-entropy of one correlation matrix against another, gradients into both. Only the
+/// logits are saved; the [rows, cols] softmaxes and their logarithm live during the forward and
+/// again during the backward, never in between.
+pub fn softmax_xent(lv: &Tensor, la: &Tensor, temperature: f32, eps: f32) -> Tensor {
+    assert!(lv.rank() == 2 && lv.shape() == la.shape(), "softmax_xent: logits {lv:?} and {la:?}");
+    let rows = lv.dim(0) as f32;
+    let loss = crate::autograd::no_grad(|| {
+        let (cv, ca) = xent_softmaxes(lv, la, temperature);
+        let shifted = cv.add_scalar(eps);
+        drop(cv);
+        let log = shifted.log();
+        drop(shifted);
+        let prod = ca.mul(&log);
+        drop((ca, log));
+        prod.sum_all().mul_scalar(-1.0 / rows)
+    });
+    Tensor::with_op(loss, Op::SoftmaxXent { lv: lv.clone(), la: la.clone(), temperature, eps })
+}
+
+/// Gradients (d lv, d la) of [`softmax_xent`] given the loss's gradient `g` [1]. With
+/// cv, ca the softmaxes and s = g / (t rows): d la = s ca (rowsum(ca log(cv + eps)) - log(cv + eps)),
+/// and with q = -ca cv / (cv + eps): d lv = s (q - cv rowsum(q)).
+pub(crate) fn softmax_xent_grad(
+    lv: &Tensor,
+    la: &Tensor,
+    temperature: f32,
+    eps: f32,
+    g: &Tensor,
+) -> (Tensor, Tensor) {
+    let s = g.reshape(&[1, 1]).mul_scalar(1.0 / (temperature * lv.dim(0) as f32));
+    let (cv, ca) = xent_softmaxes(lv, la, temperature);
+    // Written so that at most five [rows, cols] matrices are alive at once: this runs first in
+    // the backward pass, when every saved activation of the network is still held.
+    let da = {
+        let shifted = cv.add_scalar(eps);
+        let log = shifted.log();
+        drop(shifted);
+        let row = ca.mul(&log).sum(&[1], true);
+        let diff = row.sub(&log);
+        drop(log);
+        let scaled = ca.mul(&diff);
+        drop(diff);
+        scaled.mul(&s)
+    };
+    let q = {
+        let prod = ca.mul(&cv);
+        drop(ca);
+        let shifted = cv.add_scalar(eps);
+        let ratio = prod.div(&shifted);
+        drop((prod, shifted));
+        ratio.neg()
+    };
+    let row = q.sum(&[1], true);
+    let dv = q.sub(&cv.mul(&row));
+    drop((q, cv));
+    let dv = dv.mul(&s);
+    (dv, da)
 }
 
 /// CPU references (f64 accumulation) for the tests.

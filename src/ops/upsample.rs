@@ -42,7 +42,7 @@ pub fn upsample_trilinear2x(x: &Tensor) -> Tensor {
             if quads { n as u64 / 4 } else { n as u64 },
         );
     }
-    Tensor::with_op(y, Op::Upsample2x { x: x.clone() })
+    Tensor::with_op(y, Op::Upsample2x { x: x.graph_handle() })
 }
 
 /// g [outer, 2n, inner] -> [outer, n, inner]: the adjoint of the interpolation along one axis.
