@@ -11,6 +11,61 @@ use crate::tensor::Tensor;
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(true) };
+    static HALF: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the thread-local `flag` set to `value`, restoring it afterwards (also on panic).
+fn with_flag<R>(flag: &'static std::thread::LocalKey<Cell<bool>>, value: bool, f: impl FnOnce() -> R) -> R {
+    let prev = flag.with(|c| c.replace(value));
+    struct Restore(&'static std::thread::LocalKey<Cell<bool>>, bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.0.with(|c| c.set(self.1));
+        }
+    }
+    let _restore = Restore(flag, prev);
+    f()
+}
+
+/// Runs `f` with the large activations that backward rules read (convolution, BatchNorm and
+/// linear inputs) stored in f16 ([`crate::ops::half`]); the arithmetic stays f32.
+pub fn with_f16_storage<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    with_flag(&HALF, on, f)
+}
+
+/// Tensors smaller than this are saved as they are.
+const HALF_MIN_ELEMS: usize = 1 << 12;
+
+/// An op input that its backward reads: the tensor, or under [`with_f16_storage`] a graph handle
+/// of it (no data) and its values in f16, so that the f32 buffer is freed with the forward.
+pub(crate) struct Saved {
+    pub(crate) t: Tensor,
+    half: Option<Tensor>,
+}
+
+impl Saved {
+    /// Keeps `x` for an op that `record`s (packing for an op that is not recorded would be waste).
+    pub(crate) fn keep(x: &Tensor, record: bool) -> Saved {
+        let pack = record
+            && HALF.with(|h| h.get())
+            && is_enabled()
+            && x.dtype() == crate::DType::F32
+            && x.numel() >= HALF_MIN_ELEMS;
+        if pack {
+            Saved { t: x.graph_handle(), half: Some(crate::ops::half::pack(x)) }
+        } else {
+            Saved { t: x.clone(), half: None }
+        }
+    }
+    /// The values, as f32, tracking gradients when the saved tensor does (backward rules skip
+    /// the gradient of an input that does not).
+    pub(crate) fn values(&self) -> Tensor {
+        match &self.half {
+            Some(h) if self.t.tracks_grad() => crate::ops::half::unpack(h, self.t.shape()).into_variable(),
+            Some(h) => crate::ops::half::unpack(h, self.t.shape()),
+            None => self.t.clone(),
+        }
+    }
 }
 
 pub fn is_enabled() -> bool {
@@ -19,15 +74,7 @@ pub fn is_enabled() -> bool {
 
 /// Runs `f` without recording ops (inference, optimizer updates, backward rules themselves).
 pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
-    let prev = ENABLED.with(|e| e.replace(false));
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            ENABLED.with(|e| e.set(self.0));
-        }
-    }
-    let _restore = Restore(prev);
-    f()
+    with_flag(&ENABLED, false, f)
 }
 
 /// How a tensor was made. Saved outputs (`y`) are detached copies of the handle, so that no
@@ -60,7 +107,7 @@ pub(crate) enum Op {
     },
     /// x [rows, in] W^T [in, out] + b, in one kernel.
     Linear {
-        x: Tensor,
+        x: Saved,
         w: Tensor,
         b: Tensor,
     },
@@ -97,7 +144,7 @@ pub(crate) enum Op {
     /// BatchNorm over axis 1 (then ReLU when `relu`); `stats` [C, 4] = (mean, invstd, scale, bias)
     /// it normalized with, batch statistics when `train`.
     BatchNorm {
-        x: Tensor,
+        x: Saved,
         weight: Tensor,
         bias: Tensor,
         stats: Tensor,
@@ -126,7 +173,7 @@ pub(crate) enum Op {
     },
     /// conv3d with bias (PyTorch semantics, cubic kernel).
     Conv3d {
-        x: Tensor,
+        x: Saved,
         w: Tensor,
         b: Tensor,
         stride: usize,
@@ -134,7 +181,7 @@ pub(crate) enum Op {
     },
     /// conv_transpose3d with kernel = stride = 2 and bias; w [Cin, Cout, 2, 2, 2].
     ConvTranspose3d {
-        x: Tensor,
+        x: Saved,
         w: Tensor,
         b: Tensor,
     },
@@ -179,10 +226,10 @@ impl Op {
             | Op::GatherRows { x, .. }
             | Op::Dropout { x, .. }
             | Op::Upsample2x { x } => vec![x],
-            Op::BatchNorm { x, weight, bias, .. } => vec![x, weight, bias],
-            Op::Linear { x, w, b } => vec![x, w, b],
+            Op::BatchNorm { x, weight, bias, .. } => vec![&x.t, weight, bias],
+            Op::Linear { x, w, b } => vec![&x.t, w, b],
             Op::ConvRef { x, w, b, .. } => vec![x, w, b],
-            Op::Conv3d { x, w, b, .. } | Op::ConvTranspose3d { x, w, b } => vec![x, w, b],
+            Op::Conv3d { x, w, b, .. } | Op::ConvTranspose3d { x, w, b } => vec![&x.t, w, b],
             Op::LayerNorm { x, w, b, .. } => vec![x, w, b],
             Op::Attention { qkv, .. } => vec![qkv],
             Op::SoftmaxXent { lv, la, .. } => vec![lv, la],
@@ -256,21 +303,23 @@ impl Op {
                     .collect()
             }
             Op::Linear { x, w, b } => vec![
-                x.tracks_grad().then(|| matmul::matmul_t(g, w, false, false)),
-                w.tracks_grad().then(|| matmul::matmul_t(g, x, true, false)),
+                x.t.tracks_grad().then(|| matmul::matmul_t(g, w, false, false)),
+                w.tracks_grad().then(|| matmul::matmul_t(g, &x.values(), true, false)),
                 b.tracks_grad().then(|| reduce::sum_to(g, b.shape())),
             ],
             Op::GatherRows { x, index } => vec![Some(layout::scatter_add_rows(g, index, x.dim(0)))],
             Op::BatchNorm { x, weight, stats, train, relu, .. } => {
-                batchnorm::batch_norm_grad(x, weight, stats, g, *train, *relu).map(Some).into()
+                batchnorm::batch_norm_grad(&x.values(), weight, stats, g, *train, *relu).map(Some).into()
             }
             Op::Dropout { p, seed, inner, .. } => vec![Some(dropout::dropout_grad(g, *p, *seed, *inner))],
             Op::Upsample2x { x } => vec![Some(upsample::upsample_trilinear2x_grad(g, x.shape()))],
             Op::ConvRef { x, w, stride, padding, transposed, .. } => {
                 conv_ref::conv_ref_grad(x, w, g, *stride, *padding, *transposed).map(Some).into()
             }
-            Op::Conv3d { x, w, b, stride, padding } => conv::conv3d_backward(g, x, w, b, *stride, *padding),
-            Op::ConvTranspose3d { x, w, b } => conv::conv_transpose3d_backward(g, x, w, b),
+            Op::Conv3d { x, w, b, stride, padding } => {
+                conv::conv3d_backward(g, &x.values(), w, b, *stride, *padding)
+            }
+            Op::ConvTranspose3d { x, w, b } => conv::conv_transpose3d_backward(g, &x.values(), w, b),
             Op::LayerNorm { x, w, mean, rstd, .. } => {
                 let (dx, dw, db) = layernorm::layer_norm_grad(x, w, mean, rstd, g);
                 vec![Some(dx), Some(dw), Some(db)]

@@ -28,6 +28,18 @@ pub enum LrSchedule {
     Poly,
 }
 
+/// How the activations that the backward pass reads are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// As computed.
+    #[default]
+    F32,
+    /// Rounded to f16 (convolution, BatchNorm and linear inputs), about half the memory; all
+    /// arithmetic stays f32.
+    F16,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
@@ -52,6 +64,8 @@ pub struct TrainConfig {
     pub labeled_bs: usize,
     pub lr: f32,
     pub lr_schedule: LrSchedule,
+    /// Storage of the saved activations.
+    pub precision: Precision,
     pub momentum: f32,
     pub weight_decay: f32,
     pub seed: u64,
@@ -99,6 +113,7 @@ impl TrainConfig {
             labeled_bs: 2,
             lr: 0.01,
             lr_schedule: LrSchedule::Constant,
+            precision: Precision::F32,
             momentum: 0.9,
             weight_decay: 1e-4,
             seed: 1337,

@@ -198,6 +198,11 @@ fn omni_correlation_term(
 /// back with this iteration's selection counts, so that an iteration reads back once; this one
 /// stays pending until the next step or [`flush`]); otherwise this one.
 pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<Option<StepLog>> {
+    let half = cfg.precision == crate::config::Precision::F16;
+    crate::autograd::with_f16_storage(half, || step(st, cfg, batch))
+}
+
+fn step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<Option<StepLog>> {
     let iter = st.iter + 1;
     let [px, py, pz] = batch.patch;
     let l = batch.indices.labeled.len();

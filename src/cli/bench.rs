@@ -2,7 +2,7 @@ use anyhow::Result;
 
 use crate::caml::memory::MemoryBank;
 use crate::caml::step::{TrainState, train_step};
-use crate::config::{Preset, TrainConfig};
+use crate::config::{Precision, Preset, TrainConfig};
 use crate::data::sampler::{Batch, BatchIndices};
 use crate::gpu::{Gpu, gpu};
 use crate::optim::{Sgd, SgdConfig};
@@ -37,6 +37,9 @@ pub enum What {
         /// Samples per batch instead of the preset's (half of them labeled).
         #[arg(long)]
         batch: Option<usize>,
+        /// Storage of the activations kept for the backward pass.
+        #[arg(long, value_enum, default_value_t = Precision::F32)]
+        precision: Precision,
     },
     /// Seconds to segment one LA-sized volume (130 x 130 x 88) with the preset's windows.
     Predict {
@@ -100,8 +103,9 @@ pub fn run(a: Args) -> Result<()> {
                 );
             }
         }
-        What::TrainStep { preset, iters, profile, patch, batch } => {
+        What::TrainStep { preset, iters, profile, patch, batch, precision } => {
             let mut cfg = TrainConfig::preset(preset);
+            cfg.precision = precision;
             if let Some(p) = patch {
                 cfg.patch = [p[0], p[1], p[2]];
             }
@@ -142,8 +146,8 @@ pub fn run(a: Args) -> Result<()> {
             let k = iters.max(1) as u64;
             let m = gpu().memory();
             println!(
-                "train step, {preset:?} preset (width {}, patch {:?}, batch {}):",
-                cfg.width, cfg.patch, cfg.batch
+                "train step, {preset:?} preset (width {}, patch {:?}, batch {}, {:?} activations):",
+                cfg.width, cfg.patch, cfg.batch, cfg.precision
             );
             println!(
                 "  median {:.3} s per iteration (min {:.3}, max {:.3}, {} timed)",

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::config::{LrSchedule, Method, Preset, TrainConfig};
+use crate::config::{LrSchedule, Method, Precision, Preset, TrainConfig};
 use crate::gpu::Gpu;
 
 /// Train CAML. With no arguments: the bundled synthetic data, with the preset that fits the
@@ -43,6 +43,9 @@ pub struct Args {
     /// Learning-rate schedule (constant in the paper).
     #[arg(long, value_enum)]
     pub lr_schedule: Option<LrSchedule>,
+    /// Storage of the activations kept for the backward pass (f16: about half the memory).
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     /// Seed of initialization, sampling, augmentation and dropout (1337 in the paper).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -118,7 +121,7 @@ pub fn run(a: Args) -> Result<()> {
         num_filtered,
         temperature
     );
-    set!(val_every, checkpoint_every);
+    set!(val_every, checkpoint_every, precision);
     if a.data.is_some() {
         cfg.data = a.data.clone();
     }

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 const SHADERS: &[(&str, &str)] = &[
     ("elementwise", include_str!("../../shaders/elementwise.wgsl")),
+    ("half", include_str!("../../shaders/half.wgsl")),
     ("reduce", include_str!("../../shaders/reduce.wgsl")),
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("layout", include_str!("../../shaders/layout.wgsl")),

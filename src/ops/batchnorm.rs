@@ -6,7 +6,7 @@
 //! batch`), counting `num_batches_tracked`; evaluation mode normalizes with the running statistics.
 //! The backward goes through the batch statistics in training mode.
 
-use crate::autograd::Op;
+use crate::autograd::{Op, Saved};
 use crate::gpu::{Binding, Kernel, gpu};
 use crate::ops::{Params, plane_groups, range_binding};
 use crate::tensor::{DType, Tensor};
@@ -198,7 +198,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
     let y = Tensor::empty(x.shape());
     per_element(&kernel("normalize", c, inner).with("RELU", relu as u8 as f64), &[x], &[&stats], &y, &base);
     let op = Op::BatchNorm {
-        x: x.clone(),
+        x: Saved::keep(x, x.tracks_grad() || s.weight.tracks_grad() || s.bias.tracks_grad()),
         weight: s.weight.clone(),
         bias: s.bias.clone(),
         stats: stats.detach(),

@@ -6,6 +6,7 @@ pub mod conv;
 pub mod conv_ref;
 pub mod dropout;
 pub mod elementwise;
+pub mod half;
 pub mod layernorm;
 pub mod layout;
 pub mod linear;

@@ -38,7 +38,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::autograd::Op;
+use crate::autograd::{Op, Saved};
 use crate::gpu::{Binding, Kernel, gpu};
 use crate::ops::Params;
 use crate::tensor::Tensor;
@@ -86,7 +86,8 @@ pub fn conv3d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize)
         ncls: 1,
     };
     let y = gather(x, &prep, None, Some(b), out, &geom);
-    Tensor::with_op(y, Op::Conv3d { x: x.clone(), w: w.clone(), b: b.clone(), stride, padding })
+    let x = Saved::keep(x, [x, w, b].iter().any(|t| t.tracks_grad()));
+    Tensor::with_op(y, Op::Conv3d { x, w: w.clone(), b: b.clone(), stride, padding })
 }
 
 /// x [N, Cin, X, Y, Z], w [Cin, Cout, 2, 2, 2] (PyTorch's ConvTranspose3d layout), b [Cout] ->
@@ -125,7 +126,8 @@ pub fn conv_transpose3d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
         ncls: 1,
     };
     let y = gather(x, &prep, Some(&up), Some(b), out, &geom);
-    Tensor::with_op(y, Op::ConvTranspose3d { x: x.clone(), w: w.clone(), b: b.clone() })
+    let x = Saved::keep(x, [x, w, b].iter().any(|t| t.tracks_grad()));
+    Tensor::with_op(y, Op::ConvTranspose3d { x, w: w.clone(), b: b.clone() })
 }
 
 impl Tensor {
