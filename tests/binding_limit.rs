@@ -366,7 +366,8 @@ fn caml_rows_path(emb: &[f32], shape: [usize; 5]) -> Vec<Vec<f32>> {
     let voxels = scan::nonzero_many(&[&of_class(0.0), &of_class(1.0)]);
     let rank = scan::prefix_count(&Tensor::full(&[m], 1.0));
     let chosen = omni::select_rows(&rank, [&voxels[0], &voxels[1]], &Tensor::from_vec(&conf, &[m]), 300);
-    let loss = omni::omni_loss(&fv, &fa, &chosen, &memory, 0.1).expect("both classes have rows and memory");
+    let loss = omni::omni_loss(fv.clone(), fa.clone(), &chosen, &memory, 0.1)
+        .expect("both classes have rows and memory");
     let mut grads = backward(&loss);
     let mut out = vec![loss.to_vec(), grads.remove(&e).unwrap().to_vec()];
     for p in model.params() {

@@ -162,7 +162,7 @@ fn omni_loss_is_the_per_class_correlation_matrices_stacked() {
         let run = |fused: bool| {
             let (v, a) = (Tensor::variable(&fv, &[n, e]), Tensor::variable(&fa, &[n, e]));
             let loss = if fused {
-                caml_wgpu::caml::omni::omni_loss(&v, &a, rows, memory, 0.1).unwrap()
+                caml_wgpu::caml::omni::omni_loss(v.clone(), a.clone(), rows, memory, 0.1).unwrap()
             } else {
                 // SPEC section 2, item 4, class by class.
                 let present: Vec<&Tensor> = memory.iter().flatten().collect();
@@ -183,7 +183,10 @@ fn omni_loss_is_the_per_class_correlation_matrices_stacked() {
         close(&af, &ac, 1e-4, "d feats_a");
     }
     let none = [idx(&[1]), idx(&[2])];
-    assert!(caml_wgpu::caml::omni::omni_loss(&m0, &m0, &none, &[Some(m1.clone()), None], 0.1).is_none());
+    assert!(
+        caml_wgpu::caml::omni::omni_loss(m0.clone(), m0.clone(), &none, &[Some(m1.clone()), None], 0.1)
+            .is_none()
+    );
 }
 
 #[test]

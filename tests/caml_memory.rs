@@ -102,15 +102,10 @@ fn omni_loss_matches_hand_computation_and_skips_single_rows() {
     let (m0, m1) = (rng.vec(4 * e, -1.0, 1.0), rng.vec(2 * e, -1.0, 1.0));
     let rows = [Tensor::from_u32(&[0, 2, 5], &[3]), Tensor::from_u32(&[4], &[1])];
     let memory = [Some(Tensor::from_vec(&m0, &[4, e])), Some(Tensor::from_vec(&m1, &[2, e]))];
-    let got = omni::omni_loss(
-        &Tensor::from_vec(&fv, &[6, e]),
-        &Tensor::from_vec(&fa, &[6, e]),
-        &rows,
-        &memory,
-        0.1,
-    )
-    .unwrap()
-    .item();
+    let got =
+        omni::omni_loss(Tensor::from_vec(&fv, &[6, e]), Tensor::from_vec(&fa, &[6, e]), &rows, &memory, 0.1)
+            .unwrap()
+            .item();
     // Class 1 has a single row and is skipped; class 0's rows see both memories' columns.
     let mem: Vec<&[f32]> = m0.chunks(e).chain(m1.chunks(e)).collect();
     let corr = |f: &[f32], r: usize| -> Vec<f64> {
@@ -132,6 +127,6 @@ fn omni_loss_matches_hand_computation_and_skips_single_rows() {
         / 3.0;
     approx::assert_relative_eq!(got as f64, want, epsilon = 1e-4);
     // No memory at all: no loss.
-    let none = omni::omni_loss(&Tensor::zeros(&[6, e]), &Tensor::zeros(&[6, e]), &rows, &[None, None], 0.1);
+    let none = omni::omni_loss(Tensor::zeros(&[6, e]), Tensor::zeros(&[6, e]), &rows, &[None, None], 0.1);
     assert!(none.is_none());
 }

@@ -32,9 +32,12 @@ pub fn select_rows(
 /// the per-class correlation matrices stacked by rows are one product of the stacked rows with
 /// the joined memory, and the loss is one fused cross-entropy that keeps only the two logit
 /// matrices for the backward ([`crate::ops::reduce::softmax_xent`]).
+///
+/// The features are taken by value and dropped once their rows are gathered: only the gathered
+/// rows are needed from here on, and the full [rows, E] matrices are the largest tensors alive.
 pub fn omni_loss(
-    feats_v: &Tensor,
-    feats_a: &Tensor,
+    feats_v: Tensor,
+    feats_a: Tensor,
     rows: &[Tensor; 2],
     memory: &[Option<Tensor>; 2],
     temperature: f32,
@@ -48,9 +51,8 @@ pub fn omni_loss(
         if v.len() == 1 { v.into_iter().next().unwrap() } else { Tensor::concat(&v, axis) }
     };
     let memory = join(present, 0);
-    let logits = |feats: &Tensor| {
-        let f = join(kept.iter().map(|idx| feats.gather_rows(idx)).collect(), 0);
-        crate::ops::matmul::matmul_t(&f, &memory, false, true)
-    };
-    Some(crate::ops::reduce::softmax_xent(&logits(feats_v), &logits(feats_a), temperature, 1e-8))
+    let gather = |feats: Tensor| join(kept.iter().map(|idx| feats.gather_rows(idx)).collect(), 0);
+    let (fv, fa) = (gather(feats_v), gather(feats_a));
+    let logits = |f: &Tensor| crate::ops::matmul::matmul_t(f, &memory, false, true);
+    Some(crate::ops::reduce::softmax_xent(&logits(&fv), &logits(&fa), temperature, 1e-8))
 }

@@ -166,10 +166,12 @@ fn update_memory_bank(
 }
 
 /// Item 4: the omni-correlation loss on the unlabeled samples; None when it has nothing to compare.
+/// Takes the outputs so that the embeddings are freed once their rows are gathered (with f16
+/// storage nothing else holds them): this runs at the memory peak of the forward pass.
 fn omni_correlation_term(
     st: &TrainState,
     cfg: &TrainConfig,
-    out: &Outputs,
+    out: Outputs,
     p_v: &Tensor,
     l: usize,
     s: &Selections,
@@ -184,13 +186,15 @@ fn omni_correlation_term(
         let conf = p_v.narrow(0, l, u).max_axis(1);
         conf.reshape(&[conf.numel()])
     });
-    let rows_v = voxel_rows(&out.emb_v, l, u, false).gather_rows(&s.consistent);
-    let rows_a = voxel_rows(&out.emb_a, l, u, false).gather_rows(&s.consistent);
+    let Outputs { emb_v, emb_a, .. } = out;
+    let rows_v = voxel_rows(&emb_v, l, u, false).gather_rows(&s.consistent);
+    let rows_a = voxel_rows(&emb_a, l, u, false).gather_rows(&s.consistent);
+    drop((emb_v, emb_a));
     let m = &st.model;
     let feats_v = m.prediction_head1.forward(&m.projection_head1.forward(&rows_v, true), true);
     let feats_a = m.prediction_head2.forward(&m.projection_head2.forward(&rows_a, true), true);
     let rows = no_grad(|| omni::select_rows(&s.rank, [&s.class[0], &s.class[1]], &conf, cfg.num_filtered));
-    omni::omni_loss(&feats_v, &feats_a, &rows, memory, cfg.corr_temperature)
+    omni::omni_loss(feats_v, feats_a, &rows, memory, cfg.corr_temperature)
 }
 
 /// One iteration on `batch`: forward, losses, backward, optimizer step. Returns the log of the
@@ -239,8 +243,9 @@ fn step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<Option<
         let (sel, values) = selections(&out, &label, l, pending.as_ref().map(|p| &p.values));
         previous = pending.map(|p| p.log(&values)).transpose()?;
         let memory = update_memory_bank(st, cfg, &out, &sel, &batch.indices.labeled);
-        omni_correlation_term(st, cfg, &out, &p_v, l, &sel, &memory)
+        omni_correlation_term(st, cfg, out, &p_v, l, &sel, &memory)
     } else {
+        drop(out);
         None
     };
     match loss_o {
@@ -250,7 +255,6 @@ fn step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<Option<
         }
         None => parts.push(Tensor::zeros(&[1])),
     }
-    drop(out);
     let grads = backward(&loss);
     let params = st.model.params();
     // The loss parts and a sum over every gradient, non-finite if any entry is (the gradients
