@@ -44,27 +44,23 @@ pub(crate) struct Saved {
 }
 
 impl Saved {
-    /// Keeps `x` for an op that `record`s (packing for an op that is not recorded would be waste).
-    pub(crate) fn keep(x: &Tensor, record: bool) -> Saved {
-        let pack = record
-            && HALF.with(|h| h.get())
-            && is_enabled()
-            && x.dtype() == crate::DType::F32
-            && x.numel() >= HALF_MIN_ELEMS;
-        if pack {
-            Saved { t: x.graph_handle(), half: Some(crate::ops::half::pack(x)) }
-        } else {
-            Saved { t: x.clone(), half: None }
+    /// Keeps `x` as it is; [`Op::pack_saved`] stores it in f16 once the op is recorded.
+    pub(crate) fn new(x: &Tensor) -> Saved {
+        Saved { t: x.clone(), half: None }
+    }
+    /// Under [`with_f16_storage`], trades a large f32 tensor for a graph handle and its f16 values.
+    fn pack(&mut self) {
+        if self.half.is_none() && self.t.dtype() == crate::DType::F32 && self.t.numel() >= HALF_MIN_ELEMS {
+            self.half = Some(crate::ops::half::pack(&self.t));
+            self.t = self.t.graph_handle();
         }
     }
     /// The values, as f32, tracking gradients when the saved tensor does (backward rules skip
     /// the gradient of an input that does not).
     pub(crate) fn values(&self) -> Tensor {
-        match &self.half {
-            Some(h) if self.t.tracks_grad() => crate::ops::half::unpack(h, self.t.shape()).into_variable(),
-            Some(h) => crate::ops::half::unpack(h, self.t.shape()),
-            None => self.t.clone(),
-        }
+        let Some(h) = &self.half else { return self.t.clone() };
+        let v = crate::ops::half::unpack(h, self.t.shape());
+        if self.t.tracks_grad() { v.into_variable() } else { v }
     }
 }
 
@@ -212,6 +208,21 @@ pub(crate) enum Op {
 }
 
 impl Op {
+    /// Called once the op is recorded: under [`with_f16_storage`], its saved inputs go to f16
+    /// (ops that are not recorded keep nothing, so nothing is packed for them).
+    pub(crate) fn pack_saved(&mut self) {
+        if !HALF.with(|h| h.get()) {
+            return;
+        }
+        match self {
+            Op::Linear { x, .. }
+            | Op::BatchNorm { x, .. }
+            | Op::Conv3d { x, .. }
+            | Op::ConvTranspose3d { x, .. } => x.pack(),
+            _ => {}
+        }
+    }
+
     pub(crate) fn inputs(&self) -> Vec<&Tensor> {
         match self {
             Op::Binary { a, b, .. } | Op::Matmul { a, b, .. } => vec![a, b],

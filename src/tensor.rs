@@ -140,8 +140,9 @@ impl Tensor {
     }
 
     /// The result of a kernel written into `out`, recording `op` when any input tracks gradients.
-    pub(crate) fn with_op(out: Tensor, op: Op) -> Tensor {
+    pub(crate) fn with_op(out: Tensor, mut op: Op) -> Tensor {
         if autograd::is_enabled() && op.inputs().iter().any(|t| t.tracks_grad()) {
+            op.pack_saved();
             Tensor::make(out.0.shape.clone(), out.0.dtype, out.0.buf.clone(), Some(op), false)
         } else {
             out

@@ -68,8 +68,7 @@ impl Pool {
     /// The tensor binds only the bytes it asked for.
     fn reuse(&mut self, class: u64) -> Option<wgpu::Buffer> {
         let top = size_class(size_class(class + 1) + 1);
-        let (&c, _) = self.free.range_mut(class..=top).find(|(_, v)| !v.is_empty())?;
-        self.free.get_mut(&c).and_then(|v| v.pop())
+        self.free.range_mut(class..=top).find_map(|(_, v)| v.pop())
     }
 
     fn give_back(&mut self, buffer: wgpu::Buffer) {

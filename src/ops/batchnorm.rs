@@ -198,7 +198,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
     let y = Tensor::empty(x.shape());
     per_element(&kernel("normalize", c, inner).with("RELU", relu as u8 as f64), &[x], &[&stats], &y, &base);
     let op = Op::BatchNorm {
-        x: Saved::keep(x, x.tracks_grad() || s.weight.tracks_grad() || s.bias.tracks_grad()),
+        x: Saved::new(x),
         weight: s.weight.clone(),
         bias: s.bias.clone(),
         stats: stats.detach(),

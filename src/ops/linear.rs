@@ -20,8 +20,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
         assert_eq!(b.numel(), out, "linear bias of shape {:?} for weight {:?}", b.shape(), w.shape());
         let (x2, b1) = (x.reshape(&[rows, inp]), b.reshape(&[out]));
         let y = crate::ops::matmul::tall(&x2, w, Some(&b1), [1, rows, out, inp], [0, 0], true);
-        let x2 = Saved::keep(&x2, [&x2, w, &b1].iter().any(|t| t.tracks_grad()));
-        return Tensor::with_op(y, Op::Linear { x: x2, w: w.clone(), b: b1 }).reshape(&shape);
+        return Tensor::with_op(y, Op::Linear { x: Saved::new(&x2), w: w.clone(), b: b1 }).reshape(&shape);
     }
     let y = matmul_t(&x.reshape(&[rows, inp]), w, false, true);
     let y = match b {

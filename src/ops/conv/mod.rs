@@ -86,8 +86,7 @@ pub fn conv3d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize)
         ncls: 1,
     };
     let y = gather(x, &prep, None, Some(b), out, &geom);
-    let x = Saved::keep(x, [x, w, b].iter().any(|t| t.tracks_grad()));
-    Tensor::with_op(y, Op::Conv3d { x, w: w.clone(), b: b.clone(), stride, padding })
+    Tensor::with_op(y, Op::Conv3d { x: Saved::new(x), w: w.clone(), b: b.clone(), stride, padding })
 }
 
 /// x [N, Cin, X, Y, Z], w [Cin, Cout, 2, 2, 2] (PyTorch's ConvTranspose3d layout), b [Cout] ->
@@ -126,8 +125,7 @@ pub fn conv_transpose3d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
         ncls: 1,
     };
     let y = gather(x, &prep, Some(&up), Some(b), out, &geom);
-    let x = Saved::keep(x, [x, w, b].iter().any(|t| t.tracks_grad()));
-    Tensor::with_op(y, Op::ConvTranspose3d { x, w: w.clone(), b: b.clone() })
+    Tensor::with_op(y, Op::ConvTranspose3d { x: Saved::new(x), w: w.clone(), b: b.clone() })
 }
 
 impl Tensor {
