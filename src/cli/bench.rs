@@ -130,8 +130,14 @@ pub fn run(a: Args) -> Result<()> {
             };
             let mut rng = Rng::new(7);
             let batch = synthetic_batch(&cfg, &mut rng);
-            for _ in 0..2 {
+            // Warm up until an iteration allocates nothing: the memory bank fills over the first
+            // iterations, and each new size of the correlation's operands is a first allocation.
+            for i in 0..10 {
+                let a = gpu().allocations();
                 train_step(&mut st, &cfg, &batch)?;
+                if i >= 1 && gpu().allocations() == a {
+                    break;
+                }
             }
             g.reset_peak_memory();
             crate::gpu::memtrace::reset_peak();

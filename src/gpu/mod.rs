@@ -255,6 +255,13 @@ impl Gpu {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
 
+    /// Invocations that keep the adapter busy: a reduction with fewer outputs than this splits
+    /// its domain into chunks until it has about this many. A software device runs a few per
+    /// core; a GPU hides its memory latency only with tens of thousands resident.
+    pub fn fill_invocations(&self) -> usize {
+        if self.is_software() { 4096 } else { 131_072 }
+    }
+
     /// The largest byte range one storage binding may cover.
     pub fn max_binding(&self) -> u64 {
         self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)

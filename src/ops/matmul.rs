@@ -90,9 +90,6 @@ fn matmul_boxes(
     out
 }
 
-/// Invocations below which a product with a long K is split along K.
-const FILL: usize = 16384;
-
 /// The 16-byte-load kernel; N, K (unless `ta` and not `tb`) and M (when `ta`) are multiples of 4. A single product whose
 /// 4 x 4 blocks are too few to fill the device and whose K is long sums K in splits, then adds
 /// the splits up. None when an invocation's loop over its K range would pass the loop budget.
@@ -109,7 +106,9 @@ fn matmul4(
         return Some(tall(a, b, None, [batch, m, n, k], [stride_a, stride_b], tb));
     }
     let blocks = m.div_ceil(4) * n.div_ceil(4);
-    let splits = if batch == 1 && blocks < FILL { FILL.div_ceil(blocks).min(k / 256).max(1) } else { 1 };
+    // Invocations below which a product with a long K is split along K.
+    let fill = gpu().fill_invocations().max(16384);
+    let splits = if batch == 1 && blocks < fill { fill.div_ceil(blocks).min(k / 256).max(1) } else { 1 };
     let kc = k.div_ceil(splits).next_multiple_of(4);
     let splits = k.div_ceil(kc);
     if kc / 4 > MAX_LOOP {

@@ -6,8 +6,6 @@ use crate::gpu::{Binding, Kernel, gpu};
 use crate::ops::{MAX_LOOP, Params, Tiling, split_at_axis, too_large};
 use crate::tensor::Tensor;
 
-/// Invocations worth keeping busy: a reduction whose output is smaller splits its axis in chunks.
-const MIN_PARALLEL: usize = 4096;
 /// Shortest chunk worth its own invocation.
 const MIN_CHUNK: usize = 64;
 
@@ -98,11 +96,9 @@ impl Lanes {
 /// Sums x seen as [outer, r, inner] over r, giving [outer, inner] (as a flat tensor).
 pub(crate) fn sum_middle(x: &Tensor, outer: usize, r: usize, inner: usize) -> Tensor {
     let lanes = outer * inner;
-    let chunks = if lanes < MIN_PARALLEL && r >= 2 * MIN_CHUNK {
-        MIN_PARALLEL.div_ceil(lanes).min(r / MIN_CHUNK)
-    } else {
-        1
-    };
+    // A reduction whose output is smaller than the adapter's fill splits its axis in chunks.
+    let fill = gpu().fill_invocations();
+    let chunks = if lanes < fill && r >= 2 * MIN_CHUNK { fill.div_ceil(lanes).min(r / MIN_CHUNK) } else { 1 };
     let chunk_len = r.div_ceil(chunks);
     let chunks = r.div_ceil(chunk_len);
     let out = Tensor::empty(&[outer * chunks * inner]);

@@ -857,7 +857,7 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
             Algo::Subgroup { m, v, .. } => ca.div_ceil(8 * m as usize) * cb.div_ceil(v as usize),
             Algo::Tiled { bm, bn, .. } => ca.div_ceil(bm as usize) * (cb * k3).div_ceil(bn as usize) * 8,
         };
-        let want = 512usize.div_ceil(tiles).max(1);
+        let want = (gpu().fill_invocations() / 8).div_ceil(tiles).max(1);
         let cap = (1usize << 24) / (ca * cb * k3 * launches);
         let chunks = want.min(cap.max(1)).min(rows.max(1));
         let mut chunk_rows = rows.div_ceil(chunks).max(1);
