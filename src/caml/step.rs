@@ -275,6 +275,13 @@ fn step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<Option<
     let this = Pending { iter, values, lambda_c, lambda_o };
     if cfg.method == Method::Caml {
         st.opt.step_guarded(&params, &grads, &this.values);
+        // A GPU runs the backward pass and the update while the host records the next
+        // iteration's forward pass, up to the readback of its selection counts. (A software
+        // device runs on the host's cores, and there a submission in flight stalls the recording:
+        // one submission per iteration is faster.)
+        if !crate::gpu::gpu().is_software() {
+            crate::gpu::gpu().flush();
+        }
         st.iter = iter;
         st.pending = Some(this);
         return Ok(previous);

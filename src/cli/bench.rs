@@ -171,6 +171,16 @@ pub fn run(a: Args) -> Result<()> {
                 (c1.uploads - c0.uploads) / k,
                 (a1 - a0) / k
             );
+            let (record, wait) = (
+                (c1.record_nanos - c0.record_nanos) as f64 * 1e-6 / k as f64,
+                (c1.wait_nanos - c0.wait_nanos) as f64 * 1e-6 / k as f64,
+            );
+            let mean = times.iter().sum::<f64>() * 1e3 / k as f64;
+            println!(
+                "  host per iteration (mean): {record:.1} ms recording launches, {wait:.1} ms waiting for the \
+                 device, {:.1} ms other work",
+                mean - record - wait
+            );
             println!(
                 "  peak GPU memory: {:.1} MiB in tensors, {:.1} MiB reserved by the pool",
                 m.peak_in_use as f64 / 1048576.0,
@@ -187,10 +197,11 @@ pub fn run(a: Args) -> Result<()> {
                 let t = std::time::Instant::now();
                 train_step(&mut st, &cfg, &batch)?;
                 let wall = t.elapsed().as_secs_f64();
-                let kernels = g.stop_profiling();
+                let (kernels, span) = g.stop_profiling();
                 let device: f64 = kernels.iter().map(|(_, t)| t.nanos).sum::<f64>() * 1e-9;
                 println!(
-                    "  profiled iteration: {wall:.3} s wall (every submission waited for), {device:.3} s on the device"
+                    "  profiled iteration: {wall:.3} s wall (every submission waited for), {device:.3} s in \
+                     kernels, {span:.3} s from the first kernel's start to the last one's end"
                 );
                 println!("  {:<60} {:>9} {:>11} {:>7}", "kernel", "launches", "device ms", "share");
                 for (name, t) in kernels.iter().take(30) {

@@ -14,7 +14,7 @@ mod shaders;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -91,10 +91,17 @@ pub struct Counters {
     pub bytes_read: u64,
     pub uploads: u64,
     pub pipelines_compiled: u64,
+    /// Host time spent recording launches (validation, bind groups, encoding), nanoseconds.
+    pub record_nanos: u64,
+    /// Host time spent waiting for the device, nanoseconds.
+    pub wait_nanos: u64,
 }
 
 struct Recorder {
     encoder: Option<wgpu::CommandEncoder>,
+    /// The compute pass consecutive launches share (wgpu orders and synchronizes the launches
+    /// inside a pass); closed before anything else is recorded on the encoder.
+    pass: Option<wgpu::ComputePass<'static>>,
     params: Vec<u8>,
     slots: u64,
     params_buffer: wgpu::Buffer,
@@ -102,6 +109,16 @@ struct Recorder {
     profiler: Option<profile::Profiler>,
     /// Staging memory for uploads, copied in recording order.
     belt: wgpu::util::StagingBelt,
+}
+
+impl Recorder {
+    /// The open encoder (a new one if none), after closing the shared compute pass.
+    fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
+        self.pass = None;
+        self.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        })
+    }
 }
 
 pub struct Gpu {
@@ -124,6 +141,8 @@ pub struct Gpu {
     bytes_read: AtomicU64,
     uploads: AtomicU64,
     compiled: AtomicU64,
+    record_nanos: AtomicU64,
+    wait_nanos: AtomicU64,
 }
 
 static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
@@ -234,6 +253,7 @@ impl Gpu {
             pipeline_cache,
             rec: Mutex::new(Recorder {
                 encoder: None,
+                pass: None,
                 params: Vec::new(),
                 slots: 0,
                 params_buffer,
@@ -247,6 +267,8 @@ impl Gpu {
             bytes_read: AtomicU64::new(0),
             uploads: AtomicU64::new(0),
             compiled: AtomicU64::new(0),
+            record_nanos: AtomicU64::new(0),
+            wait_nanos: AtomicU64::new(0),
         })
     }
 
@@ -306,6 +328,8 @@ impl Gpu {
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             uploads: self.uploads.load(Ordering::Relaxed),
             pipelines_compiled: self.compiled.load(Ordering::Relaxed),
+            record_nanos: self.record_nanos.load(Ordering::Relaxed),
+            wait_nanos: self.wait_nanos.load(Ordering::Relaxed),
         }
     }
 
@@ -367,6 +391,7 @@ impl Gpu {
         if groups.contains(&0) {
             return;
         }
+        let start = Instant::now();
         let max = self.limits.max_compute_workgroups_per_dimension;
         assert!(
             groups.iter().all(|&g| g <= max),
@@ -422,19 +447,30 @@ impl Gpu {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let device = &self.device;
         let rec = &mut *rec;
-        let encoder = rec.encoder.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-        });
-        let timestamp_writes = rec.profiler.as_mut().map(|p| p.next(kernel));
-        let mut pass =
-            encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-        drop(pass);
+        if rec.profiler.is_some() {
+            // A pass of its own, timed from its start to its end.
+            rec.encoder(&self.device);
+            let encoder = rec.encoder.as_mut().expect("an encoder is open");
+            let timestamp_writes = rec.profiler.as_mut().map(|p| p.next(kernel));
+            let mut pass =
+                encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        } else {
+            if rec.pass.is_none() {
+                let encoder = rec.encoder(&self.device);
+                let pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+                rec.pass = Some(pass.forget_lifetime());
+            }
+            let pass = rec.pass.as_mut().expect("a compute pass is open");
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        }
         self.dispatches.fetch_add(1, Ordering::Relaxed);
+        self.record_nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// A one-dimensional launch over `n` invocations of a `WG`-wide kernel; kernels recover the
@@ -461,10 +497,7 @@ impl Gpu {
             return;
         }
         let mut rec = self.rec.lock().unwrap();
-        let device = &self.device;
-        let encoder = rec.encoder.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-        });
+        let encoder = rec.encoder(&self.device);
         encoder.copy_buffer_to_buffer(src.raw(), src_offset, dst.raw(), dst_offset, bytes);
     }
 
@@ -486,10 +519,8 @@ impl Gpu {
         // before every launch of the open batch, so a pooled buffer still read by recorded work
         // would be overwritten); no submission is needed.
         let rec = &mut *rec;
-        let device = &self.device;
-        let encoder = rec.encoder.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-        });
+        rec.encoder(&self.device);
+        let encoder = rec.encoder.as_mut().expect("an encoder is open");
         let size = wgpu::BufferSize::new(data.len() as u64).expect("a non-empty upload");
         rec.belt.write_buffer(encoder, dst.raw(), offset, size).copy_from_slice(data);
     }
@@ -506,6 +537,7 @@ impl Gpu {
             rec.params.clear();
             rec.slots = 0;
         }
+        rec.pass = None;
         if let Some(mut encoder) = rec.encoder.take() {
             if let Some(p) = &rec.profiler {
                 p.resolve(&mut encoder);
@@ -532,13 +564,15 @@ impl Gpu {
         Ok(())
     }
 
-    /// Stops profiling and returns the device time per kernel, the largest first.
-    pub fn stop_profiling(&self) -> Vec<(&'static str, KernelTime)> {
+    /// Stops profiling and returns the device time per kernel, the largest first, and the
+    /// seconds from the first launch's start to the last one's end of each submission, summed.
+    pub fn stop_profiling(&self) -> (Vec<(&'static str, KernelTime)>, f64) {
         let mut rec = self.rec.lock().unwrap();
         self.submit_locked(&mut rec);
-        let mut out: Vec<_> = rec.profiler.take().map(|p| p.totals.into_iter().collect()).unwrap_or_default();
+        let Some(p) = rec.profiler.take() else { return (Vec::new(), 0.0) };
+        let mut out: Vec<_> = p.totals.into_iter().collect();
         out.sort_by(|a, b| b.1.nanos.total_cmp(&a.1.nanos));
-        out
+        (out, p.span_nanos * 1e-9)
     }
 
     /// Submits what is recorded and waits until the device has finished it.
@@ -550,6 +584,7 @@ impl Gpu {
     /// Waits for the submitted work, checking every second whether the device was lost, so that a
     /// lost device is an error rather than a hang.
     fn wait(&self) {
+        let _timer = WaitTimer(&self.wait_nanos, Instant::now());
         loop {
             let wait = wgpu::PollType::Wait { submission_index: None, timeout: Some(Duration::from_secs(1)) };
             let polled = self.device.poll(wait);
@@ -582,10 +617,7 @@ impl Gpu {
         });
         {
             let mut rec = self.rec.lock().unwrap();
-            let device = &self.device;
-            let encoder = rec.encoder.get_or_insert_with(|| {
-                device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-            });
+            let encoder = rec.encoder(&self.device);
             encoder.copy_buffer_to_buffer(src.raw(), offset, &staging, 0, aligned);
             self.submit_locked(&mut rec);
         }
@@ -616,6 +648,15 @@ impl Gpu {
         self.readbacks.fetch_add(1, Ordering::Relaxed);
         self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
         out
+    }
+}
+
+/// Adds the time since its start to a counter when dropped.
+struct WaitTimer<'a>(&'a AtomicU64, Instant);
+
+impl Drop for WaitTimer<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(self.1.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 }
 

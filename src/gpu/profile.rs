@@ -21,6 +21,9 @@ pub(super) struct Profiler {
     /// The kernel of each launch recorded in the open batch.
     pending: Vec<&'static str>,
     pub(super) totals: HashMap<&'static str, KernelTime>,
+    /// From each batch's first launch's start to its last launch's end, summed: the device's
+    /// busy time plus the gaps between launches.
+    pub(super) span_nanos: f64,
     /// One name per pipeline: shader::entry and its override constants.
     names: HashMap<String, &'static str>,
 }
@@ -48,6 +51,7 @@ impl Profiler {
             }),
             pending: Vec::new(),
             totals: HashMap::new(),
+            span_nanos: 0.0,
             names: HashMap::new(),
         }
     }
@@ -102,6 +106,8 @@ impl Profiler {
                 t.launches += 1;
                 t.nanos += ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns as f64;
             }
+            let n = self.pending.len();
+            self.span_nanos += ticks[2 * n - 1].saturating_sub(ticks[0]) as f64 * period_ns as f64;
         }
         self.readback.unmap();
         self.pending.clear();
