@@ -40,7 +40,7 @@ fn batching_pool_and_readback_counters() {
     let z = Tensor::from_vec(&[3.0; 5], &[5]).mul(&y);
     assert_eq!(gpu().counters().submissions, s1, "an upload submitted");
     assert_eq!(z.to_vec(), vec![6.0, 159.0, 159.0, 6.0, 159.0]);
-    // A small request takes a released buffer one or two size classes up (16000 bytes -> 20480).
+    // A small request takes a released buffer up to three size classes up (16000 bytes -> 20480).
     drop(Tensor::zeros(&[5000]));
     let allocs = gpu().allocations();
     let smaller = Tensor::zeros(&[4000]);
@@ -57,6 +57,13 @@ fn batching_pool_and_readback_counters() {
     assert!(ones.buffer().size() > ones.buffer().bytes());
     assert_eq!(ones.sum_all().item(), (10 << 20) as f32);
     drop(ones);
+    // A buffer more than three classes up (32 MiB for 16 MiB: 20, 24 and 28 MiB are the three)
+    // is left for a request it fits better.
+    drop(Tensor::zeros(&[8 << 20]));
+    let allocs = gpu().allocations();
+    let half = Tensor::zeros(&[4 << 20]);
+    assert_eq!(gpu().allocations(), allocs + 1, "a buffer twice the size asked for was reused");
+    drop(half);
     // An op whose backward needs only its input's shape (here a permute, then a row gather)
     // keeps no reference to the input's data: the 8 MiB intermediate is freed once the forward
     // drops it, and the gradient still flows through it.
