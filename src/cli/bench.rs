@@ -191,6 +191,10 @@ pub fn run(a: Args) -> Result<()> {
                 for (bytes, n, shape, site) in crate::gpu::memtrace::report(25) {
                     println!("  {:>9.1} MiB {n:>4} x e.g. {shape:?}  {site}", bytes as f64 / 1048576.0);
                 }
+                println!("  free buffers the pool holds between iterations, of 1 MiB or more:");
+                for (bytes, n) in g.free_buffers().into_iter().filter(|b| b.0 >= 1 << 20) {
+                    println!("  {:>9.1} MiB x {n}", bytes as f64 / 1048576.0);
+                }
             }
             if profile {
                 g.start_profiling()?;

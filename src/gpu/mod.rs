@@ -333,6 +333,11 @@ impl Gpu {
         }
     }
 
+    /// The pool's free buffers, (bytes, count) by size, the largest first (memory reports).
+    pub fn free_buffers(&self) -> Vec<(u64, usize)> {
+        self.pool.lock().unwrap().free_buffers()
+    }
+
     /// Allocations made by the pool so far (misses), for benchmarks.
     pub fn allocations(&self) -> u64 {
         self.pool.lock().unwrap().allocations()

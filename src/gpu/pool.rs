@@ -81,6 +81,11 @@ impl Pool {
         self.stats
     }
 
+    /// The free buffers, (bytes, count) by size, the largest sizes first.
+    pub(crate) fn free_buffers(&self) -> Vec<(u64, usize)> {
+        self.free.iter().rev().filter(|(_, v)| !v.is_empty()).map(|(&b, v)| (b, v.len())).collect()
+    }
+
     pub(crate) fn allocations(&self) -> u64 {
         self.stats.allocations
     }
