@@ -33,6 +33,11 @@ struct Params {
     seed_hi: u32,
     // ceil(len / (4 * GROUP)): blocks per (sequence, head)
     blocks: u32,
+    // The other side's tokens (keys in forward and backward_q, queries in backward_kv) are
+    // split into `splits` ranges of `span`, each summed by its own invocations into its own
+    // partial result (a GPU needs the parallelism; a software device has splits = 1).
+    splits: u32,
+    span: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -73,23 +78,31 @@ fn keep_factor(rk: vec4<u32>, col_key: vec4<u32>) -> vec4<f32> {
     return select(vec4<f32>(0.0), vec4<f32>(p.keep_scale), mix32(rk ^ col_key) >= vec4<u32>(p.threshold));
 }
 
-// The invocation's sequence * H + head and its four rows (unclamped); `valid` is false for the
-// invocations past the last block.
+// The invocation's sequence * H + head, its four rows (unclamped) and its split: the range
+// [lo, hi) of the other side's tokens it sums over; `valid` is false for the invocations past the
+// last block.
 struct Tile {
     bh: u32,
     h: u32,
     s: u32,
     rows: vec4<u32>,
+    split: u32,
+    lo: u32,
+    hi: u32,
     valid: bool,
 }
 
 fn tile(wid: vec3<u32>, nw: vec3<u32>, li: u32) -> Tile {
     let t = (wid.x + wid.y * nw.x) * 64u + li;
-    let unit = t / GROUP;
+    let per_split = p.seqs * p.heads * p.blocks;
+    let split = t / GROUP / per_split;
+    let unit = t / GROUP % per_split;
     let bh = unit / p.blocks;
     let row0 = (unit % p.blocks) * 4u * GROUP + t % GROUP;
     let rows = vec4<u32>(row0, row0 + GROUP, row0 + 2u * GROUP, row0 + 3u * GROUP);
-    return Tile(bh, bh % p.heads, bh / p.heads, rows, unit < p.seqs * p.heads * p.blocks);
+    let lo = split * p.span;
+    let hi = min(p.len, lo + p.span);
+    return Tile(bh, bh % p.heads, bh / p.heads, rows, split, lo, hi, split < p.splits);
 }
 
 // Rows past the end repeat the last row and are not stored.
@@ -142,17 +155,17 @@ fn forward(
     }
 
     var sc: array<vec4<f32>, MAX_BK>;
-    for (var j0 = 0u; j0 < p.len; j0 += BK) {
+    for (var j0 = tl.lo; j0 < tl.hi; j0 += BK) {
         // Scores of the block; keys past the end score NEG, which exp turns into 0.
         var mx = m;
         for (var jj = 0u; jj < BK; jj++) {
-            let j = min(j0 + jj, p.len - 1u);
+            let j = min(j0 + jj, tl.hi - 1u);
             var s4 = vec4<f32>(0.0);
             for (var c = 0u; c < D4; c++) {
                 let k = qkv[kb + j * stride + c];
                 s4 += qt[4u * c] * k.x + qt[4u * c + 1u] * k.y + qt[4u * c + 2u] * k.z + qt[4u * c + 3u] * k.w;
             }
-            sc[jj] = select(vec4<f32>(NEG), s4, j0 + jj < p.len);
+            sc[jj] = select(vec4<f32>(NEG), s4, j0 + jj < tl.hi);
             mx = max(mx, sc[jj]);
         }
         // Online softmax: rescale what was accumulated to the new running max.
@@ -163,7 +176,7 @@ fn forward(
         }
         m = mx;
         for (var jj = 0u; jj < BK; jj++) {
-            let j = min(j0 + jj, p.len - 1u);
+            let j = min(j0 + jj, tl.hi - 1u);
             var e = exp(sc[jj] - mx);
             l += e;
             if DROPOUT {
@@ -182,7 +195,8 @@ fn forward(
     let inv = 1.0 / l;
     let lse4 = m + log(l);
     let ok = tl.rows < vec4<u32>(p.len);
-    let ob = tl.s * p.len * p.d4 + tl.h * D4;
+    // Split s writes the s-th [S, L, d] slice of `out` and [S*H, L] slice of `lse`.
+    let ob = (tl.split * p.seqs + tl.s) * p.len * p.d4 + tl.h * D4;
     for (var c = 0u; c < D4; c++) {
         let t = transpose(mat4x4<f32>(acc[4u * c], acc[4u * c + 1u], acc[4u * c + 2u], acc[4u * c + 3u]));
         if ok.x {
@@ -198,7 +212,7 @@ fn forward(
             out[ob + rows.w * p.d4 + c] = t[3] * inv.w;
         }
     }
-    let lb = tl.bh * p.len;
+    let lb = (tl.split * p.seqs * p.heads + tl.bh) * p.len;
     if ok.x {
         lse[lb + rows.x] = lse4.x;
     }
@@ -211,6 +225,43 @@ fn forward(
     if ok.w {
         lse[lb + rows.w] = lse4.w;
     }
+}
+
+// The forward's splits merged, one invocation per (sequence * H + head, row): split s summed
+// keys [s * span, (s + 1) * span) into its normalized output o_s and logsumexp lse_s; the whole
+// is lse = log sum_s exp(lse_s) and out = sum_s exp(lse_s - lse) o_s.
+@group(0) @binding(1) var<storage, read> cb_out: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> cb_lse: array<f32>;
+@group(0) @binding(3) var<storage, read_write> cb_merged: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> cb_merged_lse: array<f32>;
+
+@compute @workgroup_size(64)
+fn combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let t = gid.x + gid.y * nw.x * 64u;
+    let entries = p.seqs * p.heads * p.len;
+    if t >= entries {
+        return;
+    }
+    let row = t % p.len;
+    let bh = t / p.len;
+    let base = ((bh / p.heads) * p.len + row) * p.d4 + (bh % p.heads) * D4;
+    let slice = p.seqs * p.len * p.d4;
+    var m = NEG;
+    for (var s = 0u; s < p.splits; s++) {
+        m = max(m, cb_lse[s * entries + t]);
+    }
+    var z = 0.0;
+    for (var s = 0u; s < p.splits; s++) {
+        z += exp(cb_lse[s * entries + t] - m);
+    }
+    for (var c = 0u; c < D4; c++) {
+        var acc = vec4<f32>(0.0);
+        for (var s = 0u; s < p.splits; s++) {
+            acc += exp(cb_lse[s * entries + t] - m) / z * cb_out[s * slice + base + c];
+        }
+        cb_merged[base + c] = acc;
+    }
+    cb_merged_lse[t] = m + log(z);
 }
 
 // delta [S*H, L]: delta_i = dO_i . O_i per head, one invocation per entry.
@@ -297,9 +348,9 @@ fn backward_q(
     // Blocks of BK keys: dS of the block first, then dQ += dS k reloading the keys, so that
     // few values stay live across iterations of the outer loop.
     var ds: array<vec4<f32>, MAX_BK>;
-    for (var j0 = 0u; j0 < p.len; j0 += BK) {
+    for (var j0 = tl.lo; j0 < tl.hi; j0 += BK) {
         for (var jj = 0u; jj < BK; jj++) {
-            let j = min(j0 + jj, p.len - 1u);
+            let j = min(j0 + jj, tl.hi - 1u);
             var s4 = vec4<f32>(0.0);
             var g4 = vec4<f32>(0.0);
             for (var c = 0u; c < D4; c++) {
@@ -311,10 +362,10 @@ fn backward_q(
             if DROPOUT {
                 g4 *= keep_factor(rk, mix32(vec4<u32>(j0 + jj)));
             }
-            ds[jj] = select(vec4<f32>(0.0), exp(s4 - lse4) * (g4 - delta), j0 + jj < p.len);
+            ds[jj] = select(vec4<f32>(0.0), exp(s4 - lse4) * (g4 - delta), j0 + jj < tl.hi);
         }
         for (var jj = 0u; jj < BK; jj++) {
-            let j = min(j0 + jj, p.len - 1u);
+            let j = min(j0 + jj, tl.hi - 1u);
             for (var c = 0u; c < D4; c++) {
                 let k = bq_qkv[kb + j * stride + c];
                 dqt[4u * c] += ds[jj] * k.x;
@@ -326,19 +377,21 @@ fn backward_q(
     }
 
     let ok = tl.rows < vec4<u32>(p.len);
+    // Split s writes the s-th [S, L, 3d] slice of dqkv.
+    let db = qb + tl.split * p.seqs * p.len * stride;
     for (var c = 0u; c < D4; c++) {
         let t = transpose(mat4x4<f32>(dqt[4u * c], dqt[4u * c + 1u], dqt[4u * c + 2u], dqt[4u * c + 3u]));
         if ok.x {
-            bq_dqkv[qb + rows.x * stride + c] = t[0] * p.scale;
+            bq_dqkv[db + rows.x * stride + c] = t[0] * p.scale;
         }
         if ok.y {
-            bq_dqkv[qb + rows.y * stride + c] = t[1] * p.scale;
+            bq_dqkv[db + rows.y * stride + c] = t[1] * p.scale;
         }
         if ok.z {
-            bq_dqkv[qb + rows.z * stride + c] = t[2] * p.scale;
+            bq_dqkv[db + rows.z * stride + c] = t[2] * p.scale;
         }
         if ok.w {
-            bq_dqkv[qb + rows.w * stride + c] = t[3] * p.scale;
+            bq_dqkv[db + rows.w * stride + c] = t[3] * p.scale;
         }
     }
 }
@@ -406,9 +459,9 @@ fn backward_kv(
     // Blocks of BK queries: the block's weights w (dS with DK, else P * keep) first, then
     // dt += w q (DK) or w dO, reloading the queries.
     var w: array<vec4<f32>, MAX_BK>;
-    for (var i0 = 0u; i0 < p.len; i0 += BK) {
+    for (var i0 = tl.lo; i0 < tl.hi; i0 += BK) {
         for (var ii = 0u; ii < BK; ii++) {
-            let i = min(i0 + ii, p.len - 1u);
+            let i = min(i0 + ii, tl.hi - 1u);
             var s4 = vec4<f32>(0.0);
             var g4 = vec4<f32>(0.0);
             for (var c = 0u; c < D4; c++) {
@@ -428,10 +481,10 @@ fn backward_kv(
             if DK {
                 wi = pr * (g4 * keep - bk_delta[tl.bh * p.len + i]);
             }
-            w[ii] = select(vec4<f32>(0.0), wi, i0 + ii < p.len);
+            w[ii] = select(vec4<f32>(0.0), wi, i0 + ii < tl.hi);
         }
         for (var ii = 0u; ii < BK; ii++) {
-            let i = min(i0 + ii, p.len - 1u);
+            let i = min(i0 + ii, tl.hi - 1u);
             for (var c = 0u; c < D4; c++) {
                 var x: vec4<f32>;
                 if DK {
@@ -447,7 +500,7 @@ fn backward_kv(
         }
     }
 
-    let base = select(vb, kb, DK);
+    let base = select(vb, kb, DK) + tl.split * p.seqs * p.len * stride;
     let scale = select(1.0, p.scale, DK);
     let ok = tl.rows < vec4<u32>(p.len);
     for (var c = 0u; c < D4; c++) {

@@ -124,6 +124,32 @@ fn fused_attention_matches_composed_values_and_grads() {
 }
 
 #[test]
+fn split_attention_matches_the_unsplit_values_and_grads() {
+    // The other side's tokens split into ranges summed separately (what a GPU runs): ranges that
+    // do not divide the length, one range shorter than a block of 8, more ranges than fit.
+    for &(s, l, d, heads, n) in &[(2, 45, 16, 2, 3), (1, 300, 16, 2, 5), (3, 70, 64, 2, 4), (2, 9, 8, 2, 40)]
+    {
+        let (x, shape) = qkv_data(17, s, l, d);
+        for dropout in [None, Some(HashDropout { p: 0.5, seed: 8 })] {
+            let run = |splits: usize| {
+                attention::with_splits(splits, || {
+                    let v = Tensor::variable(&x, &shape);
+                    let y = attention(&v, heads, dropout);
+                    let grads = backward(&weighted_sum(&y, 12));
+                    (y.to_vec(), grads.get(&v).unwrap().to_vec())
+                })
+            };
+            let ((ys, gs), (y1, g1)) = (run(n), run(1));
+            let what = format!("s {s} l {l} d {d} heads {heads} splits {n} dropout {dropout:?}");
+            assert_ne!(gs, g1, "{what}: the split run summed in the same order");
+            close(&ys, &attention::cpu::attention(&x, [s, l, d], heads, dropout), 1e-5, &what);
+            close(&ys, &y1, 1e-5, &format!("values, {what}"));
+            close(&gs, &g1, 1e-4, &format!("gradients, {what}"));
+        }
+    }
+}
+
+#[test]
 fn long_sequences_are_not_cut_short() {
     // 4000 tokens: an invocation's loops over the keys (forward, backward_q) and the queries
     // (backward_kv) pass over 500 blocks of 8 with 8 vec4 columns each, past the 65,535 loop

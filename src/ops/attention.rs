@@ -7,6 +7,8 @@
 //! against. Dropout masks come from a counter-based hash of (seed, sequence * H + head, row, col):
 //! `dropout_mask` materializes the mask the fused kernels apply.
 
+use std::cell::Cell;
+
 use crate::autograd::Op;
 use crate::gpu::{Kernel, gpu};
 use crate::ops::Params;
@@ -50,6 +52,26 @@ struct Launch {
     dropout: bool,
     d4: usize,
     workgroups: usize,
+    /// Ranges the other side's tokens are split into, each summed into its own partial result.
+    splits: usize,
+}
+
+thread_local! {
+    static FORCED_SPLITS: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the kernels splitting the other side's tokens into (about) `n` ranges, whatever
+/// the adapter (tests: a software device otherwise never splits).
+pub fn with_splits<R>(n: usize, f: impl FnOnce() -> R) -> R {
+    let prev = FORCED_SPLITS.with(|c| c.replace(Some(n.max(1))));
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_SPLITS.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(prev);
+    f()
 }
 
 /// (seqs, len, d) of qkv [S, L, 3d], checked.
@@ -70,6 +92,15 @@ fn launch(s: usize, l: usize, d: usize, heads: usize, dropout: Option<HashDropou
     let group = group_size(l);
     let blocks = l.div_ceil(4 * group);
     let dh = d / heads;
+    // A GPU wants more invocations than (sequence, head, row block)s: split the other side's
+    // tokens into ranges of at least 64 until the adapter is filled.
+    let invocations = s * heads * blocks * group;
+    let want = FORCED_SPLITS
+        .with(|c| c.get())
+        .unwrap_or_else(|| gpu().fill_invocations().div_ceil(invocations).min(l.div_ceil(64)).max(1));
+    let bk = l.min(8);
+    let span = l.div_ceil(want).next_multiple_of(bk);
+    let splits = l.div_ceil(span);
     let (threshold, keep_scale, seed) = match dropout {
         Some(dr) if dr.p > 0.0 => (dr.threshold(), dr.keep_scale(), dr.seed),
         _ => (0, 1.0, 0),
@@ -84,14 +115,17 @@ fn launch(s: usize, l: usize, d: usize, heads: usize, dropout: Option<HashDropou
         .f(keep_scale)
         .u((seed & 0xffff_ffff) as usize)
         .u((seed >> 32) as usize)
-        .u(blocks);
+        .u(blocks)
+        .u(splits)
+        .u(span);
     Launch {
         params,
         group,
-        bk: l.min(8),
+        bk,
         dropout: threshold > 0,
         d4: dh / 4,
-        workgroups: (s * heads * blocks * group).div_ceil(WG),
+        workgroups: (invocations * splits).div_ceil(WG),
+        splits,
     }
 }
 
@@ -122,7 +156,20 @@ pub fn attention(qkv: &Tensor, heads: usize, dropout: Option<HashDropout>) -> Te
     let la = launch(s, l, d, heads, dropout);
     let out = Tensor::empty(&[s, l, d]);
     let lse = Tensor::empty(&[s * heads, l]);
-    la.run("forward", false, &[qkv.binding(), out.binding(), lse.binding()]);
+    if la.splits == 1 {
+        la.run("forward", false, &[qkv.binding(), out.binding(), lse.binding()]);
+    } else {
+        let parts = Tensor::empty(&[la.splits * s, l, d]);
+        let lse_parts = Tensor::empty(&[la.splits * s * heads, l]);
+        la.run("forward", false, &[qkv.binding(), parts.binding(), lse_parts.binding()]);
+        let g = gpu();
+        g.dispatch(
+            &la.kernel("combine", false),
+            la.params.bytes(),
+            &[parts.binding(), lse_parts.binding(), out.binding(), lse.binding()],
+            g.groups_1d((s * heads * l) as u64, 64),
+        );
+    }
     let saved = out.detach();
     Tensor::with_op(out, Op::Attention { qkv: qkv.clone(), out: saved, lse, heads, dropout })
 }
@@ -138,7 +185,8 @@ pub(crate) fn attention_grad(
 ) -> Tensor {
     let (s, l, d) = dims(qkv, heads);
     let la = launch(s, l, d, heads, dropout);
-    let dqkv = Tensor::empty(qkv.shape());
+    // With splits, split i writes the i-th [S, L, 3d] slice, and the slices are summed.
+    let dqkv = Tensor::empty(&[la.splits * s, l, 3 * d]);
     let delta = Tensor::empty(&[s * heads, l]);
     let gp = gpu();
     gp.dispatch(
@@ -160,7 +208,10 @@ pub(crate) fn attention_grad(
             &[qkv.binding(), g.binding(), lse.binding(), delta.binding(), dqkv.binding()],
         );
     }
-    dqkv
+    if la.splits == 1 {
+        return dqkv;
+    }
+    crate::ops::reduce::sum_middle(&dqkv, 1, la.splits, s * l * 3 * d).reshape(qkv.shape())
 }
 
 /// The dropout factors (0 or 1 / (1 - p)) of entries (b, r, c) of a [B, R, C] tensor, the same
