@@ -14,16 +14,20 @@ thread_local! {
     static HALF: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `f` with the thread-local `flag` set to `value`, restoring it afterwards (also on panic).
-fn with_flag<R>(flag: &'static std::thread::LocalKey<Cell<bool>>, value: bool, f: impl FnOnce() -> R) -> R {
-    let prev = flag.with(|c| c.replace(value));
-    struct Restore(&'static std::thread::LocalKey<Cell<bool>>, bool);
-    impl Drop for Restore {
+/// Runs `f` with the thread-local `cell` set to `value`, restoring it afterwards (also on panic):
+/// the scoped switches of recording, storage precision and the kernels' test overrides.
+pub(crate) fn with_flag<T: Copy + 'static, R>(
+    cell: &'static std::thread::LocalKey<Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
         fn drop(&mut self) {
             self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(flag, prev);
+    let _restore = Restore(cell, cell.with(|c| c.replace(value)));
     f()
 }
 

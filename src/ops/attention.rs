@@ -63,15 +63,7 @@ thread_local! {
 /// Runs `f` with the kernels splitting the other side's tokens into (about) `n` ranges, whatever
 /// the adapter (tests: a software device otherwise never splits).
 pub fn with_splits<R>(n: usize, f: impl FnOnce() -> R) -> R {
-    let prev = FORCED_SPLITS.with(|c| c.replace(Some(n.max(1))));
-    struct Restore(Option<usize>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FORCED_SPLITS.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(prev);
-    f()
+    crate::autograd::with_flag(&FORCED_SPLITS, Some(n.max(1)), f)
 }
 
 /// (seqs, len, d) of qkv [S, L, 3d], checked.

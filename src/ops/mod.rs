@@ -82,15 +82,7 @@ pub fn binding_limit() -> u64 {
 /// Runs `f` as if one storage binding could hold at most `bytes` (tests of the split paths on
 /// small tensors).
 pub fn with_binding_limit<R>(bytes: u64, f: impl FnOnce() -> R) -> R {
-    let prev = BINDING_LIMIT.with(|c| c.replace(Some(bytes)));
-    struct Restore(Option<u64>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            BINDING_LIMIT.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(prev);
-    f()
+    crate::autograd::with_flag(&BINDING_LIMIT, Some(bytes), f)
 }
 
 /// The most iterations the loops of one invocation may run together, loops over a tensor's extent
