@@ -42,6 +42,8 @@ const CASES: &[Case] = &[
     case(1, 3, 4, [7, 6, 5], 1, 2, 0),
     case(1, 1, 4, [9, 3, 18], 3, 1, 1),
     case(1, 3, 4, [6, 9, 17], 2, 2, 0),
+    // Rows along z that are whole vec4s, over more than one step of 16 with a tail.
+    case(2, 3, 5, [4, 5, 40], 2, 2, 0),
 ];
 
 #[test]
@@ -110,8 +112,16 @@ fn conv3d_weight_and_bias_grads_match_cpu_for_every_algo() {
 }
 
 /// (batch, cin, cout, [X, Y, Z])
-const TCASES: &[(usize, usize, usize, [usize; 3])] =
-    &[(2, 5, 3, [3, 4, 5]), (1, 9, 17, [2, 3, 3]), (1, 1, 2, [4, 1, 7]), (1, 3, 5, [3, 5, 9])];
+/// (batch, cin, cout, [X, Y, Z]); the last two have rows along z of whole vectors, over more than
+/// one tile of vector kernels with a tail.
+const TCASES: &[(usize, usize, usize, [usize; 3])] = &[
+    (2, 5, 3, [3, 4, 5]),
+    (1, 9, 17, [2, 3, 3]),
+    (1, 1, 2, [4, 1, 7]),
+    (1, 3, 5, [3, 5, 9]),
+    (2, 3, 5, [2, 3, 20]),
+    (1, 17, 9, [3, 2, 36]),
+];
 
 #[test]
 fn conv_transpose3d_matches_cpu_for_every_algo() {

@@ -302,26 +302,49 @@ fn up_sg(
 }
 
 /// The subgroup weight-gradient kernel for kernel size k, stride s, m A channels per lane, v B
-/// channels per tile and r output rows (along y) per step.
-pub(super) fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize, r: usize) -> &'static str {
-    generated_shader(&format!("conv3d_grad_sg_k{k}s{s}m{m}v{v}r{r}"), || sg_wgrad_source(k, s, m, v, r))
+/// channels per tile, r output rows (along y) per step and rows read as vectors of z (1 or 4).
+pub(super) fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize, r: usize, z: usize) -> &'static str {
+    let name = format!("conv3d_grad_sg_k{k}s{s}m{m}v{v}r{r}z{z}");
+    generated_shader(&name, || sg_wgrad_source(k, s, m, v, r, z))
 }
 
 /// Lanes are 8 channels of A (m each); a tile walks its chunk of steps (n, qx, r rows along y)
-/// in runs of 8 z. Each lane loads its channels' 8 r values of A; each B row under the step
-/// (8 s + k values, (r - 1) s + k rows per x tap) is loaded once per tile, 8 lanes at a time,
-/// and broadcast by shuffles to every tap along z and every output row it serves.
-pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize) -> String {
-    let span = 7 * s + k;
-    let nl = span.div_ceil(8);
+/// in runs of 8 z (16 when z = 4). Each lane loads its channels' r rows of A; each B row under
+/// the step (8 s + k values, 16 s + k when z = 4; (r - 1) s + k rows per x tap) is loaded once
+/// per tile, 8 lanes at a time, and broadcast by shuffles to every tap along z and every output
+/// row it serves. With z = 4 the rows are read as vec4 (the views `src_a4`, `src_b4` of the same
+/// bindings): A and B rows must start at multiples of 4 elements and hold a multiple of 4, so
+/// that a vec4 is wholly inside or outside a row.
+pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize, z: usize) -> String {
+    assert!(z == 1 || z == 4, "wgrad rows are read as scalars or vec4");
+    let zs = if z == 1 { 8 } else { 16 };
+    let span = (zs - 1) * s + k;
+    let nl = if z == 1 { span.div_ceil(8) } else { span.div_ceil(32) };
     let k3 = k * k * k;
     let brows = (r - 1) * s + k;
     let mut o = String::from(include_str!("../../../shaders/conv3d_grad.wgsl"));
     let w = &mut o;
+    if z == 4 {
+        let _ = writeln!(
+            w,
+            "
+@group(0) @binding(1) var<storage, read> src_a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> src_b4: array<vec4<f32>>;
+
+fn a4_at(i: u32, ok: bool) -> vec4<f32> {{
+    return select(vec4<f32>(0.0), src_a4[select(0u, i, ok)], ok);
+}}
+
+fn b4_at(i: i32, ok: bool) -> vec4<f32> {{
+    return select(vec4<f32>(0.0), src_b4[u32(select(0, i, ok))], ok);
+}}"
+        );
+    }
     let _ = writeln!(
         w,
         "
-// Generated: kernel {k}, stride {s}, {m} A channels per lane, {v} B channels per tile, {r} rows.
+// Generated: kernel {k}, stride {s}, {m} A channels per lane, {v} B channels per tile, {r} rows,
+// rows as vectors of {z}.
 @compute @workgroup_size(64)
 fn wgrad_sg(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -373,22 +396,49 @@ fn wgrad_sg(
         let bbase = i32(p.b_base + n * p.b_batch);
         let xi0 = i32(qx * {s}u) + p.off.x;
         let yi0 = i32(qy0 * {s}u) + p.off.y;
-        for (var z0 = 0u; z0 < p.az; z0 += 8u) {{"
+        for (var z0 = 0u; z0 < p.az; z0 += {zs}u) {{"
     );
     for rr in 0..r {
         for i in 0..m {
-            for j in 0..8 {
-                let _ = writeln!(
-                    w,
-                    "            let x{i}_{rr}_{j} = a_at(abase + ch{i} * astride + {off}u + z0 + {j}u, chok{i} && qy0 + {rr}u < p.ay && z0 + {j}u < p.az);",
-                    off = "p.az * ".to_string() + &rr.to_string(),
-                );
+            let ok = format!("chok{i} && qy0 + {rr}u < p.ay");
+            if z == 1 {
+                for j in 0..8 {
+                    let _ = writeln!(
+                        w,
+                        "            let x{i}_{rr}_{j} = a_at(abase + ch{i} * astride + p.az * {rr}u + z0 + {j}u, {ok} && z0 + {j}u < p.az);"
+                    );
+                }
+            } else {
+                for c in 0..4 {
+                    let _ = writeln!(
+                        w,
+                        "            let x{i}_{rr}_v{c} = a4_at((abase + ch{i} * astride + p.az * {rr}u + z0) / 4u + {c}u, {ok} && z0 + {}u < p.az);",
+                        4 * c
+                    );
+                }
             }
         }
     }
-    for q in 0..nl {
-        let _ = writeln!(w, "            let zi{q} = i32(z0 * {s}u) + p.off.z + i32(lane) + {};", 8 * q);
-        let _ = writeln!(w, "            let zok{q} = zi{q} >= 0 && zi{q} < bz;");
+    let comp = ["x", "y", "z", "w"];
+    // The A value of lane channel i, row rr, z0 + j.
+    let xval = |i: usize, rr: usize, j: usize| {
+        if z == 1 { format!("x{i}_{rr}_{j}") } else { format!("x{i}_{rr}_v{}.{}", j / 4, comp[j % 4]) }
+    };
+    if z == 1 {
+        for q in 0..nl {
+            let _ = writeln!(w, "            let zi{q} = i32(z0 * {s}u) + p.off.z + i32(lane) + {};", 8 * q);
+            let _ = writeln!(w, "            let zok{q} = zi{q} >= 0 && zi{q} < bz;");
+        }
+    } else {
+        for q in 0..nl {
+            // Lane l reads the vec4 starting at element 4 (l + 8 q) of the step's span.
+            let _ = writeln!(
+                w,
+                "            let zi{q} = i32(z0 * {s}u) + p.off.z + 4 * (i32(lane) + {});",
+                8 * q
+            );
+            let _ = writeln!(w, "            let zok{q} = zi{q} >= 0 && zi{q} < bz;");
+        }
     }
     for b in 0..v {
         for dx in 0..k {
@@ -402,25 +452,41 @@ fn wgrad_sg(
                 let rb = bbase + i32(bc{b}) * bstride + (select(0, xi, ok) * by + select(0, yi, ok)) * bz;"
                 );
                 for q in 0..nl {
-                    let _ = writeln!(w, "                let l{q} = b_at(rb + zi{q}, ok && zok{q});");
+                    if z == 1 {
+                        let _ = writeln!(w, "                let l{q} = b_at(rb + zi{q}, ok && zok{q});");
+                    } else {
+                        let _ =
+                            writeln!(w, "                let l{q} = b4_at((rb + zi{q}) / 4, ok && zok{q});");
+                    }
                 }
                 for e in 0..span {
-                    let _ = writeln!(
-                        w,
-                        "                let e{e} = subgroupShuffle(l{}, sb + {}u);",
-                        e / 8,
-                        e % 8
-                    );
+                    if z == 1 {
+                        let _ = writeln!(
+                            w,
+                            "                let e{e} = subgroupShuffle(l{}, sb + {}u);",
+                            e / 8,
+                            e % 8
+                        );
+                    } else {
+                        let _ = writeln!(
+                            w,
+                            "                let e{e} = subgroupShuffle(l{}.{}, sb + {}u);",
+                            e / 32,
+                            comp[e % 4],
+                            (e / 4) % 8
+                        );
+                    }
                 }
                 for rr in 0..r {
                     let Some(dy) = yy.checked_sub(rr * s).filter(|&d| d < k) else { continue };
-                    for j in 0..8 {
+                    for j in 0..zs {
                         for dz in 0..k {
                             let t = (dx * k + dy) * k + dz;
                             for i in 0..m {
                                 let _ = writeln!(
                                     w,
-                                    "                g{i}_{b}_{t} = fma(x{i}_{rr}_{j}, e{}, g{i}_{b}_{t});",
+                                    "                g{i}_{b}_{t} = fma({}, e{}, g{i}_{b}_{t});",
+                                    xval(i, rr, j),
                                     j * s + dz
                                 );
                             }

@@ -20,7 +20,8 @@
 //!   generated per (kernel size, stride, tile) with every tap unrolled into scalar registers:
 //!   loops over register arrays run three to four times slower there. The k2 s2 transposed
 //!   convolution (`Form::Up`) has its own generated kernel computing the eight output parities
-//!   of an input voxel together.
+//!   of an input voxel together. Where the tensors' rows along z are whole vectors (`Algo`'s
+//!   `z`), a tile reads them as vec4s, which cost there about what one scalar load does.
 //! - `Algo::Tiled`: the workgroup-memory implicit GEMM of GPUs, tile sizes as override
 //!   constants.
 //!
@@ -281,8 +282,10 @@ pub enum Algo {
     /// Register tiles of 8 subgroup lanes. Gather and up: lanes are 8 consecutive z, each
     /// holding `m` output channels x `v` rows along y (`r` = 1). Wgrad: lanes are 8 A channels
     /// (`m` per lane), a tile covers `v` B channels with every tap and steps over `r` output
-    /// rows along y at a time.
-    Subgroup { m: u32, v: u32, r: u32 },
+    /// rows along y at a time. `z` > 1: rows along z are read (and written) as vectors of `z`
+    /// (up: `z` inputs per lane; wgrad: vec4 rows, 16 z a step), where the tensors' rows are
+    /// aligned to them (`vec_aligned`); elsewhere the launch runs the `z` = 1 kernel.
+    Subgroup { m: u32, v: u32, r: u32, z: u32 },
     /// Workgroup-memory implicit GEMM: `bm` (channels) x `bn` (voxels, or B columns) per
     /// workgroup, reduced `bk` at a time, `tm` x `tn` per invocation.
     Tiled { bm: u32, bn: u32, bk: u32, tm: u32, tn: u32 },
@@ -314,17 +317,43 @@ pub enum Form {
     Wgrad,
 }
 
-const SUBGROUP_GATHER: [(u32, u32, u32); 4] = [(8, 4, 1), (16, 4, 1), (8, 8, 1), (4, 8, 1)];
+const SUBGROUP_GATHER: &[(u32, u32, u32, u32)] = &[(8, 4, 1, 1), (16, 4, 1, 1), (8, 8, 1, 1), (4, 8, 1, 1)];
 /// Kernels of at most 2^3 taps reuse an input only across channels: wider channel tiles.
-const SUBGROUP_GATHER_SMALL: [(u32, u32, u32); 4] = [(8, 4, 1), (16, 4, 1), (32, 4, 1), (4, 8, 1)];
-const SUBGROUP_UP: [(u32, u32, u32); 4] = [(4, 4, 1), (8, 2, 1), (2, 4, 1), (8, 4, 1)];
-const SUBGROUP_WGRAD: [(u32, u32, u32); 4] = [(2, 2, 1), (4, 1, 1), (2, 1, 2), (1, 2, 2)];
+const SUBGROUP_GATHER_SMALL: &[(u32, u32, u32, u32)] =
+    &[(8, 4, 1, 1), (16, 4, 1, 1), (32, 4, 1, 1), (4, 8, 1, 1)];
+const SUBGROUP_UP: &[(u32, u32, u32, u32)] = &[(4, 4, 1, 1), (8, 2, 1, 1), (2, 4, 1, 1), (8, 4, 1, 1)];
+const SUBGROUP_WGRAD: &[(u32, u32, u32, u32)] = &[(2, 2, 1, 1), (4, 1, 1, 1), (2, 1, 2, 1), (1, 2, 2, 1)];
 /// Kernels of at most 2^3 taps hold more B channels per tile for the same registers.
-const SUBGROUP_WGRAD_SMALL: [(u32, u32, u32); 4] = [(2, 2, 1), (4, 2, 1), (4, 4, 1), (1, 4, 1)];
+const SUBGROUP_WGRAD_SMALL: &[(u32, u32, u32, u32)] = &[
+    (2, 2, 1, 1),
+    (4, 2, 1, 1),
+    (4, 4, 1, 1),
+    (1, 4, 1, 1),
+    (2, 2, 1, 4),
+    (2, 4, 1, 4),
+    (4, 2, 1, 4),
+    (1, 4, 1, 4),
+];
 const TILED: [Algo; 2] = [
     Algo::Tiled { bm: 32, bn: 64, bk: 16, tm: 4, tn: 4 },
     Algo::Tiled { bm: 64, bn: 64, bk: 8, tm: 4, tn: 4 },
 ];
+
+/// The algorithm a launch runs: a subgroup tile with vectors along z that the shape's rows do
+/// not fit (`aligned`) runs as the same tile with scalars.
+fn effective(algo: Algo, aligned: impl Fn(u32) -> bool) -> Algo {
+    match algo {
+        Algo::Subgroup { m, v, r, z } if !aligned(z) => Algo::Subgroup { m, v, r, z: 1 },
+        a => a,
+    }
+}
+
+/// True when rows of `len` elements along z, in every tensor (sample) bound with `bases`
+/// (element offsets of a binding's first value), are whole vectors of `z`.
+fn vec_aligned(z: u32, len: &[usize], bases: &[usize]) -> bool {
+    let z = z as usize;
+    z == 1 || len.iter().chain(bases).all(|&e| e % z == 0)
+}
 
 /// True when the adapter runs the subgroup kernels: shuffles within groups of 8 lanes.
 pub fn subgroups_usable() -> bool {
@@ -336,25 +365,27 @@ pub fn subgroups_usable() -> bool {
 pub fn algos(form: Form, k: usize) -> Vec<Algo> {
     let mut v: Vec<Algo> = Vec::new();
     if subgroups_usable() {
-        let sg: &[(u32, u32, u32)] = match form {
-            Form::Gather if k <= 2 => &SUBGROUP_GATHER_SMALL,
-            Form::Gather => &SUBGROUP_GATHER,
-            Form::Up => &SUBGROUP_UP,
-            Form::Wgrad if k <= 2 => &SUBGROUP_WGRAD_SMALL,
-            Form::Wgrad => &SUBGROUP_WGRAD,
+        let sg = match form {
+            Form::Gather if k <= 2 => SUBGROUP_GATHER_SMALL,
+            Form::Gather => SUBGROUP_GATHER,
+            Form::Up => SUBGROUP_UP,
+            Form::Wgrad if k <= 2 => SUBGROUP_WGRAD_SMALL,
+            Form::Wgrad => SUBGROUP_WGRAD,
         };
-        v.extend(sg.iter().map(|&(m, v, r)| Algo::Subgroup { m, v, r }));
+        v.extend(sg.iter().map(|&(m, v, r, z)| Algo::Subgroup { m, v, r, z }));
     }
     v.extend(TILED);
     v
 }
 
 /// The candidates timed for a shape: subgroup tiles no wider than the channels they cover
-/// (`channels` = output channels, or (A, B) channels of a weight gradient), and on a software
-/// device only those (its workgroup memory is as slow as storage).
-fn candidates(form: Form, k: usize, channels: (usize, usize)) -> Vec<Algo> {
+/// (`channels` = output channels, or (A, B) channels of a weight gradient) whose vectors along
+/// z fit the shape (`aligned`), and on a software device only those (its workgroup memory is as
+/// slow as storage).
+fn candidates(form: Form, k: usize, channels: (usize, usize), aligned: &dyn Fn(u32) -> bool) -> Vec<Algo> {
     let all = algos(form, k);
     let fits = |a: &Algo| match (form, a) {
+        (_, Algo::Subgroup { z, .. }) if !aligned(*z) => false,
         (Form::Wgrad, Algo::Subgroup { m, v, .. }) => {
             8 * *m as usize <= channels.0.next_power_of_two().max(8)
                 && *v as usize <= channels.1.next_power_of_two()
@@ -449,7 +480,8 @@ fn key_text(key: &TuneKey) -> String {
 impl std::fmt::Display for Algo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Algo::Subgroup { m, v, r } => write!(f, "subgroup {m} {v} {r}"),
+            Algo::Subgroup { m, v, r, z: 1 } => write!(f, "subgroup {m} {v} {r}"),
+            Algo::Subgroup { m, v, r, z } => write!(f, "subgroup {m} {v} {r} {z}"),
             Algo::Tiled { bm, bn, bk, tm, tn } => write!(f, "tiled {bm} {bn} {bk} {tm} {tn}"),
         }
     }
@@ -463,7 +495,8 @@ impl std::str::FromStr for Algo {
         let n: Vec<u32> =
             it.map(|t| t.parse().map_err(|_| format!("bad number in '{s}'"))).collect::<Result<_, _>>()?;
         match (kind, n.as_slice()) {
-            ("subgroup", &[m, v, r]) => Ok(Algo::Subgroup { m, v, r }),
+            ("subgroup", &[m, v, r]) => Ok(Algo::Subgroup { m, v, r, z: 1 }),
+            ("subgroup", &[m, v, r, z]) => Ok(Algo::Subgroup { m, v, r, z }),
             ("tiled", &[bm, bn, bk, tm, tn]) => Ok(Algo::Tiled { bm, bn, bk, tm, tn }),
             _ => Err(format!("not an algorithm: '{s}'")),
         }
@@ -691,7 +724,7 @@ fn gather(
         }
         dst
     };
-    autotune(key, candidates(form, g.k, (g.cout, g.cin)), &run)
+    autotune(key, candidates(form, g.k, (g.cout, g.cin), &|z| z == 1), &run)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -844,7 +877,12 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
         channels: (ca, cb),
         vox: usize::BITS - vox.max(1).leading_zeros(),
     };
+    // Rows of A and B start at multiples of z when their lengths, the z offset, the samples and
+    // the bindings' offset alignment are.
+    let samples = [a.numel() / as_[0], b.numel() / bs[0], crate::ops::align_elems()];
+    let aligned = |z: u32| vec_aligned(z, &[as_[4], bs[4], g.off[2].rem_euclid(z as i64) as usize], &samples);
     let run = |algo: Algo| {
+        let algo = effective(algo, aligned);
         let launches = if split { as_[0] } else { 1 };
         // Steps of the reduction: (n, qx, group of r rows along y).
         let r = match algo {
@@ -875,7 +913,7 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
         }
         part.sum(&[0], false).reshape(&[ca, cb, g.k, g.k, g.k])
     };
-    autotune(key, candidates(Form::Wgrad, g.k, (ca, cb)), &run)
+    autotune(key, candidates(Form::Wgrad, g.k, (ca, cb), &aligned), &run)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -929,11 +967,9 @@ fn launch_wgrad(
         .i(0);
     let bindings = [ab, bb, part.binding()];
     match algo {
-        Algo::Subgroup { m, v, r } => {
-            let kernel =
-                Kernel::new(sg_wgrad_shader(g.k, g.s, m as usize, v as usize, r as usize), "wgrad_sg")
-                    .with("KS", g.k as f64)
-                    .with("ST", g.s as f64);
+        Algo::Subgroup { m, v, r, z } => {
+            let shader = sg_wgrad_shader(g.k, g.s, m as usize, v as usize, r as usize, z as usize);
+            let kernel = Kernel::new(shader, "wgrad_sg").with("KS", g.k as f64).with("ST", g.s as f64);
             gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
         }
         Algo::Tiled { bm, bn, .. } => {
