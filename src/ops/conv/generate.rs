@@ -168,6 +168,158 @@ fn conv_sg(
     o
 }
 
+/// The subgroup kernel of a k2 s2 convolution without padding, m channels x v rows x z / 2
+/// outputs along z per lane, input rows read as vectors of z (2 or 4).
+pub(super) fn sg_down_shader(m: usize, v: usize, z: usize) -> &'static str {
+    generated_shader(&format!("conv3d_down_sg_m{m}v{v}z{z}"), || sg_down_source(m, v, z))
+}
+
+/// dst[n, o, q] = bias[o] + sum_i sum_t src[n, i, 2 q + t] * W[o, i, t] over the eight taps t of
+/// a 2x2x2 kernel (stride 2, no padding: conv3d's k2 s2 forward, the transposed convolution's
+/// input gradient), W read in place as [cout][cin][8] (both weight layouts are that, with their
+/// own roles of the channels). Lanes hold z / 2 consecutive q along z each, 8 lanes a tile row;
+/// each lane reads the input it needs as one vector of z per input row (the view `src_v` of the
+/// source binding, whose rows must be whole vectors), and 1/8 of the weight block (m channels'
+/// 8 taps) as vec4s (`wt4`), shared by shuffles.
+pub fn sg_down_source(m: usize, v: usize, z: usize) -> String {
+    assert!(z == 2 || z == 4, "k2 s2 rows are read as vec2 or vec4");
+    let zq = z / 2;
+    let w4 = 2 * m;
+    let nw = w4.div_ceil(8);
+    let comp = ["x", "y", "z", "w"];
+    let mut o = String::from(include_str!("../../../shaders/conv3d.wgsl"));
+    let w = &mut o;
+    let dst_decl = if zq == 1 {
+        String::new()
+    } else {
+        format!("@group(0) @binding(4) var<storage, read_write> dst_v: array<vec{zq}<f32>>;\n")
+    };
+    let _ = writeln!(
+        w,
+        "
+@group(0) @binding(1) var<storage, read> src_v: array<vec{z}<f32>>;
+@group(0) @binding(2) var<storage, read> wt4: array<vec4<f32>>;
+{dst_decl}
+// Generated: k2 s2 convolution, {m} channels x {v} rows x {zq} z per lane, rows as vec{z}.
+@compute @workgroup_size(64)
+fn down_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    let zb = t % p.zblocks;
+    t /= p.zblocks;
+    let yb = t % p.yblocks;
+    t /= p.yblocks;
+    let xo = t % p.xblocks;
+    t /= p.xblocks;
+    let cb = t % p.cblocks;
+    let n = t / p.cblocks;
+    let q0 = (zb * 8u + lane) * {zq}u;
+    let y0 = yb * {v}u;
+    let xok = q0 < p.oz && xo < p.ox;
+    let plane = p.sy * p.sz;
+    // In vectors of {z}: sample n, x 2 xo, z 2 q0 of the source.
+    let sbase = (p.src_base + n * p.src_batch + 2u * select(0u, xo, xok) * plane + 2u * select(0u, q0, xok)) / {z}u;"
+    );
+    for c in 0..nw {
+        // Lane l reads vec4 c' = l + 8 c of the block: half c' % 2 of channel c' / 2's taps.
+        let _ = writeln!(
+            w,
+            "    let wl{c} = min(cb * {m}u + min(lane + {}u, {}u) / 2u, p.cout - 1u) * p.cin * 2u + (lane & 1u);",
+            8 * c,
+            w4 - 1
+        );
+    }
+    for a in 0..m {
+        for j in 0..v {
+            for q in 0..zq {
+                let _ = writeln!(w, "    var a{a}_{j}_{q} = 0.0;");
+            }
+        }
+    }
+    for j in 0..v {
+        let _ = writeln!(w, "    let ok{j} = xok && y0 + {j}u < p.oy;");
+    }
+    let _ = writeln!(
+        w,
+        "    for (var ci = 0u; ci < p.cin; ci++) {{
+        let cbase = sbase + ci * p.sx * plane / {z}u;"
+    );
+    for c in 0..nw {
+        let _ = writeln!(w, "        let w{c} = wt4[wl{c} + ci * 2u];");
+    }
+    // Input rows (tx, j, ty): z values at 2 q0 of row 2 (y0 + j) + ty of x 2 xo + tx.
+    for tx in 0..2 {
+        for j in 0..v {
+            for ty in 0..2 {
+                let _ = writeln!(
+                    w,
+                    "        let r{tx}_{j}_{ty} = select(vec{z}<f32>(0.0), src_v[select(0u, cbase + ({tx}u * plane + (2u * (y0 + {j}u) + {ty}u) * p.sz) / {z}u, ok{j})], ok{j});"
+                );
+            }
+        }
+    }
+    for t in 0..8 {
+        let (tx, ty, tz) = (t >> 2, (t >> 1) & 1, t & 1);
+        let _ = writeln!(w, "        {{");
+        for a in 0..m {
+            let c = 2 * a + t / 4;
+            let _ = writeln!(
+                w,
+                "            let k{a} = subgroupShuffle(w{}.{}, sb + {}u);",
+                c / 8,
+                comp[t % 4],
+                c % 8
+            );
+        }
+        for j in 0..v {
+            for q in 0..zq {
+                let x = format!("r{tx}_{j}_{ty}.{}", comp[2 * q + tz]);
+                for a in 0..m {
+                    let _ = writeln!(w, "            a{a}_{j}_{q} = fma(k{a}, {x}, a{a}_{j}_{q});");
+                }
+            }
+        }
+        let _ = writeln!(w, "        }}");
+    }
+    let _ = writeln!(
+        w,
+        "    }}
+    if !live || !xok {{
+        return;
+    }}
+    let cs = p.ox * p.oy * p.oz;
+    let base = p.dst_base + n * p.dst_batch + ((cb * {m}u * p.ox + xo) * p.oy + y0) * p.oz + q0;"
+    );
+    for a in 0..m {
+        let _ = writeln!(
+            w,
+            "    if cb * {m}u + {a}u < p.cout {{
+        let b = bias_of(cb * {m}u + {a}u);"
+        );
+        for j in 0..v {
+            let at = format!("base + {a}u * cs + {j}u * p.oz");
+            let val = if zq == 1 {
+                format!("dst[{at}] = a{a}_{j}_0 + b;")
+            } else {
+                let parts: Vec<String> = (0..zq).map(|q| format!("a{a}_{j}_{q} + b")).collect();
+                format!("dst_v[({at}) / {zq}u] = vec{zq}<f32>({});", parts.join(", "))
+            };
+            let _ = writeln!(w, "        if y0 + {j}u < p.oy {{\n            {val}\n        }}");
+        }
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
 pub(super) fn sg_up_shader(m: usize, v: usize) -> &'static str {
     generated_shader(&format!("conv3d_up_sg_m{m}v{v}"), || sg_up_source(m, v))
 }

@@ -50,8 +50,8 @@ mod generate;
 pub use bench::{
     BenchCase, BenchPreset, BenchRow, Pass, bench_cases, bench_conv_kernels, bench_operands, bench_pass,
 };
-use generate::{sg_gather_shader, sg_up_shader, sg_wgrad_shader};
-pub use generate::{sg_gather_source, sg_up_source, sg_wgrad_source};
+use generate::{sg_down_shader, sg_gather_shader, sg_up_shader, sg_wgrad_shader};
+pub use generate::{sg_down_source, sg_gather_source, sg_up_source, sg_wgrad_source};
 
 // ---- public API ----------------------------------------------------------------------------
 
@@ -319,8 +319,17 @@ pub enum Form {
 
 const SUBGROUP_GATHER: &[(u32, u32, u32, u32)] = &[(8, 4, 1, 1), (16, 4, 1, 1), (8, 8, 1, 1), (4, 8, 1, 1)];
 /// Kernels of at most 2^3 taps reuse an input only across channels: wider channel tiles.
-const SUBGROUP_GATHER_SMALL: &[(u32, u32, u32, u32)] =
-    &[(8, 4, 1, 1), (16, 4, 1, 1), (32, 4, 1, 1), (4, 8, 1, 1)];
+const SUBGROUP_GATHER_SMALL: &[(u32, u32, u32, u32)] = &[
+    (8, 4, 1, 1),
+    (16, 4, 1, 1),
+    (32, 4, 1, 1),
+    (4, 8, 1, 1),
+    (16, 2, 1, 4),
+    (32, 1, 1, 4),
+    (8, 2, 1, 4),
+    (16, 2, 1, 2),
+    (32, 2, 1, 2),
+];
 const SUBGROUP_UP: &[(u32, u32, u32, u32)] = &[(4, 4, 1, 1), (8, 2, 1, 1), (2, 4, 1, 1), (8, 4, 1, 1)];
 const SUBGROUP_WGRAD: &[(u32, u32, u32, u32)] = &[(2, 2, 1, 1), (4, 1, 1, 1), (2, 1, 2, 1), (1, 2, 2, 1)];
 /// Kernels of at most 2^3 taps hold more B channels per tile for the same registers.
@@ -441,6 +450,13 @@ struct TuneKey {
     channels: (usize, usize),
     /// log2 of the output voxels of one launch
     vox: u32,
+    /// The widest vectors along z that the shape's rows fit (1, 2 or 4)
+    zvec: u32,
+}
+
+/// The widest vector width along z that `aligned` accepts.
+fn widest(aligned: &dyn Fn(u32) -> bool) -> u32 {
+    [4, 2].into_iter().find(|&z| aligned(z)).unwrap_or(1)
 }
 
 static TUNED: Mutex<Option<HashMap<TuneKey, Algo>>> = Mutex::new(None);
@@ -474,7 +490,16 @@ fn tune_file() -> Option<std::path::PathBuf> {
 
 fn key_text(key: &TuneKey) -> String {
     let (c0, c1) = key.channels;
-    format!("{}|{:?} k{} s{} c{} {c0}x{c1} v{}", gpu().info.name, key.form, key.k, key.s, key.ncls, key.vox)
+    let z = if key.zvec > 1 { format!(" z{}", key.zvec) } else { String::new() };
+    format!(
+        "{}|{:?} k{} s{} c{} {c0}x{c1} v{}{z}",
+        gpu().info.name,
+        key.form,
+        key.k,
+        key.s,
+        key.ncls,
+        key.vox
+    )
 }
 
 impl std::fmt::Display for Algo {
@@ -669,7 +694,7 @@ impl Prep<'_> {
             p = p.i(r[0]).i(r[1]).i(r[2]).i(0);
         }
         gpu().dispatch_1d(
-            &Kernel::new("conv3d", "prep_weights"),
+            &Kernel::new("conv3d", "prep_weights").with("PM", m as f64).with("PKK", self.kk as f64),
             p.bytes(),
             &[self.w.binding(), out.binding()],
             total as u64 + 8,
@@ -695,6 +720,15 @@ fn gather(
     let form = if up.is_some() { Form::Up } else { Form::Gather };
     let ext: Vec<usize> = out_shape[2..].iter().map(|&d| d.div_ceil(g.os)).collect();
     let vox = (ext.iter().product::<usize>() * g.ncls).max(1);
+    // Vectors along z: the k2 s2 convolution without padding (`down_sg`) reads input rows as
+    // vectors of z and writes z / 2 outputs per lane.
+    let samples = [src.numel() / ss[0], out_shape[1..].iter().product(), crate::ops::align_elems()];
+    let down = form == Form::Gather
+        && (g.k, g.s, g.os, g.ncls, g.off) == (2, 2, 1, 1, [[0; 3]; 2])
+        && (prep.k, prep.so, prep.si, prep.tstep, prep.tbase) == (2, 8 * prep.inp, 8, 1, [[0; 3]; 2]);
+    let aligned = |z: u32| {
+        z == 1 || (down && ss[4] == 2 * out_shape[4] && vec_aligned(z, &[ss[4], 2 * out_shape[4]], &samples))
+    };
     let key = TuneKey {
         form,
         k: g.k,
@@ -702,8 +736,10 @@ fn gather(
         ncls: g.ncls,
         channels: (g.cin, g.cout),
         vox: usize::BITS - (vox * if split_batch(&[src]) { 1 } else { ss[0] }).leading_zeros(),
+        zvec: widest(&aligned),
     };
     let run = |algo: Algo| {
+        let algo = effective(algo, aligned);
         let dst = Tensor::empty(&out_shape);
         if dst.numel() == 0 {
             return dst;
@@ -713,7 +749,11 @@ fn gather(
             (Algo::Subgroup { m, .. }, None) => (m, prep),
             (Algo::Tiled { bm, .. }, _) => (bm, prep),
         };
-        let wt = prep.run(m as usize);
+        // `down_sg` reads the weights in place.
+        let wt = match algo {
+            Algo::Subgroup { z: 2 | 4, .. } if form == Form::Gather => prep.w.clone(),
+            _ => prep.run(m as usize),
+        };
         let samples: Vec<Option<usize>> =
             if split_batch(&[src, &dst]) { (0..ss[0]).map(Some).collect() } else { vec![None] };
         for n in samples {
@@ -724,7 +764,7 @@ fn gather(
         }
         dst
     };
-    autotune(key, candidates(form, g.k, (g.cout, g.cin), &|z| z == 1), &run)
+    autotune(key, candidates(form, g.k, (g.cout, g.cin), &aligned), &run)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -748,8 +788,10 @@ fn launch_gather(
     } as usize;
     let cblocks = g.cout.div_ceil(m);
     let (zblocks, yblocks, tiles) = match algo {
-        Algo::Subgroup { v, .. } => {
-            let (zb, yb) = (ext[2].div_ceil(8), ext[1].div_ceil(v as usize));
+        Algo::Subgroup { v, z, .. } => {
+            // Each lane of `down_sg` holds z / 2 outputs along z.
+            let zq = (z as usize / 2).max(1);
+            let (zb, yb) = (ext[2].div_ceil(8 * zq), ext[1].div_ceil(v as usize));
             (zb, yb, zb * yb * ext[0] * cblocks * g.ncls * nbatch)
         }
         Algo::Tiled { bn, .. } => (0, 0, (ext[0] * ext[1] * ext[2]).div_ceil(bn as usize)),
@@ -785,6 +827,10 @@ fn launch_gather(
     let bias_binding = bias.map_or(wt.binding(), |b| b.binding());
     let bindings = [sb, wt.binding(), bias_binding, db];
     match algo {
+        Algo::Subgroup { m, v, z: z @ (2 | 4), .. } => {
+            let kernel = Kernel::new(sg_down_shader(m as usize, v as usize, z as usize), "down_sg");
+            gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
+        }
         Algo::Subgroup { m, v, .. } => {
             let kernel = Kernel::new(sg_gather_shader(g.k, g.s, m as usize, v as usize), "conv_sg");
             gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
@@ -869,6 +915,10 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
     let (ca, cb, k3) = (as_[1], bs[1], g.k.pow(3));
     let split = split_batch(&[a, b]);
     let vox: usize = as_[2..].iter().product::<usize>() * if split { 1 } else { as_[0] };
+    // Rows of A and B start at multiples of z when their lengths, the z offset, the samples and
+    // the bindings' offset alignment are.
+    let samples = [a.numel() / as_[0], b.numel() / bs[0], crate::ops::align_elems()];
+    let aligned = |z: u32| vec_aligned(z, &[as_[4], bs[4], g.off[2].rem_euclid(z as i64) as usize], &samples);
     let key = TuneKey {
         form: Form::Wgrad,
         k: g.k,
@@ -876,11 +926,8 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
         ncls: 1,
         channels: (ca, cb),
         vox: usize::BITS - vox.max(1).leading_zeros(),
+        zvec: widest(&aligned),
     };
-    // Rows of A and B start at multiples of z when their lengths, the z offset, the samples and
-    // the bindings' offset alignment are.
-    let samples = [a.numel() / as_[0], b.numel() / bs[0], crate::ops::align_elems()];
-    let aligned = |z: u32| vec_aligned(z, &[as_[4], bs[4], g.off[2].rem_euclid(z as i64) as usize], &samples);
     let run = |algo: Algo| {
         let algo = effective(algo, aligned);
         let launches = if split { as_[0] } else { 1 };
