@@ -453,6 +453,170 @@ fn up_sg(
     o
 }
 
+/// The k2 s2 transposed convolution kernel writing rows along z as vectors of z (2 or 4), m
+/// channels x v rows per lane.
+pub(super) fn sg_up_vec_shader(m: usize, v: usize, z: usize) -> &'static str {
+    generated_shader(&format!("conv3d_upv_sg_m{m}v{v}z{z}"), || sg_up_vec_source(m, v, z))
+}
+
+/// out[n, o, 2q + t] = bias[o] + sum_i src[n, i, q] * W[i, o, t] for the eight taps t, W read in
+/// place as [cin][cout][8] (both callers' layouts). Lanes hold z / 2 consecutive q along z each,
+/// 8 lanes a tile row, with m channels x v rows x 8 taps; for each input channel a lane reads its
+/// inputs of each row as one vector of z / 2 (`src_v`, scalar for z = 2) and 1/8 of the weight
+/// block (m channels' 8 taps, contiguous) as vec4s, shared by shuffles; each output row of a lane
+/// is one vector of z (`dst_v`). Rows along z of the input and output must be whole vectors,
+/// the output's twice the input's; along x and y q runs over ceil(out / 2), reading 0 past the
+/// input (an odd output extent).
+pub fn sg_up_vec_source(m: usize, v: usize, z: usize) -> String {
+    assert!(z == 2 || z == 4, "up rows are written as vec2 or vec4");
+    let zq = z / 2;
+    let w4 = 2 * m;
+    let nw = w4.div_ceil(8);
+    let comp = ["x", "y", "z", "w"];
+    let mut o = String::from(include_str!("../../../shaders/conv3d.wgsl"));
+    let w = &mut o;
+    let src_decl = if zq == 1 {
+        String::new()
+    } else {
+        format!("@group(0) @binding(1) var<storage, read> src_v: array<vec{zq}<f32>>;\n")
+    };
+    let _ = writeln!(
+        w,
+        "
+{src_decl}@group(0) @binding(2) var<storage, read> wt4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> dst_v: array<vec{z}<f32>>;
+
+// Generated: k2 s2 transposed convolution, {m} channels x {v} rows x 8 taps x {zq} z per lane,
+// output rows as vec{z}.
+@compute @workgroup_size(64)
+fn upv_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    let zb = t % p.zblocks;
+    t /= p.zblocks;
+    let yb = t % p.yblocks;
+    t /= p.yblocks;
+    let qx = t % p.xblocks;
+    t /= p.xblocks;
+    let cb = t % p.cblocks;
+    let n = t / p.cblocks;
+    let qz = (zb * 8u + lane) * {zq}u;
+    let qy0 = yb * {v}u;
+    let plane = p.sy * p.sz;
+    let xok = qx < p.sx && qz < p.sz;
+    let sbase = p.src_base + n * p.src_batch + select(0u, qx, xok) * plane + select(0u, qz, xok);
+    let wlast = arrayLength(&wt4) - 1u;"
+    );
+    for c in 0..nw {
+        // Lane l reads vec4 c' = l + 8 c of the block: half c' % 2 of channel c' / 2's taps.
+        let _ = writeln!(w, "    let wl{c} = cb * {w4}u + min(lane + {}u, {}u);", 8 * c, w4 - 1);
+    }
+    for a in 0..m {
+        for j in 0..v {
+            for t in 0..8 {
+                for q in 0..zq {
+                    let _ = writeln!(w, "    var a{a}_{j}_{t}_{q} = 0.0;");
+                }
+            }
+        }
+    }
+    for j in 0..v {
+        let _ = writeln!(w, "    let ok{j} = xok && qy0 + {j}u < p.sy;");
+    }
+    let _ = writeln!(
+        w,
+        "    for (var ci = 0u; ci < p.cin; ci++) {{
+        let wb = ci * p.cout * 2u;
+        let cbase = sbase + ci * p.sx * plane;"
+    );
+    for c in 0..nw {
+        let _ = writeln!(w, "        let w{c} = wt4[min(wb + wl{c}, wlast)];");
+    }
+    for j in 0..v {
+        let at = format!("cbase + select(0u, qy0 + {j}u, ok{j}) * p.sz");
+        if zq == 1 {
+            let _ = writeln!(w, "        let x{j} = select(0.0, src[{at}], ok{j});");
+        } else {
+            let _ =
+                writeln!(w, "        let x{j} = select(vec{zq}<f32>(0.0), src_v[({at}) / {zq}u], ok{j});");
+        }
+    }
+    for t in 0..8 {
+        let _ = writeln!(w, "        {{");
+        for a in 0..m {
+            let c = 2 * a + t / 4;
+            let _ = writeln!(
+                w,
+                "            let k{a} = subgroupShuffle(w{}.{}, sb + {}u);",
+                c / 8,
+                comp[t % 4],
+                c % 8
+            );
+        }
+        for j in 0..v {
+            for (q, c) in comp.iter().enumerate().take(zq) {
+                let x = if zq == 1 { format!("x{j}") } else { format!("x{j}.{c}") };
+                for a in 0..m {
+                    let _ = writeln!(w, "            a{a}_{j}_{t}_{q} = fma(k{a}, {x}, a{a}_{j}_{t}_{q});");
+                }
+            }
+        }
+        let _ = writeln!(w, "        }}");
+    }
+    let _ = writeln!(
+        w,
+        "    }}
+    if !live || qz >= p.sz || 2u * qx >= p.ox {{
+        return;
+    }}
+    let cs = p.ox * p.oy * p.oz;
+    let xs = p.oy * p.oz;
+    // In vectors of {z}: channel cb * {m}, x 2 qx, y 2 qy0, z 2 qz.
+    let base = (p.dst_base + n * p.dst_batch + ((cb * {m}u * p.ox + 2u * qx) * p.oy + 2u * qy0) * p.oz + 2u * qz) / {z}u;
+    let xin = 2u * qx + 1u < p.ox;"
+    );
+    for a in 0..m {
+        let _ = writeln!(
+            w,
+            "    if cb * {m}u + {a}u < p.cout {{
+        let b = bias_of(cb * {m}u + {a}u);"
+        );
+        for j in 0..v {
+            for tx in 0..2 {
+                for ty in 0..2 {
+                    let mut parts = Vec::new();
+                    for q in 0..zq {
+                        for tz in 0..2 {
+                            let t = tx * 4 + ty * 2 + tz;
+                            parts.push(format!("a{a}_{j}_{t}_{q} + b"));
+                        }
+                    }
+                    let cond = if tx == 1 { "xin && " } else { "" };
+                    let _ = writeln!(
+                        w,
+                        "        if {cond}2u * (qy0 + {j}u) + {ty}u < p.oy {{
+            dst_v[base + ({a}u * cs + {tx}u * xs + {}u * p.oz) / {z}u] = vec{z}<f32>({});
+        }}",
+                        2 * j + ty,
+                        parts.join(", ")
+                    );
+                }
+            }
+        }
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
 /// The subgroup weight-gradient kernel for kernel size k, stride s, m A channels per lane, v B
 /// channels per tile, r output rows (along y) per step and rows read as vectors of z (1 or 4).
 pub(super) fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize, r: usize, z: usize) -> &'static str {

@@ -50,8 +50,8 @@ mod generate;
 pub use bench::{
     BenchCase, BenchPreset, BenchRow, Pass, bench_cases, bench_conv_kernels, bench_operands, bench_pass,
 };
-use generate::{sg_down_shader, sg_gather_shader, sg_up_shader, sg_wgrad_shader};
-pub use generate::{sg_down_source, sg_gather_source, sg_up_source, sg_wgrad_source};
+use generate::{sg_down_shader, sg_gather_shader, sg_up_shader, sg_up_vec_shader, sg_wgrad_shader};
+pub use generate::{sg_down_source, sg_gather_source, sg_up_source, sg_up_vec_source, sg_wgrad_source};
 
 // ---- public API ----------------------------------------------------------------------------
 
@@ -330,7 +330,16 @@ const SUBGROUP_GATHER_SMALL: &[(u32, u32, u32, u32)] = &[
     (16, 2, 1, 2),
     (32, 2, 1, 2),
 ];
-const SUBGROUP_UP: &[(u32, u32, u32, u32)] = &[(4, 4, 1, 1), (8, 2, 1, 1), (2, 4, 1, 1), (8, 4, 1, 1)];
+const SUBGROUP_UP: &[(u32, u32, u32, u32)] = &[
+    (4, 4, 1, 1),
+    (8, 2, 1, 1),
+    (2, 4, 1, 1),
+    (8, 4, 1, 1),
+    (4, 2, 1, 4),
+    (8, 1, 1, 4),
+    (4, 4, 1, 2),
+    (8, 2, 1, 2),
+];
 const SUBGROUP_WGRAD: &[(u32, u32, u32, u32)] = &[(2, 2, 1, 1), (4, 1, 1, 1), (2, 1, 2, 1), (1, 2, 2, 1)];
 /// Kernels of at most 2^3 taps hold more B channels per tile for the same registers.
 const SUBGROUP_WGRAD_SMALL: &[(u32, u32, u32, u32)] = &[
@@ -726,8 +735,19 @@ fn gather(
     let down = form == Form::Gather
         && (g.k, g.s, g.os, g.ncls, g.off) == (2, 2, 1, 1, [[0; 3]; 2])
         && (prep.k, prep.so, prep.si, prep.tstep, prep.tbase) == (2, 8 * prep.inp, 8, 1, [[0; 3]; 2]);
+    // And the k2 s2 transposed convolution (`upv_sg`) reads z / 2 inputs per lane as a vector
+    // and writes output rows as vectors of z.
+    let upv =
+        up.is_some_and(|u| (u.k, u.kk, u.so, u.si, u.tstep, u.tbase) == (2, 2, 8, 8 * u.out, 1, [[0; 3]; 2]));
     let aligned = |z: u32| {
-        z == 1 || (down && ss[4] == 2 * out_shape[4] && vec_aligned(z, &[ss[4], 2 * out_shape[4]], &samples))
+        let (src_rows, dst_rows) = ([ss[4]], [out_shape[4]]);
+        let (src_samples, dst_samples) = ([samples[0], samples[2]], [samples[1], samples[2]]);
+        z == 1
+            || (down && ss[4] == 2 * out_shape[4] && vec_aligned(z, &[ss[4], 2 * out_shape[4]], &samples))
+            || (upv
+                && out_shape[4] == 2 * ss[4]
+                && vec_aligned(z / 2, &src_rows, &src_samples)
+                && vec_aligned(z, &dst_rows, &dst_samples))
     };
     let key = TuneKey {
         form,
@@ -749,9 +769,9 @@ fn gather(
             (Algo::Subgroup { m, .. }, None) => (m, prep),
             (Algo::Tiled { bm, .. }, _) => (bm, prep),
         };
-        // `down_sg` reads the weights in place.
+        // `down_sg` and `upv_sg` read the weights in place.
         let wt = match algo {
-            Algo::Subgroup { z: 2 | 4, .. } if form == Form::Gather => prep.w.clone(),
+            Algo::Subgroup { z: 2 | 4, .. } => prep.w.clone(),
             _ => prep.run(m as usize),
         };
         let samples: Vec<Option<usize>> =
@@ -854,13 +874,15 @@ fn launch_up(
     ext: &[usize],
     g: &GatherGeom,
 ) {
-    let Algo::Subgroup { m, v, .. } = algo else { unreachable!("the up kernels are subgroup kernels") };
+    let Algo::Subgroup { m, v, z, .. } = algo else { unreachable!("the up kernels are subgroup kernels") };
     let (ss, ds) = (src.shape(), dst.shape());
     let nbatch = if sample.is_some() { 1 } else { ss[0] };
     let (sb, src_base) = bind_sample(src, sample);
     let (db, dst_base) = bind_sample(dst, sample);
     let cblocks = g.cout.div_ceil(m as usize);
-    let (zblocks, yblocks) = (ext[2].div_ceil(8), ext[1].div_ceil(v as usize));
+    // Lanes of `upv_sg` hold z / 2 inputs along z.
+    let zq = (z as usize / 2).max(1);
+    let (zblocks, yblocks) = (ext[2].div_ceil(8 * zq), ext[1].div_ceil(v as usize));
     let tiles = zblocks * yblocks * ext[0] * cblocks * nbatch;
     let mut p = Params::new()
         .u(g.cin)
@@ -891,7 +913,10 @@ fn launch_up(
         p = p.i(0);
     }
     let bias_binding = bias.map_or(wt.binding(), |b| b.binding());
-    let kernel = Kernel::new(sg_up_shader(m as usize, v as usize), "up_sg");
+    let kernel = match z {
+        1 => Kernel::new(sg_up_shader(m as usize, v as usize), "up_sg"),
+        _ => Kernel::new(sg_up_vec_shader(m as usize, v as usize, z as usize), "upv_sg"),
+    };
     gpu().dispatch(
         &kernel,
         p.bytes(),
