@@ -628,14 +628,16 @@ pub(super) fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize, r: usize, 
 /// in runs of 8 z (16 when z = 4). Each lane loads its channels' r rows of A; each B row under
 /// the step (8 s + k values, 16 s + k when z = 4; (r - 1) s + k rows per x tap) is loaded once
 /// per tile, 8 lanes at a time, and broadcast by shuffles to every tap along z and every output
-/// row it serves. With z = 4 the rows are read as vec4 (the views `src_a4`, `src_b4` of the same
-/// bindings): A and B rows must start at multiples of 4 elements and hold a multiple of 4, so
-/// that a vec4 is wholly inside or outside a row.
+/// row it serves. With z = 2 the B rows are read as vec2 (the view `src_bv` of the binding),
+/// with z = 4 the A and B rows as vec4 (`src_a4`, `src_bv`): those rows must start at
+/// multiples of z elements and hold a multiple of z, so that a vector is wholly inside or
+/// outside a row.
 pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize, z: usize) -> String {
-    assert!(z == 1 || z == 4, "wgrad rows are read as scalars or vec4");
-    let zs = if z == 1 { 8 } else { 16 };
+    assert!([1, 2, 4].contains(&z), "wgrad rows are read as scalars, vec2 or vec4");
+    let zs = if z == 4 { 16 } else { 8 };
     let span = (zs - 1) * s + k;
-    let nl = if z == 1 { span.div_ceil(8) } else { span.div_ceil(32) };
+    // B spans are read z values per lane (vec2: B only; vec4: A too).
+    let nl = span.div_ceil(8 * z);
     let k3 = k * k * k;
     let brows = (r - 1) * s + k;
     let mut o = String::from(include_str!("../../../shaders/conv3d_grad.wgsl"));
@@ -645,14 +647,20 @@ pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize, z: usiz
             w,
             "
 @group(0) @binding(1) var<storage, read> src_a4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> src_b4: array<vec4<f32>>;
 
 fn a4_at(i: u32, ok: bool) -> vec4<f32> {{
     return select(vec4<f32>(0.0), src_a4[select(0u, i, ok)], ok);
-}}
+}}"
+        );
+    }
+    if z > 1 {
+        let _ = writeln!(
+            w,
+            "
+@group(0) @binding(2) var<storage, read> src_bv: array<vec{z}<f32>>;
 
-fn b4_at(i: i32, ok: bool) -> vec4<f32> {{
-    return select(vec4<f32>(0.0), src_b4[u32(select(0, i, ok))], ok);
+fn bv_at(i: i32, ok: bool) -> vec{z}<f32> {{
+    return select(vec{z}<f32>(0.0), src_bv[u32(select(0, i, ok))], ok);
 }}"
         );
     }
@@ -717,7 +725,7 @@ fn wgrad_sg(
     for rr in 0..r {
         for i in 0..m {
             let ok = format!("chok{i} && qy0 + {rr}u < p.ay");
-            if z == 1 {
+            if z < 4 {
                 for j in 0..8 {
                     let _ = writeln!(
                         w,
@@ -738,23 +746,13 @@ fn wgrad_sg(
     let comp = ["x", "y", "z", "w"];
     // The A value of lane channel i, row rr, z0 + j.
     let xval = |i: usize, rr: usize, j: usize| {
-        if z == 1 { format!("x{i}_{rr}_{j}") } else { format!("x{i}_{rr}_v{}.{}", j / 4, comp[j % 4]) }
+        if z < 4 { format!("x{i}_{rr}_{j}") } else { format!("x{i}_{rr}_v{}.{}", j / 4, comp[j % 4]) }
     };
-    if z == 1 {
-        for q in 0..nl {
-            let _ = writeln!(w, "            let zi{q} = i32(z0 * {s}u) + p.off.z + i32(lane) + {};", 8 * q);
-            let _ = writeln!(w, "            let zok{q} = zi{q} >= 0 && zi{q} < bz;");
-        }
-    } else {
-        for q in 0..nl {
-            // Lane l reads the vec4 starting at element 4 (l + 8 q) of the step's span.
-            let _ = writeln!(
-                w,
-                "            let zi{q} = i32(z0 * {s}u) + p.off.z + 4 * (i32(lane) + {});",
-                8 * q
-            );
-            let _ = writeln!(w, "            let zok{q} = zi{q} >= 0 && zi{q} < bz;");
-        }
+    for q in 0..nl {
+        // Lane l reads the z values from element z (l + 8 q) of the step's span.
+        let _ =
+            writeln!(w, "            let zi{q} = i32(z0 * {s}u) + p.off.z + {z} * (i32(lane) + {});", 8 * q);
+        let _ = writeln!(w, "            let zok{q} = zi{q} >= 0 && zi{q} < bz;");
     }
     for b in 0..v {
         for dx in 0..k {
@@ -771,8 +769,10 @@ fn wgrad_sg(
                     if z == 1 {
                         let _ = writeln!(w, "                let l{q} = b_at(rb + zi{q}, ok && zok{q});");
                     } else {
-                        let _ =
-                            writeln!(w, "                let l{q} = b4_at((rb + zi{q}) / 4, ok && zok{q});");
+                        let _ = writeln!(
+                            w,
+                            "                let l{q} = bv_at((rb + zi{q}) / {z}, ok && zok{q});"
+                        );
                     }
                 }
                 for e in 0..span {
@@ -787,9 +787,9 @@ fn wgrad_sg(
                         let _ = writeln!(
                             w,
                             "                let e{e} = subgroupShuffle(l{}.{}, sb + {}u);",
-                            e / 32,
-                            comp[e % 4],
-                            (e / 4) % 8
+                            e / (8 * z),
+                            comp[e % z],
+                            (e / z) % 8
                         );
                     }
                 }

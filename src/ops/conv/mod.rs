@@ -351,6 +351,9 @@ const SUBGROUP_WGRAD_SMALL: &[(u32, u32, u32, u32)] = &[
     (2, 4, 1, 4),
     (4, 2, 1, 4),
     (1, 4, 1, 4),
+    (2, 2, 1, 2),
+    (4, 2, 1, 2),
+    (4, 4, 1, 2),
 ];
 const TILED: [Algo; 2] = [
     Algo::Tiled { bm: 32, bn: 64, bk: 16, tm: 4, tn: 4 },
@@ -940,10 +943,14 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
     let (ca, cb, k3) = (as_[1], bs[1], g.k.pow(3));
     let split = split_batch(&[a, b]);
     let vox: usize = as_[2..].iter().product::<usize>() * if split { 1 } else { as_[0] };
-    // Rows of A and B start at multiples of z when their lengths, the z offset, the samples and
-    // the bindings' offset alignment are.
-    let samples = [a.numel() / as_[0], b.numel() / bs[0], crate::ops::align_elems()];
-    let aligned = |z: u32| vec_aligned(z, &[as_[4], bs[4], g.off[2].rem_euclid(z as i64) as usize], &samples);
+    // Rows of B (z = 2) or A and B (z = 4) start at multiples of z when their lengths, the z
+    // offset, the samples and the bindings' offset alignment are.
+    let align = crate::ops::align_elems();
+    let aligned = |z: u32| {
+        let b_rows = [bs[4], g.off[2].rem_euclid(z as i64) as usize];
+        vec_aligned(z, &b_rows, &[b.numel() / bs[0], align])
+            && (z < 4 || vec_aligned(z, &[as_[4]], &[a.numel() / as_[0], align]))
+    };
     let key = TuneKey {
         form: Form::Wgrad,
         k: g.k,
@@ -967,7 +974,14 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
             Algo::Subgroup { m, v, .. } => ca.div_ceil(8 * m as usize) * cb.div_ceil(v as usize),
             Algo::Tiled { bm, bn, .. } => ca.div_ceil(bm as usize) * (cb * k3).div_ceil(bn as usize) * 8,
         };
-        let want = 512usize.div_ceil(tiles).max(1);
+        // A software device runs a few workgroups per thread at a time: more chunks there only
+        // add partial sums to add up.
+        let fill = if gpu().is_software() {
+            64 * std::thread::available_parallelism().map_or(4, |n| n.get())
+        } else {
+            512
+        };
+        let want = fill.div_ceil(tiles).max(1);
         let cap = (1usize << 24) / (ca * cb * k3 * launches);
         let chunks = want.min(cap.max(1)).min(rows.max(1));
         let mut chunk_rows = rows.div_ceil(chunks).max(1);
@@ -983,7 +997,8 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
             let sample = split.then_some(l);
             launch_wgrad(algo, a, b, sample, &part, l * chunks, chunks, chunk_rows, rows, g);
         }
-        part.sum(&[0], false).reshape(&[ca, cb, g.k, g.k, g.k])
+        let dw = if launches * chunks == 1 { part } else { part.sum(&[0], false) };
+        dw.reshape(&[ca, cb, g.k, g.k, g.k])
     };
     autotune(key, candidates(Form::Wgrad, g.k, (ca, cb), &aligned), &run)
 }
