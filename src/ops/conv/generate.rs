@@ -619,9 +619,17 @@ fn upv_sg(
 
 /// The subgroup weight-gradient kernel for kernel size k, stride s, m A channels per lane, v B
 /// channels per tile, r output rows (along y) per step and rows read as vectors of z (1 or 4).
-pub(super) fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize, r: usize, z: usize) -> &'static str {
-    let name = format!("conv3d_grad_sg_k{k}s{s}m{m}v{v}r{r}z{z}");
-    generated_shader(&name, || sg_wgrad_source(k, s, m, v, r, z))
+pub(super) fn sg_wgrad_shader(
+    k: usize,
+    s: usize,
+    m: usize,
+    v: usize,
+    r: usize,
+    z: usize,
+    lz: usize,
+) -> &'static str {
+    let name = format!("conv3d_grad_sg_k{k}s{s}m{m}v{v}r{r}z{z}l{lz}");
+    generated_shader(&name, || sg_wgrad_source(k, s, m, v, r, z, lz))
 }
 
 /// Lanes are 8 channels of A (m each); a tile walks its chunk of steps (n, qx, r rows along y)
@@ -632,12 +640,19 @@ pub(super) fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize, r: usize, 
 /// with z = 4 the A and B rows as vec4 (`src_a4`, `src_bv`): those rows must start at
 /// multiples of z elements and hold a multiple of z, so that a vector is wholly inside or
 /// outside a row.
-pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize, z: usize) -> String {
+pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize, z: usize, lz: usize) -> String {
     assert!([1, 2, 4].contains(&z), "wgrad rows are read as scalars, vec2 or vec4");
     let zs = if z == 4 { 16 } else { 8 };
     let span = (zs - 1) * s + k;
     // B spans are read z values per lane (vec2: B only; vec4: A too).
     let nl = span.div_ceil(8 * z);
+    // Lane groups along z: each lane covers zl of the step's zs values, from element qs of its
+    // B span (in vectors of 4), and 8 / lz lanes cover the tile's A channels.
+    assert!(
+        lz == 1 || (z == 4 && nl == 1 && (zs / lz * s).is_multiple_of(4)),
+        "lanes split along z: vec4, one B load"
+    );
+    let (zl, la) = (zs / lz, 8 / lz);
     let k3 = k * k * k;
     let brows = (r - 1) * s + k;
     let mut o = String::from(include_str!("../../../shaders/conv3d_grad.wgsl"));
@@ -695,10 +710,13 @@ fn wgrad_sg(
     let bstride = bx * by * bz;",
         r1 = r - 1
     );
+    let _ = writeln!(w, "    let la = lane % {la}u;\n    let lq = lane / {la}u;");
     for i in 0..m {
-        let _ = writeln!(w, "    let ch{i} = ab * {}u + lane + {}u;", 8 * m, 8 * i);
+        let _ = writeln!(w, "    let ch{i} = ab * {}u + la + {}u;", la * m, la * i);
         let _ = writeln!(w, "    let chok{i} = ch{i} < p.ca;");
     }
+    // This lane's first z of a step and, in vec4s, its first B value there.
+    let _ = writeln!(w, "    let zl0 = lq * {zl}u;\n    let es0 = lq * {}u;", zl * s / 4);
     for b in 0..v {
         let _ = writeln!(w, "    let bc{b} = bb * {v}u + {b}u;");
         let _ = writeln!(w, "    let bcok{b} = bc{b} < p.cb;");
@@ -733,10 +751,10 @@ fn wgrad_sg(
                     );
                 }
             } else {
-                for c in 0..4 {
+                for c in 0..zl / 4 {
                     let _ = writeln!(
                         w,
-                        "            let x{i}_{rr}_v{c} = a4_at((abase + ch{i} * astride + p.az * {rr}u + z0) / 4u + {c}u, {ok} && z0 + {}u < p.az);",
+                        "            let x{i}_{rr}_v{c} = a4_at((abase + ch{i} * astride + p.az * {rr}u + z0 + zl0) / 4u + {c}u, {ok} && z0 + zl0 + {}u < p.az);",
                         4 * c
                     );
                 }
@@ -744,7 +762,7 @@ fn wgrad_sg(
         }
     }
     let comp = ["x", "y", "z", "w"];
-    // The A value of lane channel i, row rr, z0 + j.
+    // The A value of lane channel i, row rr, z0 + zl0 + j.
     let xval = |i: usize, rr: usize, j: usize| {
         if z < 4 { format!("x{i}_{rr}_{j}") } else { format!("x{i}_{rr}_v{}.{}", j / 4, comp[j % 4]) }
     };
@@ -775,7 +793,8 @@ fn wgrad_sg(
                         );
                     }
                 }
-                for e in 0..span {
+                // The lane's B values: element e of its part of the span.
+                for e in 0..(zl - 1) * s + k {
                     if z == 1 {
                         let _ = writeln!(
                             w,
@@ -783,7 +802,7 @@ fn wgrad_sg(
                             e / 8,
                             e % 8
                         );
-                    } else {
+                    } else if lz == 1 {
                         let _ = writeln!(
                             w,
                             "                let e{e} = subgroupShuffle(l{}.{}, sb + {}u);",
@@ -791,11 +810,18 @@ fn wgrad_sg(
                             comp[e % z],
                             (e / z) % 8
                         );
+                    } else {
+                        let _ = writeln!(
+                            w,
+                            "                let e{e} = subgroupShuffle(l0.{}, sb + es0 + {}u);",
+                            comp[e % 4],
+                            e / 4
+                        );
                     }
                 }
                 for rr in 0..r {
                     let Some(dy) = yy.checked_sub(rr * s).filter(|&d| d < k) else { continue };
-                    for j in 0..zs {
+                    for j in 0..zl {
                         for dz in 0..k {
                             let t = (dx * k + dy) * k + dz;
                             for i in 0..m {
@@ -813,14 +839,20 @@ fn wgrad_sg(
             }
         }
     }
-    let _ = writeln!(
-        w,
-        "        }}
-    }}
-    if !live {{
-        return;
-    }}"
-    );
+    let _ = writeln!(w, "        }}\n    }}");
+    // Lane groups along z hold partial sums of the same channels: add them up.
+    let mut step = la;
+    while step < 8 {
+        for i in 0..m {
+            for b in 0..v {
+                for t in 0..k3 {
+                    let _ = writeln!(w, "    g{i}_{b}_{t} += subgroupShuffleXor(g{i}_{b}_{t}, {step}u);");
+                }
+            }
+        }
+        step *= 2;
+    }
+    let _ = writeln!(w, "    if !live || lq != 0u {{\n        return;\n    }}");
     for i in 0..m {
         for b in 0..v {
             let _ = writeln!(w, "    if chok{i} && bcok{b} {{");

@@ -284,8 +284,10 @@ pub enum Algo {
     /// (`m` per lane), a tile covers `v` B channels with every tap and steps over `r` output
     /// rows along y at a time. `z` > 1: rows along z are read (and written) as vectors of `z`
     /// (up: `z` inputs per lane; wgrad: vec4 rows, 16 z a step), where the tensors' rows are
-    /// aligned to them (`vec_aligned`); elsewhere the launch runs the `z` = 1 kernel.
-    Subgroup { m: u32, v: u32, r: u32, z: u32 },
+    /// aligned to them (`vec_aligned`); elsewhere the launch runs the `z` = 1 kernel. `lz`
+    /// (wgrad with z = 4): lanes split into `lz` groups along z (the step's 16 z), 8 / `lz`
+    /// lanes over A channels; each lane then receives by shuffle only its group's B values.
+    Subgroup { m: u32, v: u32, r: u32, z: u32, lz: u32 },
     /// Workgroup-memory implicit GEMM: `bm` (channels) x `bn` (voxels, or B columns) per
     /// workgroup, reduced `bk` at a time, `tm` x `tn` per invocation.
     Tiled { bm: u32, bn: u32, bk: u32, tm: u32, tn: u32 },
@@ -317,43 +319,48 @@ pub enum Form {
     Wgrad,
 }
 
-const SUBGROUP_GATHER: &[(u32, u32, u32, u32)] = &[(8, 4, 1, 1), (16, 4, 1, 1), (8, 8, 1, 1), (4, 8, 1, 1)];
+const SUBGROUP_GATHER: &[(u32, u32, u32, u32, u32)] =
+    &[(8, 4, 1, 1, 1), (16, 4, 1, 1, 1), (8, 8, 1, 1, 1), (4, 8, 1, 1, 1)];
 /// Kernels of at most 2^3 taps reuse an input only across channels: wider channel tiles.
-const SUBGROUP_GATHER_SMALL: &[(u32, u32, u32, u32)] = &[
-    (8, 4, 1, 1),
-    (16, 4, 1, 1),
-    (32, 4, 1, 1),
-    (4, 8, 1, 1),
-    (16, 2, 1, 4),
-    (32, 1, 1, 4),
-    (8, 2, 1, 4),
-    (16, 2, 1, 2),
-    (32, 2, 1, 2),
+const SUBGROUP_GATHER_SMALL: &[(u32, u32, u32, u32, u32)] = &[
+    (8, 4, 1, 1, 1),
+    (16, 4, 1, 1, 1),
+    (32, 4, 1, 1, 1),
+    (4, 8, 1, 1, 1),
+    (16, 2, 1, 4, 1),
+    (32, 1, 1, 4, 1),
+    (8, 2, 1, 4, 1),
+    (16, 2, 1, 2, 1),
+    (32, 2, 1, 2, 1),
 ];
-const SUBGROUP_UP: &[(u32, u32, u32, u32)] = &[
-    (4, 4, 1, 1),
-    (8, 2, 1, 1),
-    (2, 4, 1, 1),
-    (8, 4, 1, 1),
-    (4, 2, 1, 4),
-    (8, 1, 1, 4),
-    (4, 4, 1, 2),
-    (8, 2, 1, 2),
+const SUBGROUP_UP: &[(u32, u32, u32, u32, u32)] = &[
+    (4, 4, 1, 1, 1),
+    (8, 2, 1, 1, 1),
+    (2, 4, 1, 1, 1),
+    (8, 4, 1, 1, 1),
+    (4, 2, 1, 4, 1),
+    (8, 1, 1, 4, 1),
+    (4, 4, 1, 2, 1),
+    (8, 2, 1, 2, 1),
 ];
-const SUBGROUP_WGRAD: &[(u32, u32, u32, u32)] = &[(2, 2, 1, 1), (4, 1, 1, 1), (2, 1, 2, 1), (1, 2, 2, 1)];
+const SUBGROUP_WGRAD: &[(u32, u32, u32, u32, u32)] =
+    &[(2, 2, 1, 1, 1), (4, 1, 1, 1, 1), (2, 1, 2, 1, 1), (1, 2, 2, 1, 1)];
 /// Kernels of at most 2^3 taps hold more B channels per tile for the same registers.
-const SUBGROUP_WGRAD_SMALL: &[(u32, u32, u32, u32)] = &[
-    (2, 2, 1, 1),
-    (4, 2, 1, 1),
-    (4, 4, 1, 1),
-    (1, 4, 1, 1),
-    (2, 2, 1, 4),
-    (2, 4, 1, 4),
-    (4, 2, 1, 4),
-    (1, 4, 1, 4),
-    (2, 2, 1, 2),
-    (4, 2, 1, 2),
-    (4, 4, 1, 2),
+const SUBGROUP_WGRAD_SMALL: &[(u32, u32, u32, u32, u32)] = &[
+    (2, 2, 1, 1, 1),
+    (4, 2, 1, 1, 1),
+    (4, 4, 1, 1, 1),
+    (1, 4, 1, 1, 1),
+    (2, 2, 1, 4, 1),
+    (2, 4, 1, 4, 1),
+    (4, 2, 1, 4, 1),
+    (1, 4, 1, 4, 1),
+    (2, 2, 1, 2, 1),
+    (4, 2, 1, 2, 1),
+    (4, 4, 1, 2, 1),
+    (4, 2, 1, 4, 2),
+    (4, 4, 1, 4, 2),
+    (8, 2, 1, 4, 2),
 ];
 const TILED: [Algo; 2] = [
     Algo::Tiled { bm: 32, bn: 64, bk: 16, tm: 4, tn: 4 },
@@ -364,7 +371,7 @@ const TILED: [Algo; 2] = [
 /// not fit (`aligned`) runs as the same tile with scalars.
 fn effective(algo: Algo, aligned: impl Fn(u32) -> bool) -> Algo {
     match algo {
-        Algo::Subgroup { m, v, r, z } if !aligned(z) => Algo::Subgroup { m, v, r, z: 1 },
+        Algo::Subgroup { m, v, r, z, .. } if !aligned(z) => Algo::Subgroup { m, v, r, z: 1, lz: 1 },
         a => a,
     }
 }
@@ -393,7 +400,7 @@ pub fn algos(form: Form, k: usize) -> Vec<Algo> {
             Form::Wgrad if k <= 2 => SUBGROUP_WGRAD_SMALL,
             Form::Wgrad => SUBGROUP_WGRAD,
         };
-        v.extend(sg.iter().map(|&(m, v, r, z)| Algo::Subgroup { m, v, r, z }));
+        v.extend(sg.iter().map(|&(m, v, r, z, lz)| Algo::Subgroup { m, v, r, z, lz }));
     }
     v.extend(TILED);
     v
@@ -407,8 +414,8 @@ fn candidates(form: Form, k: usize, channels: (usize, usize), aligned: &dyn Fn(u
     let all = algos(form, k);
     let fits = |a: &Algo| match (form, a) {
         (_, Algo::Subgroup { z, .. }) if !aligned(*z) => false,
-        (Form::Wgrad, Algo::Subgroup { m, v, .. }) => {
-            8 * *m as usize <= channels.0.next_power_of_two().max(8)
+        (Form::Wgrad, Algo::Subgroup { m, v, lz, .. }) => {
+            (8 / lz * m) as usize <= channels.0.next_power_of_two().max(8)
                 && *v as usize <= channels.1.next_power_of_two()
         }
         (_, Algo::Subgroup { m, .. }) => *m as usize <= channels.0.next_power_of_two().max(4),
@@ -517,8 +524,9 @@ fn key_text(key: &TuneKey) -> String {
 impl std::fmt::Display for Algo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Algo::Subgroup { m, v, r, z: 1 } => write!(f, "subgroup {m} {v} {r}"),
-            Algo::Subgroup { m, v, r, z } => write!(f, "subgroup {m} {v} {r} {z}"),
+            Algo::Subgroup { m, v, r, z: 1, lz: 1 } => write!(f, "subgroup {m} {v} {r}"),
+            Algo::Subgroup { m, v, r, z, lz: 1 } => write!(f, "subgroup {m} {v} {r} {z}"),
+            Algo::Subgroup { m, v, r, z, lz } => write!(f, "subgroup {m} {v} {r} {z} {lz}"),
             Algo::Tiled { bm, bn, bk, tm, tn } => write!(f, "tiled {bm} {bn} {bk} {tm} {tn}"),
         }
     }
@@ -532,8 +540,9 @@ impl std::str::FromStr for Algo {
         let n: Vec<u32> =
             it.map(|t| t.parse().map_err(|_| format!("bad number in '{s}'"))).collect::<Result<_, _>>()?;
         match (kind, n.as_slice()) {
-            ("subgroup", &[m, v, r]) => Ok(Algo::Subgroup { m, v, r, z: 1 }),
-            ("subgroup", &[m, v, r, z]) => Ok(Algo::Subgroup { m, v, r, z }),
+            ("subgroup", &[m, v, r]) => Ok(Algo::Subgroup { m, v, r, z: 1, lz: 1 }),
+            ("subgroup", &[m, v, r, z]) => Ok(Algo::Subgroup { m, v, r, z, lz: 1 }),
+            ("subgroup", &[m, v, r, z, lz]) => Ok(Algo::Subgroup { m, v, r, z, lz }),
             ("tiled", &[bm, bn, bk, tm, tn]) => Ok(Algo::Tiled { bm, bn, bk, tm, tn }),
             _ => Err(format!("not an algorithm: '{s}'")),
         }
@@ -971,7 +980,7 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
         let rows = as_[2] * as_[3].div_ceil(r) * if split { 1 } else { as_[0] };
         // Chunks of the reduction domain: enough tiles to fill the device, a bounded partial.
         let tiles = match algo {
-            Algo::Subgroup { m, v, .. } => ca.div_ceil(8 * m as usize) * cb.div_ceil(v as usize),
+            Algo::Subgroup { m, v, lz, .. } => ca.div_ceil((8 / lz * m) as usize) * cb.div_ceil(v as usize),
             Algo::Tiled { bm, bn, .. } => ca.div_ceil(bm as usize) * (cb * k3).div_ceil(bn as usize) * 8,
         };
         // A software device runs a few workgroups per thread at a time: more chunks there only
@@ -1021,8 +1030,8 @@ fn launch_wgrad(
     let (bb, b_base) = bind_sample(b, sample);
     let (ca, cb) = (as_[1], bs[1]);
     let (ablocks, bblocks, tiles) = match algo {
-        Algo::Subgroup { m, v, .. } => {
-            let (x, y) = (ca.div_ceil(8 * m as usize), cb.div_ceil(v as usize));
+        Algo::Subgroup { m, v, lz, .. } => {
+            let (x, y) = (ca.div_ceil((8 / lz * m) as usize), cb.div_ceil(v as usize));
             (x, y, x * y * chunks)
         }
         Algo::Tiled { .. } => (0, 0, 0),
@@ -1054,8 +1063,9 @@ fn launch_wgrad(
         .i(0);
     let bindings = [ab, bb, part.binding()];
     match algo {
-        Algo::Subgroup { m, v, r, z } => {
-            let shader = sg_wgrad_shader(g.k, g.s, m as usize, v as usize, r as usize, z as usize);
+        Algo::Subgroup { m, v, r, z, lz } => {
+            let [m, v, r, z, lz] = [m, v, r, z, lz].map(|x| x as usize);
+            let shader = sg_wgrad_shader(g.k, g.s, m, v, r, z, lz);
             let kernel = Kernel::new(shader, "wgrad_sg").with("KS", g.k as f64).with("ST", g.s as f64);
             gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
         }
