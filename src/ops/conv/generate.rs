@@ -730,10 +730,11 @@ fn wgrad_sg(
     }
     let _ = writeln!(
         w,
-        "    for (var row = row0; row < row1; row++) {{
-        let n = row / (p.ax * yblocks);
-        let qx = (row / yblocks) % p.ax;
-        let qy0 = (row % yblocks) * {r}u;
+        "    // (n, qx, qy0) of the row, stepped without divisions (slow per lane on software devices).
+    var n = row0 / (p.ax * yblocks);
+    var qx = (row0 / yblocks) % p.ax;
+    var qy0 = (row0 % yblocks) * {r}u;
+    for (var row = row0; row < row1; row++) {{
         let abase = p.a_base + n * p.a_batch + (qx * p.ay + qy0) * p.az;
         let bbase = i32(p.b_base + n * p.b_batch);
         let xi0 = i32(qx * {s}u) + p.off.x;
@@ -839,7 +840,18 @@ fn wgrad_sg(
             }
         }
     }
-    let _ = writeln!(w, "        }}\n    }}");
+    let _ = writeln!(
+        w,
+        "        }}
+        qy0 += {r}u;
+        let ywrap = qy0 >= p.ay;
+        qy0 = select(qy0, 0u, ywrap);
+        qx = select(qx, qx + 1u, ywrap);
+        let xwrap = qx >= p.ax;
+        qx = select(qx, 0u, xwrap);
+        n = select(n, n + 1u, xwrap);
+    }}"
+    );
     // Lane groups along z hold partial sums of the same channels: add them up.
     let mut step = la;
     while step < 8 {
