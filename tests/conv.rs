@@ -181,6 +181,38 @@ fn convolutions_bind_one_sample_at_a_time_past_the_binding_limit() {
 }
 
 #[test]
+fn vector_tiles_bind_one_sample_at_a_time_past_the_binding_limit() {
+    // Rows along z of whole vec4s; samples of the input (96 bytes) and of the output (1152
+    // bytes) start off the 256-byte binding alignment, so bindings begin vectors before them.
+    let (xs, ws) = ([3, 2, 1, 3, 4], [2, 3, 2, 2, 2]);
+    let (x, w, b) = (rand(1, &xs), rand(2, &ws), rand(3, &[3]));
+    let (want, ys) = cpu::conv_transpose3d(&x, xs, &w, ws, &b);
+    let dy = rand(4, &ys);
+    let (want_dx, want_dw, _) = cpu::conv_transpose3d_backward(&x, xs, &w, ws, &dy);
+    let (tx, tw, tb, tdy) = (
+        Tensor::from_vec(&x, &xs),
+        Tensor::from_vec(&w, &ws),
+        Tensor::from_vec(&b, &[3]),
+        Tensor::from_vec(&dy, &ys),
+    );
+    conv::with_binding_limit(1500, || {
+        for algo in conv::algos(Form::Up, 1) {
+            let y = conv::with_algo(Form::Up, algo, || conv::conv_transpose3d(&tx, &tw, &tb));
+            close(&y.to_vec(), &want, 1e-4, &format!("forward {algo}"));
+        }
+        for algo in conv::algos(Form::Gather, 2) {
+            let dx =
+                conv::with_algo(Form::Gather, algo, || conv::conv_transpose3d_input_grad(&tdy, &tw, &xs));
+            close(&dx.to_vec(), &want_dx, 1e-4, &format!("input grad {algo}"));
+        }
+        for algo in conv::algos(Form::Wgrad, 2) {
+            let dw = conv::with_algo(Form::Wgrad, algo, || conv::conv_transpose3d_weight_grad(&tdy, &tx));
+            close(&dw.to_vec(), &want_dw, 1e-4, &format!("weight grad {algo}"));
+        }
+    });
+}
+
+#[test]
 #[should_panic(expected = "over this adapter's storage binding limit")]
 fn a_sample_over_the_binding_limit_is_reported() {
     let x = Tensor::zeros(&[2, 4, 8, 8, 8]);

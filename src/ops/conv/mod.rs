@@ -21,7 +21,9 @@
 //!   loops over register arrays run three to four times slower there. The k2 s2 transposed
 //!   convolution (`Form::Up`) has its own generated kernel computing the eight output parities
 //!   of an input voxel together. Where the tensors' rows along z are whole vectors (`Algo`'s
-//!   `z`), a tile reads them as vec4s, which cost there about what one scalar load does.
+//!   `z`), tiles read or write them as vec2 or vec4, which cost there about what one scalar
+//!   access does; the k2 s2 kernels then also read the weights in place, as vec4s (`down_sg`
+//!   for the k2 s2 convolution without padding, `upv_sg` for the transposed one).
 //! - `Algo::Tiled`: the workgroup-memory implicit GEMM of GPUs, tile sizes as override
 //!   constants.
 //!
@@ -282,11 +284,14 @@ pub enum Algo {
     /// Register tiles of 8 subgroup lanes. Gather and up: lanes are 8 consecutive z, each
     /// holding `m` output channels x `v` rows along y (`r` = 1). Wgrad: lanes are 8 A channels
     /// (`m` per lane), a tile covers `v` B channels with every tap and steps over `r` output
-    /// rows along y at a time. `z` > 1: rows along z are read (and written) as vectors of `z`
-    /// (up: `z` inputs per lane; wgrad: vec4 rows, 16 z a step), where the tensors' rows are
-    /// aligned to them (`vec_aligned`); elsewhere the launch runs the `z` = 1 kernel. `lz`
-    /// (wgrad with z = 4): lanes split into `lz` groups along z (the step's 16 z), 8 / `lz`
-    /// lanes over A channels; each lane then receives by shuffle only its group's B values.
+    /// rows along y at a time. `z` > 1: rows along z are read or written as vectors of `z`, where
+    /// the tensors' rows are whole vectors (`vec_aligned`; elsewhere the launch runs the `z` = 1
+    /// tile): the k2 s2 convolution without padding (`down_sg`) reads each lane's input rows as
+    /// one vector of `z` for `z` / 2 outputs, the k2 s2 transposed convolution (`upv_sg`) writes
+    /// each lane's output rows as one vector of `z` from `z` / 2 inputs, wgrad reads B rows as
+    /// vec2 (`z` = 2) or A and B rows as vec4, 16 z a step (`z` = 4). `lz` (wgrad with `z` = 4):
+    /// lanes split into `lz` groups along the step's z, 8 / `lz` lanes over A channels; each
+    /// lane then receives by shuffle only its group's B values.
     Subgroup { m: u32, v: u32, r: u32, z: u32, lz: u32 },
     /// Workgroup-memory implicit GEMM: `bm` (channels) x `bn` (voxels, or B columns) per
     /// workgroup, reduced `bk` at a time, `tm` x `tn` per invocation.
