@@ -636,8 +636,9 @@ pub(super) fn sg_wgrad_shader(
 /// in runs of 8 z (16 when z = 4). Each lane loads its channels' r rows of A; each B row under
 /// the step (8 s + k values, 16 s + k when z = 4; (r - 1) s + k rows per x tap) is loaded once
 /// per tile, 8 lanes at a time, and broadcast by shuffles to every tap along z and every output
-/// row it serves. With z = 2 the B rows are read as vec2 (the view `src_bv` of the binding),
-/// with z = 4 the A and B rows as vec4 (`src_a4`, `src_bv`): those rows must start at
+/// row it serves. With z = 2 the B rows are read as vec2 (the view `src_bv` of the binding) and
+/// A's 8 values of a step as the 2 or 3 vec4s holding them (`src_a4`, at any alignment); with
+/// z = 4 the A and B rows as vec4 (`src_a4`, `src_bv`). Rows read as vectors of z must start at
 /// multiples of z elements and hold a multiple of z, so that a vector is wholly inside or
 /// outside a row.
 pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize, z: usize, lz: usize) -> String {
@@ -653,11 +654,12 @@ pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize, z: usiz
         "lanes split along z: vec4, one B load"
     );
     let (zl, la) = (zs / lz, 8 / lz);
+    let comp = ["x", "y", "z", "w"];
     let k3 = k * k * k;
     let brows = (r - 1) * s + k;
     let mut o = String::from(include_str!("../../../shaders/conv3d_grad.wgsl"));
     let w = &mut o;
-    if z == 4 {
+    if z > 1 {
         let _ = writeln!(
             w,
             "
@@ -665,6 +667,14 @@ pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize, z: usiz
 
 fn a4_at(i: u32, ok: bool) -> vec4<f32> {{
     return select(vec4<f32>(0.0), src_a4[select(0u, i, ok)], ok);
+}}
+
+// The 8 values of A from element i on, at any alignment: the 2 or 3 vec4s that hold them
+// (the last vec4 of the binding past the end; the caller masks values past its row).
+fn a8_at(i: u32, ok: bool) -> array<vec4<f32>, 3> {{
+    let q = i / 4u;
+    let last = arrayLength(&src_a4) - 1u;
+    return array<vec4<f32>, 3>(a4_at(min(q, last), ok), a4_at(min(q + 1u, last), ok), a4_at(min(q + 2u, last), ok && i % 4u != 0u));
 }}"
         );
     }
@@ -744,11 +754,30 @@ fn wgrad_sg(
     for rr in 0..r {
         for i in 0..m {
             let ok = format!("chok{i} && qy0 + {rr}u < p.ay");
-            if z < 4 {
+            if z == 1 {
                 for j in 0..8 {
                     let _ = writeln!(
                         w,
                         "            let x{i}_{rr}_{j} = a_at(abase + ch{i} * astride + p.az * {rr}u + z0 + {j}u, {ok} && z0 + {j}u < p.az);"
+                    );
+                }
+            } else if z == 2 {
+                // Rows of A at any alignment: 3 vec4 loads for 8 values, picked by the shift.
+                let _ = writeln!(
+                    w,
+                    "            let ai{i}_{rr} = abase + ch{i} * astride + p.az * {rr}u + z0;
+            let av{i}_{rr} = a8_at(ai{i}_{rr}, {ok});
+            let sh{i}_{rr} = ai{i}_{rr} % 4u;"
+                );
+                for j in 0..8 {
+                    let at = |d: usize| format!("av{i}_{rr}[{}].{}", (j + d) / 4, comp[(j + d) % 4]);
+                    let _ = writeln!(
+                        w,
+                        "            let x{i}_{rr}_{j} = select(0.0, select(select(select({}, {}, sh{i}_{rr} == 1u), {}, sh{i}_{rr} == 2u), {}, sh{i}_{rr} == 3u), z0 + {j}u < p.az);",
+                        at(0),
+                        at(1),
+                        at(2),
+                        at(3)
                     );
                 }
             } else {
@@ -762,7 +791,6 @@ fn wgrad_sg(
             }
         }
     }
-    let comp = ["x", "y", "z", "w"];
     // The A value of lane channel i, row rr, z0 + zl0 + j.
     let xval = |i: usize, rr: usize, j: usize| {
         if z < 4 { format!("x{i}_{rr}_{j}") } else { format!("x{i}_{rr}_v{}.{}", j / 4, comp[j % 4]) }

@@ -289,7 +289,8 @@ pub enum Algo {
     /// tile): the k2 s2 convolution without padding (`down_sg`) reads each lane's input rows as
     /// one vector of `z` for `z` / 2 outputs, the k2 s2 transposed convolution (`upv_sg`) writes
     /// each lane's output rows as one vector of `z` from `z` / 2 inputs, wgrad reads B rows as
-    /// vec2 (`z` = 2) or A and B rows as vec4, 16 z a step (`z` = 4). `lz` (wgrad with `z` = 4):
+    /// vec2 and A rows at any alignment as vec4s (`z` = 2) or A and B rows as vec4, 16 z a step
+    /// (`z` = 4). `lz` (wgrad with `z` = 4):
     /// lanes split into `lz` groups along the step's z, 8 / `lz` lanes over A channels; each
     /// lane then receives by shuffle only its group's B values.
     Subgroup { m: u32, v: u32, r: u32, z: u32, lz: u32 },
@@ -958,12 +959,14 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
     let split = split_batch(&[a, b]);
     let vox: usize = as_[2..].iter().product::<usize>() * if split { 1 } else { as_[0] };
     // Rows of B (z = 2) or A and B (z = 4) start at multiples of z when their lengths, the z
-    // offset, the samples and the bindings' offset alignment are.
+    // offset, the samples and the bindings' offset alignment are; with z = 2 A is read as vec4s
+    // at any alignment, which its bindings must hold whole.
     let align = crate::ops::align_elems();
     let aligned = |z: u32| {
         let b_rows = [bs[4], g.off[2].rem_euclid(z as i64) as usize];
+        let a_rows = if z == 4 { as_[4] } else { 4 };
         vec_aligned(z, &b_rows, &[b.numel() / bs[0], align])
-            && (z < 4 || vec_aligned(z, &[as_[4]], &[a.numel() / as_[0], align]))
+            && (z == 1 || vec_aligned(4, &[a_rows], &[a.numel() / as_[0], align]))
     };
     let key = TuneKey {
         form: Form::Wgrad,
