@@ -991,10 +991,10 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
             Algo::Subgroup { m, v, lz, .. } => ca.div_ceil((8 / lz * m) as usize) * cb.div_ceil(v as usize),
             Algo::Tiled { bm, bn, .. } => ca.div_ceil(bm as usize) * (cb * k3).div_ceil(bn as usize) * 8,
         };
-        // A software device runs a few workgroups per thread at a time: more chunks there only
-        // add partial sums to add up.
+        // A software device runs one workgroup (8 tiles) per thread at a time: two per thread
+        // keep its threads busy, more chunks only add partial sums to add up.
         let fill = if gpu().is_software() {
-            64 * std::thread::available_parallelism().map_or(4, |n| n.get())
+            16 * std::thread::available_parallelism().map_or(4, |n| n.get())
         } else {
             512
         };
