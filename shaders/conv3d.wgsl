@@ -184,6 +184,11 @@ struct PrepParams {
     tbase: array<vec4<i32>, 2>,
 }
 
+// The block width and the prepared kernel's size, as constants: runtime divisions are slow on
+// software devices.
+override PM: u32 = 8u;
+override PKK: u32 = 3u;
+
 @group(0) @binding(0) var<uniform> pp: PrepParams;
 @group(0) @binding(1) var<storage, read> w_in: array<f32>;
 @group(0) @binding(2) var<storage, read_write> w_out: array<f32>;
@@ -195,14 +200,14 @@ fn prep_weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         return;
     }
     var t = e;
-    let m = t % pp.m;
-    t /= pp.m;
-    let dz = t % pp.kk;
-    t /= pp.kk;
-    let dy = t % pp.kk;
-    t /= pp.kk;
-    let dx = t % pp.kk;
-    t /= pp.kk;
+    let m = t % PM;
+    t /= PM;
+    let dz = t % PKK;
+    t /= PKK;
+    let dy = t % PKK;
+    t /= PKK;
+    let dx = t % PKK;
+    t /= PKK;
     let i = t % pp.cin;
     t /= pp.cin;
     let cb = t % pp.cblocks;

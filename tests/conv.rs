@@ -42,6 +42,8 @@ const CASES: &[Case] = &[
     case(1, 3, 4, [7, 6, 5], 1, 2, 0),
     case(1, 1, 4, [9, 3, 18], 3, 1, 1),
     case(1, 3, 4, [6, 9, 17], 2, 2, 0),
+    // Rows along z that are whole vec4s, over more than one step of 16 with a tail.
+    case(2, 3, 5, [4, 5, 40], 2, 2, 0),
 ];
 
 #[test]
@@ -110,8 +112,16 @@ fn conv3d_weight_and_bias_grads_match_cpu_for_every_algo() {
 }
 
 /// (batch, cin, cout, [X, Y, Z])
-const TCASES: &[(usize, usize, usize, [usize; 3])] =
-    &[(2, 5, 3, [3, 4, 5]), (1, 9, 17, [2, 3, 3]), (1, 1, 2, [4, 1, 7]), (1, 3, 5, [3, 5, 9])];
+/// (batch, cin, cout, [X, Y, Z]); the last two have rows along z of whole vectors, over more than
+/// one tile of vector kernels with a tail.
+const TCASES: &[(usize, usize, usize, [usize; 3])] = &[
+    (2, 5, 3, [3, 4, 5]),
+    (1, 9, 17, [2, 3, 3]),
+    (1, 1, 2, [4, 1, 7]),
+    (1, 3, 5, [3, 5, 9]),
+    (2, 3, 5, [2, 3, 20]),
+    (1, 17, 9, [3, 2, 36]),
+];
 
 #[test]
 fn conv_transpose3d_matches_cpu_for_every_algo() {
@@ -167,6 +177,38 @@ fn convolutions_bind_one_sample_at_a_time_past_the_binding_limit() {
         close(&conv::conv3d(&tx, &tw, &tb, 1, 1).to_vec(), &want, 1e-4, "forward");
         close(&conv::conv3d_input_grad(&tdy, &tw, &xs, 1, 1).to_vec(), &want_dx, 1e-4, "input grad");
         close(&conv::conv3d_weight_grad(&tdy, &tx, 3, 1, 1).to_vec(), &want_dw, 1e-4, "weight grad");
+    });
+}
+
+#[test]
+fn vector_tiles_bind_one_sample_at_a_time_past_the_binding_limit() {
+    // Rows along z of whole vec4s; samples of the input (96 bytes) and of the output (1152
+    // bytes) start off the 256-byte binding alignment, so bindings begin vectors before them.
+    let (xs, ws) = ([3, 2, 1, 3, 4], [2, 3, 2, 2, 2]);
+    let (x, w, b) = (rand(1, &xs), rand(2, &ws), rand(3, &[3]));
+    let (want, ys) = cpu::conv_transpose3d(&x, xs, &w, ws, &b);
+    let dy = rand(4, &ys);
+    let (want_dx, want_dw, _) = cpu::conv_transpose3d_backward(&x, xs, &w, ws, &dy);
+    let (tx, tw, tb, tdy) = (
+        Tensor::from_vec(&x, &xs),
+        Tensor::from_vec(&w, &ws),
+        Tensor::from_vec(&b, &[3]),
+        Tensor::from_vec(&dy, &ys),
+    );
+    conv::with_binding_limit(1500, || {
+        for algo in conv::algos(Form::Up, 1) {
+            let y = conv::with_algo(Form::Up, algo, || conv::conv_transpose3d(&tx, &tw, &tb));
+            close(&y.to_vec(), &want, 1e-4, &format!("forward {algo}"));
+        }
+        for algo in conv::algos(Form::Gather, 2) {
+            let dx =
+                conv::with_algo(Form::Gather, algo, || conv::conv_transpose3d_input_grad(&tdy, &tw, &xs));
+            close(&dx.to_vec(), &want_dx, 1e-4, &format!("input grad {algo}"));
+        }
+        for algo in conv::algos(Form::Wgrad, 2) {
+            let dw = conv::with_algo(Form::Wgrad, algo, || conv::conv_transpose3d_weight_grad(&tdy, &tx));
+            close(&dw.to_vec(), &want_dw, 1e-4, &format!("weight grad {algo}"));
+        }
     });
 }
 

@@ -168,6 +168,158 @@ fn conv_sg(
     o
 }
 
+/// The subgroup kernel of a k2 s2 convolution without padding, m channels x v rows x z / 2
+/// outputs along z per lane, input rows read as vectors of z (2 or 4).
+pub(super) fn sg_down_shader(m: usize, v: usize, z: usize) -> &'static str {
+    generated_shader(&format!("conv3d_down_sg_m{m}v{v}z{z}"), || sg_down_source(m, v, z))
+}
+
+/// dst[n, o, q] = bias[o] + sum_i sum_t src[n, i, 2 q + t] * W[o, i, t] over the eight taps t of
+/// a 2x2x2 kernel (stride 2, no padding: conv3d's k2 s2 forward, the transposed convolution's
+/// input gradient), W read in place as [cout][cin][8] (both weight layouts are that, with their
+/// own roles of the channels). Lanes hold z / 2 consecutive q along z each, 8 lanes a tile row;
+/// each lane reads the input it needs as one vector of z per input row (the view `src_v` of the
+/// source binding, whose rows must be whole vectors), and 1/8 of the weight block (m channels'
+/// 8 taps) as vec4s (`wt4`), shared by shuffles.
+pub fn sg_down_source(m: usize, v: usize, z: usize) -> String {
+    assert!(z == 2 || z == 4, "k2 s2 rows are read as vec2 or vec4");
+    let zq = z / 2;
+    let w4 = 2 * m;
+    let nw = w4.div_ceil(8);
+    let comp = ["x", "y", "z", "w"];
+    let mut o = String::from(include_str!("../../../shaders/conv3d.wgsl"));
+    let w = &mut o;
+    let dst_decl = if zq == 1 {
+        String::new()
+    } else {
+        format!("@group(0) @binding(4) var<storage, read_write> dst_v: array<vec{zq}<f32>>;\n")
+    };
+    let _ = writeln!(
+        w,
+        "
+@group(0) @binding(1) var<storage, read> src_v: array<vec{z}<f32>>;
+@group(0) @binding(2) var<storage, read> wt4: array<vec4<f32>>;
+{dst_decl}
+// Generated: k2 s2 convolution, {m} channels x {v} rows x {zq} z per lane, rows as vec{z}.
+@compute @workgroup_size(64)
+fn down_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    let zb = t % p.zblocks;
+    t /= p.zblocks;
+    let yb = t % p.yblocks;
+    t /= p.yblocks;
+    let xo = t % p.xblocks;
+    t /= p.xblocks;
+    let cb = t % p.cblocks;
+    let n = t / p.cblocks;
+    let q0 = (zb * 8u + lane) * {zq}u;
+    let y0 = yb * {v}u;
+    let xok = q0 < p.oz && xo < p.ox;
+    let plane = p.sy * p.sz;
+    // In vectors of {z}: sample n, x 2 xo, z 2 q0 of the source.
+    let sbase = (p.src_base + n * p.src_batch + 2u * select(0u, xo, xok) * plane + 2u * select(0u, q0, xok)) / {z}u;"
+    );
+    for c in 0..nw {
+        // Lane l reads vec4 c' = l + 8 c of the block: half c' % 2 of channel c' / 2's taps.
+        let _ = writeln!(
+            w,
+            "    let wl{c} = min(cb * {m}u + min(lane + {}u, {}u) / 2u, p.cout - 1u) * p.cin * 2u + (lane & 1u);",
+            8 * c,
+            w4 - 1
+        );
+    }
+    for a in 0..m {
+        for j in 0..v {
+            for q in 0..zq {
+                let _ = writeln!(w, "    var a{a}_{j}_{q} = 0.0;");
+            }
+        }
+    }
+    for j in 0..v {
+        let _ = writeln!(w, "    let ok{j} = xok && y0 + {j}u < p.oy;");
+    }
+    let _ = writeln!(
+        w,
+        "    for (var ci = 0u; ci < p.cin; ci++) {{
+        let cbase = sbase + ci * p.sx * plane / {z}u;"
+    );
+    for c in 0..nw {
+        let _ = writeln!(w, "        let w{c} = wt4[wl{c} + ci * 2u];");
+    }
+    // Input rows (tx, j, ty): z values at 2 q0 of row 2 (y0 + j) + ty of x 2 xo + tx.
+    for tx in 0..2 {
+        for j in 0..v {
+            for ty in 0..2 {
+                let _ = writeln!(
+                    w,
+                    "        let r{tx}_{j}_{ty} = select(vec{z}<f32>(0.0), src_v[select(0u, cbase + ({tx}u * plane + (2u * (y0 + {j}u) + {ty}u) * p.sz) / {z}u, ok{j})], ok{j});"
+                );
+            }
+        }
+    }
+    for t in 0..8 {
+        let (tx, ty, tz) = (t >> 2, (t >> 1) & 1, t & 1);
+        let _ = writeln!(w, "        {{");
+        for a in 0..m {
+            let c = 2 * a + t / 4;
+            let _ = writeln!(
+                w,
+                "            let k{a} = subgroupShuffle(w{}.{}, sb + {}u);",
+                c / 8,
+                comp[t % 4],
+                c % 8
+            );
+        }
+        for j in 0..v {
+            for q in 0..zq {
+                let x = format!("r{tx}_{j}_{ty}.{}", comp[2 * q + tz]);
+                for a in 0..m {
+                    let _ = writeln!(w, "            a{a}_{j}_{q} = fma(k{a}, {x}, a{a}_{j}_{q});");
+                }
+            }
+        }
+        let _ = writeln!(w, "        }}");
+    }
+    let _ = writeln!(
+        w,
+        "    }}
+    if !live || !xok {{
+        return;
+    }}
+    let cs = p.ox * p.oy * p.oz;
+    let base = p.dst_base + n * p.dst_batch + ((cb * {m}u * p.ox + xo) * p.oy + y0) * p.oz + q0;"
+    );
+    for a in 0..m {
+        let _ = writeln!(
+            w,
+            "    if cb * {m}u + {a}u < p.cout {{
+        let b = bias_of(cb * {m}u + {a}u);"
+        );
+        for j in 0..v {
+            let at = format!("base + {a}u * cs + {j}u * p.oz");
+            let val = if zq == 1 {
+                format!("dst[{at}] = a{a}_{j}_0 + b;")
+            } else {
+                let parts: Vec<String> = (0..zq).map(|q| format!("a{a}_{j}_{q} + b")).collect();
+                format!("dst_v[({at}) / {zq}u] = vec{zq}<f32>({});", parts.join(", "))
+            };
+            let _ = writeln!(w, "        if y0 + {j}u < p.oy {{\n            {val}\n        }}");
+        }
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
 pub(super) fn sg_up_shader(m: usize, v: usize) -> &'static str {
     generated_shader(&format!("conv3d_up_sg_m{m}v{v}"), || sg_up_source(m, v))
 }
@@ -301,27 +453,247 @@ fn up_sg(
     o
 }
 
+/// The k2 s2 transposed convolution kernel writing rows along z as vectors of z (2 or 4), m
+/// channels x v rows per lane.
+pub(super) fn sg_up_vec_shader(m: usize, v: usize, z: usize) -> &'static str {
+    generated_shader(&format!("conv3d_upv_sg_m{m}v{v}z{z}"), || sg_up_vec_source(m, v, z))
+}
+
+/// out[n, o, 2q + t] = bias[o] + sum_i src[n, i, q] * W[i, o, t] for the eight taps t, W read in
+/// place as [cin][cout][8] (both callers' layouts). Lanes hold z / 2 consecutive q along z each,
+/// 8 lanes a tile row, with m channels x v rows x 8 taps; for each input channel a lane reads its
+/// inputs of each row as one vector of z / 2 (`src_v`, scalar for z = 2) and 1/8 of the weight
+/// block (m channels' 8 taps, contiguous) as vec4s, shared by shuffles; each output row of a lane
+/// is one vector of z (`dst_v`). Rows along z of the input and output must be whole vectors,
+/// the output's twice the input's; along x and y q runs over ceil(out / 2), reading 0 past the
+/// input (an odd output extent).
+pub fn sg_up_vec_source(m: usize, v: usize, z: usize) -> String {
+    assert!(z == 2 || z == 4, "up rows are written as vec2 or vec4");
+    let zq = z / 2;
+    let w4 = 2 * m;
+    let nw = w4.div_ceil(8);
+    let comp = ["x", "y", "z", "w"];
+    let mut o = String::from(include_str!("../../../shaders/conv3d.wgsl"));
+    let w = &mut o;
+    let src_decl = if zq == 1 {
+        String::new()
+    } else {
+        format!("@group(0) @binding(1) var<storage, read> src_v: array<vec{zq}<f32>>;\n")
+    };
+    let _ = writeln!(
+        w,
+        "
+{src_decl}@group(0) @binding(2) var<storage, read> wt4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> dst_v: array<vec{z}<f32>>;
+
+// Generated: k2 s2 transposed convolution, {m} channels x {v} rows x 8 taps x {zq} z per lane,
+// output rows as vec{z}.
+@compute @workgroup_size(64)
+fn upv_sg(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+    let zb = t % p.zblocks;
+    t /= p.zblocks;
+    let yb = t % p.yblocks;
+    t /= p.yblocks;
+    let qx = t % p.xblocks;
+    t /= p.xblocks;
+    let cb = t % p.cblocks;
+    let n = t / p.cblocks;
+    let qz = (zb * 8u + lane) * {zq}u;
+    let qy0 = yb * {v}u;
+    let plane = p.sy * p.sz;
+    let xok = qx < p.sx && qz < p.sz;
+    let sbase = p.src_base + n * p.src_batch + select(0u, qx, xok) * plane + select(0u, qz, xok);
+    let wlast = arrayLength(&wt4) - 1u;"
+    );
+    for c in 0..nw {
+        // Lane l reads vec4 c' = l + 8 c of the block: half c' % 2 of channel c' / 2's taps.
+        let _ = writeln!(w, "    let wl{c} = cb * {w4}u + min(lane + {}u, {}u);", 8 * c, w4 - 1);
+    }
+    for a in 0..m {
+        for j in 0..v {
+            for t in 0..8 {
+                for q in 0..zq {
+                    let _ = writeln!(w, "    var a{a}_{j}_{t}_{q} = 0.0;");
+                }
+            }
+        }
+    }
+    for j in 0..v {
+        let _ = writeln!(w, "    let ok{j} = xok && qy0 + {j}u < p.sy;");
+    }
+    let _ = writeln!(
+        w,
+        "    for (var ci = 0u; ci < p.cin; ci++) {{
+        let wb = ci * p.cout * 2u;
+        let cbase = sbase + ci * p.sx * plane;"
+    );
+    for c in 0..nw {
+        let _ = writeln!(w, "        let w{c} = wt4[min(wb + wl{c}, wlast)];");
+    }
+    for j in 0..v {
+        let at = format!("cbase + select(0u, qy0 + {j}u, ok{j}) * p.sz");
+        if zq == 1 {
+            let _ = writeln!(w, "        let x{j} = select(0.0, src[{at}], ok{j});");
+        } else {
+            let _ =
+                writeln!(w, "        let x{j} = select(vec{zq}<f32>(0.0), src_v[({at}) / {zq}u], ok{j});");
+        }
+    }
+    for t in 0..8 {
+        let _ = writeln!(w, "        {{");
+        for a in 0..m {
+            let c = 2 * a + t / 4;
+            let _ = writeln!(
+                w,
+                "            let k{a} = subgroupShuffle(w{}.{}, sb + {}u);",
+                c / 8,
+                comp[t % 4],
+                c % 8
+            );
+        }
+        for j in 0..v {
+            for (q, c) in comp.iter().enumerate().take(zq) {
+                let x = if zq == 1 { format!("x{j}") } else { format!("x{j}.{c}") };
+                for a in 0..m {
+                    let _ = writeln!(w, "            a{a}_{j}_{t}_{q} = fma(k{a}, {x}, a{a}_{j}_{t}_{q});");
+                }
+            }
+        }
+        let _ = writeln!(w, "        }}");
+    }
+    let _ = writeln!(
+        w,
+        "    }}
+    if !live || qz >= p.sz || 2u * qx >= p.ox {{
+        return;
+    }}
+    let cs = p.ox * p.oy * p.oz;
+    let xs = p.oy * p.oz;
+    // In vectors of {z}: channel cb * {m}, x 2 qx, y 2 qy0, z 2 qz.
+    let base = (p.dst_base + n * p.dst_batch + ((cb * {m}u * p.ox + 2u * qx) * p.oy + 2u * qy0) * p.oz + 2u * qz) / {z}u;
+    let xin = 2u * qx + 1u < p.ox;"
+    );
+    for a in 0..m {
+        let _ = writeln!(
+            w,
+            "    if cb * {m}u + {a}u < p.cout {{
+        let b = bias_of(cb * {m}u + {a}u);"
+        );
+        for j in 0..v {
+            for tx in 0..2 {
+                for ty in 0..2 {
+                    let mut parts = Vec::new();
+                    for q in 0..zq {
+                        for tz in 0..2 {
+                            let t = tx * 4 + ty * 2 + tz;
+                            parts.push(format!("a{a}_{j}_{t}_{q} + b"));
+                        }
+                    }
+                    let cond = if tx == 1 { "xin && " } else { "" };
+                    let _ = writeln!(
+                        w,
+                        "        if {cond}2u * (qy0 + {j}u) + {ty}u < p.oy {{
+            dst_v[base + ({a}u * cs + {tx}u * xs + {}u * p.oz) / {z}u] = vec{z}<f32>({});
+        }}",
+                        2 * j + ty,
+                        parts.join(", ")
+                    );
+                }
+            }
+        }
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
 /// The subgroup weight-gradient kernel for kernel size k, stride s, m A channels per lane, v B
-/// channels per tile and r output rows (along y) per step.
-pub(super) fn sg_wgrad_shader(k: usize, s: usize, m: usize, v: usize, r: usize) -> &'static str {
-    generated_shader(&format!("conv3d_grad_sg_k{k}s{s}m{m}v{v}r{r}"), || sg_wgrad_source(k, s, m, v, r))
+/// channels per tile, r output rows (along y) per step and rows read as vectors of z (1 or 4).
+pub(super) fn sg_wgrad_shader(
+    k: usize,
+    s: usize,
+    m: usize,
+    v: usize,
+    r: usize,
+    z: usize,
+    lz: usize,
+) -> &'static str {
+    let name = format!("conv3d_grad_sg_k{k}s{s}m{m}v{v}r{r}z{z}l{lz}");
+    generated_shader(&name, || sg_wgrad_source(k, s, m, v, r, z, lz))
 }
 
 /// Lanes are 8 channels of A (m each); a tile walks its chunk of steps (n, qx, r rows along y)
-/// in runs of 8 z. Each lane loads its channels' 8 r values of A; each B row under the step
-/// (8 s + k values, (r - 1) s + k rows per x tap) is loaded once per tile, 8 lanes at a time,
-/// and broadcast by shuffles to every tap along z and every output row it serves.
-pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize) -> String {
-    let span = 7 * s + k;
-    let nl = span.div_ceil(8);
+/// in runs of 8 z (16 when z = 4). Each lane loads its channels' r rows of A; each B row under
+/// the step (8 s + k values, 16 s + k when z = 4; (r - 1) s + k rows per x tap) is loaded once
+/// per tile, 8 lanes at a time, and broadcast by shuffles to every tap along z and every output
+/// row it serves. With z = 2 the B rows are read as vec2 (the view `src_bv` of the binding) and
+/// A's 8 values of a step as the 2 or 3 vec4s holding them (`src_a4`, at any alignment); with
+/// z = 4 the A and B rows as vec4 (`src_a4`, `src_bv`). Rows read as vectors of z must start at
+/// multiples of z elements and hold a multiple of z, so that a vector is wholly inside or
+/// outside a row.
+pub fn sg_wgrad_source(k: usize, s: usize, m: usize, v: usize, r: usize, z: usize, lz: usize) -> String {
+    assert!([1, 2, 4].contains(&z), "wgrad rows are read as scalars, vec2 or vec4");
+    let zs = if z == 4 { 16 } else { 8 };
+    let span = (zs - 1) * s + k;
+    // B spans are read z values per lane (vec2: B only; vec4: A too).
+    let nl = span.div_ceil(8 * z);
+    // Lane groups along z: each lane covers zl of the step's zs values, from element qs of its
+    // B span (in vectors of 4), and 8 / lz lanes cover the tile's A channels.
+    assert!(
+        lz == 1 || (z == 4 && nl == 1 && (zs / lz * s).is_multiple_of(4)),
+        "lanes split along z: vec4, one B load"
+    );
+    let (zl, la) = (zs / lz, 8 / lz);
+    let comp = ["x", "y", "z", "w"];
     let k3 = k * k * k;
     let brows = (r - 1) * s + k;
     let mut o = String::from(include_str!("../../../shaders/conv3d_grad.wgsl"));
     let w = &mut o;
+    if z > 1 {
+        let _ = writeln!(
+            w,
+            "
+@group(0) @binding(1) var<storage, read> src_a4: array<vec4<f32>>;
+
+fn a4_at(i: u32, ok: bool) -> vec4<f32> {{
+    return select(vec4<f32>(0.0), src_a4[select(0u, i, ok)], ok);
+}}
+
+// The 8 values of A from element i on, at any alignment: the 2 or 3 vec4s that hold them
+// (the last vec4 of the binding past the end; the caller masks values past its row).
+fn a8_at(i: u32, ok: bool) -> array<vec4<f32>, 3> {{
+    let q = i / 4u;
+    let last = arrayLength(&src_a4) - 1u;
+    return array<vec4<f32>, 3>(a4_at(min(q, last), ok), a4_at(min(q + 1u, last), ok), a4_at(min(q + 2u, last), ok && i % 4u != 0u));
+}}"
+        );
+    }
+    if z > 1 {
+        let _ = writeln!(
+            w,
+            "
+@group(0) @binding(2) var<storage, read> src_bv: array<vec{z}<f32>>;
+
+fn bv_at(i: i32, ok: bool) -> vec{z}<f32> {{
+    return select(vec{z}<f32>(0.0), src_bv[u32(select(0, i, ok))], ok);
+}}"
+        );
+    }
     let _ = writeln!(
         w,
         "
-// Generated: kernel {k}, stride {s}, {m} A channels per lane, {v} B channels per tile, {r} rows.
+// Generated: kernel {k}, stride {s}, {m} A channels per lane, {v} B channels per tile, {r} rows,
+// rows as vectors of {z}.
 @compute @workgroup_size(64)
 fn wgrad_sg(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -348,10 +720,13 @@ fn wgrad_sg(
     let bstride = bx * by * bz;",
         r1 = r - 1
     );
+    let _ = writeln!(w, "    let la = lane % {la}u;\n    let lq = lane / {la}u;");
     for i in 0..m {
-        let _ = writeln!(w, "    let ch{i} = ab * {}u + lane + {}u;", 8 * m, 8 * i);
+        let _ = writeln!(w, "    let ch{i} = ab * {}u + la + {}u;", la * m, la * i);
         let _ = writeln!(w, "    let chok{i} = ch{i} < p.ca;");
     }
+    // This lane's first z of a step and, in vec4s, its first B value there.
+    let _ = writeln!(w, "    let zl0 = lq * {zl}u;\n    let es0 = lq * {}u;", zl * s / 4);
     for b in 0..v {
         let _ = writeln!(w, "    let bc{b} = bb * {v}u + {b}u;");
         let _ = writeln!(w, "    let bcok{b} = bc{b} < p.cb;");
@@ -365,29 +740,65 @@ fn wgrad_sg(
     }
     let _ = writeln!(
         w,
-        "    for (var row = row0; row < row1; row++) {{
-        let n = row / (p.ax * yblocks);
-        let qx = (row / yblocks) % p.ax;
-        let qy0 = (row % yblocks) * {r}u;
+        "    // (n, qx, qy0) of the row, stepped without divisions (slow per lane on software devices).
+    var n = row0 / (p.ax * yblocks);
+    var qx = (row0 / yblocks) % p.ax;
+    var qy0 = (row0 % yblocks) * {r}u;
+    for (var row = row0; row < row1; row++) {{
         let abase = p.a_base + n * p.a_batch + (qx * p.ay + qy0) * p.az;
         let bbase = i32(p.b_base + n * p.b_batch);
         let xi0 = i32(qx * {s}u) + p.off.x;
         let yi0 = i32(qy0 * {s}u) + p.off.y;
-        for (var z0 = 0u; z0 < p.az; z0 += 8u) {{"
+        for (var z0 = 0u; z0 < p.az; z0 += {zs}u) {{"
     );
     for rr in 0..r {
         for i in 0..m {
-            for j in 0..8 {
+            let ok = format!("chok{i} && qy0 + {rr}u < p.ay");
+            if z == 1 {
+                for j in 0..8 {
+                    let _ = writeln!(
+                        w,
+                        "            let x{i}_{rr}_{j} = a_at(abase + ch{i} * astride + p.az * {rr}u + z0 + {j}u, {ok} && z0 + {j}u < p.az);"
+                    );
+                }
+            } else if z == 2 {
+                // Rows of A at any alignment: 3 vec4 loads for 8 values, picked by the shift.
                 let _ = writeln!(
                     w,
-                    "            let x{i}_{rr}_{j} = a_at(abase + ch{i} * astride + {off}u + z0 + {j}u, chok{i} && qy0 + {rr}u < p.ay && z0 + {j}u < p.az);",
-                    off = "p.az * ".to_string() + &rr.to_string(),
+                    "            let ai{i}_{rr} = abase + ch{i} * astride + p.az * {rr}u + z0;
+            let av{i}_{rr} = a8_at(ai{i}_{rr}, {ok});
+            let sh{i}_{rr} = ai{i}_{rr} % 4u;"
                 );
+                for j in 0..8 {
+                    let at = |d: usize| format!("av{i}_{rr}[{}].{}", (j + d) / 4, comp[(j + d) % 4]);
+                    let _ = writeln!(
+                        w,
+                        "            let x{i}_{rr}_{j} = select(0.0, select(select(select({}, {}, sh{i}_{rr} == 1u), {}, sh{i}_{rr} == 2u), {}, sh{i}_{rr} == 3u), z0 + {j}u < p.az);",
+                        at(0),
+                        at(1),
+                        at(2),
+                        at(3)
+                    );
+                }
+            } else {
+                for c in 0..zl / 4 {
+                    let _ = writeln!(
+                        w,
+                        "            let x{i}_{rr}_v{c} = a4_at((abase + ch{i} * astride + p.az * {rr}u + z0 + zl0) / 4u + {c}u, {ok} && z0 + zl0 + {}u < p.az);",
+                        4 * c
+                    );
+                }
             }
         }
     }
+    // The A value of lane channel i, row rr, z0 + zl0 + j.
+    let xval = |i: usize, rr: usize, j: usize| {
+        if z < 4 { format!("x{i}_{rr}_{j}") } else { format!("x{i}_{rr}_v{}.{}", j / 4, comp[j % 4]) }
+    };
     for q in 0..nl {
-        let _ = writeln!(w, "            let zi{q} = i32(z0 * {s}u) + p.off.z + i32(lane) + {};", 8 * q);
+        // Lane l reads the z values from element z (l + 8 q) of the step's span.
+        let _ =
+            writeln!(w, "            let zi{q} = i32(z0 * {s}u) + p.off.z + {z} * (i32(lane) + {});", 8 * q);
         let _ = writeln!(w, "            let zok{q} = zi{q} >= 0 && zi{q} < bz;");
     }
     for b in 0..v {
@@ -402,25 +813,51 @@ fn wgrad_sg(
                 let rb = bbase + i32(bc{b}) * bstride + (select(0, xi, ok) * by + select(0, yi, ok)) * bz;"
                 );
                 for q in 0..nl {
-                    let _ = writeln!(w, "                let l{q} = b_at(rb + zi{q}, ok && zok{q});");
+                    if z == 1 {
+                        let _ = writeln!(w, "                let l{q} = b_at(rb + zi{q}, ok && zok{q});");
+                    } else {
+                        let _ = writeln!(
+                            w,
+                            "                let l{q} = bv_at((rb + zi{q}) / {z}, ok && zok{q});"
+                        );
+                    }
                 }
-                for e in 0..span {
-                    let _ = writeln!(
-                        w,
-                        "                let e{e} = subgroupShuffle(l{}, sb + {}u);",
-                        e / 8,
-                        e % 8
-                    );
+                // The lane's B values: element e of its part of the span.
+                for e in 0..(zl - 1) * s + k {
+                    if z == 1 {
+                        let _ = writeln!(
+                            w,
+                            "                let e{e} = subgroupShuffle(l{}, sb + {}u);",
+                            e / 8,
+                            e % 8
+                        );
+                    } else if lz == 1 {
+                        let _ = writeln!(
+                            w,
+                            "                let e{e} = subgroupShuffle(l{}.{}, sb + {}u);",
+                            e / (8 * z),
+                            comp[e % z],
+                            (e / z) % 8
+                        );
+                    } else {
+                        let _ = writeln!(
+                            w,
+                            "                let e{e} = subgroupShuffle(l0.{}, sb + es0 + {}u);",
+                            comp[e % 4],
+                            e / 4
+                        );
+                    }
                 }
                 for rr in 0..r {
                     let Some(dy) = yy.checked_sub(rr * s).filter(|&d| d < k) else { continue };
-                    for j in 0..8 {
+                    for j in 0..zl {
                         for dz in 0..k {
                             let t = (dx * k + dy) * k + dz;
                             for i in 0..m {
                                 let _ = writeln!(
                                     w,
-                                    "                g{i}_{b}_{t} = fma(x{i}_{rr}_{j}, e{}, g{i}_{b}_{t});",
+                                    "                g{i}_{b}_{t} = fma({}, e{}, g{i}_{b}_{t});",
+                                    xval(i, rr, j),
                                     j * s + dz
                                 );
                             }
@@ -434,11 +871,28 @@ fn wgrad_sg(
     let _ = writeln!(
         w,
         "        }}
-    }}
-    if !live {{
-        return;
+        qy0 += {r}u;
+        let ywrap = qy0 >= p.ay;
+        qy0 = select(qy0, 0u, ywrap);
+        qx = select(qx, qx + 1u, ywrap);
+        let xwrap = qx >= p.ax;
+        qx = select(qx, 0u, xwrap);
+        n = select(n, n + 1u, xwrap);
     }}"
     );
+    // Lane groups along z hold partial sums of the same channels: add them up.
+    let mut step = la;
+    while step < 8 {
+        for i in 0..m {
+            for b in 0..v {
+                for t in 0..k3 {
+                    let _ = writeln!(w, "    g{i}_{b}_{t} += subgroupShuffleXor(g{i}_{b}_{t}, {step}u);");
+                }
+            }
+        }
+        step *= 2;
+    }
+    let _ = writeln!(w, "    if !live || lq != 0u {{\n        return;\n    }}");
     for i in 0..m {
         for b in 0..v {
             let _ = writeln!(w, "    if chok{i} && bcok{b} {{");

@@ -20,7 +20,10 @@
 //!   generated per (kernel size, stride, tile) with every tap unrolled into scalar registers:
 //!   loops over register arrays run three to four times slower there. The k2 s2 transposed
 //!   convolution (`Form::Up`) has its own generated kernel computing the eight output parities
-//!   of an input voxel together.
+//!   of an input voxel together. Where the tensors' rows along z are whole vectors (`Algo`'s
+//!   `z`), tiles read or write them as vec2 or vec4, which cost there about what one scalar
+//!   access does; the k2 s2 kernels then also read the weights in place, as vec4s (`down_sg`
+//!   for the k2 s2 convolution without padding, `upv_sg` for the transposed one).
 //! - `Algo::Tiled`: the workgroup-memory implicit GEMM of GPUs, tile sizes as override
 //!   constants.
 //!
@@ -49,8 +52,8 @@ mod generate;
 pub use bench::{
     BenchCase, BenchPreset, BenchRow, Pass, bench_cases, bench_conv_kernels, bench_operands, bench_pass,
 };
-use generate::{sg_gather_shader, sg_up_shader, sg_wgrad_shader};
-pub use generate::{sg_gather_source, sg_up_source, sg_wgrad_source};
+use generate::{sg_down_shader, sg_gather_shader, sg_up_shader, sg_up_vec_shader, sg_wgrad_shader};
+pub use generate::{sg_down_source, sg_gather_source, sg_up_source, sg_up_vec_source, sg_wgrad_source};
 
 // ---- public API ----------------------------------------------------------------------------
 
@@ -281,8 +284,16 @@ pub enum Algo {
     /// Register tiles of 8 subgroup lanes. Gather and up: lanes are 8 consecutive z, each
     /// holding `m` output channels x `v` rows along y (`r` = 1). Wgrad: lanes are 8 A channels
     /// (`m` per lane), a tile covers `v` B channels with every tap and steps over `r` output
-    /// rows along y at a time.
-    Subgroup { m: u32, v: u32, r: u32 },
+    /// rows along y at a time. `z` > 1: rows along z are read or written as vectors of `z`, where
+    /// the tensors' rows are whole vectors (`vec_aligned`; elsewhere the launch runs the `z` = 1
+    /// tile): the k2 s2 convolution without padding (`down_sg`) reads each lane's input rows as
+    /// one vector of `z` for `z` / 2 outputs, the k2 s2 transposed convolution (`upv_sg`) writes
+    /// each lane's output rows as one vector of `z` from `z` / 2 inputs, wgrad reads B rows as
+    /// vec2 and A rows at any alignment as vec4s (`z` = 2) or A and B rows as vec4, 16 z a step
+    /// (`z` = 4). `lz` (wgrad with `z` = 4):
+    /// lanes split into `lz` groups along the step's z, 8 / `lz` lanes over A channels; each
+    /// lane then receives by shuffle only its group's B values.
+    Subgroup { m: u32, v: u32, r: u32, z: u32, lz: u32 },
     /// Workgroup-memory implicit GEMM: `bm` (channels) x `bn` (voxels, or B columns) per
     /// workgroup, reduced `bk` at a time, `tm` x `tn` per invocation.
     Tiled { bm: u32, bn: u32, bk: u32, tm: u32, tn: u32 },
@@ -314,17 +325,69 @@ pub enum Form {
     Wgrad,
 }
 
-const SUBGROUP_GATHER: [(u32, u32, u32); 4] = [(8, 4, 1), (16, 4, 1), (8, 8, 1), (4, 8, 1)];
+const SUBGROUP_GATHER: &[(u32, u32, u32, u32, u32)] =
+    &[(8, 4, 1, 1, 1), (16, 4, 1, 1, 1), (8, 8, 1, 1, 1), (4, 8, 1, 1, 1)];
 /// Kernels of at most 2^3 taps reuse an input only across channels: wider channel tiles.
-const SUBGROUP_GATHER_SMALL: [(u32, u32, u32); 4] = [(8, 4, 1), (16, 4, 1), (32, 4, 1), (4, 8, 1)];
-const SUBGROUP_UP: [(u32, u32, u32); 4] = [(4, 4, 1), (8, 2, 1), (2, 4, 1), (8, 4, 1)];
-const SUBGROUP_WGRAD: [(u32, u32, u32); 4] = [(2, 2, 1), (4, 1, 1), (2, 1, 2), (1, 2, 2)];
+const SUBGROUP_GATHER_SMALL: &[(u32, u32, u32, u32, u32)] = &[
+    (8, 4, 1, 1, 1),
+    (16, 4, 1, 1, 1),
+    (32, 4, 1, 1, 1),
+    (4, 8, 1, 1, 1),
+    (16, 2, 1, 4, 1),
+    (32, 1, 1, 4, 1),
+    (8, 2, 1, 4, 1),
+    (16, 2, 1, 2, 1),
+    (32, 2, 1, 2, 1),
+];
+const SUBGROUP_UP: &[(u32, u32, u32, u32, u32)] = &[
+    (4, 4, 1, 1, 1),
+    (8, 2, 1, 1, 1),
+    (2, 4, 1, 1, 1),
+    (8, 4, 1, 1, 1),
+    (4, 2, 1, 4, 1),
+    (8, 1, 1, 4, 1),
+    (4, 4, 1, 2, 1),
+    (8, 2, 1, 2, 1),
+];
+const SUBGROUP_WGRAD: &[(u32, u32, u32, u32, u32)] =
+    &[(2, 2, 1, 1, 1), (4, 1, 1, 1, 1), (2, 1, 2, 1, 1), (1, 2, 2, 1, 1)];
 /// Kernels of at most 2^3 taps hold more B channels per tile for the same registers.
-const SUBGROUP_WGRAD_SMALL: [(u32, u32, u32); 4] = [(2, 2, 1), (4, 2, 1), (4, 4, 1), (1, 4, 1)];
+const SUBGROUP_WGRAD_SMALL: &[(u32, u32, u32, u32, u32)] = &[
+    (2, 2, 1, 1, 1),
+    (4, 2, 1, 1, 1),
+    (4, 4, 1, 1, 1),
+    (1, 4, 1, 1, 1),
+    (2, 2, 1, 4, 1),
+    (2, 4, 1, 4, 1),
+    (4, 2, 1, 4, 1),
+    (1, 4, 1, 4, 1),
+    (2, 2, 1, 2, 1),
+    (4, 2, 1, 2, 1),
+    (4, 4, 1, 2, 1),
+    (4, 2, 1, 4, 2),
+    (4, 4, 1, 4, 2),
+    (8, 2, 1, 4, 2),
+];
 const TILED: [Algo; 2] = [
     Algo::Tiled { bm: 32, bn: 64, bk: 16, tm: 4, tn: 4 },
     Algo::Tiled { bm: 64, bn: 64, bk: 8, tm: 4, tn: 4 },
 ];
+
+/// The algorithm a launch runs: a subgroup tile with vectors along z that the shape's rows do
+/// not fit (`aligned`) runs as the same tile with scalars.
+fn effective(algo: Algo, aligned: impl Fn(u32) -> bool) -> Algo {
+    match algo {
+        Algo::Subgroup { m, v, r, z, .. } if !aligned(z) => Algo::Subgroup { m, v, r, z: 1, lz: 1 },
+        a => a,
+    }
+}
+
+/// True when rows of `len` elements along z, in every tensor (sample) bound with `bases`
+/// (element offsets of a binding's first value), are whole vectors of `z`.
+fn vec_aligned(z: u32, len: &[usize], bases: &[usize]) -> bool {
+    let z = z as usize;
+    z == 1 || len.iter().chain(bases).all(|&e| e % z == 0)
+}
 
 /// True when the adapter runs the subgroup kernels: shuffles within groups of 8 lanes.
 pub fn subgroups_usable() -> bool {
@@ -336,27 +399,29 @@ pub fn subgroups_usable() -> bool {
 pub fn algos(form: Form, k: usize) -> Vec<Algo> {
     let mut v: Vec<Algo> = Vec::new();
     if subgroups_usable() {
-        let sg: &[(u32, u32, u32)] = match form {
-            Form::Gather if k <= 2 => &SUBGROUP_GATHER_SMALL,
-            Form::Gather => &SUBGROUP_GATHER,
-            Form::Up => &SUBGROUP_UP,
-            Form::Wgrad if k <= 2 => &SUBGROUP_WGRAD_SMALL,
-            Form::Wgrad => &SUBGROUP_WGRAD,
+        let sg = match form {
+            Form::Gather if k <= 2 => SUBGROUP_GATHER_SMALL,
+            Form::Gather => SUBGROUP_GATHER,
+            Form::Up => SUBGROUP_UP,
+            Form::Wgrad if k <= 2 => SUBGROUP_WGRAD_SMALL,
+            Form::Wgrad => SUBGROUP_WGRAD,
         };
-        v.extend(sg.iter().map(|&(m, v, r)| Algo::Subgroup { m, v, r }));
+        v.extend(sg.iter().map(|&(m, v, r, z, lz)| Algo::Subgroup { m, v, r, z, lz }));
     }
     v.extend(TILED);
     v
 }
 
 /// The candidates timed for a shape: subgroup tiles no wider than the channels they cover
-/// (`channels` = output channels, or (A, B) channels of a weight gradient), and on a software
-/// device only those (its workgroup memory is as slow as storage).
-fn candidates(form: Form, k: usize, channels: (usize, usize)) -> Vec<Algo> {
+/// (`channels` = output channels, or (A, B) channels of a weight gradient) whose vectors along
+/// z fit the shape (`aligned`), and on a software device only those (its workgroup memory is as
+/// slow as storage).
+fn candidates(form: Form, k: usize, channels: (usize, usize), aligned: &dyn Fn(u32) -> bool) -> Vec<Algo> {
     let all = algos(form, k);
     let fits = |a: &Algo| match (form, a) {
-        (Form::Wgrad, Algo::Subgroup { m, v, .. }) => {
-            8 * *m as usize <= channels.0.next_power_of_two().max(8)
+        (_, Algo::Subgroup { z, .. }) if !aligned(*z) => false,
+        (Form::Wgrad, Algo::Subgroup { m, v, lz, .. }) => {
+            (8 / lz * m) as usize <= channels.0.next_power_of_two().max(8)
                 && *v as usize <= channels.1.next_power_of_two()
         }
         (_, Algo::Subgroup { m, .. }) => *m as usize <= channels.0.next_power_of_two().max(4),
@@ -384,21 +449,9 @@ fn binding_limit() -> u64 {
 
 /// Runs `f` with `algo` used for every launch of `form` on this thread (tests, benchmarks).
 pub fn with_algo<R>(form: Form, algo: Algo, f: impl FnOnce() -> R) -> R {
-    let prev = FORCED.with(|c| {
-        let prev = c.get();
-        let mut next = prev;
-        next[form as usize] = Some(algo);
-        c.set(next);
-        prev
-    });
-    struct Restore([Option<Algo>; 3]);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FORCED.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(prev);
-    f()
+    let mut forced = FORCED.with(Cell::get);
+    forced[form as usize] = Some(algo);
+    crate::autograd::with_flag(&FORCED, forced, f)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -410,6 +463,13 @@ struct TuneKey {
     channels: (usize, usize),
     /// log2 of the output voxels of one launch
     vox: u32,
+    /// The widest vectors along z that the shape's rows fit (1, 2 or 4)
+    zvec: u32,
+}
+
+/// The widest vector width along z that `aligned` accepts.
+fn widest(aligned: &dyn Fn(u32) -> bool) -> u32 {
+    [4, 2].into_iter().find(|&z| aligned(z)).unwrap_or(1)
 }
 
 static TUNED: Mutex<Option<HashMap<TuneKey, Algo>>> = Mutex::new(None);
@@ -443,13 +503,24 @@ fn tune_file() -> Option<std::path::PathBuf> {
 
 fn key_text(key: &TuneKey) -> String {
     let (c0, c1) = key.channels;
-    format!("{}|{:?} k{} s{} c{} {c0}x{c1} v{}", gpu().info.name, key.form, key.k, key.s, key.ncls, key.vox)
+    let z = if key.zvec > 1 { format!(" z{}", key.zvec) } else { String::new() };
+    format!(
+        "{}|{:?} k{} s{} c{} {c0}x{c1} v{}{z}",
+        gpu().info.name,
+        key.form,
+        key.k,
+        key.s,
+        key.ncls,
+        key.vox
+    )
 }
 
 impl std::fmt::Display for Algo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Algo::Subgroup { m, v, r } => write!(f, "subgroup {m} {v} {r}"),
+            Algo::Subgroup { m, v, r, z: 1, lz: 1 } => write!(f, "subgroup {m} {v} {r}"),
+            Algo::Subgroup { m, v, r, z, lz: 1 } => write!(f, "subgroup {m} {v} {r} {z}"),
+            Algo::Subgroup { m, v, r, z, lz } => write!(f, "subgroup {m} {v} {r} {z} {lz}"),
             Algo::Tiled { bm, bn, bk, tm, tn } => write!(f, "tiled {bm} {bn} {bk} {tm} {tn}"),
         }
     }
@@ -463,7 +534,9 @@ impl std::str::FromStr for Algo {
         let n: Vec<u32> =
             it.map(|t| t.parse().map_err(|_| format!("bad number in '{s}'"))).collect::<Result<_, _>>()?;
         match (kind, n.as_slice()) {
-            ("subgroup", &[m, v, r]) => Ok(Algo::Subgroup { m, v, r }),
+            ("subgroup", &[m, v, r]) => Ok(Algo::Subgroup { m, v, r, z: 1, lz: 1 }),
+            ("subgroup", &[m, v, r, z]) => Ok(Algo::Subgroup { m, v, r, z, lz: 1 }),
+            ("subgroup", &[m, v, r, z, lz]) => Ok(Algo::Subgroup { m, v, r, z, lz }),
             ("tiled", &[bm, bn, bk, tm, tn]) => Ok(Algo::Tiled { bm, bn, bk, tm, tn }),
             _ => Err(format!("not an algorithm: '{s}'")),
         }
@@ -636,7 +709,7 @@ impl Prep<'_> {
             p = p.i(r[0]).i(r[1]).i(r[2]).i(0);
         }
         gpu().dispatch_1d(
-            &Kernel::new("conv3d", "prep_weights"),
+            &Kernel::new("conv3d", "prep_weights").with("PM", m as f64).with("PKK", self.kk as f64),
             p.bytes(),
             &[self.w.binding(), out.binding()],
             total as u64 + 8,
@@ -662,6 +735,26 @@ fn gather(
     let form = if up.is_some() { Form::Up } else { Form::Gather };
     let ext: Vec<usize> = out_shape[2..].iter().map(|&d| d.div_ceil(g.os)).collect();
     let vox = (ext.iter().product::<usize>() * g.ncls).max(1);
+    // Vectors along z: the k2 s2 convolution without padding (`down_sg`) reads input rows as
+    // vectors of z and writes z / 2 outputs per lane.
+    let samples = [src.numel() / ss[0], out_shape[1..].iter().product(), crate::ops::align_elems()];
+    let down = form == Form::Gather
+        && (g.k, g.s, g.os, g.ncls, g.off) == (2, 2, 1, 1, [[0; 3]; 2])
+        && (prep.k, prep.so, prep.si, prep.tstep, prep.tbase) == (2, 8 * prep.inp, 8, 1, [[0; 3]; 2]);
+    // And the k2 s2 transposed convolution (`upv_sg`) reads z / 2 inputs per lane as a vector
+    // and writes output rows as vectors of z.
+    let upv =
+        up.is_some_and(|u| (u.k, u.kk, u.so, u.si, u.tstep, u.tbase) == (2, 2, 8, 8 * u.out, 1, [[0; 3]; 2]));
+    let aligned = |z: u32| {
+        let (src_rows, dst_rows) = ([ss[4]], [out_shape[4]]);
+        let (src_samples, dst_samples) = ([samples[0], samples[2]], [samples[1], samples[2]]);
+        z == 1
+            || (down && ss[4] == 2 * out_shape[4] && vec_aligned(z, &[ss[4], 2 * out_shape[4]], &samples))
+            || (upv
+                && out_shape[4] == 2 * ss[4]
+                && vec_aligned(z / 2, &src_rows, &src_samples)
+                && vec_aligned(z, &dst_rows, &dst_samples))
+    };
     let key = TuneKey {
         form,
         k: g.k,
@@ -669,8 +762,10 @@ fn gather(
         ncls: g.ncls,
         channels: (g.cin, g.cout),
         vox: usize::BITS - (vox * if split_batch(&[src]) { 1 } else { ss[0] }).leading_zeros(),
+        zvec: widest(&aligned),
     };
     let run = |algo: Algo| {
+        let algo = effective(algo, aligned);
         let dst = Tensor::empty(&out_shape);
         if dst.numel() == 0 {
             return dst;
@@ -680,7 +775,11 @@ fn gather(
             (Algo::Subgroup { m, .. }, None) => (m, prep),
             (Algo::Tiled { bm, .. }, _) => (bm, prep),
         };
-        let wt = prep.run(m as usize);
+        // `down_sg` and `upv_sg` read the weights in place.
+        let wt = match algo {
+            Algo::Subgroup { z: 2 | 4, .. } => prep.w.clone(),
+            _ => prep.run(m as usize),
+        };
         let samples: Vec<Option<usize>> =
             if split_batch(&[src, &dst]) { (0..ss[0]).map(Some).collect() } else { vec![None] };
         for n in samples {
@@ -691,7 +790,7 @@ fn gather(
         }
         dst
     };
-    autotune(key, candidates(form, g.k, (g.cout, g.cin)), &run)
+    autotune(key, candidates(form, g.k, (g.cout, g.cin), &aligned), &run)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -715,8 +814,10 @@ fn launch_gather(
     } as usize;
     let cblocks = g.cout.div_ceil(m);
     let (zblocks, yblocks, tiles) = match algo {
-        Algo::Subgroup { v, .. } => {
-            let (zb, yb) = (ext[2].div_ceil(8), ext[1].div_ceil(v as usize));
+        Algo::Subgroup { v, z, .. } => {
+            // Each lane of `down_sg` holds z / 2 outputs along z.
+            let zq = (z as usize / 2).max(1);
+            let (zb, yb) = (ext[2].div_ceil(8 * zq), ext[1].div_ceil(v as usize));
             (zb, yb, zb * yb * ext[0] * cblocks * g.ncls * nbatch)
         }
         Algo::Tiled { bn, .. } => (0, 0, (ext[0] * ext[1] * ext[2]).div_ceil(bn as usize)),
@@ -752,6 +853,10 @@ fn launch_gather(
     let bias_binding = bias.map_or(wt.binding(), |b| b.binding());
     let bindings = [sb, wt.binding(), bias_binding, db];
     match algo {
+        Algo::Subgroup { m, v, z: z @ (2 | 4), .. } => {
+            let kernel = Kernel::new(sg_down_shader(m as usize, v as usize, z as usize), "down_sg");
+            gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
+        }
         Algo::Subgroup { m, v, .. } => {
             let kernel = Kernel::new(sg_gather_shader(g.k, g.s, m as usize, v as usize), "conv_sg");
             gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
@@ -775,13 +880,15 @@ fn launch_up(
     ext: &[usize],
     g: &GatherGeom,
 ) {
-    let Algo::Subgroup { m, v, .. } = algo else { unreachable!("the up kernels are subgroup kernels") };
+    let Algo::Subgroup { m, v, z, .. } = algo else { unreachable!("the up kernels are subgroup kernels") };
     let (ss, ds) = (src.shape(), dst.shape());
     let nbatch = if sample.is_some() { 1 } else { ss[0] };
     let (sb, src_base) = bind_sample(src, sample);
     let (db, dst_base) = bind_sample(dst, sample);
     let cblocks = g.cout.div_ceil(m as usize);
-    let (zblocks, yblocks) = (ext[2].div_ceil(8), ext[1].div_ceil(v as usize));
+    // Lanes of `upv_sg` hold z / 2 inputs along z.
+    let zq = (z as usize / 2).max(1);
+    let (zblocks, yblocks) = (ext[2].div_ceil(8 * zq), ext[1].div_ceil(v as usize));
     let tiles = zblocks * yblocks * ext[0] * cblocks * nbatch;
     let mut p = Params::new()
         .u(g.cin)
@@ -812,7 +919,10 @@ fn launch_up(
         p = p.i(0);
     }
     let bias_binding = bias.map_or(wt.binding(), |b| b.binding());
-    let kernel = Kernel::new(sg_up_shader(m as usize, v as usize), "up_sg");
+    let kernel = match z {
+        1 => Kernel::new(sg_up_shader(m as usize, v as usize), "up_sg"),
+        _ => Kernel::new(sg_up_vec_shader(m as usize, v as usize, z as usize), "upv_sg"),
+    };
     gpu().dispatch(
         &kernel,
         p.bytes(),
@@ -836,6 +946,16 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
     let (ca, cb, k3) = (as_[1], bs[1], g.k.pow(3));
     let split = split_batch(&[a, b]);
     let vox: usize = as_[2..].iter().product::<usize>() * if split { 1 } else { as_[0] };
+    // Rows of B (z = 2) or A and B (z = 4) start at multiples of z when their lengths, the z
+    // offset, the samples and the bindings' offset alignment are; with z = 2 A is read as vec4s
+    // at any alignment, which its bindings must hold whole.
+    let align = crate::ops::align_elems();
+    let aligned = |z: u32| {
+        let b_rows = [bs[4], g.off[2].rem_euclid(z as i64) as usize];
+        let a_rows = if z == 4 { as_[4] } else { 4 };
+        vec_aligned(z, &b_rows, &[b.numel() / bs[0], align])
+            && (z == 1 || vec_aligned(4, &[a_rows], &[a.numel() / as_[0], align]))
+    };
     let key = TuneKey {
         form: Form::Wgrad,
         k: g.k,
@@ -843,8 +963,10 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
         ncls: 1,
         channels: (ca, cb),
         vox: usize::BITS - vox.max(1).leading_zeros(),
+        zvec: widest(&aligned),
     };
     let run = |algo: Algo| {
+        let algo = effective(algo, aligned);
         let launches = if split { as_[0] } else { 1 };
         // Steps of the reduction: (n, qx, group of r rows along y).
         let r = match algo {
@@ -854,10 +976,18 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
         let rows = as_[2] * as_[3].div_ceil(r) * if split { 1 } else { as_[0] };
         // Chunks of the reduction domain: enough tiles to fill the device, a bounded partial.
         let tiles = match algo {
-            Algo::Subgroup { m, v, .. } => ca.div_ceil(8 * m as usize) * cb.div_ceil(v as usize),
+            Algo::Subgroup { m, v, lz, .. } => ca.div_ceil((8 / lz * m) as usize) * cb.div_ceil(v as usize),
             Algo::Tiled { bm, bn, .. } => ca.div_ceil(bm as usize) * (cb * k3).div_ceil(bn as usize) * 8,
         };
-        let want = (gpu().fill_invocations() / 8).div_ceil(tiles).max(1);
+        // A software device runs one workgroup (8 tiles) per thread at a time: two per thread
+        // keep its threads busy, more chunks only add partial sums to add up. A GPU needs its
+        // fill of invocations (8 per tile) to hide its memory latency.
+        let fill = if gpu().is_software() {
+            16 * std::thread::available_parallelism().map_or(4, |n| n.get())
+        } else {
+            gpu().fill_invocations() / 8
+        };
+        let want = fill.div_ceil(tiles).max(1);
         let cap = (1usize << 24) / (ca * cb * k3 * launches);
         let chunks = want.min(cap.max(1)).min(rows.max(1));
         let mut chunk_rows = rows.div_ceil(chunks).max(1);
@@ -873,9 +1003,10 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
             let sample = split.then_some(l);
             launch_wgrad(algo, a, b, sample, &part, l * chunks, chunks, chunk_rows, rows, g);
         }
-        part.sum(&[0], false).reshape(&[ca, cb, g.k, g.k, g.k])
+        let dw = if launches * chunks == 1 { part } else { part.sum(&[0], false) };
+        dw.reshape(&[ca, cb, g.k, g.k, g.k])
     };
-    autotune(key, candidates(Form::Wgrad, g.k, (ca, cb)), &run)
+    autotune(key, candidates(Form::Wgrad, g.k, (ca, cb), &aligned), &run)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -896,8 +1027,8 @@ fn launch_wgrad(
     let (bb, b_base) = bind_sample(b, sample);
     let (ca, cb) = (as_[1], bs[1]);
     let (ablocks, bblocks, tiles) = match algo {
-        Algo::Subgroup { m, v, .. } => {
-            let (x, y) = (ca.div_ceil(8 * m as usize), cb.div_ceil(v as usize));
+        Algo::Subgroup { m, v, lz, .. } => {
+            let (x, y) = (ca.div_ceil((8 / lz * m) as usize), cb.div_ceil(v as usize));
             (x, y, x * y * chunks)
         }
         Algo::Tiled { .. } => (0, 0, 0),
@@ -929,11 +1060,10 @@ fn launch_wgrad(
         .i(0);
     let bindings = [ab, bb, part.binding()];
     match algo {
-        Algo::Subgroup { m, v, r } => {
-            let kernel =
-                Kernel::new(sg_wgrad_shader(g.k, g.s, m as usize, v as usize, r as usize), "wgrad_sg")
-                    .with("KS", g.k as f64)
-                    .with("ST", g.s as f64);
+        Algo::Subgroup { m, v, r, z, lz } => {
+            let [m, v, r, z, lz] = [m, v, r, z, lz].map(|x| x as usize);
+            let shader = sg_wgrad_shader(g.k, g.s, m, v, r, z, lz);
+            let kernel = Kernel::new(shader, "wgrad_sg").with("KS", g.k as f64).with("ST", g.s as f64);
             gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
         }
         Algo::Tiled { bm, bn, .. } => {
