@@ -13,6 +13,11 @@ fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     }
 }
 
+/// Uploads of (data, shape) pairs.
+fn tensors<const N: usize>(parts: [(&[f32], &[usize]); N]) -> [Tensor; N] {
+    parts.map(|(v, shape)| Tensor::from_vec(v, shape))
+}
+
 fn rand(seed: u64, shape: &[usize]) -> Vec<f32> {
     Rng::new(seed).vec(shape.iter().product(), -1.0, 1.0)
 }
@@ -167,12 +172,7 @@ fn convolutions_bind_one_sample_at_a_time_past_the_binding_limit() {
     let (want, ys) = cpu::conv3d(&x, xs, &w, ws, &b, 1, 1);
     let dy = rand(4, &ys);
     let (want_dx, want_dw, _) = cpu::conv3d_backward(&x, xs, &w, ws, &dy, 1, 1);
-    let (tx, tw, tb, tdy) = (
-        Tensor::from_vec(&x, &xs),
-        Tensor::from_vec(&w, &ws),
-        Tensor::from_vec(&b, &[4]),
-        Tensor::from_vec(&dy, &ys),
-    );
+    let [tx, tw, tb, tdy] = tensors([(&x, &xs), (&w, &ws), (&b, &[4]), (&dy, &ys)]);
     conv::with_binding_limit(2400, || {
         close(&conv::conv3d(&tx, &tw, &tb, 1, 1).to_vec(), &want, 1e-4, "forward");
         close(&conv::conv3d_input_grad(&tdy, &tw, &xs, 1, 1).to_vec(), &want_dx, 1e-4, "input grad");
@@ -189,12 +189,7 @@ fn vector_tiles_bind_one_sample_at_a_time_past_the_binding_limit() {
     let (want, ys) = cpu::conv_transpose3d(&x, xs, &w, ws, &b);
     let dy = rand(4, &ys);
     let (want_dx, want_dw, _) = cpu::conv_transpose3d_backward(&x, xs, &w, ws, &dy);
-    let (tx, tw, tb, tdy) = (
-        Tensor::from_vec(&x, &xs),
-        Tensor::from_vec(&w, &ws),
-        Tensor::from_vec(&b, &[3]),
-        Tensor::from_vec(&dy, &ys),
-    );
+    let [tx, tw, tb, tdy] = tensors([(&x, &xs), (&w, &ws), (&b, &[3]), (&dy, &ys)]);
     conv::with_binding_limit(1500, || {
         for algo in conv::algos(Form::Up, 1) {
             let y = conv::with_algo(Form::Up, algo, || conv::conv_transpose3d(&tx, &tw, &tb));
