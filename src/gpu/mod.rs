@@ -453,27 +453,19 @@ impl Gpu {
             entries: &entries,
         });
         let rec = &mut *rec;
-        if rec.profiler.is_some() {
-            // A pass of its own, timed from its start to its end.
+        // Profiled launches get a pass of their own, timed from its start to its end.
+        if rec.pass.is_none() || rec.profiler.is_some() {
             rec.encoder(&self.device);
             let encoder = rec.encoder.as_mut().expect("an encoder is open");
             let timestamp_writes = rec.profiler.as_mut().map(|p| p.next(kernel));
-            let mut pass =
+            let pass =
                 encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes });
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-        } else {
-            if rec.pass.is_none() {
-                let encoder = rec.encoder(&self.device);
-                let pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
-                rec.pass = Some(pass.forget_lifetime());
-            }
-            let pass = rec.pass.as_mut().expect("a compute pass is open");
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            rec.pass = Some(pass.forget_lifetime());
         }
+        let pass = rec.pass.as_mut().expect("a compute pass is open");
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         self.dispatches.fetch_add(1, Ordering::Relaxed);
         self.record_nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }

@@ -26,30 +26,7 @@ pub fn sg_gather_source(k: usize, s: usize, m: usize, v: usize) -> String {
         w,
         "
 // Generated: kernel {k}, stride {s}, {m} channels x {v} rows per lane.
-@compute @workgroup_size(64)
-fn conv_sg(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nw: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-    @builtin(subgroup_invocation_id) sid: u32,
-) {{
-    let lane = sid & 7u;
-    let sb = sid - lane;
-    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
-    let live = t < p.tiles;
-    t = min(t, p.tiles - 1u);
-    // Parity classes vary fastest: the tiles of a workgroup then fill the same output lines.
-    let cls = t % p.ncls;
-    t /= p.ncls;
-    let zb = t % p.zblocks;
-    t /= p.zblocks;
-    let yb = t % p.yblocks;
-    t /= p.yblocks;
-    let xo = t % p.xblocks;
-    t /= p.xblocks;
-    let cb = t % p.cblocks;
-    let n = t / p.cblocks;
-    let r = cls_r(cls);
+{head}    let r = cls_r(cls);
     let off = cls_off(r);
     let ext = cls_ext(r);
     let sx = i32(p.sx);
@@ -64,6 +41,7 @@ fn conv_sg(
         z8 = 8 * s,
         vs = v * s,
         wci = k * wblk,
+        head = tile_entry("conv_sg", "xo", true)
     );
     for a in 0..m {
         for j in 0..v {
@@ -201,32 +179,13 @@ pub fn sg_down_source(m: usize, v: usize, z: usize) -> String {
 @group(0) @binding(2) var<storage, read> wt4: array<vec4<f32>>;
 {dst_decl}
 // Generated: k2 s2 convolution, {m} channels x {v} rows x {zq} z per lane, rows as vec{z}.
-@compute @workgroup_size(64)
-fn down_sg(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nw: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-    @builtin(subgroup_invocation_id) sid: u32,
-) {{
-    let lane = sid & 7u;
-    let sb = sid - lane;
-    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
-    let live = t < p.tiles;
-    t = min(t, p.tiles - 1u);
-    let zb = t % p.zblocks;
-    t /= p.zblocks;
-    let yb = t % p.yblocks;
-    t /= p.yblocks;
-    let xo = t % p.xblocks;
-    t /= p.xblocks;
-    let cb = t % p.cblocks;
-    let n = t / p.cblocks;
-    let q0 = (zb * 8u + lane) * {zq}u;
+{head}    let q0 = (zb * 8u + lane) * {zq}u;
     let y0 = yb * {v}u;
     let xok = q0 < p.oz && xo < p.ox;
     let plane = p.sy * p.sz;
     // In vectors of {z}: sample n, x 2 xo, z 2 q0 of the source.
-    let sbase = (p.src_base + n * p.src_batch + 2u * select(0u, xo, xok) * plane + 2u * select(0u, q0, xok)) / {z}u;"
+    let sbase = (p.src_base + n * p.src_batch + 2u * select(0u, xo, xok) * plane + 2u * select(0u, q0, xok)) / {z}u;",
+        head = tile_entry("down_sg", "xo", false)
     );
     for c in 0..nw {
         // Lane l reads vec4 c' = l + 8 c of the block: half c' % 2 of channel c' / 2's taps.
@@ -269,16 +228,7 @@ fn down_sg(
     for t in 0..8 {
         let (tx, ty, tz) = (t >> 2, (t >> 1) & 1, t & 1);
         let _ = writeln!(w, "        {{");
-        for a in 0..m {
-            let c = 2 * a + t / 4;
-            let _ = writeln!(
-                w,
-                "            let k{a} = subgroupShuffle(w{}.{}, sb + {}u);",
-                c / 8,
-                comp[t % 4],
-                c % 8
-            );
-        }
+        write_tap_weights(w, m, t);
         for j in 0..v {
             for q in 0..zq {
                 let x = format!("r{tx}_{j}_{ty}.{}", comp[2 * q + tz]);
@@ -336,33 +286,14 @@ pub fn sg_up_source(m: usize, v: usize) -> String {
         w,
         "
 // Generated: k2 s2 transposed convolution, {m} channels x {v} rows x 8 taps per lane.
-@compute @workgroup_size(64)
-fn up_sg(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nw: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-    @builtin(subgroup_invocation_id) sid: u32,
-) {{
-    let lane = sid & 7u;
-    let sb = sid - lane;
-    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
-    let live = t < p.tiles;
-    t = min(t, p.tiles - 1u);
-    let zb = t % p.zblocks;
-    t /= p.zblocks;
-    let yb = t % p.yblocks;
-    t /= p.yblocks;
-    let qx = t % p.xblocks;
-    t /= p.xblocks;
-    let cb = t % p.cblocks;
-    let n = t / p.cblocks;
-    let qz = zb * 8u + lane;
+{head}    let qz = zb * 8u + lane;
     let qy0 = yb * {v}u;
     let plane = p.sy * p.sz;
     let xok = qx < p.sx && qz < p.sz;
     let sbase = p.src_base + n * p.src_batch + select(0u, qx, xok) * plane + select(0u, qz, xok);
     let wbase = cb * p.cin * {wci}u + lane;",
-        wci = 8 * m
+        wci = 8 * m,
+        head = tile_entry("up_sg", "qx", false)
     );
     for a in 0..m {
         for j in 0..v {
@@ -488,32 +419,13 @@ pub fn sg_up_vec_source(m: usize, v: usize, z: usize) -> String {
 
 // Generated: k2 s2 transposed convolution, {m} channels x {v} rows x 8 taps x {zq} z per lane,
 // output rows as vec{z}.
-@compute @workgroup_size(64)
-fn upv_sg(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nw: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-    @builtin(subgroup_invocation_id) sid: u32,
-) {{
-    let lane = sid & 7u;
-    let sb = sid - lane;
-    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
-    let live = t < p.tiles;
-    t = min(t, p.tiles - 1u);
-    let zb = t % p.zblocks;
-    t /= p.zblocks;
-    let yb = t % p.yblocks;
-    t /= p.yblocks;
-    let qx = t % p.xblocks;
-    t /= p.xblocks;
-    let cb = t % p.cblocks;
-    let n = t / p.cblocks;
-    let qz = (zb * 8u + lane) * {zq}u;
+{head}    let qz = (zb * 8u + lane) * {zq}u;
     let qy0 = yb * {v}u;
     let plane = p.sy * p.sz;
     let xok = qx < p.sx && qz < p.sz;
     let sbase = p.src_base + n * p.src_batch + select(0u, qx, xok) * plane + select(0u, qz, xok);
-    let wlast = arrayLength(&wt4) - 1u;"
+    let wlast = arrayLength(&wt4) - 1u;",
+        head = tile_entry("upv_sg", "qx", false)
     );
     for c in 0..nw {
         // Lane l reads vec4 c' = l + 8 c of the block: half c' % 2 of channel c' / 2's taps.
@@ -551,16 +463,7 @@ fn upv_sg(
     }
     for t in 0..8 {
         let _ = writeln!(w, "        {{");
-        for a in 0..m {
-            let c = 2 * a + t / 4;
-            let _ = writeln!(
-                w,
-                "            let k{a} = subgroupShuffle(w{}.{}, sb + {}u);",
-                c / 8,
-                comp[t % 4],
-                c % 8
-            );
-        }
+        write_tap_weights(w, m, t);
         for j in 0..v {
             for (q, c) in comp.iter().enumerate().take(zq) {
                 let x = if zq == 1 { format!("x{j}") } else { format!("x{j}.{c}") };
@@ -694,19 +597,7 @@ fn bv_at(i: i32, ok: bool) -> vec{z}<f32> {{
         "
 // Generated: kernel {k}, stride {s}, {m} A channels per lane, {v} B channels per tile, {r} rows,
 // rows as vectors of {z}.
-@compute @workgroup_size(64)
-fn wgrad_sg(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) nw: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-    @builtin(subgroup_invocation_id) sid: u32,
-) {{
-    let lane = sid & 7u;
-    let sb = sid - lane;
-    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
-    let live = t < p.tiles;
-    t = min(t, p.tiles - 1u);
-    let ab = t % p.ablocks;
+{head}    let ab = t % p.ablocks;
     t /= p.ablocks;
     let bb = t % p.bblocks;
     let chunk = t / p.bblocks;
@@ -718,7 +609,8 @@ fn wgrad_sg(
     let by = i32(p.by);
     let bz = i32(p.bz);
     let bstride = bx * by * bz;",
-        r1 = r - 1
+        r1 = r - 1,
+        head = subgroup_entry("wgrad_sg")
     );
     let _ = writeln!(w, "    let la = lane % {la}u;\n    let lq = lane / {la}u;");
     for i in 0..m {
@@ -907,4 +799,67 @@ fn wgrad_sg(
     }
     let _ = writeln!(w, "}}");
     o
+}
+
+/// The opening of a subgroup tile kernel named `entry` over tiles of 8 lanes: each lane's `lane`
+/// and subgroup base `sb`, and the tile's coordinates `zb`, `yb`, `{x}` (x), `cb` (channel block)
+/// and `n` (sample), `live` false past the last tile (whose coordinates it then repeats); with
+/// `classes` also its output parity class `cls`, which varies fastest.
+fn tile_entry(entry: &str, x: &str, classes: bool) -> String {
+    let cls = if classes {
+        "    // Parity classes vary fastest: the tiles of a workgroup then fill the same output lines.
+    let cls = t % p.ncls;
+    t /= p.ncls;
+"
+    } else {
+        ""
+    };
+    format!(
+        "{}{cls}    let zb = t % p.zblocks;
+    t /= p.zblocks;
+    let yb = t % p.yblocks;
+    t /= p.yblocks;
+    let {x} = t % p.xblocks;
+    t /= p.xblocks;
+    let cb = t % p.cblocks;
+    let n = t / p.cblocks;
+",
+        subgroup_entry(entry)
+    )
+}
+
+/// The opening of a subgroup kernel named `entry` whose tiles are 8 lanes: each lane's `lane` and
+/// subgroup base `sb`, the tile's index `t` (clamped to the last tile) and `live`, false past it.
+fn subgroup_entry(entry: &str) -> String {
+    format!(
+        "@compute @workgroup_size(64)
+fn {entry}(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nw: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {{
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    var t = (wg.x + wg.y * nw.x) * 8u + li / 8u;
+    let live = t < p.tiles;
+    t = min(t, p.tiles - 1u);
+"
+    )
+}
+
+/// Tap `t`'s weights `k{a}` of the tile's m channels, shuffled out of the vec4s `w{c}` in which
+/// lane l holds vec4 l + 8 c of the block (channel a's 8 taps are vec4s 2 a and 2 a + 1).
+fn write_tap_weights(w: &mut String, m: usize, t: usize) {
+    let comp = ["x", "y", "z", "w"];
+    for a in 0..m {
+        let c = 2 * a + t / 4;
+        let _ = writeln!(
+            w,
+            "            let k{a} = subgroupShuffle(w{}.{}, sb + {}u);",
+            c / 8,
+            comp[t % 4],
+            c % 8
+        );
+    }
 }
