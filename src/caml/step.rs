@@ -203,7 +203,11 @@ fn omni_correlation_term(
 /// stays pending until the next step or [`flush`]); otherwise this one.
 pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<Option<StepLog>> {
     let half = cfg.precision == crate::config::Precision::F16;
-    crate::autograd::with_f16_storage(half, || step(st, cfg, batch))
+    let gpu = crate::gpu::gpu();
+    gpu.begin_step();
+    let log = crate::autograd::with_f16_storage(half, || step(st, cfg, batch));
+    gpu.end_step();
+    log
 }
 
 fn step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<Option<StepLog>> {

@@ -139,16 +139,17 @@ pub fn run(a: Args) -> Result<()> {
                     break;
                 }
             }
+            let warm_up = g.memory();
             g.reset_peak_memory();
             crate::gpu::memtrace::reset_peak();
-            let (c0, a0) = (gpu().counters(), gpu().allocations());
+            let (c0, a0, p0) = (gpu().counters(), gpu().allocations(), gpu().buffer_plans());
             let mut times = Vec::new();
             for _ in 0..iters.max(1) {
                 let t = std::time::Instant::now();
                 train_step(&mut st, &cfg, &batch)?;
                 times.push(t.elapsed().as_secs_f64());
             }
-            let (c1, a1) = (gpu().counters(), gpu().allocations());
+            let (c1, a1, p1) = (gpu().counters(), gpu().allocations(), gpu().buffer_plans());
             let k = iters.max(1) as u64;
             let m = gpu().memory();
             println!(
@@ -163,13 +164,14 @@ pub fn run(a: Args) -> Result<()> {
                 times.len()
             );
             println!(
-                "  per iteration: {} dispatches, {} submissions, {} readbacks, {} bytes read, {} uploads, {} buffer allocations",
+                "  per iteration: {} dispatches, {} submissions, {} readbacks, {} bytes read, {} uploads, {} buffer allocations, {} new buffer plans",
                 (c1.dispatches - c0.dispatches) / k,
                 (c1.submissions - c0.submissions) / k,
                 (c1.readbacks - c0.readbacks) / k,
                 (c1.bytes_read - c0.bytes_read) / k,
                 (c1.uploads - c0.uploads) / k,
-                (a1 - a0) / k
+                (a1 - a0) as f64 / k as f64,
+                (p1 - p0) as f64 / k as f64
             );
             let (record, wait) = (
                 (c1.record_nanos - c0.record_nanos) as f64 * 1e-6 / k as f64,
@@ -182,9 +184,11 @@ pub fn run(a: Args) -> Result<()> {
                 mean - record - wait
             );
             println!(
-                "  peak GPU memory: {:.1} MiB in tensors, {:.1} MiB reserved by the pool",
+                "  peak GPU memory: {:.1} MiB in tensors, {:.1} MiB reserved by the pool (warm-up included: {:.1} and {:.1} MiB)",
                 m.peak_in_use as f64 / 1048576.0,
-                m.peak_reserved as f64 / 1048576.0
+                m.peak_reserved as f64 / 1048576.0,
+                warm_up.peak_in_use.max(m.peak_in_use) as f64 / 1048576.0,
+                warm_up.peak_reserved.max(m.peak_reserved) as f64 / 1048576.0
             );
             if crate::gpu::memtrace::enabled() {
                 println!("  tensors of 1 MiB or more alive at the peak, by the code that made them:");

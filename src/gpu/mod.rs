@@ -241,13 +241,14 @@ impl Gpu {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        let pool = Pool::new(limits.max_buffer_size);
         Ok(Gpu {
             device,
             queue,
             info,
             limits,
             features,
-            pool: Mutex::new(Pool::default()),
+            pool: Mutex::new(pool),
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             pipeline_cache,
@@ -298,13 +299,29 @@ impl Gpu {
                 self.limits.max_buffer_size
             );
         }
-        self.pool.lock().unwrap().take(&self.device, bytes, self.limits.max_buffer_size).map_err(|e| {
+        self.pool.lock().unwrap().take(&self.device, bytes).map_err(|e| {
             let what = match e {
                 wgpu::Error::OutOfMemory { .. } => "the device is out of memory".to_string(),
                 e => one_line(&e.to_string()),
             };
             anyhow!("the device could not allocate a buffer of {bytes} bytes: {what}")
         })
+    }
+
+    /// Marks the start of a training step: its buffers follow a plan made from the previous
+    /// step's, so that the pool holds little more than the step's peak in tensors.
+    pub fn begin_step(&self) {
+        self.pool.lock().unwrap().begin_step();
+    }
+
+    /// Marks the end of a training step.
+    pub fn end_step(&self) {
+        self.pool.lock().unwrap().end_step();
+    }
+
+    /// Buffer plans made so far: one per training step whose requests changed.
+    pub fn buffer_plans(&self) -> u64 {
+        self.pool.lock().unwrap().plans_made()
     }
 
     pub fn memory(&self) -> MemoryStats {

@@ -1,0 +1,92 @@
+//! The buffer plan of training steps, in a test binary of its own so that no other test's
+//! buffers are counted.
+
+use caml_wgpu::Tensor;
+use caml_wgpu::gpu::gpu;
+
+const MIB: usize = 1 << 20;
+
+/// A step whose 4 MiB tensors die before its 8 MiB ones are made: a size-class pool cannot give
+/// the 8 MiB requests the 4 MiB buffers, a plan puts the 4 MiB tensors into the 8 MiB buffers.
+/// `extra` adds requests in the middle (a loss term that starts to contribute); `rows` sizes one
+/// tensor the way a masked selection does.
+fn step(k: f32, rows: usize, extra: bool) -> f32 {
+    gpu().begin_step();
+    let small = Tensor::zeros(&[MIB]).add_scalar(k);
+    let s = small.sum_all();
+    drop(small);
+    let s = if extra { s.add(&Tensor::zeros(&[MIB / 2]).add_scalar(1.0).sum_all()) } else { s };
+    let selected = Tensor::zeros(&[rows]).add_scalar(2.0);
+    let big = Tensor::zeros(&[2 * MIB]).add_scalar(1.0);
+    let t = big.sum_all().add(&s).add(&selected.sum_all());
+    drop((big, selected));
+    gpu().end_step();
+    t.item()
+}
+
+fn expected(k: f32, rows: usize, extra: bool) -> f32 {
+    (2 * MIB) as f32 + k * MIB as f32 + 2.0 * rows as f32 + if extra { (MIB / 2) as f32 } else { 0.0 }
+}
+
+#[test]
+fn steps_follow_a_plan_made_from_the_previous_step() {
+    let g = gpu();
+    g.trim_pool();
+    let rows = 1000;
+    assert_eq!(step(1.0, rows, false), expected(1.0, rows, false));
+    let online = g.memory().reserved;
+    let plans = g.buffer_plans();
+    // The second step follows a plan made from the first; from then on a step allocates nothing
+    // and the plan stands.
+    for k in 2..6 {
+        assert_eq!(step(k as f32, rows, false), expected(k as f32, rows, false), "step {k}");
+        if k == 3 {
+            assert_eq!(g.buffer_plans(), plans + 1);
+        }
+    }
+    let allocs = g.allocations();
+    for k in 6..9 {
+        assert_eq!(step(k as f32, rows, false), expected(k as f32, rows, false), "step {k}");
+    }
+    assert_eq!(g.allocations(), allocs, "a planned step allocated");
+    assert_eq!(g.buffer_plans(), plans + 1, "a step that repeats its predecessor made a new plan");
+    // The two 8 MiB buffers hold the 4 MiB tensors too: at least 8 MiB less than the pool alone.
+    let planned = g.memory().reserved;
+    assert!(planned + 8 * MIB as u64 <= online, "planned {planned} bytes, size-class pool {online}");
+
+    // More rows selected than planned (up to twice): the buffers are made again at the new
+    // size, the plan stands, and the values are right.
+    let allocs = g.allocations();
+    assert_eq!(step(9.0, 1900, false), expected(9.0, 1900, false));
+    assert!(g.allocations() > allocs);
+    let allocs = g.allocations();
+    assert_eq!(step(10.0, 1500, false), expected(10.0, 1500, false));
+    assert_eq!(g.allocations(), allocs, "a smaller selection allocated");
+    assert_eq!(g.buffer_plans(), plans + 1);
+
+    // Requests added in the middle: right values, a new plan, then nothing allocated again.
+    for k in 11..14 {
+        assert_eq!(step(k as f32, rows, true), expected(k as f32, rows, true), "step {k}");
+    }
+    assert_eq!(g.buffer_plans(), plans + 2);
+    let allocs = g.allocations();
+    assert_eq!(step(14.0, rows, true), expected(14.0, rows, true));
+    assert_eq!(g.allocations(), allocs);
+
+    // Between steps a request borrows a free planned buffer of its size (the 8 MiB ones).
+    let allocs = g.allocations();
+    let outside = Tensor::zeros(&[2 * MIB]).add_scalar(3.0);
+    assert_eq!(outside.sum_all().item(), (6 * MIB) as f32);
+    assert_eq!(g.allocations(), allocs, "a request between steps allocated");
+    drop(outside);
+    assert_eq!(step(15.0, rows, true), expected(15.0, rows, true));
+    assert_eq!(g.allocations(), allocs);
+    assert_eq!(g.buffer_plans(), plans + 2);
+
+    // A trim releases the plan's free buffers; the next steps make them again and stay right.
+    g.trim_pool();
+    assert!(g.memory().reserved < planned);
+    for k in 16..18 {
+        assert_eq!(step(k as f32, rows, true), expected(k as f32, rows, true), "step {k}");
+    }
+}
