@@ -217,13 +217,14 @@ impl Tensor {
     pub fn to_vec(&self) -> Vec<f32> {
         assert_eq!(self.dtype(), DType::F32, "to_vec on a {:?} tensor", self.dtype());
         let bytes = gpu().read(self.buffer(), 0, self.bytes());
-        bytemuck::cast_slice(&bytes).to_vec()
+        bytes.chunks_exact(4).map(|w| f32::from_ne_bytes(w.try_into().expect("4 bytes"))).collect()
     }
 
     pub fn to_u32(&self) -> Vec<u32> {
         assert_eq!(self.dtype(), DType::U32, "to_u32 on a {:?} tensor", self.dtype());
+        // (Not a cast of the byte vector: an empty one is not aligned for u32.)
         let bytes = gpu().read(self.buffer(), 0, self.bytes());
-        bytemuck::cast_slice(&bytes).to_vec()
+        bytes.chunks_exact(4).map(|w| u32::from_ne_bytes(w.try_into().expect("4 bytes"))).collect()
     }
 
     /// The single value of a one-element tensor.

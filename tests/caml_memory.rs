@@ -85,6 +85,8 @@ fn omni_rows_keep_the_most_confident_per_class_with_stable_ties() {
         let mut rows: Vec<usize> = (0..n).filter(|&i| consistent[i] == 1.0 && class[i] == c as f32).collect();
         rows.sort_by(|&a, &b| conf[b].partial_cmp(&conf[a]).unwrap());
         rows.truncate(k);
+        // The rows a stable sort by confidence keeps, in voxel order.
+        rows.sort_unstable();
         let want: Vec<u32> = rows.iter().map(|&r| position[r]).collect();
         assert_eq!(got_c, &want, "class {c}");
     }

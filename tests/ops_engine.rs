@@ -364,6 +364,33 @@ fn top_indices_match_a_stable_descending_sort() {
 }
 
 #[test]
+fn top_set_holds_the_first_of_a_stable_descending_sort() {
+    use caml_wgpu::ops::sort;
+    let want = |keys: &[f32], len: usize| {
+        let mut v = sort::top_indices_cpu(keys, len);
+        v.sort_unstable();
+        v
+    };
+    for (n, len) in [(1usize, 1usize), (7, 3), (1000, 1000), (5000, 1280), (70_000, 1600), (300, 0)] {
+        let mut rng = Rng::new(80 + n as u64);
+        // Few distinct values, so that the k-th largest key is tied and the ties are taken by
+        // position; some keys negative and zero, so that the float order of the bits is checked.
+        let keys: Vec<f32> = (0..n).map(|_| (rng.below(17) as f32 - 5.0) * 0.03).collect();
+        let got = sort::top_set(&Tensor::from_vec(&keys, &[n]), len);
+        assert_eq!(got.shape(), &[len]);
+        assert_eq!(got.to_u32(), want(&keys, len), "n = {n}, len = {len}");
+    }
+    // Distinct keys of every magnitude: each of the four bytes decides somewhere.
+    let mut rng = Rng::new(90);
+    let keys: Vec<f32> =
+        (0..20_000).map(|_| ((rng.uniform() - 0.5) as f32) * 10f32.powi(rng.below(9) as i32 - 4)).collect();
+    for len in [1, 2, 777, 19_999, 20_000] {
+        let got = sort::top_set(&Tensor::from_vec(&keys, &[keys.len()]), len);
+        assert_eq!(got.to_u32(), want(&keys, len), "len = {len}");
+    }
+}
+
+#[test]
 fn nonzero_many_compacts_each_mask() {
     let a = Tensor::from_vec(&[0.0, 1.0, 1.0, 0.0, 1.0], &[5]);
     let b = Tensor::from_vec(&[1.0, 0.0, 0.0], &[3]);

@@ -4,9 +4,11 @@ use crate::ops::sort;
 use crate::tensor::Tensor;
 
 /// The rows that enter the omni-correlation: per class (0 then 1), at most `num_filtered` of
-/// the voxels `class_voxels[c]` (U32 flat indices, increasing), the most confident first (ties by
+/// the voxels `class_voxels[c]` (U32 flat indices, increasing), the most confident (ties by
 /// voxel order), given as their positions among the consistent voxels (`rank`, the
-/// [`crate::ops::scan::prefix_count`] of the consistent mask). `confidence` holds every voxel's.
+/// [`crate::ops::scan::prefix_count`] of the consistent mask), in voxel order: the reference's
+/// sort by confidence keeps the same rows, and the loss is a sum over rows. `confidence` holds
+/// every voxel's.
 pub fn select_rows(
     rank: &Tensor,
     class_voxels: [&Tensor; 2],
@@ -19,7 +21,7 @@ pub fn select_rows(
             idx.clone()
         } else {
             let conf = confidence.reshape(&[n, 1]).gather_rows(idx).reshape(&[idx.numel()]);
-            idx.gather_rows(&sort::top_indices(&conf, num_filtered))
+            idx.gather_rows(&sort::top_set(&conf, num_filtered))
         };
         rank.gather_rows(&kept)
     })

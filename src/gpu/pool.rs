@@ -192,6 +192,9 @@ impl Pool {
     /// one. None when the request goes to the size-class pool.
     fn planned(&mut self, index: Option<usize>, bytes: u64) -> Option<(usize, Option<wgpu::Buffer>)> {
         let class = self.class(bytes);
+        // A buffer made again for a grown request gets a quarter more than it asks: selections
+        // grow a little at a time while a model learns, and each growth is an allocation.
+        let grown = self.class(bytes + bytes / 4);
         let Some(plan) = self.plan.as_mut() else {
             self.step.followed = false;
             return None;
@@ -212,8 +215,8 @@ impl Pool {
                 self.step.followed = false;
                 return self.any_free(class);
             }
-            // Grown (more rows selected than when planned): the buffer is made again at the new
-            // size, and the requests sharing it still never overlap. A request more than twice
+            // Grown (more rows selected than when planned): the buffer is made again, larger, and
+            // the requests sharing it still never overlap. A request more than twice
             // its planned size is taken for a sign that requests were added or left out (the
             // pairing is lost until found again).
             Some(Some(Some(b))) if plan.buffers[b].size < bytes && class > 2 * plan.buffers[b].size => {
@@ -226,7 +229,7 @@ impl Pool {
                     if let Slot::Free(old) = std::mem::replace(&mut plan.buffers[b].slot, Slot::Unmade) {
                         self.stats.reserved -= old.size();
                     }
-                    plan.buffers[b].size = class;
+                    plan.buffers[b].size = grown;
                 }
                 b
             }

@@ -13,6 +13,7 @@ const SHADERS: &[(&str, &str)] = &[
     ("scan", include_str!("../../shaders/scan.wgsl")),
     ("optim", include_str!("../../shaders/optim.wgsl")),
     ("sort", include_str!("../../shaders/sort.wgsl")),
+    ("select", include_str!("../../shaders/select.wgsl")),
     ("batchnorm", include_str!("../../shaders/batchnorm.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
     ("upsample", include_str!("../../shaders/upsample.wgsl")),

@@ -130,6 +130,13 @@ pub fn prefix_count(mask: &Tensor) -> Tensor {
     exclusive_scan(mask)
 }
 
+/// The flat indices where `mask` is nonzero, in increasing order, when the caller knows that
+/// there are `count` of them (U32, shape [count]). No readback.
+pub fn nonzero_counted(mask: &Tensor, count: usize) -> Tensor {
+    assert!(count <= mask.numel(), "{count} nonzero entries of {} ", mask.numel());
+    compact(mask).0.with_shape_unchecked(&[count])
+}
+
 /// The flat indices where `mask` is nonzero, in increasing order (U32, shape [count]). Reads the
 /// count back to the host.
 pub fn nonzero(mask: &Tensor) -> Tensor {

@@ -1,7 +1,8 @@
 //! Sorting on the GPU: the permutation that orders keys descending, ties by position (what a
-//! stable descending sort gives).
+//! stable descending sort gives), and the set of the largest keys without the sort.
 
 use crate::gpu::{Kernel, gpu};
+use crate::ops::scan::{nonzero_counted, prefix_count};
 use crate::ops::{Params, align_elems, binding_limit, range_binding};
 use crate::tensor::{DType, Tensor};
 
@@ -65,6 +66,56 @@ pub fn top_indices(keys: &Tensor, len: usize) -> Tensor {
         k *= 2;
     }
     i_buf.with_shape_unchecked(&[len])
+}
+
+/// Indices (U32, shape [len]) of the `len` largest keys, ties to the lower position (the first
+/// `len` of [`top_indices`]), in increasing index order. A radix select: the `len`-th largest key
+/// is found a byte at a time (four histogram passes over the keys), then the keys above it and
+/// the first of those equal to it are compacted: about 20 launches that read the keys a few
+/// times, where the bitonic sort of [`top_indices`] makes log2(n)^2 / 2 passes over them. No
+/// readback. Keys must be finite.
+pub fn top_set(keys: &Tensor, len: usize) -> Tensor {
+    assert_eq!(keys.dtype(), DType::F32, "top_set of a {:?} tensor", keys.dtype());
+    let m = keys.numel();
+    assert!(len <= m, "top_set: {len} of {m} keys");
+    if len == 0 {
+        return Tensor::empty_u32(&[0]);
+    }
+    let g = gpu();
+    let w = ((binding_limit() / 4) as usize / align_elems() * align_elems()).min(m);
+    assert!(w > 0, "a storage binding limit of {} bytes holds no key window", binding_limit());
+    let windows: Vec<(usize, usize)> = (0..m).step_by(w).map(|s| (s, w.min(m - s))).collect();
+    let hist = Tensor::from_u32(&[0; 256], &[256]);
+    let state = Tensor::from_u32(&[0, 0, len as u32], &[3]);
+    // Keys a workgroup of the histogram counts (PER_LANE in the shader, times 256 lanes).
+    const PER_GROUP: usize = 16 * 256;
+    for shift in [24, 16, 8, 0] {
+        for &(s, n) in &windows {
+            g.dispatch(
+                &Kernel::new("select", "histogram"),
+                Params::new().u(n).u(shift).bytes(),
+                &[range_binding(keys, s, n), hist.binding(), state.binding()],
+                g.groups_1d(n.div_ceil(PER_GROUP) as u64, 1),
+            );
+        }
+        g.dispatch(
+            &Kernel::new("select", "pick"),
+            Params::new().u(0).u(shift).bytes(),
+            &[hist.binding(), state.binding()],
+            [1, 1, 1],
+        );
+    }
+    let flags = |entry: &'static str, tie_rank: Option<&Tensor>| {
+        let out = Tensor::empty(&[m]);
+        for &(s, n) in &windows {
+            let mut b = vec![range_binding(keys, s, n), range_binding(&out, s, n), state.binding()];
+            b.extend(tie_rank.map(|r| range_binding(r, s, n)));
+            g.dispatch_1d(&Kernel::new("select", entry), Params::new().u(n).u(0).bytes(), &b, n as u64);
+        }
+        out
+    };
+    let tie_rank = prefix_count(&flags("ties", None));
+    nonzero_counted(&flags("taken", Some(&tie_rank)), len)
 }
 
 /// CPU reference: a stable sort by descending key.
