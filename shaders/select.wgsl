@@ -7,9 +7,11 @@
 // the keys that match the found bits are still to be taken.
 
 struct Params {
-    // Keys in this launch's window.
+    // Entries in this launch's window.
     n: u32,
     shift: u32,
+    // Of them, keys (the flags cover a padded range: zero past the keys).
+    valid: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -90,7 +92,7 @@ fn ties(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     if t >= p.n {
         return;
     }
-    flags[t] = select(0.0, 1.0, ordered(keys[t]) == state[0]);
+    flags[t] = select(0.0, 1.0, t < p.valid && ordered(keys[min(t, max(p.valid, 1u) - 1u)]) == state[0]);
 }
 
 @group(0) @binding(4) var<storage, read> tie_rank: array<u32>;
@@ -102,7 +104,7 @@ fn taken(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     if t >= p.n {
         return;
     }
-    let u = ordered(keys[t]);
+    let u = ordered(keys[min(t, max(p.valid, 1u) - 1u)]);
     let kth = state[0];
-    flags[t] = select(0.0, 1.0, u > kth || (u == kth && tie_rank[t] < state[2]));
+    flags[t] = select(0.0, 1.0, t < p.valid && (u > kth || (u == kth && tie_rank[t] < state[2])));
 }

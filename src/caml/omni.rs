@@ -17,11 +17,13 @@ pub fn select_rows(
 ) -> [Tensor; 2] {
     let n = confidence.numel();
     class_voxels.map(|idx| {
-        let kept = if idx.numel() <= num_filtered {
+        // Also when every voxel is kept: the step then makes the same requests whether a class
+        // has more voxels than `num_filtered` or not (its buffers follow one plan).
+        let kept = if idx.numel() == 0 {
             idx.clone()
         } else {
             let conf = confidence.reshape(&[n, 1]).gather_rows(idx).reshape(&[idx.numel()]);
-            idx.gather_rows(&sort::top_set(&conf, num_filtered))
+            idx.gather_rows(&sort::top_set(&conf, idx.numel().min(num_filtered)))
         };
         rank.gather_rows(&kept)
     })

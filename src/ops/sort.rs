@@ -93,24 +93,33 @@ pub fn top_set(keys: &Tensor, len: usize) -> Tensor {
         for &(s, n) in &windows {
             g.dispatch(
                 &Kernel::new("select", "histogram"),
-                Params::new().u(n).u(shift).bytes(),
+                Params::new().u(n).u(shift).u(n).bytes(),
                 &[range_binding(keys, s, n), hist.binding(), state.binding()],
                 g.groups_1d(n.div_ceil(PER_GROUP) as u64, 1),
             );
         }
         g.dispatch(
             &Kernel::new("select", "pick"),
-            Params::new().u(0).u(shift).bytes(),
+            Params::new().u(0).u(shift).u(0).bytes(),
             &[hist.binding(), state.binding()],
             [1, 1, 1],
         );
     }
+    // The flags cover a power of two of entries (zero past the keys), so that their buffers,
+    // and the scans' and compaction's, keep their sizes while the number of keys changes a
+    // little from step to step.
+    let padded = m.next_power_of_two();
+    let fw = ((binding_limit() / 4) as usize / align_elems() * align_elems()).min(padded);
     let flags = |entry: &'static str, tie_rank: Option<&Tensor>| {
-        let out = Tensor::empty(&[m]);
-        for &(s, n) in &windows {
-            let mut b = vec![range_binding(keys, s, n), range_binding(&out, s, n), state.binding()];
+        let out = Tensor::empty(&[padded]);
+        for s in (0..padded).step_by(fw) {
+            let n = fw.min(padded - s);
+            let valid = m.saturating_sub(s).min(n);
+            let k = if valid > 0 { range_binding(keys, s, valid) } else { range_binding(keys, 0, 1) };
+            let mut b = vec![k, range_binding(&out, s, n), state.binding()];
             b.extend(tie_rank.map(|r| range_binding(r, s, n)));
-            g.dispatch_1d(&Kernel::new("select", entry), Params::new().u(n).u(0).bytes(), &b, n as u64);
+            let p = Params::new().u(n).u(0).u(valid);
+            g.dispatch_1d(&Kernel::new("select", entry), p.bytes(), &b, n as u64);
         }
         out
     };
