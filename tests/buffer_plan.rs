@@ -3,6 +3,7 @@
 
 use caml_wgpu::Tensor;
 use caml_wgpu::gpu::gpu;
+use caml_wgpu::ops::sort;
 
 const MIB: usize = 1 << 20;
 
@@ -82,6 +83,26 @@ fn steps_follow_a_plan_made_from_the_previous_step() {
     assert_eq!(step(15.0, rows, true), expected(15.0, rows, true));
     assert_eq!(g.allocations(), allocs);
     assert_eq!(g.buffer_plans(), plans + 2);
+
+    // top_set with its flags padded makes the same requests for any number of keys up to the
+    // padding (unpadded, 900 keys scan in one block and 2000 in two levels of blocks).
+    let top = |n: usize| {
+        g.begin_step();
+        let keys: Vec<f32> = (0..n).map(|i| (i % 97) as f32).collect();
+        let got = sort::top_set(&Tensor::from_vec(&keys, &[n]), 10, 5000).to_u32();
+        g.end_step();
+        let mut want = sort::top_indices_cpu(&keys, 10);
+        want.sort_unstable();
+        assert_eq!(got, want, "{n} keys");
+    };
+    for n in [2000, 2000, 2000] {
+        top(n);
+    }
+    let plans = g.buffer_plans();
+    for n in [900, 1500, 2000] {
+        top(n);
+    }
+    assert_eq!(g.buffer_plans(), plans, "fewer keys changed the requests of top_set");
 
     // A trim releases the plan's free buffers; the next steps make them again and stay right.
     g.trim_pool();

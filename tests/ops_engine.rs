@@ -376,7 +376,7 @@ fn top_set_holds_the_first_of_a_stable_descending_sort() {
         // Few distinct values, so that the k-th largest key is tied and the ties are taken by
         // position; some keys negative and zero, so that the float order of the bits is checked.
         let keys: Vec<f32> = (0..n).map(|_| (rng.below(17) as f32 - 5.0) * 0.03).collect();
-        let got = sort::top_set(&Tensor::from_vec(&keys, &[n]), len);
+        let got = sort::top_set(&Tensor::from_vec(&keys, &[n]), len, 0);
         assert_eq!(got.shape(), &[len]);
         assert_eq!(got.to_u32(), want(&keys, len), "n = {n}, len = {len}");
     }
@@ -385,7 +385,7 @@ fn top_set_holds_the_first_of_a_stable_descending_sort() {
     let keys: Vec<f32> =
         (0..20_000).map(|_| ((rng.uniform() - 0.5) as f32) * 10f32.powi(rng.below(9) as i32 - 4)).collect();
     for len in [1, 2, 777, 19_999, 20_000] {
-        let got = sort::top_set(&Tensor::from_vec(&keys, &[keys.len()]), len);
+        let got = sort::top_set(&Tensor::from_vec(&keys, &[keys.len()]), len, 3 * keys.len());
         assert_eq!(got.to_u32(), want(&keys, len), "len = {len}");
     }
 }

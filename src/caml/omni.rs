@@ -17,13 +17,14 @@ pub fn select_rows(
 ) -> [Tensor; 2] {
     let n = confidence.numel();
     class_voxels.map(|idx| {
-        // Also when every voxel is kept: the step then makes the same requests whether a class
-        // has more voxels than `num_filtered` or not (its buffers follow one plan).
+        // Also when every voxel is kept, and with the flags padded to every unlabeled voxel: the
+        // step then makes the same requests whichever side of the cap a class is on and however
+        // many voxels it has (its buffers follow one plan).
         let kept = if idx.numel() == 0 {
             idx.clone()
         } else {
             let conf = confidence.reshape(&[n, 1]).gather_rows(idx).reshape(&[idx.numel()]);
-            idx.gather_rows(&sort::top_set(&conf, idx.numel().min(num_filtered)))
+            idx.gather_rows(&sort::top_set(&conf, idx.numel().min(num_filtered), n))
         };
         rank.gather_rows(&kept)
     })

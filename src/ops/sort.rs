@@ -73,8 +73,11 @@ pub fn top_indices(keys: &Tensor, len: usize) -> Tensor {
 /// is found a byte at a time (four histogram passes over the keys), then the keys above it and
 /// the first of those equal to it are compacted: about 20 launches that read the keys a few
 /// times, where the bitonic sort of [`top_indices`] makes log2(n)^2 / 2 passes over them. No
-/// readback. Keys must be finite.
-pub fn top_set(keys: &Tensor, len: usize) -> Tensor {
+/// readback. Keys must be finite. The flags it scans and compacts cover a power of two of
+/// entries, at least `pad_to`: with `pad_to` at least the largest number of keys a caller passes,
+/// every call makes the same launches and buffers of the same sizes (the scans' depth depends on
+/// the length), so that a training step's requests do not change with the number of keys.
+pub fn top_set(keys: &Tensor, len: usize, pad_to: usize) -> Tensor {
     assert_eq!(keys.dtype(), DType::F32, "top_set of a {:?} tensor", keys.dtype());
     let m = keys.numel();
     assert!(len <= m, "top_set: {len} of {m} keys");
@@ -105,10 +108,8 @@ pub fn top_set(keys: &Tensor, len: usize) -> Tensor {
             [1, 1, 1],
         );
     }
-    // The flags cover a power of two of entries (zero past the keys), so that their buffers,
-    // and the scans' and compaction's, keep their sizes while the number of keys changes a
-    // little from step to step.
-    let padded = m.next_power_of_two();
+    // Zero past the keys.
+    let padded = m.max(pad_to).next_power_of_two();
     let fw = ((binding_limit() / 4) as usize / align_elems() * align_elems()).min(padded);
     let flags = |entry: &'static str, tie_rank: Option<&Tensor>| {
         let out = Tensor::empty(&[padded]);
