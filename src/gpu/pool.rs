@@ -186,10 +186,11 @@ impl Pool {
     /// The planned buffer for request `index` of the step being recorded (None: a request outside
     /// a step), marked out: its index in the plan and the buffer, or None when the buffer is
     /// still to be made. Requests are matched to the plan by position: a step repeats its
-    /// predecessor's requests in order, some with other sizes (rows selected by a mask), until
-    /// one misses (its buffer is still held, or the step took another path). A request after
-    /// that, and one outside a step, gets a free planned buffer of its size range when there is
-    /// one. None when the request goes to the size-class pool.
+    /// predecessor's requests in order, some with other sizes (rows selected by a mask). A
+    /// request that misses (its buffer is still held, or the step took another path), one made
+    /// while the pairing is lost (until [`Step::resync`] finds it), and one outside a step get a
+    /// free planned buffer of their size range when there is one. None when the request goes to
+    /// the size-class pool.
     fn planned(&mut self, index: Option<usize>, bytes: u64) -> Option<(usize, Option<wgpu::Buffer>)> {
         let class = self.class(bytes);
         // A buffer made again for a grown request gets a quarter more than it asks: selections
