@@ -87,7 +87,7 @@ struct Request {
 /// whose lifetimes do not overlap share a buffer ("greedy by size": the largest request first,
 /// each into the smallest buffer it fits without overlapping the others there). At the paper's
 /// preset with f16 storage the size-class pool alone reserved 1.67x the step's peak in tensors
-/// (its free buffers are the wrong sizes when a request comes), the plan 1.28x.
+/// (its free buffers are the wrong sizes when a request comes), the plan 1.3 to 1.4x.
 struct Plan {
     id: u64,
     /// The requests of the step it was made from, in order: size class and buffer (None for
@@ -132,6 +132,15 @@ fn reuse_limit(class: u64) -> u64 {
     (0..3).fold(class, |c, _| size_class(c + 1))
 }
 
+/// The smallest free planned buffer of `class` up to [`reuse_limit`].
+fn smallest_free(plan: &Plan, class: u64) -> Option<usize> {
+    let top = reuse_limit(class);
+    (0..plan.buffers.len())
+        .filter(|&b| matches!(plan.buffers[b].slot, Slot::Free(_)))
+        .filter(|&b| (class..=top).contains(&plan.buffers[b].size))
+        .min_by_key(|&b| plan.buffers[b].size)
+}
+
 impl Pool {
     pub(crate) fn new(max_buffer: u64) -> Pool {
         Pool {
@@ -160,7 +169,7 @@ impl Pool {
             self.step.clock += 1;
             (self.step.number, index)
         });
-        let (buffer, home) = match self.planned(request.map(|r| r.1), bytes) {
+        let (buffer, home) = match self.planned(request.map(|r| r.1), bytes, class) {
             Some((index, Some(b))) => (b, self.plan_home(index)),
             Some((index, None)) => {
                 let size = self.plan.as_ref().expect("a plan").buffers[index].size;
@@ -191,8 +200,12 @@ impl Pool {
     /// while the pairing is lost (until [`Step::resync`] finds it), and one outside a step get a
     /// free planned buffer of their size range when there is one. None when the request goes to
     /// the size-class pool.
-    fn planned(&mut self, index: Option<usize>, bytes: u64) -> Option<(usize, Option<wgpu::Buffer>)> {
-        let class = self.class(bytes);
+    fn planned(
+        &mut self,
+        index: Option<usize>,
+        bytes: u64,
+        class: u64,
+    ) -> Option<(usize, Option<wgpu::Buffer>)> {
         // A buffer made again for a grown request gets a quarter more than it asks: selections
         // grow a little at a time while a model learns, and each growth is an allocation.
         let grown = self.class(bytes + bytes / 4);
@@ -214,7 +227,7 @@ impl Pool {
             // Still held by an earlier request (lifetimes changed a little): the pairing stands.
             Some(Some(Some(b))) if matches!(plan.buffers[b].slot, Slot::Out) => {
                 self.step.followed = false;
-                return self.any_free(class);
+                smallest_free(plan, class)?
             }
             // Grown (more rows selected than when planned): the buffer is made again, larger, and
             // the requests sharing it still never overlap. A request more than twice
@@ -223,7 +236,7 @@ impl Pool {
             Some(Some(Some(b))) if plan.buffers[b].size < bytes && class > 2 * plan.buffers[b].size => {
                 self.step.followed = false;
                 self.step.synced = false;
-                return self.any_free(class);
+                smallest_free(plan, class)?
             }
             Some(Some(Some(b))) => {
                 if plan.buffers[b].size < bytes {
@@ -239,26 +252,12 @@ impl Pool {
                     self.step.followed = false;
                     self.step.synced = false;
                 }
-                return self.any_free(class);
+                smallest_free(plan, class)?
             }
         };
         match std::mem::replace(&mut plan.buffers[chosen].slot, Slot::Out) {
             Slot::Free(b) => Some((chosen, Some(b))),
             _ => Some((chosen, None)),
-        }
-    }
-
-    /// The smallest free planned buffer of `class` up to [`reuse_limit`], marked out.
-    fn any_free(&mut self, class: u64) -> Option<(usize, Option<wgpu::Buffer>)> {
-        let plan = self.plan.as_mut()?;
-        let top = reuse_limit(class);
-        let chosen = (0..plan.buffers.len())
-            .filter(|&b| matches!(plan.buffers[b].slot, Slot::Free(_)))
-            .filter(|&b| (class..=top).contains(&plan.buffers[b].size))
-            .min_by_key(|&b| plan.buffers[b].size)?;
-        match std::mem::replace(&mut plan.buffers[chosen].slot, Slot::Out) {
-            Slot::Free(b) => Some((chosen, Some(b))),
-            _ => unreachable!("a free slot was chosen"),
         }
     }
 
@@ -333,8 +332,7 @@ impl Pool {
         order.sort_by_key(|&i| std::cmp::Reverse(requests[i].bytes));
         // Per planned buffer: its size and the lifetimes [taken, released) it holds.
         let mut shared: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
-        let mut sequence: Vec<(u64, Option<usize>)> =
-            requests.iter().map(|r| (self.class(r.bytes), None)).collect();
+        let mut sequence: Vec<(u64, Option<usize>)> = requests.iter().map(|r| (r.class, None)).collect();
         for i in order {
             let (a, b) = (requests[i].taken, requests[i].released.expect("released"));
             let free = |spans: &Vec<(u64, u64)>| spans.iter().all(|&(x, y)| b <= x || a >= y);

@@ -85,8 +85,10 @@ pub fn top_set(keys: &Tensor, len: usize, pad_to: usize) -> Tensor {
         return Tensor::empty_u32(&[0]);
     }
     let g = gpu();
-    let w = ((binding_limit() / 4) as usize / align_elems() * align_elems()).min(m);
-    assert!(w > 0, "a storage binding limit of {} bytes holds no key window", binding_limit());
+    // The most elements one binding holds, a whole number of alignment units.
+    let unit = (binding_limit() / 4) as usize / align_elems() * align_elems();
+    assert!(unit > 0, "a storage binding limit of {} bytes holds no key window", binding_limit());
+    let w = unit.min(m);
     let windows: Vec<(usize, usize)> = (0..m).step_by(w).map(|s| (s, w.min(m - s))).collect();
     let hist = Tensor::from_u32(&[0; 256], &[256]);
     let state = Tensor::from_u32(&[0, 0, len as u32], &[3]);
@@ -110,7 +112,7 @@ pub fn top_set(keys: &Tensor, len: usize, pad_to: usize) -> Tensor {
     }
     // Zero past the keys.
     let padded = m.max(pad_to).next_power_of_two();
-    let fw = ((binding_limit() / 4) as usize / align_elems() * align_elems()).min(padded);
+    let fw = unit.min(padded);
     let flags = |entry: &'static str, tie_rank: Option<&Tensor>| {
         let out = Tensor::empty(&[padded]);
         for s in (0..padded).step_by(fw) {
