@@ -317,11 +317,26 @@ impl Op {
                     })
                     .collect()
             }
-            Op::Linear { x, w, b } => vec![
-                x.t.tracks_grad().then(|| matmul::matmul_t(g, w, false, false)),
-                w.tracks_grad().then(|| matmul::matmul_t(g, &x.values(), true, false)),
-                b.tracks_grad().then(|| reduce::sum_to(g, b.shape())),
-            ],
+            Op::Linear { x, w, b } => {
+                let gx = x.t.tracks_grad().then(|| matmul::matmul_t(g, w, false, false));
+                let &[rows, out] = g.shape() else { unreachable!("linear gradient {:?}", g.shape()) };
+                let inp = w.dim(1);
+                if w.tracks_grad()
+                    && b.tracks_grad()
+                    && matmul::tall_tn_fits(rows, out, inp)
+                    && matmul::each_fits(&[g.numel(), x.t.numel()])
+                {
+                    // The weight and bias gradients from one pass over the rows.
+                    let (gw, gb) = matmul::tall_tn(g, &x.values(), true);
+                    vec![gx, Some(gw), gb]
+                } else {
+                    vec![
+                        gx,
+                        w.tracks_grad().then(|| matmul::matmul_t(g, &x.values(), true, false)),
+                        b.tracks_grad().then(|| reduce::sum_to(g, b.shape())),
+                    ]
+                }
+            }
             Op::GatherRows { x, index } => vec![Some(layout::scatter_add_rows(g, index, x.dim(0)))],
             Op::BatchNorm { x, weight, stats, train, relu, .. } => {
                 batchnorm::batch_norm_grad(&x.values(), weight, stats, g, *train, *relu).map(Some).into()

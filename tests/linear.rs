@@ -48,6 +48,30 @@ fn linear_grads_match_finite_differences() {
     check_gradients(&[xt, wt, bt], Tolerance::default(), |t| {
         weighted_sum(&linear(&t[0], &t[1], Some(&t[2])), 19)
     });
+    // Many rows: the weight and bias gradients from one pass of the tall-reduction kernel (on
+    // subgroup adapters); the input is a constant so that only those two are differenced. The
+    // function is linear in them, so a step of 1 has no truncation error and keeps the rounding
+    // of the 35,200-term sum small against it.
+    let (rows, inp, out) = (1100, 16, 32);
+    let xv = Rng::new(20).vec(rows * inp, -1.0, 1.0);
+    let x = Tensor::from_vec(&xv, &[rows, inp]);
+    let wl = (Rng::new(21).vec(out * inp, -1.0, 1.0), vec![out, inp]);
+    let bl = (Rng::new(22).vec(out, -1.0, 1.0), vec![out]);
+    let f = |t: &[Tensor]| weighted_sum(&linear(&x, &t[0], Some(&t[1])), 23);
+    check_gradients(&[wl.clone(), bl.clone()], Tolerance { step: 1.0, ..Tolerance::default() }, f);
+    // And against the CPU: dW = G^T x, db = the column sums of G, G the weights of the sum.
+    let (wv, bv) = (Tensor::variable(&wl.0, &wl.1), Tensor::variable(&bl.0, &bl.1));
+    let grads = caml_wgpu::autograd::backward(&f(&[wv.clone(), bv.clone()]));
+    let g = Rng::new(23).vec(rows * out, -1.0, 1.0);
+    let dw: Vec<f64> = (0..out * inp)
+        .map(|e| (0..rows).map(|r| g[r * out + e / inp] as f64 * xv[r * inp + e % inp] as f64).sum())
+        .collect();
+    let db: Vec<f64> = (0..out).map(|o| (0..rows).map(|r| g[r * out + o] as f64).sum()).collect();
+    for (got, want) in [(grads.get(&wv).unwrap().to_vec(), dw), (grads.get(&bv).unwrap().to_vec(), db)] {
+        for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+            assert!((*a as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()), "entry {i}: {a} vs {e}");
+        }
+    }
     let x3 = (Rng::new(14).vec(2 * 3 * 4, -1.0, 1.0), vec![2, 3, 4]);
     check_gradients(&[x3, w], Tolerance::default(), |t| weighted_sum(&linear(&t[0], &t[1], None), 15));
 }

@@ -171,6 +171,21 @@ fn matmul_matches_cpu_for_every_transpose_and_batch() {
             );
         }
     }
+    // A long K with M and N up to 32 takes the tall-reduction kernel (subgroup adapters), which
+    // also gives A's column sums; M past 16 splits into C-row blocks.
+    for (m, k, n) in [(32, 5003, 32), (20, 1030, 8), (16, 4096, 32), (4, 2000, 4)] {
+        let (a, _) = data(18, &[k, m], -1.0, 1.0);
+        let (bm, _) = data(19, &[k, n], -1.0, 1.0);
+        let (at, bt) = (Tensor::from_vec(&a, &[k, m]), Tensor::from_vec(&bm, &[k, n]));
+        let (c, sums) = matmul::tall_tn(&at, &bt, true);
+        assert_eq!(c.shape(), &[m, n]);
+        let tol = 1e-5 * (k as f32).sqrt();
+        close(&c.to_vec(), &matmul::matmul_cpu(&a, &bm, [1, m, k, n], true, false), tol);
+        let want: Vec<f32> =
+            (0..m).map(|j| (0..k).map(|r| a[r * m + j] as f64).sum::<f64>() as f32).collect();
+        close(&sums.expect("column sums asked for").to_vec(), &want, tol);
+        assert!(matmul::tall_tn(&at, &bt, false).1.is_none());
+    }
     // A rank-2 right operand is shared by every batch entry.
     let (a, _) = data(6, &[2, 5, 70], -1.0, 1.0);
     let (w, _) = data(7, &[70, 3], -1.0, 1.0);

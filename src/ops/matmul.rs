@@ -105,6 +105,9 @@ fn matmul4(
     if !ta && tall_kernel_fits(m, k, n) {
         return Some(tall(a, b, None, [batch, m, n, k], [stride_a, stride_b], tb));
     }
+    if ta && !tb && batch == 1 && tall_tn_fits(k, m, n) {
+        return Some(tall_tn(&a.reshape(&[k, m]), &b.reshape(&[k, n]), false).0.reshape(shape));
+    }
     let blocks = m.div_ceil(4) * n.div_ceil(4);
     // Invocations below which a product with a long K is split along K.
     let fill = gpu().fill_invocations().max(16384);
@@ -192,6 +195,129 @@ pub(crate) fn tall(
         None => gpu().dispatch(&kernel, p.bytes(), &[a.binding(), b.binding(), out.binding()], groups),
     }
     if a.rank() == 3 || b.rank() == 3 { out.reshape(&[batch, m, n]) } else { out.reshape(&[m, n]) }
+}
+
+/// True when A^T B for A [K, M], B [K, N] can take the tall-reduction kernel: subgroups, a long
+/// K, M and N multiples of 4 up to 32.
+pub(crate) fn tall_tn_fits(k: usize, m: usize, n: usize) -> bool {
+    k >= 1024
+        && (4..=32).contains(&m)
+        && m.is_multiple_of(4)
+        && (4..=32).contains(&n)
+        && n.is_multiple_of(4)
+        && crate::ops::conv::subgroups_usable()
+}
+
+/// A^T B [M, N] for A [K, M], B [K, N] with a long K (the weight gradient of a linear layer over
+/// many rows), and with `col_sums` also A's column sums [M] (its bias gradient) from the same
+/// pass over A. Each group of 8 lanes walks its own rows and holds partial sums of its C rows;
+/// the partials are added up after.
+pub fn tall_tn(a: &Tensor, b: &Tensor, col_sums: bool) -> (Tensor, Option<Tensor>) {
+    let (&[k, m], &[k2, n]) = (a.shape(), b.shape()) else {
+        panic!("tall_tn operands {:?} and {:?}: rank 2 expected", a.shape(), b.shape())
+    };
+    assert_eq!(k, k2, "tall_tn: {:?} and {:?} differ in rows", a.shape(), b.shape());
+    // Every C row in one pass: the loads of A and B rows dominate on a software device (two
+    // passes of 16 C rows took twice as long as one of 32), and 32 vec4 accumulators fit a GPU
+    // lane's registers.
+    // Partial sums per C-row block: enough groups to fill the device, each walking at least
+    // ROWS rows, at most PARTS partials in all.
+    const ROWS: usize = 256;
+    const PARTS: usize = 2048;
+    let want = (gpu().fill_invocations() / 8).clamp(1, PARTS).min(k.div_ceil(ROWS)).max(1);
+    let wgs = want.div_ceil(8);
+    let kc = k.div_ceil(wgs * 8) * 8;
+    let wgs = k.div_ceil(kc);
+    let parts = wgs * 8;
+    let width = m * n + if col_sums { m } else { 0 };
+    let kernel = Kernel::new(tall_tn_shader(m, n, col_sums), "matmul_tn");
+    let p = Params::new().u(k).u(kc).u(width);
+    let out = Tensor::empty(&[parts * width]);
+    gpu().dispatch(&kernel, p.bytes(), &[a.binding(), b.binding(), out.binding()], [wgs as u32, 1, 1]);
+    let total = crate::ops::reduce::sum_middle(&out, 1, parts, width);
+    if col_sums {
+        (total.narrow(0, 0, m * n).reshape(&[m, n]), Some(total.narrow(0, m * n, m)))
+    } else {
+        (total.reshape(&[m, n]), None)
+    }
+}
+
+fn tall_tn_shader(m: usize, n: usize, sums: bool) -> &'static str {
+    let name = format!("matmul_tn_m{m}_n{n}_s{}", sums as u8);
+    crate::gpu::generated_shader(&name, || tall_tn_source(m, n, sums))
+}
+
+/// The tall-reduction kernel: workgroup w takes rows [w kc, (w + 1) kc); group g of 8 lanes
+/// takes every 8th row from g. For each row, lane j loads B's columns 4j..4j+3 and A's
+/// columns 4j..4j+3 and passes the A vector round with shuffles: two loads per 4 m FMAs.
+/// Group g of workgroup w writes its partial as part 8 w + g: C [m, n] row-major, then (with
+/// `sums`) A's column sums [m].
+pub fn tall_tn_source(m: usize, n: usize, sums: bool) -> String {
+    use std::fmt::Write;
+    let (mv, nv) = (m / 4, n / 4);
+    let mut w = String::from(
+        "// Generated: partial sums of A^T B over row ranges, see tall_tn in src/ops/matmul.rs.
+struct Params {
+    k: u32,
+    kc: u32,
+    width: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> c4: array<vec4<f32>>;
+
+@compute @workgroup_size(64)
+fn matmul_tn(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+    @builtin(subgroup_invocation_id) sid: u32,
+) {
+    let lane = sid & 7u;
+    let sb = sid - lane;
+    let g = li / 8u;
+",
+    );
+    let _ = writeln!(w, "    let ja = 4u * min(lane, {}u);", mv - 1);
+    let _ = writeln!(w, "    let jb = 4u * min(lane, {}u);", nv - 1);
+    for i in 0..m {
+        let _ = writeln!(w, "    var acc{i} = vec4<f32>();");
+    }
+    if sums {
+        let _ = writeln!(w, "    var sa = vec4<f32>();");
+    }
+    let _ = writeln!(w, "    let r0 = wid.x * p.kc + g;");
+    // Every lane runs every step: its loads feed the others' shuffles.
+    let _ = writeln!(w, "    for (var i = 0u; i < p.kc; i += 8u) {{");
+    let _ = writeln!(w, "        let r = r0 + i;");
+    let _ = writeln!(w, "        let rr = min(r, p.k - 1u);");
+    let _ = writeln!(w, "        let la = select(vec4<f32>(), a4[(rr * {m}u + ja) / 4u], r < p.k);");
+    let _ = writeln!(w, "        let lb = b4[(rr * {n}u + jb) / 4u];");
+    if sums {
+        let _ = writeln!(w, "        sa += la;");
+    }
+    for v in 0..mv {
+        let _ = writeln!(w, "        let a{v} = subgroupShuffle(la, sb + {v}u);");
+        for (c, comp) in ["x", "y", "z", "w"].iter().enumerate() {
+            let i = 4 * v + c;
+            let _ = writeln!(w, "        acc{i} = fma(vec4<f32>(a{v}.{comp}), lb, acc{i});");
+        }
+    }
+    let _ = writeln!(w, "    }}");
+    let _ = writeln!(w, "    let base = (wid.x * 8u + g) * p.width;");
+    let _ = writeln!(w, "    if lane < {nv}u {{");
+    for i in 0..m {
+        let _ = writeln!(w, "        c4[(base + {i}u * {n}u + jb) / 4u] = acc{i};");
+    }
+    let _ = writeln!(w, "    }}");
+    if sums {
+        let _ = writeln!(w, "    if lane < {mv}u {{");
+        let _ = writeln!(w, "        c4[(base + {} + ja) / 4u] = sa;", m * n);
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    w
 }
 
 /// The tall-product kernel for `nb` columns per workgroup (4 or a multiple of 8), B transposed or not:
