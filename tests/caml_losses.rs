@@ -190,6 +190,40 @@ fn omni_loss_is_the_per_class_correlation_matrices_stacked() {
 }
 
 #[test]
+fn a_last_row_wise_layer_on_the_kept_rows_only_gives_the_same_loss_and_gradients() {
+    // 300 rows take the tall linear kernels; the loss keeps 10 of them.
+    let mut rng = Rng::new(41);
+    let (n, e) = (300, 8);
+    let (hv, ha) = (rng.vec(n * e, -1.0, 1.0), rng.vec(n * e, -1.0, 1.0));
+    let (w, b) = (rng.vec(e * e, -0.5, 0.5), rng.vec(e, -0.5, 0.5));
+    let memory = [
+        Some(Tensor::from_vec(&rng.vec(5 * e, -1.0, 1.0), &[5, e])),
+        Some(Tensor::from_vec(&rng.vec(3 * e, -1.0, 1.0), &[3, e])),
+    ];
+    let rows =
+        [Tensor::from_u32(&[4, 17, 150, 299], &[4]), Tensor::from_u32(&[0, 2, 33, 90, 201, 250], &[6])];
+    let run = |after: bool| {
+        let (v, a) = (Tensor::variable(&hv, &[n, e]), Tensor::variable(&ha, &[n, e]));
+        let (wt, bt) = (Tensor::variable(&w, &[e, e]), Tensor::variable(&b, &[e]));
+        let last = |h: &Tensor| caml_wgpu::ops::linear::linear(h, &wt, Some(&bt));
+        let loss = if after {
+            caml_wgpu::caml::omni::omni_loss_after(v.clone(), a.clone(), [&last, &last], &rows, &memory, 0.1)
+        } else {
+            caml_wgpu::caml::omni::omni_loss(last(&v), last(&a), &rows, &memory, 0.1)
+        };
+        let loss = loss.unwrap();
+        let g = backward(&loss);
+        let grads = [&v, &a, &wt, &bt].map(|t| g.get(t).unwrap().to_vec());
+        (loss.item(), grads)
+    };
+    let ((l1, g1), (l2, g2)) = (run(true), run(false));
+    assert_relative_eq!(l1, l2, max_relative = 1e-5);
+    for (i, (x, y)) in g1.iter().zip(&g2).enumerate() {
+        close(x, y, 1e-4, ["d hidden_v", "d hidden_a", "d weight", "d bias"][i]);
+    }
+}
+
+#[test]
 fn ramp_reproduces_the_released_first_iteration_loss() {
     let ramp = Ramp::paper(8);
     let (lc, lo) = ramp.weights(1);

@@ -47,6 +47,21 @@ pub fn omni_loss(
     memory: &[Option<Tensor>; 2],
     temperature: f32,
 ) -> Option<Tensor> {
+    omni_loss_after(feats_v, feats_a, [&|t| t.clone(), &|t| t.clone()], rows, memory, temperature)
+}
+
+/// [`omni_loss`] for the features `last[0](hidden_v)` and `last[1](hidden_a)`, where `last` is a
+/// row-wise map (the prediction heads' final linear layer): it is applied to the kept rows
+/// only, a few thousand of the hundreds of thousands of consistent voxels, which spares the
+/// layer's passes over every row forward and backward.
+pub fn omni_loss_after(
+    hidden_v: Tensor,
+    hidden_a: Tensor,
+    last: [&dyn Fn(&Tensor) -> Tensor; 2],
+    rows: &[Tensor; 2],
+    memory: &[Option<Tensor>; 2],
+    temperature: f32,
+) -> Option<Tensor> {
     let present: Vec<Tensor> = memory.iter().flatten().filter(|m| m.dim(0) > 1).cloned().collect();
     let kept: Vec<&Tensor> = rows.iter().filter(|idx| idx.numel() > 1).collect();
     if present.is_empty() || kept.is_empty() {
@@ -57,7 +72,7 @@ pub fn omni_loss(
     };
     let memory = join(present, 0);
     let gather = |feats: Tensor| join(kept.iter().map(|idx| feats.gather_rows(idx)).collect(), 0);
-    let (fv, fa) = (gather(feats_v), gather(feats_a));
+    let (fv, fa) = (last[0](&gather(hidden_v)), last[1](&gather(hidden_a)));
     let logits = |f: &Tensor| crate::ops::matmul::matmul_t(f, &memory, false, true);
     Some(crate::ops::reduce::softmax_xent(&logits(&fv), &logits(&fa), temperature, 1e-8))
 }

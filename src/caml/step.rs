@@ -191,10 +191,12 @@ fn omni_correlation_term(
     let rows_a = voxel_rows(&emb_a, l, u, false).gather_rows(&s.consistent);
     drop((emb_v, emb_a));
     let m = &st.model;
-    let feats_v = m.prediction_head1.forward(&m.projection_head1.forward(&rows_v, true), true);
-    let feats_a = m.prediction_head2.forward(&m.projection_head2.forward(&rows_a, true), true);
+    let hidden_v = m.prediction_head1.hidden(&m.projection_head1.forward(&rows_v, true), true);
+    let hidden_a = m.prediction_head2.hidden(&m.projection_head2.forward(&rows_a, true), true);
     let rows = no_grad(|| omni::select_rows(&s.rank, [&s.class[0], &s.class[1]], &conf, cfg.num_filtered));
-    omni::omni_loss(feats_v, feats_a, &rows, memory, cfg.corr_temperature)
+    let last: [&dyn Fn(&Tensor) -> Tensor; 2] =
+        [&|h| m.prediction_head1.output(h, true), &|h| m.prediction_head2.output(h, true)];
+    omni::omni_loss_after(hidden_v, hidden_a, last, &rows, memory, cfg.corr_temperature)
 }
 
 /// One iteration on `batch`: forward, losses, backward, optimizer step. Returns the log of the
