@@ -171,19 +171,23 @@ pub(crate) enum Op {
         padding: usize,
         transposed: bool,
     },
-    /// conv3d with bias (PyTorch semantics, cubic kernel).
+    /// conv3d with bias (PyTorch semantics, cubic kernel). `bias_cancels`: the output feeds a
+    /// BatchNorm in training mode, which subtracts the batch mean and with it the bias, so the
+    /// bias gradient is zero (the reference's float sum of that gradient is rounding noise).
     Conv3d {
         x: Saved,
         w: Tensor,
         b: Tensor,
         stride: usize,
         padding: usize,
+        bias_cancels: bool,
     },
     /// conv_transpose3d with kernel = stride = 2 and bias; w [Cin, Cout, 2, 2, 2].
     ConvTranspose3d {
         x: Saved,
         w: Tensor,
         b: Tensor,
+        bias_cancels: bool,
     },
     /// LayerNorm over the last axis; `mean` and `rstd` per row.
     LayerNorm {
@@ -244,7 +248,7 @@ impl Op {
             Op::BatchNorm { x, weight, bias, .. } => vec![&x.t, weight, bias],
             Op::Linear { x, w, b } => vec![&x.t, w, b],
             Op::ConvRef { x, w, b, .. } => vec![x, w, b],
-            Op::Conv3d { x, w, b, .. } | Op::ConvTranspose3d { x, w, b } => vec![&x.t, w, b],
+            Op::Conv3d { x, w, b, .. } | Op::ConvTranspose3d { x, w, b, .. } => vec![&x.t, w, b],
             Op::LayerNorm { x, w, b, .. } => vec![x, w, b],
             Op::Attention { qkv, .. } => vec![qkv],
             Op::SoftmaxXent { lv, la, .. } => vec![lv, la],
@@ -346,10 +350,12 @@ impl Op {
             Op::ConvRef { x, w, stride, padding, transposed, .. } => {
                 conv_ref::conv_ref_grad(x, w, g, *stride, *padding, *transposed).map(Some).into()
             }
-            Op::Conv3d { x, w, b, stride, padding } => {
-                conv::conv3d_backward(g, &x.values(), w, b, *stride, *padding)
+            Op::Conv3d { x, w, b, stride, padding, bias_cancels } => {
+                conv::conv3d_backward(g, &x.values(), w, b, *stride, *padding, *bias_cancels)
             }
-            Op::ConvTranspose3d { x, w, b } => conv::conv_transpose3d_backward(g, &x.values(), w, b),
+            Op::ConvTranspose3d { x, w, b, bias_cancels } => {
+                conv::conv_transpose3d_backward(g, &x.values(), w, b, *bias_cancels)
+            }
             Op::LayerNorm { x, w, mean, rstd, .. } => {
                 let (dx, dw, db) = layernorm::layer_norm_grad(x, w, mean, rstd, g);
                 vec![Some(dx), Some(dw), Some(db)]

@@ -251,3 +251,46 @@ fn algos_cover_both_families() {
     assert!(g.iter().any(|a| matches!(a, Algo::Tiled { .. })));
     assert_eq!(conv::subgroups_usable(), g.iter().any(|a| matches!(a, Algo::Subgroup { .. })));
 }
+
+/// A convolution that feeds a BatchNorm in training mode: the loss does not depend on its bias
+/// (finite differences of it vanish), the summed bias gradient is rounding noise, and the
+/// `_before_batchnorm` forms give it as zero with the other gradients unchanged.
+#[test]
+fn a_bias_before_training_batchnorm_gets_a_zero_gradient() {
+    use caml_wgpu::nn::batchnorm::BatchNorm;
+    let xs = [2, 3, 6, 5, 4];
+    let x = rand(61, &xs);
+    for transposed in [false, true] {
+        let ws: [usize; 5] = if transposed { [3, 4, 2, 2, 2] } else { [4, 3, 3, 3, 3] };
+        let (w, b) = (rand(62, &ws), rand(63, &[4]));
+        let bn = BatchNorm::new(4);
+        let f = |t: &[Tensor], cancel: bool| {
+            let y = match (transposed, cancel) {
+                (false, false) => conv::conv3d(&t[0], &t[1], &t[2], 1, 1),
+                (false, true) => conv::conv3d_before_batchnorm(&t[0], &t[1], &t[2], 1, 1),
+                (true, false) => conv::conv_transpose3d(&t[0], &t[1], &t[2]),
+                (true, true) => conv::conv_transpose3d_before_batchnorm(&t[0], &t[1], &t[2]),
+            };
+            weighted_sum(&bn.forward_relu(&y, true), 64)
+        };
+        let grads = |cancel: bool| {
+            let t = [Tensor::variable(&x, &xs), Tensor::variable(&w, &ws), Tensor::variable(&b, &[4])];
+            let g = caml_wgpu::backward(&f(&t, cancel));
+            t.map(|v| g.get(&v).unwrap().to_vec())
+        };
+        let ([dx0, dw0, db0], [dx1, dw1, db1]) = (grads(false), grads(true));
+        close(&dx1, &dx0, 1e-6, "dx");
+        close(&dw1, &dw0, 1e-6, "dw");
+        let scale = dw0.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(db0.iter().all(|v| v.abs() <= 1e-5 * scale), "summed bias gradient {db0:?} (dw up to {scale})");
+        assert!(db1.iter().all(|&v| v == 0.0), "bias gradient {db1:?}");
+        // The loss does not move with the bias.
+        let t = [Tensor::from_vec(&x, &xs), Tensor::from_vec(&w, &ws)];
+        let at = |db: f32| {
+            let shifted: Vec<f32> = b.iter().map(|v| v + db).collect();
+            no_grad(|| f(&[t[0].clone(), t[1].clone(), Tensor::from_vec(&shifted, &[4])], false).item())
+        };
+        let (l0, l1) = (at(0.0), at(0.5));
+        assert!((l1 - l0).abs() <= 1e-4 * (1.0 + l0.abs()), "loss {l0} -> {l1} with the bias moved");
+    }
+}

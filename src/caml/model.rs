@@ -27,7 +27,9 @@ impl ConvBlock {
         ConvBlock { stages }
     }
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        self.stages.iter().fold(x.clone(), |h, (c, bn)| bn.forward_relu(&c.forward(&h, train), train))
+        self.stages
+            .iter()
+            .fold(x.clone(), |h, (c, bn)| bn.forward_relu(&c.forward_before_batchnorm(&h, train), train))
     }
     fn named(&self, prefix: &str, params: &mut Named, buffers: &mut Named) {
         for (i, (c, bn)) in self.stages.iter().enumerate() {
@@ -49,9 +51,11 @@ pub enum Stage {
 impl Stage {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         match self {
-            Stage::Down(c, bn) => bn.forward_relu(&c.forward(x, train), train),
-            Stage::UpDeconv(c, bn) => bn.forward_relu(&c.forward(x, train), train),
-            Stage::UpLinear(c, bn) => bn.forward_relu(&c.forward(&upsample_trilinear2x(x), train), train),
+            Stage::Down(c, bn) => bn.forward_relu(&c.forward_before_batchnorm(x, train), train),
+            Stage::UpDeconv(c, bn) => bn.forward_relu(&c.forward_before_batchnorm(x, train), train),
+            Stage::UpLinear(c, bn) => {
+                bn.forward_relu(&c.forward_before_batchnorm(&upsample_trilinear2x(x), train), train)
+            }
         }
     }
     fn named(&self, prefix: &str, params: &mut Named, buffers: &mut Named) {

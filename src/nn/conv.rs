@@ -27,6 +27,16 @@ impl Conv3d {
         conv::conv3d(x, &self.weight, &self.bias, self.stride, self.padding)
     }
 
+    /// The same values when a BatchNorm follows; in training (`train`) the bias then gets a zero
+    /// gradient without a pass over the output gradient ([`conv::conv3d_before_batchnorm`]).
+    pub fn forward_before_batchnorm(&self, x: &Tensor, train: bool) -> Tensor {
+        if train {
+            conv::conv3d_before_batchnorm(x, &self.weight, &self.bias, self.stride, self.padding)
+        } else {
+            self.forward(x, train)
+        }
+    }
+
     pub fn params(&self, prefix: &str, out: &mut Named) {
         out.push((join(prefix, "weight"), self.weight.clone()));
         out.push((join(prefix, "bias"), self.bias.clone()));
@@ -51,6 +61,15 @@ impl ConvTranspose3d {
     /// [N, cin, X, Y, Z] -> [N, cout, kX, kY, kZ].
     pub fn forward(&self, x: &Tensor, _train: bool) -> Tensor {
         conv::conv_transpose3d(x, &self.weight, &self.bias)
+    }
+
+    /// As [`Conv3d::forward_before_batchnorm`].
+    pub fn forward_before_batchnorm(&self, x: &Tensor, train: bool) -> Tensor {
+        if train {
+            conv::conv_transpose3d_before_batchnorm(x, &self.weight, &self.bias)
+        } else {
+            self.forward(x, train)
+        }
     }
 
     pub fn params(&self, prefix: &str, out: &mut Named) {

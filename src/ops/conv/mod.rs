@@ -60,6 +60,24 @@ pub use generate::{sg_down_source, sg_gather_source, sg_up_source, sg_up_vec_sou
 /// x [N, Cin, X, Y, Z], w [Cout, Cin, k, k, k], b [Cout] -> [N, Cout, X', Y', Z'] with
 /// X' = (X + 2 padding - k) / stride + 1.
 pub fn conv3d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Tensor {
+    conv3d_op(x, w, b, stride, padding, false)
+}
+
+/// [`conv3d`] whose output feeds a BatchNorm in training mode: the same values, and a bias
+/// gradient of zero without a pass over the output gradient (the batch mean that BatchNorm
+/// subtracts holds the bias, so the loss does not depend on it).
+pub fn conv3d_before_batchnorm(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Tensor {
+    conv3d_op(x, w, b, stride, padding, true)
+}
+
+fn conv3d_op(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    padding: usize,
+    bias_cancels: bool,
+) -> Tensor {
     let (xs, ws) = (dims5(x, "conv3d input"), dims5(w, "conv3d weight"));
     let k = ws[2];
     assert!(ws[2] == ws[3] && ws[3] == ws[4], "conv3d weight {ws:?}: cubic kernels only");
@@ -89,12 +107,25 @@ pub fn conv3d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize)
         ncls: 1,
     };
     let y = gather(x, &prep, None, Some(b), out, &geom);
-    Tensor::with_op(y, Op::Conv3d { x: Saved::new(x), w: w.clone(), b: b.clone(), stride, padding })
+    Tensor::with_op(
+        y,
+        Op::Conv3d { x: Saved::new(x), w: w.clone(), b: b.clone(), stride, padding, bias_cancels },
+    )
 }
 
 /// x [N, Cin, X, Y, Z], w [Cin, Cout, 2, 2, 2] (PyTorch's ConvTranspose3d layout), b [Cout] ->
 /// [N, Cout, 2X, 2Y, 2Z]: kernel 2, stride 2.
 pub fn conv_transpose3d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+    conv_transpose3d_op(x, w, b, false)
+}
+
+/// [`conv_transpose3d`] whose output feeds a BatchNorm in training mode (see
+/// [`conv3d_before_batchnorm`]).
+pub fn conv_transpose3d_before_batchnorm(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+    conv_transpose3d_op(x, w, b, true)
+}
+
+fn conv_transpose3d_op(x: &Tensor, w: &Tensor, b: &Tensor, bias_cancels: bool) -> Tensor {
     let (xs, ws) = (dims5(x, "conv_transpose3d input"), dims5(w, "conv_transpose3d weight"));
     assert_eq!(&ws[2..], &[2, 2, 2], "conv_transpose3d weight {ws:?}: kernel 2 only");
     assert_eq!(xs[1], ws[0], "conv_transpose3d: input {xs:?} and weight {ws:?} disagree on channels");
@@ -128,7 +159,7 @@ pub fn conv_transpose3d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
         ncls: 1,
     };
     let y = gather(x, &prep, Some(&up), Some(b), out, &geom);
-    Tensor::with_op(y, Op::ConvTranspose3d { x: Saved::new(x), w: w.clone(), b: b.clone() })
+    Tensor::with_op(y, Op::ConvTranspose3d { x: Saved::new(x), w: w.clone(), b: b.clone(), bias_cancels })
 }
 
 impl Tensor {
@@ -241,12 +272,18 @@ pub(crate) fn conv3d_backward(
     b: &Tensor,
     stride: usize,
     padding: usize,
+    bias_cancels: bool,
 ) -> Vec<Option<Tensor>> {
     vec![
         x.tracks_grad().then(|| conv3d_input_grad(dy, w, x.shape(), stride, padding)),
         w.tracks_grad().then(|| conv3d_weight_grad(dy, x, w.dim(2), stride, padding)),
-        b.tracks_grad().then(|| dy.sum(&[0, 2, 3, 4], false)),
+        b.tracks_grad().then(|| bias_grad(dy, bias_cancels)),
     ]
+}
+
+/// The bias gradient: the output gradient summed over all but the channel axis, or zero.
+fn bias_grad(dy: &Tensor, bias_cancels: bool) -> Tensor {
+    if bias_cancels { Tensor::zeros(&[dy.dim(1)]) } else { dy.sum(&[0, 2, 3, 4], false) }
 }
 
 /// Backward rule of conv_transpose3d: gradients of (x, w, b) given dy.
@@ -255,11 +292,12 @@ pub(crate) fn conv_transpose3d_backward(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
+    bias_cancels: bool,
 ) -> Vec<Option<Tensor>> {
     vec![
         x.tracks_grad().then(|| conv_transpose3d_input_grad(dy, w, x.shape())),
         w.tracks_grad().then(|| conv_transpose3d_weight_grad(dy, x)),
-        b.tracks_grad().then(|| dy.sum(&[0, 2, 3, 4], false)),
+        b.tracks_grad().then(|| bias_grad(dy, bias_cancels)),
     ]
 }
 
