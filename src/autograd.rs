@@ -151,6 +151,17 @@ pub(crate) enum Op {
         train: bool,
         relu: bool,
     },
+    /// Training-mode BatchNorm (then ReLU when `relu`) of rows x [R, C] read at `index`;
+    /// `picked` holds those rows of x.
+    BatchNormRowsAt {
+        x: Saved,
+        picked: Tensor,
+        index: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        stats: Tensor,
+        relu: bool,
+    },
     /// Dropout of x seen as [units, inner]; the mask is regenerated from the seed.
     Dropout {
         x: Tensor,
@@ -225,6 +236,7 @@ impl Op {
         match self {
             Op::Linear { x, .. }
             | Op::BatchNorm { x, .. }
+            | Op::BatchNormRowsAt { x, .. }
             | Op::Conv3d { x, .. }
             | Op::ConvTranspose3d { x, .. } => x.pack(),
             _ => {}
@@ -245,7 +257,9 @@ impl Op {
             | Op::GatherRows { x, .. }
             | Op::Dropout { x, .. }
             | Op::Upsample2x { x } => vec![x],
-            Op::BatchNorm { x, weight, bias, .. } => vec![&x.t, weight, bias],
+            Op::BatchNorm { x, weight, bias, .. } | Op::BatchNormRowsAt { x, weight, bias, .. } => {
+                vec![&x.t, weight, bias]
+            }
             Op::Linear { x, w, b } => vec![&x.t, w, b],
             Op::ConvRef { x, w, b, .. } => vec![x, w, b],
             Op::Conv3d { x, w, b, .. } | Op::ConvTranspose3d { x, w, b, .. } => vec![&x.t, w, b],
@@ -344,6 +358,11 @@ impl Op {
             Op::GatherRows { x, index } => vec![Some(layout::scatter_add_rows(g, index, x.dim(0)))],
             Op::BatchNorm { x, weight, stats, train, relu, .. } => {
                 batchnorm::batch_norm_grad(&x.values(), weight, stats, g, *train, *relu).map(Some).into()
+            }
+            Op::BatchNormRowsAt { x, picked, index, weight, stats, relu, .. } => {
+                batchnorm::batch_norm_rows_at_grad(&x.values(), picked, index, weight, stats, g, *relu)
+                    .map(Some)
+                    .into()
             }
             Op::Dropout { p, seed, inner, .. } => vec![Some(dropout::dropout_grad(g, *p, *seed, *inner))],
             Op::Upsample2x { x } => vec![Some(upsample::upsample_trilinear2x_grad(g, x.shape()))],

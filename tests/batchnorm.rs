@@ -182,6 +182,23 @@ fn batchnorm_grads_match_cpu() {
     }
 }
 
+/// A state whose running statistics do not move (momentum 0), for finite differences.
+fn fixed_state<'a>(
+    weight: &'a Tensor,
+    bias: &'a Tensor,
+    [rm, rv, count]: [&'a Tensor; 3],
+) -> BatchNormState<'a> {
+    BatchNormState {
+        weight,
+        bias,
+        running_mean: rm,
+        running_var: rv,
+        num_batches_tracked: count,
+        momentum: 0.0,
+        eps: 1e-5,
+    }
+}
+
 #[test]
 fn batchnorm_grads_match_finite_differences() {
     for shape in [vec![2, 3, 2, 2, 3], vec![6, 3], vec![5, 4]] {
@@ -195,15 +212,7 @@ fn batchnorm_grads_match_finite_differences() {
             let rv = Tensor::from_vec(&[0.8, 1.2, 1.5, 0.9][..c], &[c]);
             let count = Tensor::from_u32(&[0], &[]);
             check_gradients(&[x.clone(), w.clone(), b.clone()], Tolerance::default(), |t| {
-                let s = BatchNormState {
-                    weight: &t[1],
-                    bias: &t[2],
-                    running_mean: &rm,
-                    running_var: &rv,
-                    num_batches_tracked: &count,
-                    momentum: 0.0,
-                    eps: 1e-5,
-                };
+                let s = fixed_state(&t[1], &t[2], [&rm, &rv, &count]);
                 weighted_sum(&batch_norm(&t[0], &s, train, false), 53)
             });
         }
@@ -276,4 +285,50 @@ fn batchnorm_splits_tensors_larger_than_one_storage_binding() {
     close(&dx.to_vec(), &want_dx, 1e-4, "dx");
     close(&dw.to_vec(), &want_dw, 1e-3, "dweight");
     close(&db.to_vec(), &want_db, 1e-3, "dbias");
+}
+
+/// BatchNorm in training mode read at a few rows: the CPU forward and backward at those rows
+/// (dy zero elsewhere), the running statistics, and finite differences; [4100, 12] spans three
+/// reduction blocks.
+#[test]
+fn batchnorm_at_rows_matches_cpu_and_finite_differences() {
+    use caml_wgpu::ops::batchnorm::batch_norm_rows_at;
+    for (rows, c, picked) in [(4100usize, 12usize, vec![0u32, 7, 2050, 4099, 13]), (9, 4, vec![8, 1, 4])] {
+        let x = normal(60, rows * c, 0.3, 1.2);
+        let dy_picked = Rng::new(61).vec(picked.len() * c, -1.0, 1.0);
+        for relu in [false, true] {
+            let layer = Layer::new(62, c, 0.1);
+            let xt = Tensor::variable(&x, &[rows, c]);
+            let index = Tensor::from_u32(&picked, &[picked.len()]);
+            let y = batch_norm_rows_at(&xt, &index, &layer.state(), relu);
+            let h = &layer.host;
+            let (want_y, rm, rv) =
+                cpu::forward(&x, &[rows, c], &h[0], &h[1], (&h[2], &h[3]), true, 0.1, 1e-5, relu);
+            let want: Vec<f32> =
+                picked.iter().flat_map(|&r| want_y[r as usize * c..(r as usize + 1) * c].to_vec()).collect();
+            close(&y.to_vec(), &want, 1e-4, "y at the rows");
+            close(&layer.running_mean.to_vec(), &rm, 1e-5, "running mean");
+            close(&layer.running_var.to_vec(), &rv, 1e-5, "running var");
+            let mut dy = vec![0f32; rows * c];
+            for (k, &r) in picked.iter().enumerate() {
+                dy[r as usize * c..(r as usize + 1) * c].copy_from_slice(&dy_picked[k * c..(k + 1) * c]);
+            }
+            let g = backward(&y.mul(&Tensor::from_vec(&dy_picked, &[picked.len(), c])).sum_all());
+            let (dx, dw, db) =
+                cpu::backward(&x, &[rows, c], &h[0], &h[1], (&h[2], &h[3]), &dy, true, 1e-5, relu);
+            close(&g.get(&xt).unwrap().to_vec(), &dx, 1e-4, "dx");
+            close(&g.get(&layer.weight).unwrap().to_vec(), &dw, 1e-4, "dweight");
+            close(&g.get(&layer.bias).unwrap().to_vec(), &db, 1e-4, "dbias");
+        }
+    }
+    let (rows, c) = (6, 4);
+    let x = (normal(63, rows * c, 0.2, 1.0), vec![rows, c]);
+    let w = (Rng::new(64).vec(c, 0.5, 1.5), vec![c]);
+    let b = (Rng::new(65).vec(c, -0.5, 0.5), vec![c]);
+    let (rm, rv, count) = (Tensor::zeros(&[c]), Tensor::full(&[c], 1.0), Tensor::from_u32(&[0], &[]));
+    let index = Tensor::from_u32(&[5, 0, 3], &[3]);
+    check_gradients(&[x, w, b], Tolerance::default(), |t| {
+        let s = fixed_state(&t[1], &t[2], [&rm, &rv, &count]);
+        weighted_sum(&batch_norm_rows_at(&t[0], &index, &s, false), 66)
+    });
 }

@@ -190,37 +190,49 @@ fn omni_loss_is_the_per_class_correlation_matrices_stacked() {
 }
 
 #[test]
-fn a_last_row_wise_layer_on_the_kept_rows_only_gives_the_same_loss_and_gradients() {
-    // 300 rows take the tall linear kernels; the loss keeps 10 of them.
+fn heads_computed_at_the_kept_rows_give_the_same_loss_and_gradients() {
+    // The prediction head's BatchNorm (training mode) and last layer at the kept rows only,
+    // against the head on every row and the rows taken after: loss, gradients (rows, BatchNorm
+    // and last-layer parameters) and the running statistics. 300 rows take the tall kernels.
+    use caml_wgpu::nn::batchnorm::BatchNorm;
+    use caml_wgpu::ops::linear::linear;
     let mut rng = Rng::new(41);
     let (n, e) = (300, 8);
     let (hv, ha) = (rng.vec(n * e, -1.0, 1.0), rng.vec(n * e, -1.0, 1.0));
     let (w, b) = (rng.vec(e * e, -0.5, 0.5), rng.vec(e, -0.5, 0.5));
+    let (gamma, beta) = (rng.vec(e, 0.5, 1.5), rng.vec(e, -0.3, 0.3));
     let memory = [
         Some(Tensor::from_vec(&rng.vec(5 * e, -1.0, 1.0), &[5, e])),
         Some(Tensor::from_vec(&rng.vec(3 * e, -1.0, 1.0), &[3, e])),
     ];
     let rows =
         [Tensor::from_u32(&[4, 17, 150, 299], &[4]), Tensor::from_u32(&[0, 2, 33, 90, 201, 250], &[6])];
-    let run = |after: bool| {
+    let run = |at_rows: bool| {
         let (v, a) = (Tensor::variable(&hv, &[n, e]), Tensor::variable(&ha, &[n, e]));
         let (wt, bt) = (Tensor::variable(&w, &[e, e]), Tensor::variable(&b, &[e]));
-        let last = |h: &Tensor| caml_wgpu::ops::linear::linear(h, &wt, Some(&bt));
-        let loss = if after {
-            caml_wgpu::caml::omni::omni_loss_after(v.clone(), a.clone(), [&last, &last], &rows, &memory, 0.1)
+        let mut bn = BatchNorm::new(e);
+        bn.weight = Tensor::variable(&gamma, &[e]);
+        bn.bias = Tensor::variable(&beta, &[e]);
+        let loss = if at_rows {
+            let f = |h: &Tensor, idx: &Tensor| linear(&bn.forward_relu_rows_at(h, idx), &wt, Some(&bt));
+            caml_wgpu::caml::omni::omni_loss_at([&|idx| f(&v, idx), &|idx| f(&a, idx)], &rows, &memory, 0.1)
         } else {
-            caml_wgpu::caml::omni::omni_loss(last(&v), last(&a), &rows, &memory, 0.1)
+            let f = |h: &Tensor| linear(&bn.forward_relu(h, true), &wt, Some(&bt));
+            caml_wgpu::caml::omni::omni_loss(f(&v), f(&a), &rows, &memory, 0.1)
         };
         let loss = loss.unwrap();
         let g = backward(&loss);
-        let grads = [&v, &a, &wt, &bt].map(|t| g.get(t).unwrap().to_vec());
-        (loss.item(), grads)
+        let grads = [&v, &a, &wt, &bt, &bn.weight, &bn.bias].map(|t| g.get(t).unwrap().to_vec());
+        (loss.item(), grads, [bn.running_mean.to_vec(), bn.running_var.to_vec()])
     };
-    let ((l1, g1), (l2, g2)) = (run(true), run(false));
+    let ((l1, g1, r1), (l2, g2, r2)) = (run(true), run(false));
     assert_relative_eq!(l1, l2, max_relative = 1e-5);
+    let names = ["d rows_v", "d rows_a", "d weight", "d bias", "d bn weight", "d bn bias"];
     for (i, (x, y)) in g1.iter().zip(&g2).enumerate() {
-        close(x, y, 1e-4, ["d hidden_v", "d hidden_a", "d weight", "d bias"][i]);
+        close(x, y, 1e-4, names[i]);
     }
+    close(&r1[0], &r2[0], 1e-6, "running mean");
+    close(&r1[1], &r2[1], 1e-6, "running var");
 }
 
 #[test]

@@ -282,7 +282,10 @@ fn a_bias_before_training_batchnorm_gets_a_zero_gradient() {
         close(&dx1, &dx0, 1e-6, "dx");
         close(&dw1, &dw0, 1e-6, "dw");
         let scale = dw0.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(db0.iter().all(|v| v.abs() <= 1e-5 * scale), "summed bias gradient {db0:?} (dw up to {scale})");
+        assert!(
+            db0.iter().all(|v| v.abs() <= 1e-5 * scale),
+            "summed bias gradient {db0:?} (dw up to {scale})"
+        );
         assert!(db1.iter().all(|&v| v == 0.0), "bias gradient {db1:?}");
         // The loss does not move with the bias.
         let t = [Tensor::from_vec(&x, &xs), Tensor::from_vec(&w, &ws)];

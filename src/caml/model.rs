@@ -229,16 +229,12 @@ impl Head {
     }
     /// [rows, in] -> [rows, E]; `train` uses (and updates) the batch statistics of these rows.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        self.output(&self.hidden(x, train), train)
+        self.l3.forward(&self.bn.forward_relu(&self.l0.forward(x, train), train), train)
     }
-    /// The first three layers: ReLU(BatchNorm(Linear(x))), [rows, E].
-    pub fn hidden(&self, x: &Tensor, train: bool) -> Tensor {
-        self.bn.forward_relu(&self.l0.forward(x, train), train)
-    }
-    /// The last layer, row by row: `output(hidden(x))` is `forward(x)`, and rows may be taken
-    /// from the hidden features first.
-    pub fn output(&self, hidden: &Tensor, train: bool) -> Tensor {
-        self.l3.forward(hidden, train)
+    /// `forward(x, true).gather_rows(index)`: the first layer on every row (BatchNorm's
+    /// statistics are over all of them), the rest on the rows at `index` only.
+    pub fn forward_rows_at(&self, x: &Tensor, index: &Tensor) -> Tensor {
+        self.l3.forward(&self.bn.forward_relu_rows_at(&self.l0.forward(x, true), index), true)
     }
     fn named(&self, prefix: &str, params: &mut Named, buffers: &mut Named) {
         self.l0.params(&join(prefix, "0"), params);

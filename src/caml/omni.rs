@@ -37,9 +37,6 @@ pub fn select_rows(
 /// the per-class correlation matrices stacked by rows are one product of the stacked rows with
 /// the joined memory, and the loss is one fused cross-entropy that keeps only the two logit
 /// matrices for the backward ([`crate::ops::reduce::softmax_xent`]).
-///
-/// The features are taken by value and dropped once their rows are gathered: only the gathered
-/// rows are needed from here on, and the full [rows, E] matrices are the largest tensors alive.
 pub fn omni_loss(
     feats_v: Tensor,
     feats_a: Tensor,
@@ -47,17 +44,20 @@ pub fn omni_loss(
     memory: &[Option<Tensor>; 2],
     temperature: f32,
 ) -> Option<Tensor> {
-    omni_loss_after(feats_v, feats_a, [&|t| t.clone(), &|t| t.clone()], rows, memory, temperature)
+    omni_loss_at(
+        [&|idx| feats_v.gather_rows(idx), &|idx| feats_a.gather_rows(idx)],
+        rows,
+        memory,
+        temperature,
+    )
 }
 
-/// [`omni_loss`] for the features `last[0](hidden_v)` and `last[1](hidden_a)`, where `last` is a
-/// row-wise map (the prediction heads' final linear layer): it is applied to the kept rows
-/// only, a few thousand of the hundreds of thousands of consistent voxels, which spares the
-/// layer's passes over every row forward and backward.
-pub fn omni_loss_after(
-    hidden_v: Tensor,
-    hidden_a: Tensor,
-    last: [&dyn Fn(&Tensor) -> Tensor; 2],
+/// [`omni_loss`] with the features given at the kept rows: `feats[0](index)` are both
+/// networks' features [K, E] at the rows `index` (the kept rows of every class, joined). The
+/// prediction heads compute them at those rows only ([`crate::caml::model::Head::forward_rows_at`]),
+/// a few thousand of the hundreds of thousands of consistent voxels.
+pub fn omni_loss_at(
+    feats: [&dyn Fn(&Tensor) -> Tensor; 2],
     rows: &[Tensor; 2],
     memory: &[Option<Tensor>; 2],
     temperature: f32,
@@ -67,12 +67,13 @@ pub fn omni_loss_after(
     if present.is_empty() || kept.is_empty() {
         return None;
     }
-    let join = |v: Vec<Tensor>, axis| {
-        if v.len() == 1 { v.into_iter().next().unwrap() } else { Tensor::concat(&v, axis) }
-    };
-    let memory = join(present, 0);
-    let gather = |feats: Tensor| join(kept.iter().map(|idx| feats.gather_rows(idx)).collect(), 0);
-    let (fv, fa) = (last[0](&gather(hidden_v)), last[1](&gather(hidden_a)));
+    let memory = if present.len() == 1 { present[0].clone() } else { Tensor::concat(&present, 0) };
+    let index = if kept.len() == 1 { kept[0].clone() } else { Tensor::concat_u32(&kept) };
     let logits = |f: &Tensor| crate::ops::matmul::matmul_t(f, &memory, false, true);
-    Some(crate::ops::reduce::softmax_xent(&logits(&fv), &logits(&fa), temperature, 1e-8))
+    Some(crate::ops::reduce::softmax_xent(
+        &logits(&feats[0](&index)),
+        &logits(&feats[1](&index)),
+        temperature,
+        1e-8,
+    ))
 }

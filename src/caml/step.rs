@@ -191,12 +191,14 @@ fn omni_correlation_term(
     let rows_a = voxel_rows(&emb_a, l, u, false).gather_rows(&s.consistent);
     drop((emb_v, emb_a));
     let m = &st.model;
-    let hidden_v = m.prediction_head1.hidden(&m.projection_head1.forward(&rows_v, true), true);
-    let hidden_a = m.prediction_head2.hidden(&m.projection_head2.forward(&rows_a, true), true);
+    let proj_v = m.projection_head1.forward(&rows_v, true);
+    let proj_a = m.projection_head2.forward(&rows_a, true);
     let rows = no_grad(|| omni::select_rows(&s.rank, [&s.class[0], &s.class[1]], &conf, cfg.num_filtered));
-    let last: [&dyn Fn(&Tensor) -> Tensor; 2] =
-        [&|h| m.prediction_head1.output(h, true), &|h| m.prediction_head2.output(h, true)];
-    omni::omni_loss_after(hidden_v, hidden_a, last, &rows, memory, cfg.corr_temperature)
+    let feats: [&dyn Fn(&Tensor) -> Tensor; 2] =
+        [&|idx| m.prediction_head1.forward_rows_at(&proj_v, idx), &|idx| {
+            m.prediction_head2.forward_rows_at(&proj_a, idx)
+        }];
+    omni::omni_loss_at(feats, &rows, memory, cfg.corr_temperature)
 }
 
 /// One iteration on `batch`: forward, losses, backward, optimizer step. Returns the log of the

@@ -1,7 +1,7 @@
 //! The BatchNorm layer (BatchNorm3d and BatchNorm1d: both normalize axis 1).
 
 use super::{Named, join};
-use crate::ops::batchnorm::{BatchNormState, batch_norm};
+use crate::ops::batchnorm::{BatchNormState, batch_norm, batch_norm_rows_at};
 use crate::tensor::Tensor;
 
 /// torch.nn.BatchNorm3d / BatchNorm1d(channels), eps 1e-5, momentum 0.1, affine, tracking running
@@ -54,6 +54,12 @@ impl BatchNorm {
     /// relu(forward(x)) in one pass, with its own backward.
     pub fn forward_relu(&self, x: &Tensor, train: bool) -> Tensor {
         batch_norm(x, &self.state(), train, true)
+    }
+
+    /// `forward_relu(x, true).gather_rows(index)` for rows x [R, C], normalizing only those rows
+    /// ([`batch_norm_rows_at`]).
+    pub fn forward_relu_rows_at(&self, x: &Tensor, index: &Tensor) -> Tensor {
+        batch_norm_rows_at(x, index, &self.state(), true)
     }
 
     /// The trainable parameters: weight, bias.

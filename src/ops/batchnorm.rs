@@ -162,26 +162,11 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
     assert_eq!(s.num_batches_tracked.dtype(), DType::U32, "num_batches_tracked is a U32 counter");
     let m = outer * inner;
     let base = Launch { outer, c, inner, block0: 0, total_blocks: 0, m, momentum: s.momentum, eps: s.eps };
-    let stats = Tensor::empty(&[c, 4]);
-    if train {
+    let stats = if train {
         assert!(m > 1, "batch_norm in training needs more than one value per channel, got {:?}", x.shape());
-        let part = reduce_blocks(&kernel("stats_partial", c, inner), &[x], &[], &base);
-        let l = Launch { total_blocks: part.dim(1), ..base };
-        gpu().dispatch(
-            &Kernel::new("batchnorm", "stats_finalize"),
-            l.params().bytes(),
-            &[
-                part.binding(),
-                s.weight.binding(),
-                s.bias.binding(),
-                stats.binding(),
-                s.running_mean.binding(),
-                s.running_var.binding(),
-                s.num_batches_tracked.binding(),
-            ],
-            [c as u32, 1, 1],
-        );
+        batch_stats(x, s, &base)
     } else {
+        let stats = Tensor::empty(&[c, 4]);
         gpu().dispatch_1d(
             &Kernel::new("batchnorm", "stats_running"),
             base.params().bytes(),
@@ -194,7 +179,8 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
             ],
             c as u64,
         );
-    }
+        stats
+    };
     let y = Tensor::empty(x.shape());
     per_element(&kernel("normalize", c, inner).with("RELU", relu as u8 as f64), &[x], &[&stats], &y, &base);
     let op = Op::BatchNorm {
@@ -206,6 +192,102 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
         relu,
     };
     Tensor::with_op(y, op)
+}
+
+/// The batch statistics of x per channel as (mean, invstd, weight * invstd, bias), with the
+/// running statistics updated.
+fn batch_stats(x: &Tensor, s: &BatchNormState, base: &Launch) -> Tensor {
+    let c = base.c;
+    let stats = Tensor::empty(&[c, 4]);
+    let part = reduce_blocks(&kernel("stats_partial", c, base.inner), &[x], &[], base);
+    let l = Launch { total_blocks: part.dim(1), ..*base };
+    gpu().dispatch(
+        &Kernel::new("batchnorm", "stats_finalize"),
+        l.params().bytes(),
+        &[
+            part.binding(),
+            s.weight.binding(),
+            s.bias.binding(),
+            stats.binding(),
+            s.running_mean.binding(),
+            s.running_var.binding(),
+            s.num_batches_tracked.binding(),
+        ],
+        [c as u32, 1, 1],
+    );
+    stats
+}
+
+/// `batch_norm(x, s, true, relu).gather_rows(index)` for rows x [R, C]: BatchNorm in training
+/// mode over all R rows (their statistics, the running statistics updated), read at a few of
+/// them. Only those rows are normalized, and the backward takes its sums over them alone (the
+/// gradient is zero at the others) and makes one pass over x for the input gradient, instead of
+/// normalizing every row and summing a mostly-zero gradient.
+pub fn batch_norm_rows_at(x: &Tensor, index: &Tensor, s: &BatchNormState, relu: bool) -> Tensor {
+    let &[rows, c] = x.shape() else { panic!("batch_norm_rows_at needs rows [R, C], got {:?}", x.shape()) };
+    if !rows_layout(c, 1) {
+        return batch_norm(x, s, true, relu).gather_rows(index);
+    }
+    assert!(rows > 1, "batch_norm in training needs more than one row, got {:?}", x.shape());
+    let base = Launch {
+        outer: rows,
+        c,
+        inner: 1,
+        block0: 0,
+        total_blocks: 0,
+        m: rows,
+        momentum: s.momentum,
+        eps: s.eps,
+    };
+    let stats = batch_stats(x, s, &base);
+    let picked = x.detach().gather_rows(index);
+    let k = picked.dim(0);
+    let y = Tensor::empty(&[k, c]);
+    let at = Launch { outer: k, ..base };
+    per_element(&kernel("normalize", c, 1).with("RELU", relu as u8 as f64), &[&picked], &[&stats], &y, &at);
+    let op = Op::BatchNormRowsAt {
+        x: Saved::new(x),
+        picked,
+        index: index.clone(),
+        weight: s.weight.clone(),
+        bias: s.bias.clone(),
+        stats: stats.detach(),
+        relu,
+    };
+    Tensor::with_op(y, op)
+}
+
+/// Gradients of x, weight and bias of [`batch_norm_rows_at`] given dy at the picked rows.
+pub fn batch_norm_rows_at_grad(
+    x: &Tensor,
+    picked: &Tensor,
+    index: &Tensor,
+    weight: &Tensor,
+    stats: &Tensor,
+    dy: &Tensor,
+    relu: bool,
+) -> [Tensor; 3] {
+    let (rows, c) = (x.dim(0), x.dim(1));
+    let k = picked.dim(0);
+    // The sums over the picked rows are the sums over all rows; the means divide by R.
+    let base = Launch { outer: k, c, inner: 1, block0: 0, total_blocks: 0, m: rows, momentum: 0.0, eps: 0.0 };
+    let relu_k = relu as u8 as f64;
+    let part =
+        reduce_blocks(&kernel("grad_partial", c, 1).with("RELU", relu_k), &[picked, dy], &[stats], &base);
+    let (coef, dweight, dbias) = grad_coefficients(&part, weight, stats, true, &base);
+    let dx = Tensor::empty(&[rows, c]);
+    let every = Launch { outer: rows, ..base };
+    per_element(&Kernel::new("batchnorm", "grad_input_undriven_rows4"), &[x], &[&coef], &dx, &every);
+    let at_picked = Tensor::empty(&[k, c]);
+    per_element(
+        &kernel("grad_input", c, 1).with("RELU", relu_k),
+        &[picked, dy],
+        &[&coef, stats],
+        &at_picked,
+        &base,
+    );
+    crate::ops::layout::scatter_rows_into(&at_picked, index, &dx);
+    [dx, dweight.reshape(weight.shape()), dbias.reshape(weight.shape())]
 }
 
 /// Gradients of x, weight and bias given dy; `stats` are the forward's per-channel
@@ -224,8 +306,24 @@ pub fn batch_norm_grad(
     let relu_k = relu as u8 as f64;
     let part =
         reduce_blocks(&kernel("grad_partial", c, inner).with("RELU", relu_k), &[x, dy], &[stats], &base);
+    let (coef, dweight, dbias) = grad_coefficients(&part, weight, stats, train, &base);
+    let dx = Tensor::empty(x.shape());
+    per_element(&kernel("grad_input", c, inner).with("RELU", relu_k), &[x, dy], &[&coef, stats], &dx, &base);
+    [dx, dweight.reshape(weight.shape()), dbias.reshape(weight.shape())]
+}
+
+/// From the partial sums of the gradient: the per-channel coefficients of the input gradient
+/// (k, a, q, mean) and the weight and bias gradients.
+fn grad_coefficients(
+    part: &Tensor,
+    weight: &Tensor,
+    stats: &Tensor,
+    train: bool,
+    base: &Launch,
+) -> (Tensor, Tensor, Tensor) {
+    let c = base.c;
     let (coef, dweight, dbias) = (Tensor::empty(&[c, 4]), Tensor::empty(&[c]), Tensor::empty(&[c]));
-    let l = Launch { total_blocks: part.dim(1), ..base };
+    let l = Launch { total_blocks: part.dim(1), ..*base };
     gpu().dispatch(
         &Kernel::new("batchnorm", "grad_finalize").with("TRAIN", train as u8 as f64),
         l.params().bytes(),
@@ -239,9 +337,7 @@ pub fn batch_norm_grad(
         ],
         [c as u32, 1, 1],
     );
-    let dx = Tensor::empty(x.shape());
-    per_element(&kernel("grad_input", c, inner).with("RELU", relu_k), &[x, dy], &[&coef, stats], &dx, &base);
-    [dx, dweight.reshape(weight.shape()), dbias.reshape(weight.shape())]
+    (coef, dweight, dbias)
 }
 
 /// CPU references (f64 arithmetic) for the tests.
