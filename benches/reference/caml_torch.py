@@ -209,6 +209,7 @@ class Config:
     temperature: float = 0.1
     corr_temperature: float = 0.1
     fix_memory_view: bool = False
+    clip: float = 0.0
 
     def ramp_length(self):
         return 40.0 if self.labeled <= 4 else 20.0 if self.labeled <= 8 else 15.0
@@ -346,9 +347,17 @@ def train_step(model, opt, bank, cfg, x, label, cases, iteration, generator):
     # 6. SGD with momentum 0.9 and weight decay 1e-4 (torch.optim.SGD)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    clip_gradients(model, cfg)
     opt.step()
     lo = loss_o.item() if loss_o is not None else 0.0
     return loss.item(), loss_s.item(), loss_c.item(), lo
+
+
+def clip_gradients(model, cfg):
+    """Clips the gradients' global norm to cfg.clip when it is positive; the norm before
+    clipping is kept in clip_gradients.last."""
+    if cfg.clip > 0:
+        clip_gradients.last = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
 
 
 def make_optimizer(model, cfg):

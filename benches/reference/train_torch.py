@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from caml_torch import PRESETS, Caml, MemoryBank, dice_loss, make_optimizer, train_step  # noqa: E402
+from caml_torch import PRESETS, Caml, MemoryBank, clip_gradients, dice_loss, make_optimizer, train_step  # noqa: E402
 
 NIFTI_DTYPES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64, 256: np.int8,
                 512: np.uint16, 768: np.uint32}
@@ -139,6 +139,7 @@ def main():
     ap.add_argument("--labeled-bs", type=int)
     ap.add_argument("--ramp-every", type=int)
     ap.add_argument("--rampup", type=float, help="ramp length R (default: 40, 20 or 15 for 4, 8, 16 labels)")
+    ap.add_argument("--clip", type=float, help="clip the gradient's global norm to this (0: never)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--val-every", type=int, default=0)
@@ -147,7 +148,7 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     over = {k: v for k, v in dict(lr=a.lr, width=a.width, labeled=a.labeled, ramp_every=a.ramp_every, batch=a.batch,
-                                      labeled_bs=a.labeled_bs).items()
+                                      labeled_bs=a.labeled_bs, clip=a.clip).items()
             if v is not None}
     if a.patch:
         over["patch"] = tuple(a.patch)
@@ -182,10 +183,12 @@ def main():
             loss_s = dice_loss(torch.softmax(out_v, 1)[:, 1], g) + dice_loss(torch.softmax(out_a, 1)[:, 1], g)
             opt.zero_grad(set_to_none=True)
             (0.5 * loss_s).backward()
+            clip_gradients(model, cfg)
             opt.step()
             loss, ls, lc, lo = 0.5 * loss_s.item(), loss_s.item(), 0.0, 0.0
         if it % 25 == 0 or it == 1:
-            print(f"{it} loss {loss:.4f} s {ls:.4f} c {lc:.4f} o {lo:.4f} lr {lr:.4f} {time.time() - t0:.0f}s",
+            norm = f"|g| {clip_gradients.last:.3f} " if cfg.clip > 0 else ""
+            print(f"{it} loss {loss:.4f} s {ls:.4f} c {lc:.4f} o {lo:.4f} lr {lr:.4f} {norm}{time.time() - t0:.0f}s",
                   flush=True)
         if a.val_every and it % a.val_every == 0 and it != a.iters:
             d = np.mean([dice(predict(model, im, cfg.patch), lb) for im, lb in test])
