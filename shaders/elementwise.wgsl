@@ -150,3 +150,72 @@ fn fill(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     fill_out[i] = p.s0;
 }
+
+// The sharpened mutual consistency of two probability maps u = P_v and w = P_a (same shape):
+// loss_c = mean((u - s(w))^2) + mean((w - s(u))^2), s(p) = p^e / (p^e + (1 - p)^e), e = 1 / T
+// (p.s0). `consistency_terms` writes each element's two squared differences added;
+// `consistency_grad` writes both inputs' gradients given the loss's, through the sharpened
+// targets unless DETACH (p.s1 = 2 / M for the M elements of the whole loss):
+//   du = g 2/M ((u - s(w)) - (w - s(u)) s'(u)),  dw = g 2/M ((w - s(u)) - (u - s(w)) s'(w)).
+
+// Whether the consistency targets are detached (no gradient through s).
+override DETACH: bool = false;
+
+fn sharpen(x: f32) -> f32 {
+    let a = pow_s(x, p.s0);
+    return a / (a + pow_s(1.0 - x, p.s0));
+}
+
+// ds/dx, as the chain of the composed ops gives it: (a' (a + b) - a (a' + b')) / (a + b)^2.
+fn sharpen_grad(x: f32) -> f32 {
+    let a = pow_s(x, p.s0);
+    let b = pow_s(1.0 - x, p.s0);
+    let da = p.s0 * pow_s(x, p.s0 - 1.0);
+    let db = -p.s0 * pow_s(1.0 - x, p.s0 - 1.0);
+    let s = a + b;
+    return (da * s - a * (da + db)) / (s * s);
+}
+
+@group(0) @binding(1) var<storage, read> cu: array<f32>;
+@group(0) @binding(2) var<storage, read> cw: array<f32>;
+@group(0) @binding(3) var<storage, read_write> csq: array<f32>;
+
+@compute @workgroup_size(256)
+fn consistency_terms(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = linear(gid, nw);
+    if i >= p.n {
+        return;
+    }
+    let u = cu[i];
+    let w = cw[i];
+    let du = u - sharpen(w);
+    let dw = w - sharpen(u);
+    csq[i] = du * du + dw * dw;
+}
+
+@group(0) @binding(1) var<storage, read> cgu: array<f32>;
+@group(0) @binding(2) var<storage, read> cgw: array<f32>;
+@group(0) @binding(3) var<storage, read> cgg: array<f32>;
+@group(0) @binding(4) var<storage, read_write> cgdu: array<f32>;
+@group(0) @binding(5) var<storage, read_write> cgdw: array<f32>;
+
+@compute @workgroup_size(256)
+fn consistency_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = linear(gid, nw);
+    if i >= p.n {
+        return;
+    }
+    let u = cgu[i];
+    let w = cgw[i];
+    let k = cgg[0] * p.s1;
+    let ru = u - sharpen(w);
+    let rw = w - sharpen(u);
+    var du = ru;
+    var dw = rw;
+    if !DETACH {
+        du -= rw * sharpen_grad(u);
+        dw -= ru * sharpen_grad(w);
+    }
+    cgdu[i] = k * du;
+    cgdw[i] = k * dw;
+}

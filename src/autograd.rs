@@ -162,6 +162,13 @@ pub(crate) enum Op {
         stats: Tensor,
         relu: bool,
     },
+    /// The sharpened mutual consistency loss of two probability maps ([`crate::ops::consistency`]).
+    Consistency {
+        u: Tensor,
+        w: Tensor,
+        temperature: f32,
+        detach_targets: bool,
+    },
     /// Dropout of x seen as [units, inner]; the mask is regenerated from the seed.
     Dropout {
         x: Tensor,
@@ -246,6 +253,7 @@ impl Op {
     pub(crate) fn inputs(&self) -> Vec<&Tensor> {
         match self {
             Op::Binary { a, b, .. } | Op::Matmul { a, b, .. } => vec![a, b],
+            Op::Consistency { u, w, .. } => vec![u, w],
             Op::Unary { x, .. }
             | Op::Sum { x }
             | Op::MaxAxis { x, .. }
@@ -361,6 +369,11 @@ impl Op {
             }
             Op::BatchNormRowsAt { x, picked, index, weight, stats, relu, .. } => {
                 batchnorm::batch_norm_rows_at_grad(&x.values(), picked, index, weight, stats, g, *relu)
+                    .map(Some)
+                    .into()
+            }
+            Op::Consistency { u, w, temperature, detach_targets } => {
+                crate::ops::consistency::consistency_grad(u, w, g, *temperature, *detach_targets)
                     .map(Some)
                     .into()
             }

@@ -238,6 +238,23 @@ fn a_row_over_one_binding_is_reported() {
 }
 
 #[test]
+fn consistency_loss_splits_under_a_small_limit() {
+    // 30,000 values per map, 120 KB: four launches of at most 32 KiB.
+    let n = 30_000;
+    let (pv, pa) = (Rng::new(90).vec(n, 0.0, 1.0), Rng::new(91).vec(n, 0.0, 1.0));
+    let (want, want_dv, want_da) = caml_wgpu::ops::consistency::cpu::consistency(&pv, &pa, 0.1, false);
+    let (v, a) = (Tensor::variable(&pv, &[n]), Tensor::variable(&pa, &[n]));
+    let (loss, dv, da) = with_binding_limit(SMALL, || {
+        let loss = caml_wgpu::ops::consistency::consistency_loss(&v, &a, 0.1, false);
+        let g = backward(&loss);
+        (loss.item(), g.get(&v).unwrap().to_vec(), g.get(&a).unwrap().to_vec())
+    });
+    assert!((loss - want).abs() <= 1e-5 * want.abs(), "loss {loss}, want {want}");
+    close(&dv, &want_dv, 1e-5, "d P_v");
+    close(&da, &want_da, 1e-5, "d P_a");
+}
+
+#[test]
 fn matmul_and_broadcasts_split_under_a_small_limit() {
     let (b, m, k, n) = (3, 67, 151, 29);
     let a = data(12, b * m * k);

@@ -34,6 +34,35 @@ fn sharpen_and_consistency_match_spec_formula() {
 }
 
 #[test]
+fn fused_consistency_matches_cpu_and_the_composed_ops() {
+    // Probabilities across (0, 1) with both ends and the middle, on a [4, 2, 9, 7, 5] map.
+    let shape = [4, 2, 9, 7, 5];
+    let n: usize = shape.iter().product();
+    let mut rng = Rng::new(71);
+    let mut pv = rng.vec(n, 0.0, 1.0);
+    let pa = rng.vec(n, 0.0, 1.0);
+    pv[..4].copy_from_slice(&[0.0, 1.0, 0.5, 1e-4]);
+    for detach in [false, true] {
+        let (want, want_dv, want_da) = caml_wgpu::ops::consistency::cpu::consistency(&pv, &pa, 0.1, detach);
+        let run = |composed: bool| {
+            let (v, a) = (Tensor::variable(&pv, &shape), Tensor::variable(&pa, &shape));
+            let f = if composed { losses::consistency_loss_composed } else { losses::consistency_loss };
+            let loss = f(&v, &a, 0.1, detach);
+            let g = backward(&loss);
+            (loss.item(), g.get(&v).unwrap().to_vec(), g.get(&a).unwrap().to_vec())
+        };
+        let (l, dv, da) = run(false);
+        assert_relative_eq!(l, want, max_relative = 1e-5);
+        close(&dv, &want_dv, 1e-5, "d P_v");
+        close(&da, &want_da, 1e-5, "d P_a");
+        let (lc, dvc, dac) = run(true);
+        assert_relative_eq!(l, lc, max_relative = 1e-5);
+        close(&dv, &dvc, 1e-5, "d P_v against the composed ops");
+        close(&da, &dac, 1e-5, "d P_a against the composed ops");
+    }
+}
+
+#[test]
 fn consistency_targets_carry_gradient_unless_detached() {
     // With targets not detached, d loss / d P_a includes the path through sharpen(P_a).
     let pv = Tensor::variable(&[0.3, 0.7], &[2]);

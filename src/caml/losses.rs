@@ -28,8 +28,19 @@ pub fn mse(a: &Tensor, b: &Tensor) -> Tensor {
 }
 
 /// loss_c = mse(P_v, sharpen(P_a)) + mse(P_a, sharpen(P_v)). The reference does not detach the
-/// sharpened targets, so gradients flow through both sides unless `detach_targets`.
+/// sharpened targets, so gradients flow through both sides unless `detach_targets`. One fused
+/// pass each way ([`crate::ops::consistency`]).
 pub fn consistency_loss(p_v: &Tensor, p_a: &Tensor, temperature: f32, detach_targets: bool) -> Tensor {
+    crate::ops::consistency::consistency_loss(p_v, p_a, temperature, detach_targets)
+}
+
+/// [`consistency_loss`] composed of elementwise ops, as the reference writes it.
+pub fn consistency_loss_composed(
+    p_v: &Tensor,
+    p_a: &Tensor,
+    temperature: f32,
+    detach_targets: bool,
+) -> Tensor {
     let (mut t_a, mut t_v) = (sharpen(p_a, temperature), sharpen(p_v, temperature));
     if detach_targets {
         (t_a, t_v) = (t_a.detach(), t_v.detach());

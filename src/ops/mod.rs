@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod batchnorm;
+pub mod consistency;
 pub mod conv;
 pub mod conv_ref;
 pub mod dropout;
