@@ -236,6 +236,10 @@ impl Head {
     pub fn forward_rows_at(&self, x: &Tensor, index: &Tensor) -> Tensor {
         self.l3.forward(&self.bn.forward_relu_rows_at(&self.l0.forward(x, true), index), true)
     }
+    /// What a training-mode forward of x does to the running statistics, computing nothing else.
+    pub fn update_statistics(&self, x: &Tensor) {
+        self.bn.forward_relu_rows_at(&self.l0.forward(x, true), &Tensor::empty_u32(&[0]));
+    }
     fn named(&self, prefix: &str, params: &mut Named, buffers: &mut Named) {
         self.l0.params(&join(prefix, "0"), params);
         self.bn.params(&join(prefix, "1"), params);

@@ -177,10 +177,12 @@ fn omni_correlation_term(
     s: &Selections,
     memory: &[Option<Tensor>; 2],
 ) -> Option<Tensor> {
-    // BatchNorm1d in training mode needs more than one row.
-    if memory.iter().all(|m| m.is_none()) || s.consistent.numel() < 2 {
+    // BatchNorm1d in training mode needs more than one row; the reference runs the heads on any
+    // more, with or without memory to compare with (their running statistics move).
+    if s.consistent.numel() < 2 {
         return None;
     }
+    let no_memory = memory.iter().all(|m| m.is_none());
     let u = out.out_v.dim(0) - l;
     let conf = no_grad(|| {
         let conf = p_v.narrow(0, l, u).max_axis(1);
@@ -191,6 +193,13 @@ fn omni_correlation_term(
     let rows_a = voxel_rows(&emb_a, l, u, false).gather_rows(&s.consistent);
     drop((emb_v, emb_a));
     let m = &st.model;
+    if no_memory {
+        no_grad(|| {
+            m.prediction_head1.update_statistics(&m.projection_head1.forward(&rows_v, true));
+            m.prediction_head2.update_statistics(&m.projection_head2.forward(&rows_a, true));
+        });
+        return None;
+    }
     let proj_v = m.projection_head1.forward(&rows_v, true);
     let proj_a = m.projection_head2.forward(&rows_a, true);
     let rows = no_grad(|| omni::select_rows(&s.rank, [&s.class[0], &s.class[1]], &conf, cfg.num_filtered));
@@ -198,7 +207,15 @@ fn omni_correlation_term(
         [&|idx| m.prediction_head1.forward_rows_at(&proj_v, idx), &|idx| {
             m.prediction_head2.forward_rows_at(&proj_a, idx)
         }];
-    omni::omni_loss_at(feats, &rows, memory, cfg.corr_temperature)
+    let loss = omni::omni_loss_at(feats, &rows, memory, cfg.corr_temperature);
+    if loss.is_none() {
+        // No class with rows to compare: the prediction heads' statistics still move.
+        no_grad(|| {
+            m.prediction_head1.update_statistics(&proj_v);
+            m.prediction_head2.update_statistics(&proj_a);
+        });
+    }
+    loss
 }
 
 /// One iteration on `batch`: forward, losses, backward, optimizer step. Returns the log of the

@@ -222,7 +222,8 @@ fn batch_stats(x: &Tensor, s: &BatchNormState, base: &Launch) -> Tensor {
 /// mode over all R rows (their statistics, the running statistics updated), read at a few of
 /// them. Only those rows are normalized, and the backward takes its sums over them alone (the
 /// gradient is zero at the others) and makes one pass over x for the input gradient, instead of
-/// normalizing every row and summing a mostly-zero gradient.
+/// normalizing every row and summing a mostly-zero gradient. The rows in `index` must be
+/// distinct (the backward writes each one's gradient in place).
 pub fn batch_norm_rows_at(x: &Tensor, index: &Tensor, s: &BatchNormState, relu: bool) -> Tensor {
     let &[rows, c] = x.shape() else { panic!("batch_norm_rows_at needs rows [R, C], got {:?}", x.shape()) };
     if !rows_layout(c, 1) {
@@ -240,6 +241,10 @@ pub fn batch_norm_rows_at(x: &Tensor, index: &Tensor, s: &BatchNormState, relu: 
         eps: s.eps,
     };
     let stats = batch_stats(x, s, &base);
+    if index.numel() == 0 {
+        // The statistics alone (the running statistics move).
+        return Tensor::zeros(&[0, c]);
+    }
     let picked = x.detach().gather_rows(index);
     let k = picked.dim(0);
     let y = Tensor::empty(&[k, c]);
