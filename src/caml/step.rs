@@ -184,32 +184,30 @@ fn omni_correlation_term(
     }
     let no_memory = memory.iter().all(|m| m.is_none());
     let u = out.out_v.dim(0) - l;
-    let conf = no_grad(|| {
-        let conf = p_v.narrow(0, l, u).max_axis(1);
-        conf.reshape(&[conf.numel()])
-    });
     let Outputs { emb_v, emb_a, .. } = out;
     let rows_v = voxel_rows(&emb_v, l, u, false).gather_rows(&s.consistent);
     let rows_a = voxel_rows(&emb_a, l, u, false).gather_rows(&s.consistent);
     drop((emb_v, emb_a));
     let m = &st.model;
-    if no_memory {
-        no_grad(|| {
-            m.prediction_head1.update_statistics(&m.projection_head1.forward(&rows_v, true));
-            m.prediction_head2.update_statistics(&m.projection_head2.forward(&rows_a, true));
+    let heads = || (m.projection_head1.forward(&rows_v, true), m.projection_head2.forward(&rows_a, true));
+    // Without memory there is no loss: the heads run for their statistics alone.
+    let (proj_v, proj_a) = if no_memory { no_grad(heads) } else { heads() };
+    let loss = if no_memory {
+        None
+    } else {
+        let rows = no_grad(|| {
+            let conf = p_v.narrow(0, l, u).max_axis(1);
+            let conf = conf.reshape(&[conf.numel()]);
+            omni::select_rows(&s.rank, [&s.class[0], &s.class[1]], &conf, cfg.num_filtered)
         });
-        return None;
-    }
-    let proj_v = m.projection_head1.forward(&rows_v, true);
-    let proj_a = m.projection_head2.forward(&rows_a, true);
-    let rows = no_grad(|| omni::select_rows(&s.rank, [&s.class[0], &s.class[1]], &conf, cfg.num_filtered));
-    let feats: [&dyn Fn(&Tensor) -> Tensor; 2] =
-        [&|idx| m.prediction_head1.forward_rows_at(&proj_v, idx), &|idx| {
-            m.prediction_head2.forward_rows_at(&proj_a, idx)
-        }];
-    let loss = omni::omni_loss_at(feats, &rows, memory, cfg.corr_temperature);
+        let feats: [&dyn Fn(&Tensor) -> Tensor; 2] =
+            [&|idx| m.prediction_head1.forward_rows_at(&proj_v, idx), &|idx| {
+                m.prediction_head2.forward_rows_at(&proj_a, idx)
+            }];
+        omni::omni_loss_at(feats, &rows, memory, cfg.corr_temperature)
+    };
     if loss.is_none() {
-        // No class with rows to compare: the prediction heads' statistics still move.
+        // No loss to compute the prediction heads' output for: their statistics still move.
         no_grad(|| {
             m.prediction_head1.update_statistics(&proj_v);
             m.prediction_head2.update_statistics(&proj_a);
