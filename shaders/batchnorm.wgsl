@@ -490,27 +490,6 @@ fn grad_partial_rows4(@builtin(local_invocation_index) lid: u32, @builtin(workgr
     }
 }
 
-@group(0) @binding(1) var<storage, read> zx4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> zcoef: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> zdx4: array<vec4<f32>>;
-
-// grad_input_rows4 for rows whose dy is zero (a training-mode BatchNorm read at a few rows):
-// dx = a * (x - mean) + q.
-@compute @workgroup_size(256)
-fn grad_input_undriven_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-    let t = linear(gid, nw);
-    let groups = p.c / 4u;
-    let cg = t % groups;
-    let r0 = (t / groups) * ROWS;
-    if r0 >= p.outer {
-        return;
-    }
-    let f = stats4(zcoef[4u * cg], zcoef[4u * cg + 1u], zcoef[4u * cg + 2u], zcoef[4u * cg + 3u]);
-    for (var r = r0; r < min(r0 + ROWS, p.outer); r++) {
-        zdx4[r * groups + cg] = f.invstd * (zx4[r * groups + cg] - f.bias) + f.scale;
-    }
-}
-
 @compute @workgroup_size(256)
 fn grad_input_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let t = linear(gid, nw);

@@ -125,25 +125,24 @@ fn scatter_add_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     }
 }
 
-@group(0) @binding(1) var<storage, read> wsrc: array<u32>;
-@group(0) @binding(2) var<storage, read> widx: array<u32>;
-@group(0) @binding(3) var<storage, read_write> wout: array<u32>;
+@group(0) @binding(1) var<storage, read> asrc: array<f32>;
+@group(0) @binding(2) var<storage, read> aidx: array<u32>;
+@group(0) @binding(3) var<storage, read_write> aout: array<f32>;
 
-// wout[b + (idx[c + r] - d) * f + col] = wsrc[a + r * f + col] for the rows whose destination
-// falls in the window [d, d + e) of table rows bound at wout (distinct indices). n invocations,
-// one per run of columns.
+// aout[b + (idx[c + r] - d) * f + col] += asrc[a + r * f + col], as scatter_rows for distinct
+// indices: each destination row is written by one invocation, so plain adds suffice.
 @compute @workgroup_size(256)
-fn scatter_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+fn add_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let t = linear(gid, nw);
     if t >= p.n {
         return;
     }
     let rc = row_run(t);
-    let s = widx[p.c + rc.x] - p.d;
+    let s = aidx[p.c + rc.x] - p.d;
     if s >= p.e {
         return;
     }
     for (var col = rc.y; col < min(rc.y + COPY_RUN, p.f); col++) {
-        wout[p.b + s * p.f + col] = wsrc[p.a + rc.x * p.f + col];
+        aout[p.b + s * p.f + col] += asrc[p.a + rc.x * p.f + col];
     }
 }

@@ -141,6 +141,12 @@ pub(crate) enum Op {
         x: Tensor,
         index: Tensor,
     },
+    /// The Gram matrix and column sums of rows x about `shift`, then x's rows at `index`.
+    GramRowsAt {
+        x: Saved,
+        shift: Tensor,
+        index: Tensor,
+    },
     /// BatchNorm over axis 1 (then ReLU when `relu`); `stats` [C, 4] = (mean, invstd, scale, bias)
     /// it normalized with, batch statistics when `train`.
     BatchNorm {
@@ -149,17 +155,6 @@ pub(crate) enum Op {
         bias: Tensor,
         stats: Tensor,
         train: bool,
-        relu: bool,
-    },
-    /// Training-mode BatchNorm (then ReLU when `relu`) of rows x [R, C] read at `index`;
-    /// `picked` holds those rows of x.
-    BatchNormRowsAt {
-        x: Saved,
-        picked: Tensor,
-        index: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        stats: Tensor,
         relu: bool,
     },
     /// The sharpened mutual consistency loss of two probability maps ([`crate::ops::consistency`]).
@@ -243,7 +238,7 @@ impl Op {
         match self {
             Op::Linear { x, .. }
             | Op::BatchNorm { x, .. }
-            | Op::BatchNormRowsAt { x, .. }
+            | Op::GramRowsAt { x, .. }
             | Op::Conv3d { x, .. }
             | Op::ConvTranspose3d { x, .. } => x.pack(),
             _ => {}
@@ -265,10 +260,9 @@ impl Op {
             | Op::GatherRows { x, .. }
             | Op::Dropout { x, .. }
             | Op::Upsample2x { x } => vec![x],
-            Op::BatchNorm { x, weight, bias, .. } | Op::BatchNormRowsAt { x, weight, bias, .. } => {
-                vec![&x.t, weight, bias]
-            }
+            Op::BatchNorm { x, weight, bias, .. } => vec![&x.t, weight, bias],
             Op::Linear { x, w, b } => vec![&x.t, w, b],
+            Op::GramRowsAt { x, .. } => vec![&x.t],
             Op::ConvRef { x, w, b, .. } => vec![x, w, b],
             Op::Conv3d { x, w, b, .. } | Op::ConvTranspose3d { x, w, b, .. } => vec![&x.t, w, b],
             Op::LayerNorm { x, w, b, .. } => vec![x, w, b],
@@ -282,7 +276,7 @@ impl Op {
     fn backward(&self, g: &Tensor) -> Vec<Option<Tensor>> {
         use crate::ops::{
             attention, batchnorm, conv, conv_ref, dropout, elementwise as ew, layernorm, layout, matmul,
-            reduce, upsample,
+            moments, reduce, upsample,
         };
         match self {
             Op::Binary { op, a, b } => {
@@ -364,13 +358,11 @@ impl Op {
                 }
             }
             Op::GatherRows { x, index } => vec![Some(layout::scatter_add_rows(g, index, x.dim(0)))],
+            Op::GramRowsAt { x, shift, index } => {
+                vec![Some(moments::gram_rows_at_grad(&x.values(), shift, index, g))]
+            }
             Op::BatchNorm { x, weight, stats, train, relu, .. } => {
                 batchnorm::batch_norm_grad(&x.values(), weight, stats, g, *train, *relu).map(Some).into()
-            }
-            Op::BatchNormRowsAt { x, picked, index, weight, stats, relu, .. } => {
-                batchnorm::batch_norm_rows_at_grad(&x.values(), picked, index, weight, stats, g, *relu)
-                    .map(Some)
-                    .into()
             }
             Op::Consistency { u, w, temperature, detach_targets } => {
                 crate::ops::consistency::consistency_grad(u, w, g, *temperature, *detach_targets)

@@ -287,48 +287,38 @@ fn batchnorm_splits_tensors_larger_than_one_storage_binding() {
     close(&db.to_vec(), &want_db, 1e-3, "dbias");
 }
 
-/// BatchNorm in training mode read at a few rows: the CPU forward and backward at those rows
-/// (dy zero elsewhere), the running statistics, and finite differences; [4100, 12] spans three
-/// reduction blocks.
+/// Running statistics moved from a batch's mean and variance given without its rows: as the
+/// CPU reference's training-mode forward over those rows moves them (unbiased variance for
+/// running_var), and the counter by one.
 #[test]
-fn batchnorm_at_rows_matches_cpu_and_finite_differences() {
-    use caml_wgpu::ops::batchnorm::batch_norm_rows_at;
-    for (rows, c, picked) in [(4100usize, 12usize, vec![0u32, 7, 2050, 4099, 13]), (9, 4, vec![8, 1, 4])] {
-        let x = normal(60, rows * c, 0.3, 1.2);
-        let dy_picked = Rng::new(61).vec(picked.len() * c, -1.0, 1.0);
-        for relu in [false, true] {
-            let layer = Layer::new(62, c, 0.1);
-            let xt = Tensor::variable(&x, &[rows, c]);
-            let index = Tensor::from_u32(&picked, &[picked.len()]);
-            let y = batch_norm_rows_at(&xt, &index, &layer.state(), relu);
-            let h = &layer.host;
-            let (want_y, rm, rv) =
-                cpu::forward(&x, &[rows, c], &h[0], &h[1], (&h[2], &h[3]), true, 0.1, 1e-5, relu);
-            let want: Vec<f32> =
-                picked.iter().flat_map(|&r| want_y[r as usize * c..(r as usize + 1) * c].to_vec()).collect();
-            close(&y.to_vec(), &want, 1e-4, "y at the rows");
-            close(&layer.running_mean.to_vec(), &rm, 1e-5, "running mean");
-            close(&layer.running_var.to_vec(), &rv, 1e-5, "running var");
-            let mut dy = vec![0f32; rows * c];
-            for (k, &r) in picked.iter().enumerate() {
-                dy[r as usize * c..(r as usize + 1) * c].copy_from_slice(&dy_picked[k * c..(k + 1) * c]);
-            }
-            let g = backward(&y.mul(&Tensor::from_vec(&dy_picked, &[picked.len(), c])).sum_all());
-            let (dx, dw, db) =
-                cpu::backward(&x, &[rows, c], &h[0], &h[1], (&h[2], &h[3]), &dy, true, 1e-5, relu);
-            close(&g.get(&xt).unwrap().to_vec(), &dx, 1e-4, "dx");
-            close(&g.get(&layer.weight).unwrap().to_vec(), &dw, 1e-4, "dweight");
-            close(&g.get(&layer.bias).unwrap().to_vec(), &db, 1e-4, "dbias");
-        }
+fn running_statistics_from_given_moments_match_cpu() {
+    use caml_wgpu::ops::batchnorm::update_running_stats;
+    let (rows, c) = (37, 8);
+    let x = normal(70, rows * c, 0.4, 1.3);
+    let layer = Layer::new(71, c, 0.1);
+    let mut mean = vec![0f32; c];
+    let mut var = vec![0f32; c];
+    for j in 0..c {
+        let col: Vec<f64> = (0..rows).map(|r| x[r * c + j] as f64).collect();
+        let m = col.iter().sum::<f64>() / rows as f64;
+        mean[j] = m as f32;
+        var[j] = (col.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / rows as f64) as f32;
     }
-    let (rows, c) = (6, 4);
-    let x = (normal(63, rows * c, 0.2, 1.0), vec![rows, c]);
-    let w = (Rng::new(64).vec(c, 0.5, 1.5), vec![c]);
-    let b = (Rng::new(65).vec(c, -0.5, 0.5), vec![c]);
-    let (rm, rv, count) = (Tensor::zeros(&[c]), Tensor::full(&[c], 1.0), Tensor::from_u32(&[0], &[]));
-    let index = Tensor::from_u32(&[5, 0, 3], &[3]);
-    check_gradients(&[x, w, b], Tolerance::default(), |t| {
-        let s = fixed_state(&t[1], &t[2], [&rm, &rv, &count]);
-        weighted_sum(&batch_norm_rows_at(&t[0], &index, &s, false), 66)
-    });
+    for step in 1..=2u32 {
+        update_running_stats(
+            &layer.state(),
+            &Tensor::from_vec(&mean, &[c]),
+            &Tensor::from_vec(&var, &[c]),
+            rows,
+        );
+        assert_eq!(layer.count.to_u32(), vec![step]);
+    }
+    let h = &layer.host;
+    let (mut rm, mut rv) = (h[2].clone(), h[3].clone());
+    for _ in 0..2 {
+        let (_, m, v) = cpu::forward(&x, &[rows, c], &h[0], &h[1], (&rm, &rv), true, 0.1, 1e-5, false);
+        (rm, rv) = (m, v);
+    }
+    close(&layer.running_mean.to_vec(), &rm, 1e-5, "running mean");
+    close(&layer.running_var.to_vec(), &rv, 1e-5, "running var");
 }

@@ -172,8 +172,10 @@ fn matmul_matches_cpu_for_every_transpose_and_batch() {
         }
     }
     // A long K with M and N up to 32 takes the tall-reduction kernel (subgroup adapters), which
-    // also gives A's column sums; M past 16 splits into C-row blocks.
-    for (m, k, n) in [(32, 5003, 32), (20, 1030, 8), (16, 4096, 32), (4, 2000, 4)] {
+    // also gives A's column sums; with N < M it computes B^T A and transposes it.
+    for (m, k, n) in
+        [(32, 5003, 32), (20, 1030, 8), (16, 4096, 32), (4, 2000, 4), (32, 3001, 4), (8, 1500, 28)]
+    {
         let (a, _) = data(18, &[k, m], -1.0, 1.0);
         let (bm, _) = data(19, &[k, n], -1.0, 1.0);
         let (at, bt) = (Tensor::from_vec(&a, &[k, m]), Tensor::from_vec(&bm, &[k, n]));

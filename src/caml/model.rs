@@ -5,9 +5,13 @@
 //! `train: Option<u64>`: Some(seed) is training mode (batch statistics, dropout with masks derived
 //! from the seed), None is eval mode.
 
+use crate::autograd::no_grad;
 use crate::caml::cma::Cma;
 use crate::nn::{BatchNorm, Conv3d, ConvTranspose3d, Linear, Named, join};
 use crate::ops::dropout::dropout3d;
+use crate::ops::linear::linear;
+use crate::ops::matmul::matmul_t;
+use crate::ops::moments::gram_rows_at;
 use crate::ops::upsample::upsample_trilinear2x;
 use crate::rng::Rng;
 use crate::rng::derive_seed;
@@ -231,14 +235,42 @@ impl Head {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         self.l3.forward(&self.bn.forward_relu(&self.l0.forward(x, train), train), train)
     }
-    /// `forward(x, true).gather_rows(index)`: the first layer on every row (BatchNorm's
-    /// statistics are over all of them), the rest on the rows at `index` only.
-    pub fn forward_rows_at(&self, x: &Tensor, index: &Tensor) -> Tensor {
-        self.l3.forward(&self.bn.forward_relu_rows_at(&self.l0.forward(x, true), index), true)
-    }
-    /// What a training-mode forward of x does to the running statistics, computing nothing else.
-    pub fn update_statistics(&self, x: &Tensor) {
-        self.bn.forward_relu_rows_at(&self.l0.forward(x, true), &Tensor::empty_u32(&[0]));
+    /// `pred.forward(&proj.forward(x, true), true).gather_rows(index)` for a projection head and
+    /// the prediction head after it, in training mode (both BatchNorms' running statistics
+    /// updated), with the projection head's last layer and the prediction head's first computed
+    /// at the rows `index` (distinct) only. Over every row those two layers are one affine map of
+    /// the projection head's hidden rows h, so the prediction head's batch statistics (the mean
+    /// and variance over every row of its first layer's output) follow from the mean and
+    /// covariance of h, which one pass over h gives ([`gram_rows_at`]). An empty index updates
+    /// the statistics alone.
+    pub fn pair_rows_at(proj: &Head, pred: &Head, x: &Tensor, index: &Tensor) -> Tensor {
+        let h = proj.bn.forward_relu(&proj.l0.forward(x, true), true);
+        let (rows, e) = (h.dim(0), h.dim(1));
+        let out = pred.l0.weight.dim(0);
+        // h where the normalized input is zero: near the mean of a column whose BatchNorm bias
+        // outweighs its scale, where the moments about zero would lose the variance to rounding.
+        let shift = proj.bn.bias.detach().relu();
+        let g = gram_rows_at(&h, &shift, index);
+        let inv = 1.0 / rows as f32;
+        let d = g.narrow(0, e, 1).mul_scalar(inv);
+        let cov = g.narrow(0, 0, e).mul_scalar(inv).sub(&matmul_t(&d, &d, true, false));
+        // Over every row the prediction head's first layer gives h M^T + c, M = W_pred W_proj,
+        // c = W_pred b_proj + b_pred: its mean and variance follow from h's.
+        let m = pred.l0.weight.matmul(&proj.l3.weight);
+        let c = linear(&proj.l3.bias.reshape(&[1, e]), &pred.l0.weight, Some(&pred.l0.bias)).reshape(&[out]);
+        let mean = linear(&d.add(&shift.reshape(&[1, e])), &m, Some(&c)).reshape(&[out]);
+        let var = m.matmul(&cov).mul(&m).sum(&[1], false);
+        no_grad(|| pred.bn.update_running(&mean, &var, rows));
+        let k = index.numel();
+        if k == 0 {
+            return Tensor::zeros(&[0, pred.l3.weight.dim(0)]);
+        }
+        // At the kept rows, both layers and the normalization are one affine map of h.
+        let scale = pred.bn.weight.div(&var.add_scalar(pred.bn.eps).sqrt());
+        let w = m.mul(&scale.reshape(&[out, 1]));
+        let b = c.sub(&mean).mul(&scale).add(&pred.bn.bias);
+        let y = linear(&g.narrow(0, e + 1, k), &w, Some(&b)).relu();
+        pred.l3.forward(&y, true)
     }
     fn named(&self, prefix: &str, params: &mut Named, buffers: &mut Named) {
         self.l0.params(&join(prefix, "0"), params);

@@ -54,8 +54,8 @@ pub fn omni_loss(
 
 /// [`omni_loss`] with the features given at the kept rows: `feats[0](index)` are both
 /// networks' features [K, E] at the rows `index` (the kept rows of every class, joined). The
-/// prediction heads compute them at those rows only ([`crate::caml::model::Head::forward_rows_at`]),
-/// a few thousand of the hundreds of thousands of consistent voxels.
+/// heads compute them at those rows only ([`crate::caml::model::Head::pair_rows_at`]), a few
+/// thousand of the hundreds of thousands of consistent voxels.
 pub fn omni_loss_at(
     feats: [&dyn Fn(&Tensor) -> Tensor; 2],
     rows: &[Tensor; 2],

@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 
 use crate::caml::losses::{consistency_loss, dice_loss};
 use crate::caml::memory::MemoryBank;
-use crate::caml::model::{Caml, Outputs};
+use crate::caml::model::{Caml, Head, Outputs};
 use crate::caml::omni;
 use crate::config::{Method, TrainConfig};
 use crate::data::sampler::Batch;
@@ -189,9 +189,14 @@ fn omni_correlation_term(
     let rows_a = voxel_rows(&emb_a, l, u, false).gather_rows(&s.consistent);
     drop((emb_v, emb_a));
     let m = &st.model;
-    let heads = || (m.projection_head1.forward(&rows_v, true), m.projection_head2.forward(&rows_a, true));
-    // Without memory there is no loss: the heads run for their statistics alone.
-    let (proj_v, proj_a) = if no_memory { no_grad(heads) } else { heads() };
+    let pair = |rows: &Tensor, idx: &Tensor, second: bool| {
+        let (proj, pred) = if second {
+            (&m.projection_head2, &m.prediction_head2)
+        } else {
+            (&m.projection_head1, &m.prediction_head1)
+        };
+        Head::pair_rows_at(proj, pred, rows, idx)
+    };
     let loss = if no_memory {
         None
     } else {
@@ -201,16 +206,15 @@ fn omni_correlation_term(
             omni::select_rows(&s.rank, [&s.class[0], &s.class[1]], &conf, cfg.num_filtered)
         });
         let feats: [&dyn Fn(&Tensor) -> Tensor; 2] =
-            [&|idx| m.prediction_head1.forward_rows_at(&proj_v, idx), &|idx| {
-                m.prediction_head2.forward_rows_at(&proj_a, idx)
-            }];
+            [&|idx| pair(&rows_v, idx, false), &|idx| pair(&rows_a, idx, true)];
         omni::omni_loss_at(feats, &rows, memory, cfg.corr_temperature)
     };
     if loss.is_none() {
-        // No loss to compute the prediction heads' output for: their statistics still move.
+        // No loss to compute the heads' output for: their statistics still move.
         no_grad(|| {
-            m.prediction_head1.update_statistics(&proj_v);
-            m.prediction_head2.update_statistics(&proj_a);
+            let none = Tensor::empty_u32(&[0]);
+            pair(&rows_v, &none, false);
+            pair(&rows_a, &none, true);
         });
     }
     loss

@@ -1,7 +1,7 @@
 //! The BatchNorm layer (BatchNorm3d and BatchNorm1d: both normalize axis 1).
 
 use super::{Named, join};
-use crate::ops::batchnorm::{BatchNormState, batch_norm, batch_norm_rows_at};
+use crate::ops::batchnorm::{BatchNormState, batch_norm, update_running_stats};
 use crate::tensor::Tensor;
 
 /// torch.nn.BatchNorm3d / BatchNorm1d(channels), eps 1e-5, momentum 0.1, affine, tracking running
@@ -56,10 +56,10 @@ impl BatchNorm {
         batch_norm(x, &self.state(), train, true)
     }
 
-    /// `forward_relu(x, true).gather_rows(index)` for rows x [R, C], normalizing only those rows
-    /// ([`batch_norm_rows_at`]).
-    pub fn forward_relu_rows_at(&self, x: &Tensor, index: &Tensor) -> Tensor {
-        batch_norm_rows_at(x, index, &self.state(), true)
+    /// The running statistics moved as a training-mode forward over `rows` rows of batch mean
+    /// `mean` [C] and biased variance `var` [C] would move them.
+    pub fn update_running(&self, mean: &Tensor, var: &Tensor, rows: usize) {
+        update_running_stats(&self.state(), mean, var, rows);
     }
 
     /// The trainable parameters: weight, bias.

@@ -197,10 +197,15 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
 /// The batch statistics of x per channel as (mean, invstd, weight * invstd, bias), with the
 /// running statistics updated.
 fn batch_stats(x: &Tensor, s: &BatchNormState, base: &Launch) -> Tensor {
-    let c = base.c;
+    let part = reduce_blocks(&kernel("stats_partial", base.c, base.inner), &[x], &[], base);
+    finalize_stats(&part, s, &Launch { total_blocks: part.dim(1), ..*base })
+}
+
+/// Merges the (count, mean, M2) blocks `part` [C, blocks] of every channel into the batch
+/// statistics (mean, invstd, weight * invstd, bias) and moves the running statistics.
+fn finalize_stats(part: &Tensor, s: &BatchNormState, l: &Launch) -> Tensor {
+    let c = l.c;
     let stats = Tensor::empty(&[c, 4]);
-    let part = reduce_blocks(&kernel("stats_partial", c, base.inner), &[x], &[], base);
-    let l = Launch { total_blocks: part.dim(1), ..*base };
     gpu().dispatch(
         &Kernel::new("batchnorm", "stats_finalize"),
         l.params().bytes(),
@@ -218,81 +223,43 @@ fn batch_stats(x: &Tensor, s: &BatchNormState, base: &Launch) -> Tensor {
     stats
 }
 
-/// `batch_norm(x, s, true, relu).gather_rows(index)` for rows x [R, C]: BatchNorm in training
-/// mode over all R rows (their statistics, the running statistics updated), read at a few of
-/// them. Only those rows are normalized, and the backward takes its sums over them alone (the
-/// gradient is zero at the others) and makes one pass over x for the input gradient, instead of
-/// normalizing every row and summing a mostly-zero gradient. The rows in `index` must be
-/// distinct (the backward writes each one's gradient in place).
-pub fn batch_norm_rows_at(x: &Tensor, index: &Tensor, s: &BatchNormState, relu: bool) -> Tensor {
-    let &[rows, c] = x.shape() else { panic!("batch_norm_rows_at needs rows [R, C], got {:?}", x.shape()) };
-    if !rows_layout(c, 1) {
-        return batch_norm(x, s, true, relu).gather_rows(index);
-    }
-    assert!(rows > 1, "batch_norm in training needs more than one row, got {:?}", x.shape());
-    let base = Launch {
+/// The running statistics moved as a training-mode forward over `rows` rows whose batch mean
+/// is `mean` [C] and biased variance `var` [C] would move them (num_batches_tracked too), for
+/// statistics known without the rows themselves.
+pub fn update_running_stats(s: &BatchNormState, mean: &Tensor, var: &Tensor, rows: usize) {
+    let c = s.weight.numel();
+    assert!(rows > 1, "batch_norm in training needs more than one row, got {rows}");
+    assert!(
+        mean.numel() == c && var.numel() == c,
+        "statistics {:?} and {:?} for {c} channels",
+        mean.shape(),
+        var.shape()
+    );
+    // One (count, mean, M2) block per channel, as the statistics' partial sums give them.
+    let n = rows as f32;
+    let col = |t: Tensor| t.reshape(&[c, 1]);
+    let part = crate::autograd::no_grad(|| {
+        Tensor::concat(
+            &[
+                col(Tensor::full(&[c], n)),
+                col(mean.detach()),
+                col(var.detach().mul_scalar(n)),
+                col(Tensor::zeros(&[c])),
+            ],
+            1,
+        )
+    });
+    let l = Launch {
         outer: rows,
         c,
         inner: 1,
         block0: 0,
-        total_blocks: 0,
+        total_blocks: 1,
         m: rows,
         momentum: s.momentum,
         eps: s.eps,
     };
-    let stats = batch_stats(x, s, &base);
-    if index.numel() == 0 {
-        // The statistics alone (the running statistics move).
-        return Tensor::zeros(&[0, c]);
-    }
-    let picked = x.detach().gather_rows(index);
-    let k = picked.dim(0);
-    let y = Tensor::empty(&[k, c]);
-    let at = Launch { outer: k, ..base };
-    per_element(&kernel("normalize", c, 1).with("RELU", relu as u8 as f64), &[&picked], &[&stats], &y, &at);
-    let op = Op::BatchNormRowsAt {
-        x: Saved::new(x),
-        picked,
-        index: index.clone(),
-        weight: s.weight.clone(),
-        bias: s.bias.clone(),
-        stats: stats.detach(),
-        relu,
-    };
-    Tensor::with_op(y, op)
-}
-
-/// Gradients of x, weight and bias of [`batch_norm_rows_at`] given dy at the picked rows.
-pub fn batch_norm_rows_at_grad(
-    x: &Tensor,
-    picked: &Tensor,
-    index: &Tensor,
-    weight: &Tensor,
-    stats: &Tensor,
-    dy: &Tensor,
-    relu: bool,
-) -> [Tensor; 3] {
-    let (rows, c) = (x.dim(0), x.dim(1));
-    let k = picked.dim(0);
-    // The sums over the picked rows are the sums over all rows; the means divide by R.
-    let base = Launch { outer: k, c, inner: 1, block0: 0, total_blocks: 0, m: rows, momentum: 0.0, eps: 0.0 };
-    let relu_k = relu as u8 as f64;
-    let part =
-        reduce_blocks(&kernel("grad_partial", c, 1).with("RELU", relu_k), &[picked, dy], &[stats], &base);
-    let (coef, dweight, dbias) = grad_coefficients(&part, weight, stats, true, &base);
-    let dx = Tensor::empty(&[rows, c]);
-    let every = Launch { outer: rows, ..base };
-    per_element(&Kernel::new("batchnorm", "grad_input_undriven_rows4"), &[x], &[&coef], &dx, &every);
-    let at_picked = Tensor::empty(&[k, c]);
-    per_element(
-        &kernel("grad_input", c, 1).with("RELU", relu_k),
-        &[picked, dy],
-        &[&coef, stats],
-        &at_picked,
-        &base,
-    );
-    crate::ops::layout::scatter_rows_into(&at_picked, index, &dx);
-    [dx, dweight.reshape(weight.shape()), dbias.reshape(weight.shape())]
+    finalize_stats(&part, s, &l);
 }
 
 /// Gradients of x, weight and bias given dy; `stats` are the forward's per-channel

@@ -132,11 +132,11 @@ pub(crate) fn scatter_add_rows(g: &Tensor, index: &Tensor, rows: usize) -> Tenso
     out
 }
 
-/// Writes the rows of `src` into `out` at `index` (distinct row indices), in place.
-pub(crate) fn scatter_rows_into(src: &Tensor, index: &Tensor, out: &Tensor) {
+/// Adds the rows of `src` into `out` at `index` (distinct row indices), in place.
+pub(crate) fn add_rows_into(src: &Tensor, index: &Tensor, out: &Tensor) {
     let cols = src.numel() / src.dim(0).max(1);
-    let k = Kernel::new("layout", "scatter_rows");
-    for l in row_launches("scatter_rows", src, index, out, cols) {
+    let k = Kernel::new("layout", "add_rows");
+    for l in row_launches("add_rows", src, index, out, cols) {
         gpu().dispatch_1d(&k, l.params.bytes(), &[l.rows, l.index, l.table], l.n as u64);
     }
 }

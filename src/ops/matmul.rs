@@ -217,6 +217,41 @@ pub fn tall_tn(a: &Tensor, b: &Tensor, col_sums: bool) -> (Tensor, Option<Tensor
         panic!("tall_tn operands {:?} and {:?}: rank 2 expected", a.shape(), b.shape())
     };
     assert_eq!(k, k2, "tall_tn: {:?} and {:?} differ in rows", a.shape(), b.shape());
+    if n < m {
+        // Every lane computes every C row (a lane holds C's columns 4j..4j+3 of them), so the
+        // product with fewer C rows, B^T A, does m / n times less work; its transpose is small.
+        let (ct, sums) = tall_tn_launch(b, a, [k, n, m], if col_sums { Sums::B } else { Sums::None }, false);
+        return (ct.permute(&[1, 0]), sums);
+    }
+    tall_tn_launch(a, b, [k, m, n], if col_sums { Sums::A } else { Sums::None }, false)
+}
+
+/// Which operand's column sums the tall-reduction kernel adds up beside the product.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Sums {
+    None,
+    A,
+    B,
+}
+
+/// The Gram matrix (x - shift)^T (x - shift) [C, C] of rows x [R, C] and the column sums of
+/// x - shift [C], from one pass over x with the tall-reduction kernel (see [`tall_tn_fits`]). The
+/// shift [C] only changes the rounding: a shift near the column means keeps the moments that
+/// follow from these sums accurate for columns with a large mean.
+pub fn gram(x: &Tensor, shift: &Tensor) -> (Tensor, Tensor) {
+    let &[k, c] = x.shape() else { panic!("gram of {:?}: rows [R, C] expected", x.shape()) };
+    assert_eq!(shift.numel(), c, "gram shift {:?} for rows {:?}", shift.shape(), x.shape());
+    let (g, sums) = tall_tn_launch(x, shift, [k, c, c], Sums::A, true);
+    (g, sums.expect("column sums"))
+}
+
+fn tall_tn_launch(
+    a: &Tensor,
+    b: &Tensor,
+    [k, m, n]: [usize; 3],
+    sums: Sums,
+    gram: bool,
+) -> (Tensor, Option<Tensor>) {
     // Every C row in one pass: the loads of A and B rows dominate on a software device (two
     // passes of 16 C rows took twice as long as one of 32), and 32 vec4 accumulators fit a GPU
     // lane's registers.
@@ -229,30 +264,37 @@ pub fn tall_tn(a: &Tensor, b: &Tensor, col_sums: bool) -> (Tensor, Option<Tensor
     let kc = k.div_ceil(wgs * 8) * 8;
     let wgs = k.div_ceil(kc);
     let parts = wgs * 8;
-    let width = m * n + if col_sums { m } else { 0 };
-    let kernel = Kernel::new(tall_tn_shader(m, n, col_sums), "matmul_tn");
+    let sums_len = match sums {
+        Sums::None => 0,
+        Sums::A => m,
+        Sums::B => n,
+    };
+    let width = m * n + sums_len;
+    let kernel = Kernel::new(tall_tn_shader(m, n, sums, gram), "matmul_tn");
     let p = Params::new().u(k).u(kc).u(width);
     let out = Tensor::empty(&[parts * width]);
     gpu().dispatch(&kernel, p.bytes(), &[a.binding(), b.binding(), out.binding()], [wgs as u32, 1, 1]);
     let total = crate::ops::reduce::sum_middle(&out, 1, parts, width);
-    if col_sums {
-        (total.narrow(0, 0, m * n).reshape(&[m, n]), Some(total.narrow(0, m * n, m)))
+    if sums != Sums::None {
+        (total.narrow(0, 0, m * n).reshape(&[m, n]), Some(total.narrow(0, m * n, sums_len)))
     } else {
         (total.reshape(&[m, n]), None)
     }
 }
 
-fn tall_tn_shader(m: usize, n: usize, sums: bool) -> &'static str {
-    let name = format!("matmul_tn_m{m}_n{n}_s{}", sums as u8);
-    crate::gpu::generated_shader(&name, || tall_tn_source(m, n, sums))
+fn tall_tn_shader(m: usize, n: usize, sums: Sums, gram: bool) -> &'static str {
+    let name = format!("matmul_tn_m{m}_n{n}_s{}_g{}", sums as u8, gram as u8);
+    crate::gpu::generated_shader(&name, || tall_tn_source(m, n, sums, gram))
 }
 
 /// The tall-reduction kernel: workgroup w takes rows [w kc, (w + 1) kc); group g of 8 lanes
 /// takes every 8th row from g. For each row, lane j loads B's columns 4j..4j+3 and A's
 /// columns 4j..4j+3 and passes the A vector round with shuffles: two loads per 4 m FMAs.
 /// Group g of workgroup w writes its partial as part 8 w + g: C [m, n] row-major, then (with
-/// `sums`) A's column sums [m].
-pub fn tall_tn_source(m: usize, n: usize, sums: bool) -> String {
+/// `sums`) A's column sums [m] or B's [n]. With `gram` (m = n), B is A itself and binding 2 holds a shift
+/// [m] taken from every row of A first: the partials of (A - shift)^T (A - shift), one load per
+/// row and lane.
+fn tall_tn_source(m: usize, n: usize, sums: Sums, gram: bool) -> String {
     use std::fmt::Write;
     let (mv, nv) = (m / 4, n / 4);
     let mut w = String::from(
@@ -284,18 +326,36 @@ fn matmul_tn(
     for i in 0..m {
         let _ = writeln!(w, "    var acc{i} = vec4<f32>();");
     }
-    if sums {
-        let _ = writeln!(w, "    var sa = vec4<f32>();");
+    if sums != Sums::None {
+        let _ = writeln!(w, "    var sums = vec4<f32>();");
+    }
+    if gram {
+        assert_eq!(m, n, "a Gram matrix is square");
+        let _ = writeln!(w, "    let shift = b4[ja / 4u];");
     }
     let _ = writeln!(w, "    let r0 = wid.x * p.kc + g;");
     // Every lane runs every step: its loads feed the others' shuffles.
     let _ = writeln!(w, "    for (var i = 0u; i < p.kc; i += 8u) {{");
     let _ = writeln!(w, "        let r = r0 + i;");
     let _ = writeln!(w, "        let rr = min(r, p.k - 1u);");
-    let _ = writeln!(w, "        let la = select(vec4<f32>(), a4[(rr * {m}u + ja) / 4u], r < p.k);");
-    let _ = writeln!(w, "        let lb = b4[(rr * {n}u + jb) / 4u];");
-    if sums {
-        let _ = writeln!(w, "        sa += la;");
+    if gram {
+        // A padded row contributes zero to the sums too.
+        let _ =
+            writeln!(w, "        let la = select(vec4<f32>(), a4[(rr * {m}u + ja) / 4u] - shift, r < p.k);");
+        let _ = writeln!(w, "        let lb = la;");
+    } else {
+        let _ = writeln!(w, "        let la = select(vec4<f32>(), a4[(rr * {m}u + ja) / 4u], r < p.k);");
+        let _ = writeln!(w, "        let lb = b4[(rr * {n}u + jb) / 4u];");
+    }
+    match sums {
+        Sums::None => {}
+        Sums::A => {
+            let _ = writeln!(w, "        sums += la;");
+        }
+        // B's row is loaded at a clamped index past the end.
+        Sums::B => {
+            let _ = writeln!(w, "        sums += select(vec4<f32>(), lb, r < p.k);");
+        }
     }
     for v in 0..mv {
         let _ = writeln!(w, "        let a{v} = subgroupShuffle(la, sb + {v}u);");
@@ -311,9 +371,10 @@ fn matmul_tn(
         let _ = writeln!(w, "        c4[(base + {i}u * {n}u + jb) / 4u] = acc{i};");
     }
     let _ = writeln!(w, "    }}");
-    if sums {
-        let _ = writeln!(w, "    if lane < {mv}u {{");
-        let _ = writeln!(w, "        c4[(base + {} + ja) / 4u] = sa;", m * n);
+    let (lanes, j) = if sums == Sums::B { (nv, "jb") } else { (mv, "ja") };
+    if sums != Sums::None {
+        let _ = writeln!(w, "    if lane < {lanes}u {{");
+        let _ = writeln!(w, "        c4[(base + {} + {j}) / 4u] = sums;", m * n);
         let _ = writeln!(w, "    }}");
     }
     let _ = writeln!(w, "}}");

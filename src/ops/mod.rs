@@ -12,6 +12,7 @@ pub mod layernorm;
 pub mod layout;
 pub mod linear;
 pub mod matmul;
+pub mod moments;
 pub mod reduce;
 pub mod scan;
 pub mod sort;

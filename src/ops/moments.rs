@@ -1,0 +1,71 @@
+//! The moments of many rows from one pass over them: the Gram matrix and the column sums of rows
+//! x [R, C] about a shift give the mean and covariance of x, and with them the mean and variance
+//! of every affine map of x (a linear layer's output) without computing that map on every row.
+//! The rows at an index come out of the same op, so that a model reading a few rows and the
+//! statistics of all of them has one gradient into x.
+
+use crate::autograd::{Op, Saved, no_grad};
+use crate::ops::{layout, matmul};
+use crate::tensor::Tensor;
+
+/// [C + 1 + K, C] for rows x [R, C], a shift [C] (a constant: it gets no gradient) and K row
+/// indices (distinct): rows 0..C the Gram matrix sum_i (x_i - shift)^T (x_i - shift), row C the
+/// column sums of x - shift, then the rows of x at `index`. The shift changes only the rounding:
+/// one near the column means keeps the covariance accurate for columns with a large mean.
+pub fn gram_rows_at(x: &Tensor, shift: &Tensor, index: &Tensor) -> Tensor {
+    let &[rows, c] = x.shape() else { panic!("gram_rows_at of {:?}: rows [R, C] expected", x.shape()) };
+    assert_eq!(shift.numel(), c, "gram_rows_at shift {:?} for rows {:?}", shift.shape(), x.shape());
+    let y = no_grad(|| {
+        let (x, shift) = (x.detach(), shift.detach());
+        let (g, s) = if matmul::tall_tn_fits(rows, c, c) && matmul::each_fits(&[x.numel()]) {
+            matmul::gram(&x, &shift)
+        } else {
+            let d = x.sub(&shift.reshape(&[1, c]));
+            (matmul::matmul_t(&d, &d, true, false), d.sum(&[0], false))
+        };
+        let mut parts = vec![g, s.reshape(&[1, c])];
+        if index.numel() > 0 {
+            parts.push(x.gather_rows(index));
+        }
+        Tensor::concat(&parts, 0)
+    });
+    Tensor::with_op(y, Op::GramRowsAt { x: Saved::new(x), shift: shift.detach(), index: index.clone() })
+}
+
+/// The gradient of x given dy [C + 1 + K, C] of [`gram_rows_at`]: (x_i - shift)(G + G^T) + g_s
+/// on every row, plus the picked rows' gradients at theirs.
+pub(crate) fn gram_rows_at_grad(x: &Tensor, shift: &Tensor, index: &Tensor, dy: &Tensor) -> Tensor {
+    let (rows, c) = (x.dim(0), x.dim(1));
+    let g = dy.narrow(0, 0, c);
+    let sym = g.add(&g.permute(&[1, 0]));
+    // (x - shift) sym + g_s = x sym + (g_s - shift sym)
+    let bias = dy.narrow(0, c, 1).sub(&shift.reshape(&[1, c]).matmul(&sym)).reshape(&[c]);
+    let dx = if matmul::tall_kernel_fits(rows, c, c) && matmul::each_fits(&[x.numel()]) {
+        matmul::tall(x, &sym, Some(&bias), [1, rows, c, c], [0, 0], false)
+    } else {
+        x.matmul(&sym).add(&bias)
+    };
+    let k = index.numel();
+    if k > 0 {
+        layout::add_rows_into(&dy.narrow(0, c + 1, k), index, &dx);
+    }
+    dx
+}
+
+/// CPU reference (f64 sums) of [`gram_rows_at`]: x [rows, c] row-major.
+pub mod cpu {
+    pub fn gram_rows_at(x: &[f32], shift: &[f32], index: &[u32], [rows, c]: [usize; 2]) -> Vec<f32> {
+        let d = |i: usize, a: usize| x[i * c + a] as f64 - shift[a] as f64;
+        let mut out = Vec::new();
+        for a in 0..c {
+            for b in 0..c {
+                out.push((0..rows).map(|i| d(i, a) * d(i, b)).sum::<f64>() as f32);
+            }
+        }
+        out.extend((0..c).map(|a| (0..rows).map(|i| d(i, a)).sum::<f64>() as f32));
+        for &i in index {
+            out.extend_from_slice(&x[i as usize * c..(i as usize + 1) * c]);
+        }
+        out
+    }
+}
