@@ -338,6 +338,48 @@ fn a_guarded_sgd_step_is_skipped_when_a_guard_value_is_not_finite() {
 }
 
 #[test]
+fn sgd_steps_of_many_parameters_match_pytorch_formula() {
+    // More parameters than one launch takes, of many sizes, two without a gradient (left as they
+    // are); two steps against the f32 arithmetic of the formula in its order; then a guarded step
+    // with a NaN that changes none of them.
+    let sizes = [1usize, 3, 7, 300, 1, 5000, 2, 64, 9, 1, 17, 4096, 5, 33, 1, 8, 700, 2, 11];
+    let no_grad = [4usize, 12];
+    let mut rng = Rng::new(51);
+    let w0: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n, -1.0, 1.0)).collect();
+    let gs: Vec<Vec<Vec<f32>>> =
+        (0..2).map(|_| sizes.iter().map(|&n| rng.vec(n, -1.0, 1.0)).collect()).collect();
+    let params: Vec<Tensor> = w0.iter().zip(sizes).map(|(w, n)| Tensor::variable(w, &[n])).collect();
+    let c = SgdConfig { lr: 0.03, momentum: 0.9, weight_decay: 1e-4 };
+    let mut opt = Sgd::new(c, &params);
+    let (mut want, mut buf) = (w0.clone(), sizes.iter().map(|&n| vec![0f32; n]).collect::<Vec<_>>());
+    let loss = |g: &[Vec<f32>]| {
+        let terms: Vec<Tensor> = (0..sizes.len())
+            .filter(|k| !no_grad.contains(k))
+            .map(|k| params[k].mul(&Tensor::from_vec(&g[k], &[sizes[k]])).sum_all())
+            .collect();
+        terms.iter().skip(1).fold(terms[0].clone(), |a, t| a.add(t))
+    };
+    for g in &gs {
+        opt.step(&params, &backward(&loss(g)));
+        for k in (0..sizes.len()).filter(|k| !no_grad.contains(k)) {
+            for i in 0..sizes[k] {
+                let gi = g[k][i] + c.weight_decay * want[k][i];
+                buf[k][i] = c.momentum * buf[k][i] + gi;
+                want[k][i] -= c.lr * buf[k][i];
+            }
+        }
+        for (k, p) in params.iter().enumerate() {
+            close(&p.to_vec(), &want[k], 1e-6, &format!("parameter {k} ({} values)", sizes[k]));
+            close(&opt.momentum[k].to_vec(), &buf[k], 1e-6, &format!("momentum {k}"));
+        }
+    }
+    opt.step_guarded(&params, &backward(&loss(&gs[0])), &Tensor::from_vec(&[0.5, f32::NAN], &[2]));
+    for (k, p) in params.iter().enumerate() {
+        close(&p.to_vec(), &want[k], 1e-6, &format!("parameter {k} after a skipped step"));
+    }
+}
+
+#[test]
 fn head_pair_at_the_kept_rows_matches_the_heads_on_every_row() {
     // A projection head then a prediction head in training mode: the prediction head's statistics
     // from the moments of the projection head's hidden rows, its input computed at the kept rows

@@ -11,7 +11,6 @@ const SHADERS: &[(&str, &str)] = &[
     ("matmul", include_str!("../../shaders/matmul.wgsl")),
     ("layout", include_str!("../../shaders/layout.wgsl")),
     ("scan", include_str!("../../shaders/scan.wgsl")),
-    ("optim", include_str!("../../shaders/optim.wgsl")),
     ("sort", include_str!("../../shaders/sort.wgsl")),
     ("select", include_str!("../../shaders/select.wgsl")),
     ("batchnorm", include_str!("../../shaders/batchnorm.wgsl")),
