@@ -105,11 +105,12 @@ pub(crate) enum Op {
         ta: bool,
         tb: bool,
     },
-    /// x [rows, in] W^T [in, out] + b, in one kernel.
+    /// x [rows, in] W^T [in, out] + b, in one kernel; then ReLU when `relu` holds the output.
     Linear {
         x: Saved,
         w: Tensor,
         b: Tensor,
+        relu: Option<Saved>,
     },
     Softmax {
         x: Tensor,
@@ -235,6 +236,9 @@ impl Op {
         if !HALF.with(|h| h.get()) {
             return;
         }
+        if let Op::Linear { relu: Some(y), .. } = self {
+            y.pack();
+        }
         match self {
             Op::Linear { x, .. }
             | Op::BatchNorm { x, .. }
@@ -261,7 +265,7 @@ impl Op {
             | Op::Dropout { x, .. }
             | Op::Upsample2x { x } => vec![x],
             Op::BatchNorm { x, weight, bias, .. } => vec![&x.t, weight, bias],
-            Op::Linear { x, w, b } => vec![&x.t, w, b],
+            Op::Linear { x, w, b, .. } => vec![&x.t, w, b],
             Op::GramRowsAt { x, .. } => vec![&x.t],
             Op::ConvRef { x, w, b, .. } => vec![x, w, b],
             Op::Conv3d { x, w, b, .. } | Op::ConvTranspose3d { x, w, b, .. } => vec![&x.t, w, b],
@@ -337,7 +341,12 @@ impl Op {
                     })
                     .collect()
             }
-            Op::Linear { x, w, b } => {
+            Op::Linear { x, w, b, relu } => {
+                let relu_grad = relu.as_ref().map(|y| {
+                    let y = y.values();
+                    ew::unary_grad(UnaryOp::Relu, &y, &y, g)
+                });
+                let g = relu_grad.as_ref().unwrap_or(g);
                 let gx = x.t.tracks_grad().then(|| matmul::matmul_t(g, w, false, false));
                 let &[rows, out] = g.shape() else { unreachable!("linear gradient {:?}", g.shape()) };
                 let inp = w.dim(1);

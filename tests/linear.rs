@@ -75,3 +75,40 @@ fn linear_grads_match_finite_differences() {
     let x3 = (Rng::new(14).vec(2 * 3 * 4, -1.0, 1.0), vec![2, 3, 4]);
     check_gradients(&[x3, w], Tolerance::default(), |t| weighted_sum(&linear(&t[0], &t[1], None), 15));
 }
+
+#[test]
+fn linear_relu_matches_cpu_and_finite_differences() {
+    use caml_wgpu::ops::linear::linear_relu;
+    // Many rows take the tall kernel with the ReLU in its epilogue (subgroup adapters), few the
+    // composed ops; values near the kink are kept away from it for the differences.
+    for (rows, inp, out) in [(1000, 4, 8), (7, 3, 5)] {
+        let x = Rng::new(30).vec(rows * inp, -1.0, 1.0);
+        let w = Rng::new(31).vec(out * inp, -1.0, 1.0);
+        let b = Rng::new(32).vec(out, -0.5, 0.5);
+        let y = linear_relu(
+            &Tensor::from_vec(&x, &[rows, inp]),
+            &Tensor::from_vec(&w, &[out, inp]),
+            &Tensor::from_vec(&b, &[out]),
+        );
+        let want: Vec<f32> = cpu::linear(&x, &w, &b, [rows, inp, out]).iter().map(|v| v.max(0.0)).collect();
+        for (i, (g, e)) in y.to_vec().iter().zip(&want).enumerate() {
+            assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{rows} rows, entry {i}: {g} vs {e}");
+        }
+        // The rows whose pre-activations all lie farther from the kink than a difference step
+        // moves them (at most 1e-2 (|x|_1 + 1) <= 5e-2): there the function is linear in the
+        // weights and bias, so the step has no truncation error.
+        let pre = cpu::linear(&x, &w, &b, [rows, inp, out]);
+        let keep: Vec<usize> =
+            (0..rows).filter(|&r| pre[r * out..(r + 1) * out].iter().all(|v| v.abs() > 0.06)).collect();
+        let xs: Vec<f32> = keep.iter().flat_map(|&r| x[r * inp..(r + 1) * inp].to_vec()).collect();
+        let n = keep.len();
+        // Enough rows for the tall kernel again where it took them.
+        assert!(n >= 2 && (rows < 256 || n >= 256), "{n} of {rows} rows away from the kink");
+        // The weights and bias are differenced with a small step against the kept rows.
+        let xt = Tensor::from_vec(&xs, &[n, inp]);
+        let tol = Tolerance { step: 1e-2, ..Tolerance::default() };
+        check_gradients(&[(w.clone(), vec![out, inp]), (b.clone(), vec![out])], tol, |t| {
+            weighted_sum(&linear_relu(&xt, &t[0], &t[1]), 33)
+        });
+    }
+}

@@ -9,7 +9,7 @@ use crate::autograd::no_grad;
 use crate::caml::cma::Cma;
 use crate::nn::{BatchNorm, Conv3d, ConvTranspose3d, Linear, Named, join};
 use crate::ops::dropout::dropout3d;
-use crate::ops::linear::linear;
+use crate::ops::linear::{linear, linear_relu};
 use crate::ops::matmul::matmul_t;
 use crate::ops::moments::gram_rows_at;
 use crate::ops::upsample::upsample_trilinear2x;
@@ -238,27 +238,46 @@ impl Head {
     /// `pred.forward(&proj.forward(x, true), true).gather_rows(index)` for a projection head and
     /// the prediction head after it, in training mode (both BatchNorms' running statistics
     /// updated), with the projection head's last layer and the prediction head's first computed
-    /// at the rows `index` (distinct) only. Over every row those two layers are one affine map of
-    /// the projection head's hidden rows h, so the prediction head's batch statistics (the mean
-    /// and variance over every row of its first layer's output) follow from the mean and
-    /// covariance of h, which one pass over h gives ([`gram_rows_at`]). An empty index updates
-    /// the statistics alone.
+    /// at the rows `index` (distinct) only. Every BatchNorm input over every row is an affine
+    /// map of rows whose mean and covariance one pass gives ([`gram_rows_at`]): the projection
+    /// head's first layer of x, and the prediction head's first layer after the projection
+    /// head's last of its hidden rows h. So the statistics come from those moments, the
+    /// projection head's first layer, BatchNorm and ReLU are one linear layer with the ReLU in
+    /// its epilogue, and the rest runs at the kept rows. An empty index updates the statistics
+    /// alone.
     pub fn pair_rows_at(proj: &Head, pred: &Head, x: &Tensor, index: &Tensor) -> Tensor {
-        let h = proj.bn.forward_relu(&proj.l0.forward(x, true), true);
-        let (rows, e) = (h.dim(0), h.dim(1));
+        let (rows, f) = (x.dim(0), x.dim(1));
+        let e = proj.l0.weight.dim(0);
         let out = pred.l0.weight.dim(0);
+        let inv = 1.0 / rows as f32;
+        // The mean [1, C] and covariance [C, C] of rows from their moments about `shift`.
+        let moments = |g: &Tensor, c: usize, shift: &Tensor| {
+            let d = g.narrow(0, c, 1).mul_scalar(inv);
+            let cov = g.narrow(0, 0, c).mul_scalar(inv).sub(&matmul_t(&d, &d, true, false));
+            (d.add(&shift.reshape(&[1, c])), cov)
+        };
+        // The first row is within a few standard deviations of the mean: moments about it keep
+        // the covariance of columns with a large mean.
+        let shift_x = x.detach().narrow(0, 0, 1).reshape(&[f]);
+        let (mean_x, cov_x) = moments(&gram_rows_at(x, &shift_x, &Tensor::empty_u32(&[0])), f, &shift_x);
+        let w0 = &proj.l0.weight;
+        let mean = linear(&mean_x, w0, Some(&proj.l0.bias)).reshape(&[e]);
+        let var = w0.matmul(&cov_x).mul(w0).sum(&[1], false);
+        no_grad(|| proj.bn.update_running(&mean, &var, rows));
+        let scale = proj.bn.weight.div(&var.add_scalar(proj.bn.eps).sqrt());
+        let w = w0.mul(&scale.reshape(&[e, 1]));
+        let b = proj.l0.bias.sub(&mean).mul(&scale).add(&proj.bn.bias);
+        let h = linear_relu(x, &w, &b);
         // h where the normalized input is zero: near the mean of a column whose BatchNorm bias
         // outweighs its scale, where the moments about zero would lose the variance to rounding.
         let shift = proj.bn.bias.detach().relu();
         let g = gram_rows_at(&h, &shift, index);
-        let inv = 1.0 / rows as f32;
-        let d = g.narrow(0, e, 1).mul_scalar(inv);
-        let cov = g.narrow(0, 0, e).mul_scalar(inv).sub(&matmul_t(&d, &d, true, false));
+        let (mean_h, cov) = moments(&g, e, &shift);
         // Over every row the prediction head's first layer gives h M^T + c, M = W_pred W_proj,
         // c = W_pred b_proj + b_pred: its mean and variance follow from h's.
         let m = pred.l0.weight.matmul(&proj.l3.weight);
         let c = linear(&proj.l3.bias.reshape(&[1, e]), &pred.l0.weight, Some(&pred.l0.bias)).reshape(&[out]);
-        let mean = linear(&d.add(&shift.reshape(&[1, e])), &m, Some(&c)).reshape(&[out]);
+        let mean = linear(&mean_h, &m, Some(&c)).reshape(&[out]);
         let var = m.matmul(&cov).mul(&m).sum(&[1], false);
         no_grad(|| pred.bn.update_running(&mean, &var, rows));
         let k = index.numel();
@@ -269,7 +288,7 @@ impl Head {
         let scale = pred.bn.weight.div(&var.add_scalar(pred.bn.eps).sqrt());
         let w = m.mul(&scale.reshape(&[out, 1]));
         let b = c.sub(&mean).mul(&scale).add(&pred.bn.bias);
-        let y = linear(&g.narrow(0, e + 1, k), &w, Some(&b)).relu();
+        let y = linear_relu(&g.narrow(0, e + 1, k), &w, &b);
         pred.l3.forward(&y, true)
     }
     fn named(&self, prefix: &str, params: &mut Named, buffers: &mut Named) {

@@ -8,6 +8,15 @@ use crate::tensor::Tensor;
 
 /// x [..., in], w [out, in], b [out] -> [..., out].
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    linear_maybe_relu(x, w, b, false)
+}
+
+/// relu(linear(x, w, b)), the ReLU in the kernel's epilogue where the tall kernel takes it.
+pub fn linear_relu(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+    linear_maybe_relu(x, w, Some(b), true)
+}
+
+fn linear_maybe_relu(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> Tensor {
     let &[out, inp] = w.shape() else { panic!("linear weight must be [out, in], got {:?}", w.shape()) };
     assert_eq!(x.shape().last(), Some(&inp), "linear input {:?} for weight {:?}", x.shape(), w.shape());
     let rows = x.numel() / inp;
@@ -19,8 +28,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     {
         assert_eq!(b.numel(), out, "linear bias of shape {:?} for weight {:?}", b.shape(), w.shape());
         let (x2, b1) = (x.reshape(&[rows, inp]), b.reshape(&[out]));
-        let y = crate::ops::matmul::tall(&x2, w, Some(&b1), [1, rows, out, inp], [0, 0], true);
-        return Tensor::with_op(y, Op::Linear { x: Saved::new(&x2), w: w.clone(), b: b1 }).reshape(&shape);
+        let y = crate::ops::matmul::tall(&x2, w, Some(&b1), [1, rows, out, inp], [0, 0], true, relu);
+        let relu = relu.then(|| Saved::new(&y.detach()));
+        return Tensor::with_op(y, Op::Linear { x: Saved::new(&x2), w: w.clone(), b: b1, relu })
+            .reshape(&shape);
     }
     let y = matmul_t(&x.reshape(&[rows, inp]), w, false, true);
     let y = match b {
@@ -30,6 +41,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
         }
         None => y,
     };
+    let y = if relu { y.relu() } else { y };
     y.reshape(&shape)
 }
 

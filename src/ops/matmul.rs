@@ -103,7 +103,7 @@ fn matmul4(
     tb: bool,
 ) -> Option<Tensor> {
     if !ta && tall_kernel_fits(m, k, n) {
-        return Some(tall(a, b, None, [batch, m, n, k], [stride_a, stride_b], tb));
+        return Some(tall(a, b, None, [batch, m, n, k], [stride_a, stride_b], tb, false));
     }
     if ta && !tb && batch == 1 && tall_tn_fits(k, m, n) {
         return Some(tall_tn(&a.reshape(&[k, m]), &b.reshape(&[k, n]), false).0.reshape(shape));
@@ -169,7 +169,8 @@ pub(crate) fn tall_kernel_fits(m: usize, k: usize, n: usize) -> bool {
         && crate::ops::conv::subgroups_usable()
 }
 
-/// A [B, M, K] op(B) [B, K, N] (+ bias [N]) with the tall kernel, as [B, M, N] (or [M, N]).
+/// A [B, M, K] op(B) [B, K, N] (+ bias [N], then ReLU with `relu`) with the tall kernel, as
+/// [B, M, N] (or [M, N]).
 pub(crate) fn tall(
     a: &Tensor,
     b: &Tensor,
@@ -177,10 +178,11 @@ pub(crate) fn tall(
     [batch, m, n, k]: [usize; 4],
     [stride_a, stride_b]: [usize; 2],
     tb: bool,
+    relu: bool,
 ) -> Tensor {
     // Columns per workgroup: the largest of 32, 16, 8, 4 dividing N.
     let nb = [32, 16, 8, 4].into_iter().find(|c| n.is_multiple_of(*c)).unwrap();
-    let kernel = Kernel::new(rows_shader(nb, tb, bias.is_some()), "matmul_rows");
+    let kernel = Kernel::new(rows_shader(nb, tb, bias.is_some(), relu), "matmul_rows");
     let p = Params::new().u(m).u(n).u(k).u(stride_a).u(stride_b).u(m * n);
     let [gx, gy, _] = gpu().groups_1d(m as u64, 64);
     let out = Tensor::empty(&[batch * m * n]);
@@ -385,13 +387,14 @@ fn matmul_tn(
 /// one row of C per lane, 64 rows per workgroup. For each four values of K, the 8 lanes of a
 /// group load the B block (nb vectors of 4) an eighth each and pass it round with shuffles, so a
 /// lane's loads per 4 nb FMAs are one vector of A and nb / 8 of B.
-/// With `bias`, binding 4 holds a bias [N] added to every row.
-fn rows_shader(nb: usize, tb: bool, bias: bool) -> &'static str {
-    let name = format!("matmul_rows_n{nb}_t{}_b{}", tb as u8, bias as u8);
-    crate::gpu::generated_shader(&name, || rows_source(nb, tb, bias))
+/// With `bias`, binding 4 holds a bias [N] added to every row; with `relu`, negative results are
+/// written as zero.
+fn rows_shader(nb: usize, tb: bool, bias: bool, relu: bool) -> &'static str {
+    let name = format!("matmul_rows_n{nb}_t{}_b{}_r{}", tb as u8, bias as u8, relu as u8);
+    crate::gpu::generated_shader(&name, || rows_source(nb, tb, bias, relu))
 }
 
-pub fn rows_source(nb: usize, tb: bool, bias: bool) -> String {
+pub fn rows_source(nb: usize, tb: bool, bias: bool, relu: bool) -> String {
     use std::fmt::Write;
     let per_lane = nb.div_ceil(8);
     // With fewer than 8 vectors per block, lanes past them load a copy.
@@ -479,6 +482,7 @@ fn matmul_rows(
             format!("acc{g}")
         };
         let v = if bias { format!("{v} + bias4[col0 / 4u + {g}u]") } else { v };
+        let v = if relu { format!("max({v}, vec4<f32>())") } else { v };
         let _ = writeln!(w, "        c4[cb + {g}u] = {v};");
     }
     let _ = writeln!(w, "    }}\n}}");

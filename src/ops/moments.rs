@@ -41,7 +41,7 @@ pub(crate) fn gram_rows_at_grad(x: &Tensor, shift: &Tensor, index: &Tensor, dy: 
     // (x - shift) sym + g_s = x sym + (g_s - shift sym)
     let bias = dy.narrow(0, c, 1).sub(&shift.reshape(&[1, c]).matmul(&sym)).reshape(&[c]);
     let dx = if matmul::tall_kernel_fits(rows, c, c) && matmul::each_fits(&[x.numel()]) {
-        matmul::tall(x, &sym, Some(&bias), [1, rows, c, c], [0, 0], false)
+        matmul::tall(x, &sym, Some(&bias), [1, rows, c, c], [0, 0], false, false)
     } else {
         x.matmul(&sym).add(&bias)
     };
