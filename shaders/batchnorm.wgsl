@@ -174,17 +174,36 @@ fn stats_finalize(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
     }
     let total = merge_workgroup(lid, acc);
     if lid == 0u {
-        let m = f32(p.m);
-        let mean = total.y;
-        let invstd = inverseSqrt(total.z / m + p.eps);
-        fstats[c] = vec4<f32>(mean, invstd, fweight[c] * invstd, fbias[c]);
-        let k = p.momentum;
-        frmean[c] = (1.0 - k) * frmean[c] + k * mean;
-        frvar[c] = (1.0 - k) * frvar[c] + k * (total.z / (m - 1.0));
-        if c == 0u {
-            fcount[0] += 1u;
-        }
+        finish_stats(c, total);
     }
+}
+
+fn finish_stats(c: u32, total: vec4<f32>) {
+    let m = f32(p.m);
+    let mean = total.y;
+    let invstd = inverseSqrt(total.z / m + p.eps);
+    fstats[c] = vec4<f32>(mean, invstd, fweight[c] * invstd, fbias[c]);
+    let k = p.momentum;
+    frmean[c] = (1.0 - k) * frmean[c] + k * mean;
+    frvar[c] = (1.0 - k) * frvar[c] + k * (total.z / (m - 1.0));
+    if c == 0u {
+        fcount[0] += 1u;
+    }
+}
+
+// stats_finalize with one invocation per channel merging its blocks in turn: for a few blocks,
+// cheaper than a workgroup's reduction (whose barriers dominate on software devices).
+@compute @workgroup_size(64)
+fn stats_finalize_seq(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if c >= p.c {
+        return;
+    }
+    var acc = vec4<f32>(0.0);
+    for (var b = 0u; b < p.total_blocks; b++) {
+        acc = merge(acc, fpart[c * p.total_blocks + b]);
+    }
+    finish_stats(c, acc);
 }
 
 @group(0) @binding(1) var<storage, read> rweight: array<f32>;
@@ -320,17 +339,35 @@ fn grad_finalize(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
     }
     let total = sum_workgroup(lid, acc);
     if lid == 0u {
-        let s = hstats[c];
-        let k = hweight[c] * s.y;
-        let m = f32(p.m);
-        hdbias[c] = total.x;
-        hdweight[c] = total.y;
-        if TRAIN {
-            hcoef[c] = vec4<f32>(k, -k * s.y * total.y / m, -k * total.x / m, s.x);
-        } else {
-            hcoef[c] = vec4<f32>(k, 0.0, 0.0, s.x);
-        }
+        finish_grad(c, total);
     }
+}
+
+fn finish_grad(c: u32, total: vec4<f32>) {
+    let s = hstats[c];
+    let k = hweight[c] * s.y;
+    let m = f32(p.m);
+    hdbias[c] = total.x;
+    hdweight[c] = total.y;
+    if TRAIN {
+        hcoef[c] = vec4<f32>(k, -k * s.y * total.y / m, -k * total.x / m, s.x);
+    } else {
+        hcoef[c] = vec4<f32>(k, 0.0, 0.0, s.x);
+    }
+}
+
+// grad_finalize with one invocation per channel, as stats_finalize_seq.
+@compute @workgroup_size(64)
+fn grad_finalize_seq(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if c >= p.c {
+        return;
+    }
+    var acc = vec4<f32>(0.0);
+    for (var b = 0u; b < p.total_blocks; b++) {
+        acc += hpart[c * p.total_blocks + b];
+    }
+    finish_grad(c, acc);
 }
 
 @group(0) @binding(1) var<storage, read> ix: array<f32>;

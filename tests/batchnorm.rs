@@ -322,3 +322,27 @@ fn running_statistics_from_given_moments_match_cpu() {
     close(&layer.running_mean.to_vec(), &rm, 1e-5, "running mean");
     close(&layer.running_var.to_vec(), &rv, 1e-5, "running var");
 }
+
+/// More blocks per channel than the one-invocation-per-channel finalize takes on any adapter
+/// (258 of 16384 elements): the workgroup reduction of the statistics and of the gradient sums,
+/// against the CPU. (The other tests' shapes have few blocks, which take the loop.)
+#[test]
+fn batchnorm_with_many_blocks_per_channel_matches_cpu() {
+    let shape: &[usize] = &[2, 1, 2_105_345];
+    let n: usize = shape.iter().product();
+    let x = normal(80, n, 0.5, 1.2);
+    let dy = Rng::new(81).vec(n, -1.0, 1.0);
+    let l = Layer::new(82, 1, 0.1);
+    let xv = Tensor::variable(&x, shape);
+    let y = batch_norm(&xv, &l.state(), true, true);
+    let running = (&l.host[2][..], &l.host[3][..]);
+    let (want, rm, rv) = cpu::forward(&x, shape, &l.host[0], &l.host[1], running, true, 0.1, 1e-5, true);
+    close(&y.to_vec(), &want, 1e-4, "y");
+    close(&l.running_mean.to_vec(), &rm, 1e-5, "running_mean");
+    close(&l.running_var.to_vec(), &rv, 1e-5, "running_var");
+    let g = backward(&y.mul(&Tensor::from_vec(&dy, shape)).sum_all());
+    let (dx, dw, db) = cpu::backward(&x, shape, &l.host[0], &l.host[1], running, &dy, true, 1e-5, true);
+    close(&g.get(&xv).unwrap().to_vec(), &dx, 1e-4, "dx");
+    close(&g.get(&l.weight).unwrap().to_vec(), &dw, 1e-3, "dweight");
+    close(&g.get(&l.bias).unwrap().to_vec(), &db, 1e-3, "dbias");
+}

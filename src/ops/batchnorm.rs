@@ -206,8 +206,9 @@ fn batch_stats(x: &Tensor, s: &BatchNormState, base: &Launch) -> Tensor {
 fn finalize_stats(part: &Tensor, s: &BatchNormState, l: &Launch) -> Tensor {
     let c = l.c;
     let stats = Tensor::empty(&[c, 4]);
+    let (entry, groups) = finalize_launch("stats_finalize_seq", "stats_finalize", c, l.total_blocks);
     gpu().dispatch(
-        &Kernel::new("batchnorm", "stats_finalize"),
+        &Kernel::new("batchnorm", entry),
         l.params().bytes(),
         &[
             part.binding(),
@@ -218,9 +219,27 @@ fn finalize_stats(part: &Tensor, s: &BatchNormState, l: &Launch) -> Tensor {
             s.running_var.binding(),
             s.num_batches_tracked.binding(),
         ],
-        [c as u32, 1, 1],
+        groups,
     );
     stats
+}
+
+/// Whether a finalize kernel takes its `_seq` twin, one invocation per channel walking its blocks,
+/// rather than a workgroup reduction per channel: where there are few blocks. A loop of a few
+/// dependent loads is short on a GPU too; on software devices, where the reduction's barriers
+/// cost more than loads, the loop wins up to many more blocks.
+fn sequential(total_blocks: usize) -> bool {
+    total_blocks <= if gpu().is_software() { 256 } else { 8 }
+}
+
+/// The finalize kernel's entry among (`seq`, `full`) and its workgroups for `c` channels.
+fn finalize_launch(
+    seq: &'static str,
+    full: &'static str,
+    c: usize,
+    total_blocks: usize,
+) -> (&'static str, [u32; 3]) {
+    if sequential(total_blocks) { (seq, [c.div_ceil(64) as u32, 1, 1]) } else { (full, [c as u32, 1, 1]) }
 }
 
 /// The running statistics moved as a training-mode forward over `rows` rows whose batch mean
@@ -296,8 +315,9 @@ fn grad_coefficients(
     let c = base.c;
     let (coef, dweight, dbias) = (Tensor::empty(&[c, 4]), Tensor::empty(&[c]), Tensor::empty(&[c]));
     let l = Launch { total_blocks: part.dim(1), ..*base };
+    let (entry, groups) = finalize_launch("grad_finalize_seq", "grad_finalize", c, l.total_blocks);
     gpu().dispatch(
-        &Kernel::new("batchnorm", "grad_finalize").with("TRAIN", train as u8 as f64),
+        &Kernel::new("batchnorm", entry).with("TRAIN", train as u8 as f64),
         l.params().bytes(),
         &[
             part.binding(),
@@ -307,7 +327,7 @@ fn grad_coefficients(
             dweight.binding(),
             dbias.binding(),
         ],
-        [c as u32, 1, 1],
+        groups,
     );
     (coef, dweight, dbias)
 }
