@@ -142,11 +142,13 @@ pub(crate) enum Op {
         x: Tensor,
         index: Tensor,
     },
-    /// The Gram matrix and column sums of rows x about `shift`, then x's rows at `index`.
+    /// The Gram matrix and column sums of rows x (or relu(x)) about `shift`, then those rows at
+    /// `index`.
     GramRowsAt {
         x: Saved,
         shift: Tensor,
         index: Tensor,
+        relu: bool,
     },
     /// BatchNorm over axis 1 (then ReLU when `relu`); `stats` [C, 4] = (mean, invstd, scale, bias)
     /// it normalized with, batch statistics when `train`.
@@ -367,8 +369,8 @@ impl Op {
                 }
             }
             Op::GatherRows { x, index } => vec![Some(layout::scatter_add_rows(g, index, x.dim(0)))],
-            Op::GramRowsAt { x, shift, index } => {
-                vec![Some(moments::gram_rows_at_grad(&x.values(), shift, index, g))]
+            Op::GramRowsAt { x, shift, index, relu } => {
+                vec![Some(moments::gram_rows_at_grad(&x.values(), shift, index, g, *relu))]
             }
             Op::BatchNorm { x, weight, stats, train, relu, .. } => {
                 batchnorm::batch_norm_grad(&x.values(), weight, stats, g, *train, *relu).map(Some).into()

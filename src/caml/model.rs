@@ -242,9 +242,9 @@ impl Head {
     /// map of rows whose mean and covariance one pass gives ([`gram_rows_at`]): the projection
     /// head's first layer of x, and the prediction head's first layer after the projection
     /// head's last of its hidden rows h. So the statistics come from those moments, the
-    /// projection head's first layer, BatchNorm and ReLU are one linear layer with the ReLU in
-    /// its epilogue, and the rest runs at the kept rows. An empty index updates the statistics
-    /// alone.
+    /// projection head's first layer and BatchNorm are one linear layer (its ReLU applied where
+    /// the moments of h read it), and the rest runs at the kept rows. An empty index updates the
+    /// statistics alone.
     pub fn pair_rows_at(proj: &Head, pred: &Head, x: &Tensor, index: &Tensor) -> Tensor {
         let (rows, f) = (x.dim(0), x.dim(1));
         let e = proj.l0.weight.dim(0);
@@ -259,7 +259,8 @@ impl Head {
         // The first row is within a few standard deviations of the mean: moments about it keep
         // the covariance of columns with a large mean.
         let shift_x = x.detach().narrow(0, 0, 1).reshape(&[f]);
-        let (mean_x, cov_x) = moments(&gram_rows_at(x, &shift_x, &Tensor::empty_u32(&[0])), f, &shift_x);
+        let (mean_x, cov_x) =
+            moments(&gram_rows_at(x, &shift_x, &Tensor::empty_u32(&[0]), false), f, &shift_x);
         let w0 = &proj.l0.weight;
         let mean = linear(&mean_x, w0, Some(&proj.l0.bias)).reshape(&[e]);
         let var = w0.matmul(&cov_x).mul(w0).sum(&[1], false);
@@ -267,11 +268,12 @@ impl Head {
         let scale = proj.bn.weight.div(&var.add_scalar(proj.bn.eps).sqrt());
         let w = w0.mul(&scale.reshape(&[e, 1]));
         let b = proj.l0.bias.sub(&mean).mul(&scale).add(&proj.bn.bias);
-        let h = linear_relu(x, &w, &b);
+        // The hidden rows h = relu(z), the ReLU applied where the moments op reads z.
+        let z = linear(x, &w, Some(&b));
         // h where the normalized input is zero: near the mean of a column whose BatchNorm bias
         // outweighs its scale, where the moments about zero would lose the variance to rounding.
         let shift = proj.bn.bias.detach().relu();
-        let g = gram_rows_at(&h, &shift, index);
+        let g = gram_rows_at(&z, &shift, index, true);
         let (mean_h, cov) = moments(&g, e, &shift);
         // Over every row the prediction head's first layer gives h M^T + c, M = W_pred W_proj,
         // c = W_pred b_proj + b_pred: its mean and variance follow from h's.

@@ -28,7 +28,8 @@ fn linear_maybe_relu(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool) -> 
     {
         assert_eq!(b.numel(), out, "linear bias of shape {:?} for weight {:?}", b.shape(), w.shape());
         let (x2, b1) = (x.reshape(&[rows, inp]), b.reshape(&[out]));
-        let y = crate::ops::matmul::tall(&x2, w, Some(&b1), [1, rows, out, inp], [0, 0], true, relu);
+        let epilogue = if relu { crate::ops::matmul::Rows::Relu } else { crate::ops::matmul::Rows::Plain };
+        let y = crate::ops::matmul::tall(&x2, w, Some(&b1), [1, rows, out, inp], [0, 0], true, epilogue);
         let relu = relu.then(|| Saved::new(&y.detach()));
         return Tensor::with_op(y, Op::Linear { x: Saved::new(&x2), w: w.clone(), b: b1, relu })
             .reshape(&shape);

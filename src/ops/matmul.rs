@@ -103,7 +103,7 @@ fn matmul4(
     tb: bool,
 ) -> Option<Tensor> {
     if !ta && tall_kernel_fits(m, k, n) {
-        return Some(tall(a, b, None, [batch, m, n, k], [stride_a, stride_b], tb, false));
+        return Some(tall(a, b, None, [batch, m, n, k], [stride_a, stride_b], tb, Rows::Plain));
     }
     if ta && !tb && batch == 1 && tall_tn_fits(k, m, n) {
         return Some(tall_tn(&a.reshape(&[k, m]), &b.reshape(&[k, n]), false).0.reshape(shape));
@@ -169,8 +169,19 @@ pub(crate) fn tall_kernel_fits(m: usize, k: usize, n: usize) -> bool {
         && crate::ops::conv::subgroups_usable()
 }
 
-/// A [B, M, K] op(B) [B, K, N] (+ bias [N], then ReLU with `relu`) with the tall kernel, as
-/// [B, M, N] (or [M, N]).
+/// What the tall kernel does around the product.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum Rows {
+    Plain,
+    /// ReLU of the result.
+    Relu,
+    /// A holds pre-activations: the product is of relu(A), and the result is zero where A is not
+    /// positive (the gradient of a function of relu(A) back to A; N = K).
+    ReluA,
+}
+
+/// A [B, M, K] op(B) [B, K, N] (+ bias [N]) with the tall kernel, as [B, M, N] (or [M, N]),
+/// `rows` saying what happens around the product.
 pub(crate) fn tall(
     a: &Tensor,
     b: &Tensor,
@@ -178,11 +189,12 @@ pub(crate) fn tall(
     [batch, m, n, k]: [usize; 4],
     [stride_a, stride_b]: [usize; 2],
     tb: bool,
-    relu: bool,
+    rows: Rows,
 ) -> Tensor {
+    assert!(rows != Rows::ReluA || n == k, "a mask by A needs N = K, got {n} and {k}");
     // Columns per workgroup: the largest of 32, 16, 8, 4 dividing N.
     let nb = [32, 16, 8, 4].into_iter().find(|c| n.is_multiple_of(*c)).unwrap();
-    let kernel = Kernel::new(rows_shader(nb, tb, bias.is_some(), relu), "matmul_rows");
+    let kernel = Kernel::new(rows_shader(nb, tb, bias.is_some(), rows), "matmul_rows");
     let p = Params::new().u(m).u(n).u(k).u(stride_a).u(stride_b).u(m * n);
     let [gx, gy, _] = gpu().groups_1d(m as u64, 64);
     let out = Tensor::empty(&[batch * m * n]);
@@ -222,10 +234,19 @@ pub fn tall_tn(a: &Tensor, b: &Tensor, col_sums: bool) -> (Tensor, Option<Tensor
     if n < m {
         // Every lane computes every C row (a lane holds C's columns 4j..4j+3 of them), so the
         // product with fewer C rows, B^T A, does m / n times less work; its transpose is small.
-        let (ct, sums) = tall_tn_launch(b, a, [k, n, m], if col_sums { Sums::B } else { Sums::None }, false);
+        let (ct, sums) =
+            tall_tn_launch(b, a, [k, n, m], if col_sums { Sums::B } else { Sums::None }, Gram::No);
         return (ct.permute(&[1, 0]), sums);
     }
-    tall_tn_launch(a, b, [k, m, n], if col_sums { Sums::A } else { Sums::None }, false)
+    tall_tn_launch(a, b, [k, m, n], if col_sums { Sums::A } else { Sums::None }, Gram::No)
+}
+
+/// Whether the tall-reduction kernel computes A^T B, or the Gram matrix of A (or of relu(A)) about
+/// a shift.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Gram {
+    No,
+    Of { relu: bool },
 }
 
 /// Which operand's column sums the tall-reduction kernel adds up beside the product.
@@ -240,10 +261,11 @@ enum Sums {
 /// x - shift [C], from one pass over x with the tall-reduction kernel (see [`tall_tn_fits`]). The
 /// shift [C] only changes the rounding: a shift near the column means keeps the moments that
 /// follow from these sums accurate for columns with a large mean.
-pub fn gram(x: &Tensor, shift: &Tensor) -> (Tensor, Tensor) {
+/// With `relu`, of relu(x).
+pub fn gram(x: &Tensor, shift: &Tensor, relu: bool) -> (Tensor, Tensor) {
     let &[k, c] = x.shape() else { panic!("gram of {:?}: rows [R, C] expected", x.shape()) };
     assert_eq!(shift.numel(), c, "gram shift {:?} for rows {:?}", shift.shape(), x.shape());
-    let (g, sums) = tall_tn_launch(x, shift, [k, c, c], Sums::A, true);
+    let (g, sums) = tall_tn_launch(x, shift, [k, c, c], Sums::A, Gram::Of { relu });
     (g, sums.expect("column sums"))
 }
 
@@ -252,7 +274,7 @@ fn tall_tn_launch(
     b: &Tensor,
     [k, m, n]: [usize; 3],
     sums: Sums,
-    gram: bool,
+    gram: Gram,
 ) -> (Tensor, Option<Tensor>) {
     // Every C row in one pass: the loads of A and B rows dominate on a software device (two
     // passes of 16 C rows took twice as long as one of 32), and 32 vec4 accumulators fit a GPU
@@ -284,8 +306,12 @@ fn tall_tn_launch(
     }
 }
 
-fn tall_tn_shader(m: usize, n: usize, sums: Sums, gram: bool) -> &'static str {
-    let name = format!("matmul_tn_m{m}_n{n}_s{}_g{}", sums as u8, gram as u8);
+fn tall_tn_shader(m: usize, n: usize, sums: Sums, gram: Gram) -> &'static str {
+    let g = match gram {
+        Gram::No => 0,
+        Gram::Of { relu } => 1 + relu as u8,
+    };
+    let name = format!("matmul_tn_m{m}_n{n}_s{}_g{g}", sums as u8);
     crate::gpu::generated_shader(&name, || tall_tn_source(m, n, sums, gram))
 }
 
@@ -294,9 +320,9 @@ fn tall_tn_shader(m: usize, n: usize, sums: Sums, gram: bool) -> &'static str {
 /// columns 4j..4j+3 and passes the A vector round with shuffles: two loads per 4 m FMAs.
 /// Group g of workgroup w writes its partial as part 8 w + g: C [m, n] row-major, then (with
 /// `sums`) A's column sums [m] or B's [n]. With `gram` (m = n), B is A itself and binding 2 holds a shift
-/// [m] taken from every row of A first: the partials of (A - shift)^T (A - shift), one load per
-/// row and lane.
-fn tall_tn_source(m: usize, n: usize, sums: Sums, gram: bool) -> String {
+/// [m] taken from every row of A (of relu(A) with `relu`) first: the partials of
+/// (A - shift)^T (A - shift), one load per row and lane.
+fn tall_tn_source(m: usize, n: usize, sums: Sums, gram: Gram) -> String {
     use std::fmt::Write;
     let (mv, nv) = (m / 4, n / 4);
     let mut w = String::from(
@@ -331,7 +357,7 @@ fn matmul_tn(
     if sums != Sums::None {
         let _ = writeln!(w, "    var sums = vec4<f32>();");
     }
-    if gram {
+    if gram != Gram::No {
         assert_eq!(m, n, "a Gram matrix is square");
         let _ = writeln!(w, "    let shift = b4[ja / 4u];");
     }
@@ -340,10 +366,11 @@ fn matmul_tn(
     let _ = writeln!(w, "    for (var i = 0u; i < p.kc; i += 8u) {{");
     let _ = writeln!(w, "        let r = r0 + i;");
     let _ = writeln!(w, "        let rr = min(r, p.k - 1u);");
-    if gram {
+    if let Gram::Of { relu } = gram {
+        let a = format!("a4[(rr * {m}u + ja) / 4u]");
+        let a = if relu { format!("max({a}, vec4<f32>())") } else { a };
         // A padded row contributes zero to the sums too.
-        let _ =
-            writeln!(w, "        let la = select(vec4<f32>(), a4[(rr * {m}u + ja) / 4u] - shift, r < p.k);");
+        let _ = writeln!(w, "        let la = select(vec4<f32>(), {a} - shift, r < p.k);");
         let _ = writeln!(w, "        let lb = la;");
     } else {
         let _ = writeln!(w, "        let la = select(vec4<f32>(), a4[(rr * {m}u + ja) / 4u], r < p.k);");
@@ -387,14 +414,13 @@ fn matmul_tn(
 /// one row of C per lane, 64 rows per workgroup. For each four values of K, the 8 lanes of a
 /// group load the B block (nb vectors of 4) an eighth each and pass it round with shuffles, so a
 /// lane's loads per 4 nb FMAs are one vector of A and nb / 8 of B.
-/// With `bias`, binding 4 holds a bias [N] added to every row; with `relu`, negative results are
-/// written as zero.
-fn rows_shader(nb: usize, tb: bool, bias: bool, relu: bool) -> &'static str {
-    let name = format!("matmul_rows_n{nb}_t{}_b{}_r{}", tb as u8, bias as u8, relu as u8);
-    crate::gpu::generated_shader(&name, || rows_source(nb, tb, bias, relu))
+/// With `bias`, binding 4 holds a bias [N] added to every row; `rows` as in [`tall`].
+fn rows_shader(nb: usize, tb: bool, bias: bool, rows: Rows) -> &'static str {
+    let name = format!("matmul_rows_n{nb}_t{}_b{}_r{}", tb as u8, bias as u8, rows as u8);
+    crate::gpu::generated_shader(&name, || rows_source(nb, tb, bias, rows))
 }
 
-pub fn rows_source(nb: usize, tb: bool, bias: bool, relu: bool) -> String {
+fn rows_source(nb: usize, tb: bool, bias: bool, rows: Rows) -> String {
     use std::fmt::Write;
     let per_lane = nb.div_ceil(8);
     // With fewer than 8 vectors per block, lanes past them load a copy.
@@ -446,7 +472,11 @@ fn matmul_rows(
         }
     }
     let _ = writeln!(w, "    for (var kk = 0u; kk < p.k; kk += 4u) {{");
-    let _ = writeln!(w, "        let a = a4[(ab + kk) / 4u];");
+    if rows == Rows::ReluA {
+        let _ = writeln!(w, "        let a = max(a4[(ab + kk) / 4u], vec4<f32>());");
+    } else {
+        let _ = writeln!(w, "        let a = a4[(ab + kk) / 4u];");
+    }
     for i in 0..per_lane {
         // Vector v = lane + 8 i of the block.
         if tb {
@@ -482,7 +512,12 @@ fn matmul_rows(
             format!("acc{g}")
         };
         let v = if bias { format!("{v} + bias4[col0 / 4u + {g}u]") } else { v };
-        let v = if relu { format!("max({v}, vec4<f32>())") } else { v };
+        let v = match rows {
+            Rows::Plain => v,
+            Rows::Relu => format!("max({v}, vec4<f32>())"),
+            // Row `row` of A at the output's columns (N = K).
+            Rows::ReluA => format!("select(vec4<f32>(), {v}, a4[(ab + col0) / 4u + {g}u] > vec4<f32>())"),
+        };
         let _ = writeln!(w, "        c4[cb + {g}u] = {v};");
     }
     let _ = writeln!(w, "    }}\n}}");
