@@ -146,3 +146,42 @@ fn add_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
         aout[p.b + s * p.f + col] += asrc[p.a + rc.x * p.f + col];
     }
 }
+
+@group(0) @binding(1) var<storage, read> vx: array<u32>;
+@group(0) @binding(2) var<storage, read> vidx: array<u32>;
+@group(0) @binding(3) var<storage, read_write> vy: array<u32>;
+
+// The rows of an N, C, V tensor read across its channels: vy[r * f + c] = vx[a + s * f * e + c * e
+// + i] for v = idx[r], s = v / e, i = v % e (f = C, e = V); n = rows.
+@compute @workgroup_size(256)
+fn gather_voxels(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let r = linear(gid, nw);
+    if r >= p.n {
+        return;
+    }
+    let v = vidx[r];
+    let s = v / p.e;
+    let src = p.a + s * p.f * p.e + (v - s * p.e);
+    for (var c = 0u; c < p.f; c++) {
+        vy[r * p.f + c] = vx[src + c * p.e];
+    }
+}
+
+@group(0) @binding(1) var<storage, read> sv: array<u32>;
+@group(0) @binding(2) var<storage, read> sidx2: array<u32>;
+@group(0) @binding(3) var<storage, read_write> svy: array<u32>;
+
+// gather_voxels' adjoint for distinct indices: svy at row idx[r]'s voxel = sv[r * f + c].
+@compute @workgroup_size(256)
+fn scatter_voxels(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let r = linear(gid, nw);
+    if r >= p.n {
+        return;
+    }
+    let v = sidx2[r];
+    let s = v / p.e;
+    let dst = p.a + s * p.f * p.e + (v - s * p.e);
+    for (var c = 0u; c < p.f; c++) {
+        svy[dst + c * p.e] = sv[r * p.f + c];
+    }
+}

@@ -142,6 +142,12 @@ pub(crate) enum Op {
         x: Tensor,
         index: Tensor,
     },
+    /// Rows of an N, C, ... tensor across its channels at voxels `index` of samples n0 on.
+    GatherVoxelRows {
+        x: Tensor,
+        n0: usize,
+        index: Tensor,
+    },
     /// The Gram matrix and column sums of rows x (or relu(x)) about `shift`, then those rows at
     /// `index`.
     GramRowsAt {
@@ -264,6 +270,7 @@ impl Op {
             | Op::Permute { x, .. }
             | Op::Slice { x, .. }
             | Op::GatherRows { x, .. }
+            | Op::GatherVoxelRows { x, .. }
             | Op::Dropout { x, .. }
             | Op::Upsample2x { x } => vec![x],
             Op::BatchNorm { x, weight, bias, .. } => vec![&x.t, weight, bias],
@@ -369,6 +376,9 @@ impl Op {
                 }
             }
             Op::GatherRows { x, index } => vec![Some(layout::scatter_add_rows(g, index, x.dim(0)))],
+            Op::GatherVoxelRows { x, n0, index } => {
+                vec![Some(layout::scatter_voxel_rows(g, x.shape(), *n0, index))]
+            }
             Op::GramRowsAt { x, shift, index, relu } => {
                 vec![Some(moments::gram_rows_at_grad(&x.values(), shift, index, g, *relu))]
             }

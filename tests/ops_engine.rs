@@ -440,3 +440,35 @@ fn broadcast_axes_collapse_where_both_operands_are_contiguous() {
     let (d, _, b) = collapse(&[7, 9], &[9, 1], &broadcast_strides(&[9], &[7, 9]));
     assert_eq!((d, b), (vec![7, 9], vec![0, 1]));
 }
+
+#[test]
+fn voxel_rows_gathered_across_channels_match_the_composed_copies() {
+    // Rows of an N, C, X, Y, Z tensor with channels last at voxels of the samples from n0 on,
+    // against narrow + permute + reshape + gather_rows: values and the gradient; also under a
+    // binding limit the tensor exceeds (the composed fallback).
+    use caml_wgpu::autograd::backward;
+    use caml_wgpu::ops::layout::gather_voxel_rows;
+    let shape = [4, 3, 5, 6, 7];
+    let (x, _) = data(30, &shape, -1.0, 1.0);
+    let v = 5 * 6 * 7;
+    let index: Vec<u32> = (0..2 * v as u32).filter(|i| i % 7 != 3).rev().step_by(3).collect();
+    let run = |fused: bool| {
+        let xt = Tensor::variable(&x, &shape);
+        let idx = Tensor::from_u32(&index, &[index.len()]);
+        let y = if fused {
+            gather_voxel_rows(&xt, 2, &idx)
+        } else {
+            xt.narrow(0, 2, 2).permute(&[0, 2, 3, 4, 1]).reshape(&[2 * v, 3]).gather_rows(&idx)
+        };
+        let w = Tensor::from_vec(&data(31, &[index.len(), 3], -1.0, 1.0).0, &[index.len(), 3]);
+        let g = backward(&y.mul(&w).sum_all());
+        (y.to_vec(), g.get(&xt).unwrap().to_vec())
+    };
+    let (want_y, want_g) = run(false);
+    assert_eq!(want_y.len(), index.len() * 3);
+    for small in [false, true] {
+        let (y, g) = if small { caml_wgpu::ops::with_binding_limit(1024, || run(true)) } else { run(true) };
+        close(&y, &want_y, 0.0);
+        close(&g, &want_g, 0.0);
+    }
+}

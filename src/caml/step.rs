@@ -77,14 +77,16 @@ pub fn flush(st: &mut TrainState) -> Result<Option<StepLog>> {
     st.pending.take().map(|p| p.log(&p.values.to_vec())).transpose()
 }
 
-/// Rows [voxels, F] of sample `i` of an N, F, X, Y, Z embedding, one row per voxel in X, Y, Z
-/// order: channels-last, or (`raw`) the reference's flattening of the N, C, X, Y, Z memory into
-/// rows of F consecutive values.
-fn voxel_rows(emb: &Tensor, i: usize, n: usize, raw: bool) -> Tensor {
-    let f = emb.dim(1);
-    let s = emb.narrow(0, i, n);
-    let voxels = s.numel() / f;
-    if raw { s.reshape(&[voxels, f]) } else { s.permute(&[0, 2, 3, 4, 1]).reshape(&[voxels, f]) }
+/// Rows [K, F] of an N, F, X, Y, Z embedding at the voxels `index` (flat over samples i..i + n,
+/// each in X, Y, Z order): channels-last rows, or (`raw`) rows of the reference's flattening of
+/// the N, C, X, Y, Z memory into rows of F consecutive values.
+fn voxel_rows_at(emb: &Tensor, i: usize, n: usize, raw: bool, index: &Tensor) -> Tensor {
+    if raw {
+        let (f, s) = (emb.dim(1), emb.narrow(0, i, n));
+        s.reshape(&[s.numel() / f, f]).gather_rows(index)
+    } else {
+        crate::ops::layout::gather_voxel_rows(emb, i, index)
+    }
 }
 
 /// The voxel selections of items 3 and 4, found with one readback of their counts: per labeled
@@ -155,8 +157,8 @@ fn update_memory_bank(
                 continue;
             }
             let rows = Tensor::concat_u32(&[i0, i1]);
-            let v = voxel_rows(&out.emb_v, i, 1, false).gather_rows(&rows);
-            let a = voxel_rows(&out.emb_a, i, 1, !cfg.fix_memory_view).gather_rows(&rows);
+            let v = voxel_rows_at(&out.emb_v, i, 1, false, &rows);
+            let a = voxel_rows_at(&out.emb_a, i, 1, !cfg.fix_memory_view, &rows);
             let pv = st.model.projection_head1.forward(&v, false);
             let pa = st.model.projection_head2.forward(&a, false);
             st.bank.update(case, pv.add(&pa).mul_scalar(0.5), counts);
@@ -185,8 +187,8 @@ fn omni_correlation_term(
     let no_memory = memory.iter().all(|m| m.is_none());
     let u = out.out_v.dim(0) - l;
     let Outputs { emb_v, emb_a, .. } = out;
-    let rows_v = voxel_rows(&emb_v, l, u, false).gather_rows(&s.consistent);
-    let rows_a = voxel_rows(&emb_a, l, u, false).gather_rows(&s.consistent);
+    let rows_v = voxel_rows_at(&emb_v, l, u, false, &s.consistent);
+    let rows_a = voxel_rows_at(&emb_a, l, u, false, &s.consistent);
     drop((emb_v, emb_a));
     let m = &st.model;
     let pair = |rows: &Tensor, idx: &Tensor, second: bool| {

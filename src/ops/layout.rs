@@ -215,6 +215,59 @@ impl Tensor {
     }
 }
 
+/// Rows [K, C] of an N, C, ... tensor x read across its channels: row k holds the C values of
+/// voxel v = index[k] (U32, distinct) of the samples from `n0` on, flat in sample then voxel
+/// order. `x.narrow(0, n0, ..)` with channels last, flattened to rows and gathered at `index`,
+/// without the two copies before the gather (and their adjoints after the scatter).
+pub fn gather_voxel_rows(x: &Tensor, n0: usize, index: &Tensor) -> Tensor {
+    assert!(
+        x.rank() >= 2 && x.dtype() == DType::F32,
+        "gather_voxel_rows of {:?}: N, C, ... f32 expected",
+        x.shape()
+    );
+    assert_eq!(index.dtype(), DType::U32, "gather_voxel_rows needs a U32 index");
+    let (n, c) = (x.dim(0), x.dim(1));
+    let v: usize = x.shape()[2..].iter().product();
+    let k = index.numel();
+    let fits = |t: &Tensor| t.numel() as u64 * 4 <= binding_limit();
+    if !(fits(x) && fits(index) && (k * c) as u64 * 4 <= binding_limit()) {
+        let mut perm: Vec<usize> = (0..x.rank()).collect();
+        perm.remove(1);
+        perm.push(1);
+        let s = x.narrow(0, n0, n - n0).permute(&perm);
+        return s.reshape(&[s.numel() / c, c]).gather_rows(index);
+    }
+    let out = Tensor::empty(&[k, c]);
+    let p = voxel_params(k, n0 * c * v, v, c);
+    gpu().dispatch_1d(
+        &Kernel::new("layout", "gather_voxels"),
+        p.bytes(),
+        &[x.binding(), index.binding(), out.binding()],
+        k as u64,
+    );
+    Tensor::with_op(out, Op::GatherVoxelRows { x: x.graph_handle(), n0, index: index.clone() })
+}
+
+fn voxel_params(rows: usize, base: usize, voxels: usize, channels: usize) -> Params {
+    Params::new().u(rows).u(0).u(base).u(0).u(0).u(0).u(voxels).u(channels)
+}
+
+/// The gradient of [`gather_voxel_rows`]: `g` [K, C] written at the rows' voxels of a zero
+/// tensor shaped as x.
+pub(crate) fn scatter_voxel_rows(g: &Tensor, shape: &[usize], n0: usize, index: &Tensor) -> Tensor {
+    let (c, v) = (shape[1], shape[2..].iter().product::<usize>());
+    let out = Tensor::zeros(shape);
+    let k = index.numel();
+    let p = voxel_params(k, n0 * c * v, v, c);
+    gpu().dispatch_1d(
+        &Kernel::new("layout", "scatter_voxels"),
+        p.bytes(),
+        &[g.binding(), index.binding(), out.binding()],
+        k as u64,
+    );
+    out
+}
+
 /// CPU references for the tests.
 pub mod cpu {
     use crate::ops::strides;
