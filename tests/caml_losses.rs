@@ -444,3 +444,49 @@ fn head_pair_at_the_kept_rows_matches_the_heads_on_every_row() {
         }
     }
 }
+
+#[test]
+fn a_head_in_evaluation_matches_its_layers_with_the_running_statistics() {
+    // The BatchNorm folded into the first layer (ReLU in its epilogue) against the layers one by
+    // one on the CPU, with running statistics moved off their initial values by a training pass.
+    use caml_wgpu::caml::model::Caml;
+    let model = Caml::new(4, 32, false, 7);
+    let head = &model.projection_head1;
+    for (n, seed) in [(700usize, 60u64), (9, 61)] {
+        let x = Rng::new(seed).vec(n * 4, -1.0, 2.0);
+        let xt = Tensor::from_vec(&x, &[n, 4]);
+        caml_wgpu::no_grad(|| head.forward(&xt, true));
+        let got = caml_wgpu::no_grad(|| head.forward(&xt, false)).to_vec();
+        let (params, buffers) = model.named();
+        let get = |list: &Vec<(String, Tensor)>, k: &str| {
+            list.iter().find(|(name, _)| name == &format!("projection_head1.{k}")).unwrap().1.to_vec()
+        };
+        let (w0, b0, g, b, w3, b3) = (
+            get(&params, "0.weight"),
+            get(&params, "0.bias"),
+            get(&params, "1.weight"),
+            get(&params, "1.bias"),
+            get(&params, "3.weight"),
+            get(&params, "3.bias"),
+        );
+        let (rm, rv) = (get(&buffers, "1.running_mean"), get(&buffers, "1.running_var"));
+        assert!(rm.iter().any(|v| v.abs() > 1e-3), "running statistics moved");
+        let mut want = Vec::new();
+        for r in 0..n {
+            let h: Vec<f64> = (0..32)
+                .map(|o| {
+                    let z = b0[o] as f64
+                        + (0..4).map(|i| w0[o * 4 + i] as f64 * x[r * 4 + i] as f64).sum::<f64>();
+                    let y = (z - rm[o] as f64) / (rv[o] as f64 + 1e-5).sqrt() * g[o] as f64 + b[o] as f64;
+                    y.max(0.0)
+                })
+                .collect();
+            want.extend(
+                (0..32).map(|o| {
+                    (b3[o] as f64 + (0..32).map(|i| w3[o * 32 + i] as f64 * h[i]).sum::<f64>()) as f32
+                }),
+            );
+        }
+        close(&got, &want, 1e-4, &format!("{n} rows"));
+    }
+}

@@ -232,8 +232,18 @@ impl Head {
         Head { l0: Linear::new(inp, e, rng), bn: BatchNorm::new(e), l3: Linear::new(e, e, rng) }
     }
     /// [rows, in] -> [rows, E]; `train` uses (and updates) the batch statistics of these rows.
+    /// In evaluation the BatchNorm is an affine map with the running statistics, folded into the
+    /// first layer (its ReLU in the layer's epilogue).
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        self.l3.forward(&self.bn.forward_relu(&self.l0.forward(x, train), train), train)
+        if train {
+            return self.l3.forward(&self.bn.forward_relu(&self.l0.forward(x, true), true), true);
+        }
+        let e = self.l0.weight.dim(0);
+        let bn = &self.bn;
+        let scale = bn.weight.div(&bn.running_var.add_scalar(bn.eps).sqrt());
+        let w = self.l0.weight.mul(&scale.reshape(&[e, 1]));
+        let b = self.l0.bias.sub(&bn.running_mean).mul(&scale).add(&bn.bias);
+        self.l3.forward(&linear_relu(x, &w, &b), false)
     }
     /// `pred.forward(&proj.forward(x, true), true).gather_rows(index)` for a projection head and
     /// the prediction head after it, in training mode (both BatchNorms' running statistics
