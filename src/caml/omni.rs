@@ -17,17 +17,23 @@ pub fn select_rows(
 ) -> [Tensor; 2] {
     let n = confidence.numel();
     class_voxels.map(|idx| {
-        // Also when every voxel is kept, and with the flags padded to every unlabeled voxel: the
-        // step then makes the same requests whichever side of the cap a class is on and however
-        // many voxels it has (its buffers follow one plan).
-        let kept = if idx.numel() == 0 {
-            idx.clone()
-        } else {
-            let conf = confidence.reshape(&[n, 1]).gather_rows(idx).reshape(&[idx.numel()]);
-            idx.gather_rows(&sort::top_set(&conf, idx.numel().min(num_filtered), n))
-        };
-        rank.gather_rows(&kept)
+        // Also when every voxel is kept, with the flags padded to every unlabeled voxel, and for a
+        // class without voxels (on one key, nothing of it kept): the step then makes the same
+        // requests whichever side of the cap a class is on and however many voxels it has, so
+        // that its buffers follow one plan.
+        let keys_at = if idx.numel() == 0 { first_voxel() } else { idx.clone() };
+        let conf = confidence.reshape(&[n, 1]).gather_rows(&keys_at).reshape(&[keys_at.numel()]);
+        let kept = keys_at.gather_rows(&sort::top_set(&conf, keys_at.numel().min(num_filtered), n));
+        rank.gather_rows(if idx.numel() == 0 { idx } else { &kept })
     })
+}
+
+/// A U32 index [1] of voxel 0, made once.
+fn first_voxel() -> Tensor {
+    thread_local! {
+        static FIRST: Tensor = Tensor::from_u32(&[0], &[1]);
+    }
+    FIRST.with(|t| t.clone())
 }
 
 /// loss_o for features of both networks ([rows, E], the same rows), the rows chosen per class by
@@ -67,8 +73,10 @@ pub fn omni_loss_at(
     if present.is_empty() || kept.is_empty() {
         return None;
     }
-    let memory = if present.len() == 1 { present[0].clone() } else { Tensor::concat(&present, 0) };
-    let index = if kept.len() == 1 { kept[0].clone() } else { Tensor::concat_u32(&kept) };
+    // Joined also when there is one of each (a small copy): the step's requests do not depend on
+    // which classes are present.
+    let memory = Tensor::concat(&present, 0);
+    let index = Tensor::concat_u32(&kept);
     let logits = |f: &Tensor| crate::ops::matmul::matmul_t(f, &memory, false, true);
     Some(crate::ops::reduce::softmax_xent(
         &logits(&feats[0](&index)),
