@@ -244,12 +244,14 @@ impl Op {
         if !HALF.with(|h| h.get()) {
             return;
         }
-        if let Op::Linear { relu: Some(y), .. } = self {
-            y.pack();
-        }
         match self {
-            Op::Linear { x, .. }
-            | Op::BatchNorm { x, .. }
+            Op::Linear { x, relu, .. } => {
+                x.pack();
+                if let Some(y) = relu {
+                    y.pack();
+                }
+            }
+            Op::BatchNorm { x, .. }
             | Op::GramRowsAt { x, .. }
             | Op::Conv3d { x, .. }
             | Op::ConvTranspose3d { x, .. } => x.pack(),

@@ -238,11 +238,8 @@ impl Head {
         if train {
             return self.l3.forward(&self.bn.forward_relu(&self.l0.forward(x, true), true), true);
         }
-        let e = self.l0.weight.dim(0);
         let bn = &self.bn;
-        let scale = bn.weight.div(&bn.running_var.add_scalar(bn.eps).sqrt());
-        let w = self.l0.weight.mul(&scale.reshape(&[e, 1]));
-        let b = self.l0.bias.sub(&bn.running_mean).mul(&scale).add(&bn.bias);
+        let (w, b) = fold_batch_norm(bn, &self.l0.weight, &self.l0.bias, &bn.running_mean, &bn.running_var);
         self.l3.forward(&linear_relu(x, &w, &b), false)
     }
     /// `pred.forward(&proj.forward(x, true), true).gather_rows(index)` for a projection head and
@@ -275,9 +272,7 @@ impl Head {
         let mean = linear(&mean_x, w0, Some(&proj.l0.bias)).reshape(&[e]);
         let var = w0.matmul(&cov_x).mul(w0).sum(&[1], false);
         no_grad(|| proj.bn.update_running(&mean, &var, rows));
-        let scale = proj.bn.weight.div(&var.add_scalar(proj.bn.eps).sqrt());
-        let w = w0.mul(&scale.reshape(&[e, 1]));
-        let b = proj.l0.bias.sub(&mean).mul(&scale).add(&proj.bn.bias);
+        let (w, b) = fold_batch_norm(&proj.bn, w0, &proj.l0.bias, &mean, &var);
         // The hidden rows h = relu(z), the ReLU applied where the moments op reads z.
         let z = linear(x, &w, Some(&b));
         // h where the normalized input is zero: near the mean of a column whose BatchNorm bias
@@ -297,9 +292,7 @@ impl Head {
             return Tensor::zeros(&[0, pred.l3.weight.dim(0)]);
         }
         // At the kept rows, both layers and the normalization are one affine map of h.
-        let scale = pred.bn.weight.div(&var.add_scalar(pred.bn.eps).sqrt());
-        let w = m.mul(&scale.reshape(&[out, 1]));
-        let b = c.sub(&mean).mul(&scale).add(&pred.bn.bias);
+        let (w, b) = fold_batch_norm(&pred.bn, &m, &c, &mean, &var);
         let y = linear_relu(&g.narrow(0, e + 1, k), &w, &b);
         pred.l3.forward(&y, true)
     }
@@ -309,6 +302,13 @@ impl Head {
         self.bn.buffers(&join(prefix, "1"), buffers);
         self.l3.params(&join(prefix, "3"), params);
     }
+}
+
+/// BatchNorm with statistics (`mean`, `var` [C]) after a linear layer (`w` [C, in], `b` [C]) as
+/// one linear layer: the weight and bias of bn(x w^T + b).
+fn fold_batch_norm(bn: &BatchNorm, w: &Tensor, b: &Tensor, mean: &Tensor, var: &Tensor) -> (Tensor, Tensor) {
+    let scale = bn.weight.div(&var.add_scalar(bn.eps).sqrt());
+    (w.mul(&scale.reshape(&[w.dim(0), 1])), b.sub(mean).mul(&scale).add(&bn.bias))
 }
 
 /// Everything one forward pass of both networks produces.

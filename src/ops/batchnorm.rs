@@ -164,7 +164,8 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
     let base = Launch { outer, c, inner, block0: 0, total_blocks: 0, m, momentum: s.momentum, eps: s.eps };
     let stats = if train {
         assert!(m > 1, "batch_norm in training needs more than one value per channel, got {:?}", x.shape());
-        batch_stats(x, s, &base)
+        let part = reduce_blocks(&kernel("stats_partial", c, inner), &[x], &[], &base);
+        finalize_stats(&part, s, &Launch { total_blocks: part.dim(1), ..base })
     } else {
         let stats = Tensor::empty(&[c, 4]);
         gpu().dispatch_1d(
@@ -192,13 +193,6 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
         relu,
     };
     Tensor::with_op(y, op)
-}
-
-/// The batch statistics of x per channel as (mean, invstd, weight * invstd, bias), with the
-/// running statistics updated.
-fn batch_stats(x: &Tensor, s: &BatchNormState, base: &Launch) -> Tensor {
-    let part = reduce_blocks(&kernel("stats_partial", base.c, base.inner), &[x], &[], base);
-    finalize_stats(&part, s, &Launch { total_blocks: part.dim(1), ..*base })
 }
 
 /// Merges the (count, mean, M2) blocks `part` [C, blocks] of every channel into the batch
@@ -297,24 +291,8 @@ pub fn batch_norm_grad(
     let relu_k = relu as u8 as f64;
     let part =
         reduce_blocks(&kernel("grad_partial", c, inner).with("RELU", relu_k), &[x, dy], &[stats], &base);
-    let (coef, dweight, dbias) = grad_coefficients(&part, weight, stats, train, &base);
-    let dx = Tensor::empty(x.shape());
-    per_element(&kernel("grad_input", c, inner).with("RELU", relu_k), &[x, dy], &[&coef, stats], &dx, &base);
-    [dx, dweight.reshape(weight.shape()), dbias.reshape(weight.shape())]
-}
-
-/// From the partial sums of the gradient: the per-channel coefficients of the input gradient
-/// (k, a, q, mean) and the weight and bias gradients.
-fn grad_coefficients(
-    part: &Tensor,
-    weight: &Tensor,
-    stats: &Tensor,
-    train: bool,
-    base: &Launch,
-) -> (Tensor, Tensor, Tensor) {
-    let c = base.c;
     let (coef, dweight, dbias) = (Tensor::empty(&[c, 4]), Tensor::empty(&[c]), Tensor::empty(&[c]));
-    let l = Launch { total_blocks: part.dim(1), ..*base };
+    let l = Launch { total_blocks: part.dim(1), ..base };
     let (entry, groups) = finalize_launch("grad_finalize_seq", "grad_finalize", c, l.total_blocks);
     gpu().dispatch(
         &Kernel::new("batchnorm", entry).with("TRAIN", train as u8 as f64),
@@ -329,7 +307,9 @@ fn grad_coefficients(
         ],
         groups,
     );
-    (coef, dweight, dbias)
+    let dx = Tensor::empty(x.shape());
+    per_element(&kernel("grad_input", c, inner).with("RELU", relu_k), &[x, dy], &[&coef, stats], &dx, &base);
+    [dx, dweight.reshape(weight.shape()), dbias.reshape(weight.shape())]
 }
 
 /// CPU references (f64 arithmetic) for the tests.
