@@ -1,5 +1,7 @@
-// Stream compaction: exclusive prefix sums in blocks of 1024 (256 invocations x 4 values),
-// block totals scanned recursively, then the positions of the nonzero entries written in order.
+// Stream compaction: exclusive prefix sums in blocks of 256 x PER values (PER consecutive values
+// per invocation), block totals scanned recursively, then the positions of the nonzero entries
+// written in order. Each invocation sums its values in registers, so that the workgroup scan
+// (workgroup-memory traffic and barriers, dear on CPU devices) is paid once per PER values.
 
 // n = elements of this launch. compact only: `base` = global index of its first element, the
 // output window [w0, w0 + wlen) it may write, and `last` when it writes the count.
@@ -12,6 +14,11 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+
+// At most MAX_PER (the size of the per-invocation arrays).
+override PER: u32 = 16u;
+const MAX_PER: u32 = 16u;
+override BLOCK: u32 = 256u * PER;
 
 var<workgroup> partial: array<u32, 256>;
 
@@ -40,11 +47,15 @@ fn workgroup_exclusive(t: u32, v: u32) -> u32 {
 @group(0) @binding(2) var<storage, read_write> pos: array<u32>;
 @group(0) @binding(3) var<storage, read_write> sums: array<u32>;
 
-// Writes the exclusive prefix of the block's values (4 per invocation) and the block total.
-fn scan_block(t: u32, b: u32, v: array<u32, 4>) {
-    let base = b * 1024u + t * 4u;
-    var run = workgroup_exclusive(t, v[0] + v[1] + v[2] + v[3]);
-    for (var i = 0u; i < 4u; i++) {
+// Writes the exclusive prefix of the block's values (PER per invocation) and the block total.
+fn scan_block(t: u32, b: u32, v: array<u32, MAX_PER>) {
+    let base = b * BLOCK + t * PER;
+    var total = 0u;
+    for (var i = 0u; i < PER; i++) {
+        total += v[i];
+    }
+    var run = workgroup_exclusive(t, total);
+    for (var i = 0u; i < PER; i++) {
         if base + i < p.n {
             pos[base + i] = run;
         }
@@ -60,9 +71,9 @@ fn scan_block(t: u32, b: u32, v: array<u32, 4>) {
 fn scan_flags(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nw: vec3<u32>) {
     let b = block_id(wid, nw);
-    var v: array<u32, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        let e = b * 1024u + t * 4u + i;
+    var v: array<u32, MAX_PER>;
+    for (var i = 0u; i < PER; i++) {
+        let e = b * BLOCK + t * PER + i;
         v[i] = select(0u, 1u, e < p.n && flags_in[min(e, p.n - 1u)] != 0.0);
     }
     scan_block(t, b, v);
@@ -73,9 +84,9 @@ fn scan_flags(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wi
 fn scan_u32(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nw: vec3<u32>) {
     let b = block_id(wid, nw);
-    var v: array<u32, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        let e = b * 1024u + t * 4u + i;
+    var v: array<u32, MAX_PER>;
+    for (var i = 0u; i < PER; i++) {
+        let e = b * BLOCK + t * PER + i;
         v[i] = select(0u, values_in[min(e, p.n - 1u)], e < p.n);
     }
     scan_block(t, b, v);
@@ -90,7 +101,7 @@ fn add_offsets(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     if i >= p.n {
         return;
     }
-    apos[i] += block_offsets[i / 1024u];
+    apos[i] += block_offsets[i / BLOCK];
 }
 
 @group(0) @binding(1) var<storage, read> cflags: array<f32>;

@@ -222,7 +222,8 @@ fn layout_ops_match_cpu() {
 
 #[test]
 fn nonzero_compacts_in_order_across_many_blocks() {
-    for (n, density) in [(1usize, 1.0f32), (1000, 0.5), (5000, 0.1), (3_000_001, 0.3)] {
+    // 17M entries: block totals scanned at two further levels.
+    for (n, density) in [(1usize, 1.0f32), (1000, 0.5), (5000, 0.1), (3_000_001, 0.3), (17_000_001, 0.01)] {
         let mut rng = Rng::new(n as u64);
         let mask: Vec<f32> = (0..n).map(|_| (rng.uniform() < density as f64) as u8 as f32).collect();
         let want: Vec<u32> = (0..n as u32).filter(|&i| mask[i as usize] != 0.0).collect();

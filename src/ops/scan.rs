@@ -4,12 +4,20 @@ use crate::gpu::{Kernel, gpu};
 use crate::ops::{Params, align_elems, binding_limit, range_binding};
 use crate::tensor::{DType, Tensor};
 
-const BLOCK: usize = 1024;
+/// Values per invocation of the scan kernels: 16, or 4 where a binding cannot hold an aligned
+/// run of such blocks (limits far below any real adapter's).
+fn per() -> usize {
+    if binding_limit() as usize / 4 >= 256 * 16 * align_elems() { 16 } else { 4 }
+}
+
+fn scan_kernel(entry: &'static str, per: usize) -> Kernel {
+    Kernel::new("scan", entry).with("PER", per as f64)
+}
 
 /// Runs [start, start + len) of `n` elements that fit one binding, each a whole number of blocks
 /// whose block-total offset is aligned too.
-fn chunks(n: usize) -> Vec<(usize, usize)> {
-    let unit = BLOCK * align_elems();
+fn chunks(n: usize, block: usize) -> Vec<(usize, usize)> {
+    let unit = block * align_elems();
     let chunk = (binding_limit() as usize / 4) / unit * unit;
     assert!(chunk > 0, "a storage binding limit of {} bytes holds no scan block", binding_limit());
     (0..n).step_by(chunk).map(|s| (s, chunk.min(n - s))).collect()
@@ -18,18 +26,20 @@ fn chunks(n: usize) -> Vec<(usize, usize)> {
 /// Exclusive prefix sums of `x` (F32 read as nonzero flags, or U32 values).
 fn exclusive_scan(x: &Tensor) -> Tensor {
     let n = x.numel();
-    let blocks = n.div_ceil(BLOCK);
+    let per = per();
+    let block = 256 * per;
+    let blocks = n.div_ceil(block);
     let pos = Tensor::empty_u32(&[n]);
     let sums = Tensor::empty_u32(&[blocks]);
     let entry = if x.dtype() == DType::F32 { "scan_flags" } else { "scan_u32" };
     let g = gpu();
-    let runs = chunks(n);
+    let runs = chunks(n, block);
     for &(s, len) in &runs {
-        let nb = len.div_ceil(BLOCK);
+        let nb = len.div_ceil(block);
         g.dispatch(
-            &Kernel::new("scan", entry),
+            &scan_kernel(entry, per),
             Params::new().u(len).bytes(),
-            &[range_binding(x, s, len), range_binding(&pos, s, len), range_binding(&sums, s / BLOCK, nb)],
+            &[range_binding(x, s, len), range_binding(&pos, s, len), range_binding(&sums, s / block, nb)],
             g.groups_1d(nb as u64, 1),
         );
     }
@@ -37,9 +47,9 @@ fn exclusive_scan(x: &Tensor) -> Tensor {
         let offsets = exclusive_scan(&sums);
         for &(s, len) in &runs {
             g.dispatch_1d(
-                &Kernel::new("scan", "add_offsets"),
+                &scan_kernel("add_offsets", per),
                 Params::new().u(len).bytes(),
-                &[range_binding(&offsets, s / BLOCK, len.div_ceil(BLOCK)), range_binding(&pos, s, len)],
+                &[range_binding(&offsets, s / block, len.div_ceil(block)), range_binding(&pos, s, len)],
                 len as u64,
             );
         }
@@ -58,7 +68,7 @@ fn compact(mask: &Tensor) -> (Tensor, Tensor, Tensor) {
         return (out, count, Tensor::empty_u32(&[0]));
     }
     let pos = exclusive_scan(mask);
-    let runs = chunks(n);
+    let runs = chunks(n, 256 * per());
     // Entries of a run land at or before their own index: output windows past the run are idle.
     let wlen = runs[0].1;
     for (ri, &(s, len)) in runs.iter().enumerate() {
