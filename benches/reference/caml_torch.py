@@ -209,6 +209,7 @@ class Config:
     temperature: float = 0.1
     corr_temperature: float = 0.1
     fix_memory_view: bool = False
+    detach_targets: bool = False
     clip: float = 0.0
 
     def ramp_length(self):
@@ -296,9 +297,13 @@ def train_step(model, opt, bank, cfg, x, label, cases, iteration, generator):
     g = (label == 1).float()
     loss_s = dice_loss(p_v[:l, 1], g) + dice_loss(p_a[:l, 1], g)
 
-    # 2. mutual consistency; the sharpened targets are not detached (the reference's quirk)
+    # 2. mutual consistency; the sharpened targets are not detached (the reference's quirk) unless
+    #    detach_targets
     t = cfg.temperature
-    loss_c = F.mse_loss(p_v, sharpen(p_a, t)) + F.mse_loss(p_a, sharpen(p_v, t))
+    if cfg.detach_targets:
+        loss_c = F.mse_loss(p_v, sharpen(p_a, t).detach()) + F.mse_loss(p_a, sharpen(p_v, t).detach())
+    else:
+        loss_c = F.mse_loss(p_v, sharpen(p_a, t)) + F.mse_loss(p_a, sharpen(p_v, t))
 
     # 3. memory bank: the labeled voxels both decoders get right, projected in eval mode
     f = emb_v.shape[1]

@@ -139,6 +139,10 @@ def main():
     ap.add_argument("--labeled-bs", type=int)
     ap.add_argument("--ramp-every", type=int)
     ap.add_argument("--rampup", type=float, help="ramp length R (default: 40, 20 or 15 for 4, 8, 16 labels)")
+    ap.add_argument("--consistency", type=float, help="weight of loss_c at the ramp's end (1.0)")
+    ap.add_argument("--omni", type=float, help="weight of loss_o at the ramp's end (0.05)")
+    ap.add_argument("--fix-memory-view", action="store_true", help="flatten emb_a channels-last for the bank")
+    ap.add_argument("--detach-targets", action="store_true", help="detach the sharpened consistency targets")
     ap.add_argument("--clip", type=float, help="clip the gradient's global norm to this (0: never)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=2)
@@ -148,7 +152,9 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     over = {k: v for k, v in dict(lr=a.lr, width=a.width, labeled=a.labeled, ramp_every=a.ramp_every, batch=a.batch,
-                                      labeled_bs=a.labeled_bs, clip=a.clip).items()
+                                      labeled_bs=a.labeled_bs, clip=a.clip, consistency=a.consistency,
+                                      omni=a.omni, fix_memory_view=a.fix_memory_view or None,
+                                      detach_targets=a.detach_targets or None).items()
             if v is not None}
     if a.patch:
         over["patch"] = tuple(a.patch)

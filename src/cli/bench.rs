@@ -37,6 +37,9 @@ pub enum What {
         /// Samples per batch instead of the preset's (half of them labeled).
         #[arg(long)]
         batch: Option<usize>,
+        /// Base width F of the network instead of the preset's.
+        #[arg(long)]
+        width: Option<usize>,
         /// Storage of the activations kept for the backward pass.
         #[arg(long, value_enum, default_value_t = Precision::F32)]
         precision: Precision,
@@ -103,7 +106,7 @@ pub fn run(a: Args) -> Result<()> {
                 );
             }
         }
-        What::TrainStep { preset, iters, profile, patch, batch, precision } => {
+        What::TrainStep { preset, iters, profile, patch, batch, width, precision } => {
             let mut cfg = TrainConfig::preset(preset);
             cfg.precision = precision;
             if let Some(p) = patch {
@@ -112,6 +115,9 @@ pub fn run(a: Args) -> Result<()> {
             if let Some(b) = batch {
                 cfg.batch = b;
                 cfg.labeled_bs = b.div_ceil(2).min(b.saturating_sub(1)).max(1);
+            }
+            if let Some(w) = width {
+                cfg.width = w;
             }
             cfg.validate()?;
             crate::train::preflight(&cfg, cfg.batch, (g.limits.max_buffer_size, g.max_binding()), "--batch")?;
