@@ -55,20 +55,41 @@ fn binary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
     let a = xa[ia];
     let b = xb[ib];
-    var z: f32;
-    switch OP {
-        case 0u: { z = a + b; }
-        case 1u: { z = a - b; }
-        case 2u: { z = a * b; }
-        case 3u: { z = a / b; }
-        case 4u: { z = max(a, b); }
-        case 5u: { z = select(0.0, 1.0, a == b); }
-        case 6u: { z = select(0.0, 1.0, a > b); }
-        case 7u: { z = select(0.0, 1.0, a >= b); }
-        case 8u: { z = b; }
-        default: { z = 0.0; }
-    }
+    let z = binary_f(a, b);
     out[io] = z;
+}
+
+// The binary op on one value of each operand.
+fn binary_f(a: f32, b: f32) -> f32 {
+    switch OP {
+        case 0u: { return a + b; }
+        case 1u: { return a - b; }
+        case 2u: { return a * b; }
+        case 3u: { return a / b; }
+        case 4u: { return max(a, b); }
+        case 5u: { return select(0.0, 1.0, a == b); }
+        case 6u: { return select(0.0, 1.0, a > b); }
+        case 7u: { return select(0.0, 1.0, a >= b); }
+        case 8u: { return b; }
+        default: { return 0.0; }
+    }
+}
+
+// Same-shape operands whose length is a multiple of 4: four values per invocation, one vector
+// load per operand (p.n counts vectors).
+@group(0) @binding(1) var<storage, read> xa4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> xb4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out4: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn binary4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = linear(gid, nw);
+    if i >= p.n {
+        return;
+    }
+    let a = xa4[i];
+    let b = xb4[i];
+    out4[i] = vec4<f32>(binary_f(a.x, b.x), binary_f(a.y, b.y), binary_f(a.z, b.z), binary_f(a.w, b.w));
 }
 
 fn unary_f(x: f32) -> f32 {
@@ -111,6 +132,20 @@ fn unary(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     uy[i] = unary_f(ux[i]);
 }
 
+@group(0) @binding(1) var<storage, read> ux4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> uy4: array<vec4<f32>>;
+
+// `unary` four values per invocation (p.n counts vectors).
+@compute @workgroup_size(256)
+fn unary4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = linear(gid, nw);
+    if i >= p.n {
+        return;
+    }
+    let x = ux4[i];
+    uy4[i] = vec4<f32>(unary_f(x.x), unary_f(x.y), unary_f(x.z), unary_f(x.w));
+}
+
 // dL/dx from x, y = f(x) and dL/dy.
 @group(0) @binding(1) var<storage, read> gx_in: array<f32>;
 @group(0) @binding(2) var<storage, read> gy_in: array<f32>;
@@ -149,6 +184,18 @@ fn fill(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         return;
     }
     fill_out[i] = p.s0;
+}
+
+@group(0) @binding(1) var<storage, read_write> fill_out4: array<vec4<f32>>;
+
+// `fill` four values per invocation (p.n counts vectors).
+@compute @workgroup_size(256)
+fn fill4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = linear(gid, nw);
+    if i >= p.n {
+        return;
+    }
+    fill_out4[i] = vec4<f32>(p.s0);
 }
 
 // The sharpened mutual consistency of two probability maps u = P_v and w = P_a (same shape):

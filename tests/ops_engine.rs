@@ -22,8 +22,14 @@ fn data(seed: u64, shape: &[usize], lo: f32, hi: f32) -> (Vec<f32>, Vec<usize>) 
 
 #[test]
 fn binary_ops_match_cpu_with_broadcasting() {
-    let cases: &[(&[usize], &[usize])] =
-        &[(&[3, 5, 67], &[3, 5, 67]), (&[3, 5, 7], &[1, 5, 1]), (&[2, 3, 4, 5], &[5]), (&[1, 4], &[3, 1])];
+    // Same shapes of 1005 (one value per invocation) and 816 values (four per invocation).
+    let cases: &[(&[usize], &[usize])] = &[
+        (&[3, 5, 67], &[3, 5, 67]),
+        (&[3, 4, 68], &[3, 4, 68]),
+        (&[3, 5, 7], &[1, 5, 1]),
+        (&[2, 3, 4, 5], &[5]),
+        (&[1, 4], &[3, 1]),
+    ];
     for (k, &(sa, sb)) in cases.iter().enumerate() {
         let (a, _) = data(k as u64, sa, -2.0, 2.0);
         let (mut b, _) = data(100 + k as u64, sb, 0.5, 2.0);
@@ -49,7 +55,22 @@ fn binary_ops_match_cpu_with_broadcasting() {
 
 #[test]
 fn unary_ops_match_cpu() {
-    let (x, s) = data(7, &[1000], 0.1, 3.0);
+    // 1000 values (four per invocation) and 1001 (one per invocation).
+    for n in [1000, 1001] {
+        unary_ops_match_cpu_at(n);
+    }
+    let (neg, _) = data(8, &[300], -3.0, 3.0);
+    let t = Tensor::from_vec(&neg, &[300]);
+    close(&t.relu().to_vec(), &ew_cpu::unary(UnaryOp::Relu, &neg), 0.0);
+    close(&t.powf(2.0).to_vec(), &ew_cpu::unary(UnaryOp::Pow(2.0), &neg), 1e-6);
+    close(&t.powf(3.0).to_vec(), &ew_cpu::unary(UnaryOp::Pow(3.0), &neg), 1e-5);
+    for n in [1000, 1001] {
+        assert_eq!(Tensor::full(&[n], -1.5).to_vec(), vec![-1.5; n], "fill of {n}");
+    }
+}
+
+fn unary_ops_match_cpu_at(n: usize) {
+    let (x, s) = data(7, &[n], 0.1, 3.0);
     let t = Tensor::from_vec(&x, &s);
     for op in [
         UnaryOp::Relu,
@@ -63,11 +84,6 @@ fn unary_ops_match_cpu() {
     ] {
         close(&caml_wgpu::ops::elementwise::unary(op, &t).to_vec(), &ew_cpu::unary(op, &x), 1e-5);
     }
-    let (neg, _) = data(8, &[300], -3.0, 3.0);
-    let t = Tensor::from_vec(&neg, &[300]);
-    close(&t.relu().to_vec(), &ew_cpu::unary(UnaryOp::Relu, &neg), 0.0);
-    close(&t.powf(2.0).to_vec(), &ew_cpu::unary(UnaryOp::Pow(2.0), &neg), 1e-6);
-    close(&t.powf(3.0).to_vec(), &ew_cpu::unary(UnaryOp::Pow(3.0), &neg), 1e-5);
 }
 
 #[test]

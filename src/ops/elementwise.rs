@@ -117,6 +117,22 @@ pub fn collapse(shape: &[usize], sa: &[usize], sb: &[usize]) -> (Vec<usize>, Vec
     (d, a, b)
 }
 
+/// The elementwise kernel `entry` for the range [start, start + len) and its invocations: the
+/// four-values-per-invocation twin (`entry4`, vector loads) where the range is whole vectors.
+fn per_lane(entry: &'static str, start: usize, len: usize) -> (Kernel, usize) {
+    if start.is_multiple_of(4) && len.is_multiple_of(4) {
+        let entry4 = match entry {
+            "binary" => "binary4",
+            "unary" => "unary4",
+            "fill" => "fill4",
+            _ => unreachable!("no vector twin of {entry}"),
+        };
+        (Kernel::new("elementwise", entry4), len / 4)
+    } else {
+        (Kernel::new("elementwise", entry), len)
+    }
+}
+
 /// Runs `f(start, len)` over element ranges that each fit one storage binding.
 fn for_chunks(n: usize, mut f: impl FnMut(usize, usize)) {
     let align = align_elems();
@@ -136,14 +152,14 @@ pub fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Tensor {
     let n = out.numel();
     let g = gpu();
     if a.shape() == b.shape() {
-        let k = Kernel::new("elementwise", "binary").with("OP", op.code() as f64);
         for_chunks(n, |s, len| {
-            let p = Params::new().u(len).u(0).f(0.0).f(0.0);
+            let (k, lanes) = per_lane("binary", s, len);
+            let p = Params::new().u(lanes).u(0).f(0.0).f(0.0);
             g.dispatch_1d(
-                &k,
+                &k.with("OP", op.code() as f64),
                 p.bytes(),
                 &[range_binding(a, s, len), range_binding(b, s, len), range_binding(&out, s, len)],
-                len as u64,
+                lanes as u64,
             );
         });
     } else {
@@ -186,14 +202,14 @@ pub fn unary(op: UnaryOp, x: &Tensor) -> Tensor {
     assert_eq!(x.dtype(), DType::F32, "{op:?} on {x:?}");
     let out = Tensor::empty(x.shape());
     let (code, s0, s1) = op.code_and_scalars();
-    let k = Kernel::new("elementwise", "unary").with("OP", code as f64);
     for_chunks(x.numel(), |s, len| {
-        let p = Params::new().u(len).u(0).f(s0).f(s1);
+        let (k, lanes) = per_lane("unary", s, len);
+        let p = Params::new().u(lanes).u(0).f(s0).f(s1);
         gpu().dispatch_1d(
-            &k,
+            &k.with("OP", code as f64),
             p.bytes(),
             &[range_binding(x, s, len), range_binding(&out, s, len)],
-            len as u64,
+            lanes as u64,
         );
     });
     let y = out.detach();
@@ -219,10 +235,10 @@ pub(crate) fn unary_grad(op: UnaryOp, x: &Tensor, y: &Tensor, g: &Tensor) -> Ten
 }
 
 pub fn fill(t: &Tensor, value: f32) {
-    let k = Kernel::new("elementwise", "fill");
     for_chunks(t.numel(), |s, len| {
-        let p = Params::new().u(len).u(0).f(value).f(0.0);
-        gpu().dispatch_1d(&k, p.bytes(), &[range_binding(t, s, len)], len as u64);
+        let (k, lanes) = per_lane("fill", s, len);
+        let p = Params::new().u(lanes).u(0).f(value).f(0.0);
+        gpu().dispatch_1d(&k, p.bytes(), &[range_binding(t, s, len)], lanes as u64);
     });
 }
 
