@@ -113,15 +113,44 @@ pub fn window_options(patch: [usize; 3]) -> WindowOptions {
 }
 
 /// Mean Dice of the model on `cases`.
-pub fn mean_dice(model: &Caml, cases: &[Case], patch: [usize; 3]) -> Result<f64> {
+pub fn mean_dice(model: &Caml, cases: &[Case], patch: [usize; 3]) -> Result<Validation> {
     let opts =
         PredictOptions { window: window_options(patch), average_decoders: false, largest_component: false };
-    let mut sum = 0.0;
+    let mut v = Validation { dice: 0.0, cases: cases.len(), empty: 0 };
     for c in cases {
         let (mask, _) = predict(model, &c.image, &opts)?;
-        sum += metrics::dice(mask.data(), c.label.data());
+        v.dice += metrics::dice(mask.data(), c.label.data());
+        v.empty += mask.data().iter().all(|&m| m == 0) as usize;
     }
-    Ok(sum / cases.len().max(1) as f64)
+    v.dice /= cases.len().max(1) as f64;
+    Ok(v)
+}
+
+/// A validation pass: the mean Dice over the test cases and how many predictions held no
+/// foreground at all.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Validation {
+    pub dice: f64,
+    pub cases: usize,
+    pub empty: usize,
+}
+
+impl Validation {
+    /// The progress line of iteration `iter`, saying so when the model predicted no foreground
+    /// on some cases: a model that has collapsed to background scores 0 on every case.
+    pub fn line(&self, iter: u64) -> String {
+        let mut s =
+            format!("iteration {iter}: validation Dice {:.4} on {} test cases", self.dice, self.cases);
+        if self.empty > 0 {
+            s += &format!(
+                " (warning: no foreground predicted on {} of {} cases{})",
+                self.empty,
+                self.cases,
+                if self.empty == self.cases { ": the model has collapsed to background" } else { "" }
+            );
+        }
+        s
+    }
 }
 
 fn model_dict(model: &Caml) -> StateDict {
@@ -437,12 +466,9 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
         finished = Some((iter, seconds));
         bar.set_position(iter);
         if validate {
-            let dice = mean_dice(&st.model, &test_cases, cfg.patch)?;
-            bar.println(format!(
-                "iteration {iter}: validation Dice {dice:.4} on {} test cases",
-                test_cases.len()
-            ));
-            append_line(&out.join("validation.csv"), "iter,dice", &format!("{iter},{dice:.6}"))?;
+            let v = mean_dice(&st.model, &test_cases, cfg.patch)?;
+            bar.println(v.line(iter));
+            append_line(&out.join("validation.csv"), "iter,dice", &format!("{iter},{:.6}", v.dice))?;
         }
         if save {
             save_checkpoint(out, &st, cfg, &sampler_state)?;

@@ -158,3 +158,30 @@ fn a_non_finite_loss_found_with_the_next_iterations_readback_stops_the_run() {
     assert_eq!(logged, failed_at - 1, "every iteration before the failing one is logged, and no other");
     assert!(!run.join(train::CHECKPOINT).exists(), "nothing was saved");
 }
+
+#[test]
+fn validation_names_a_model_that_predicts_no_foreground() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(&dataset(dir.path()), Method::Caml);
+    let cases =
+        caml_wgpu::data::dataset::Dataset::open(cfg.data.as_ref().unwrap()).unwrap().load_test().unwrap();
+    let model = train::build_model(&cfg);
+    // Decoder 1's output bias far on the background side: every voxel is background.
+    let (params, _) = model.named();
+    let bias = &params.iter().find(|(k, _)| k == "decoder1.out_conv.bias").unwrap().1;
+    let set = |v: [f32; 2]| caml_wgpu::gpu::gpu().upload(bias.buffer(), 0, bytemuck::cast_slice(&v));
+    set([20.0, -20.0]);
+    let v = train::mean_dice(&model, &cases, cfg.patch).unwrap();
+    assert_eq!((v.dice, v.cases, v.empty), (0.0, cases.len(), cases.len()));
+    assert!(v.line(7).contains(&format!("no foreground predicted on {n} of {n} cases", n = cases.len())));
+    assert!(v.line(7).contains("collapsed to background"));
+    // Towards foreground: every case has some, and the line says nothing more.
+    set([-20.0, 20.0]);
+    let v = train::mean_dice(&model, &cases, cfg.patch).unwrap();
+    assert_eq!(v.empty, 0);
+    assert!(v.dice > 0.0);
+    assert_eq!(
+        v.line(7),
+        format!("iteration 7: validation Dice {:.4} on {} test cases", v.dice, cases.len())
+    );
+}
