@@ -467,7 +467,9 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
         bar.set_position(iter);
         if validate {
             let v = mean_dice(&st.model, &test_cases, cfg.patch)?;
-            bar.println(v.line(iter));
+            // Printed around the bar rather than through it: a hidden bar (output that is not a
+            // terminal) would drop the line.
+            bar.suspend(|| println!("{}", v.line(iter)));
             append_line(&out.join("validation.csv"), "iter,dice", &format!("{iter},{:.6}", v.dice))?;
         }
         if save {
@@ -475,7 +477,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
         }
         // Writes only after new pipelines were compiled: the first iteration, the first validation.
         if let Err(e) = crate::gpu::gpu().save_pipeline_cache() {
-            bar.println(format!("warning: {e:#}"));
+            bar.suspend(|| eprintln!("warning: {e:#}"));
         }
     }
     bar.finish();

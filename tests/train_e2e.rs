@@ -185,3 +185,23 @@ fn validation_names_a_model_that_predicts_no_foreground() {
         format!("iteration 7: validation Dice {:.4} on {} test cases", v.dice, cases.len())
     );
 }
+
+#[test]
+fn validation_lines_reach_output_that_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_caml-wgpu"))
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .args(["train", "--preset", "small", "--labeled", "2", "--width", "2", "--patch", "16", "16", "16"])
+        .args(["--memory-num", "16", "--num-filtered", "64", "--iters", "2", "--val-every", "1", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for iter in [1, 2] {
+        assert!(text.contains(&format!("iteration {iter}: validation Dice ")), "{text}");
+    }
+}
