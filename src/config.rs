@@ -143,6 +143,10 @@ impl TrainConfig {
                 // to zero so that the final model is not the one a single noisy step left.
                 lr: 0.03,
                 lr_schedule: LrSchedule::Poly,
+                // The reference's undetached targets hold the consistency term at its fixed point
+                // p = 0.5, where some short runs settle with every foreground probability just
+                // under 0.5 (no foreground predicted); detached, the term only sharpens.
+                detach_targets: true,
                 ramp_every: 5,
                 memory_num: 64,
                 num_filtered: 1600,

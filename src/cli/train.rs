@@ -61,7 +61,8 @@ pub struct Args {
     /// Sharpening temperature T of the consistency targets.
     #[arg(long)]
     pub temperature: Option<f32>,
-    /// Detach the sharpened consistency targets (the reference does not).
+    /// Detach the sharpened consistency targets (the reference does not; the small preset
+    /// does, `detach_targets = false` in a --config file undoes it).
     #[arg(long)]
     pub detach_targets: bool,
     /// Flatten the auxiliary embeddings channels-last for the memory bank (the reference does not).
