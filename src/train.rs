@@ -112,7 +112,7 @@ pub fn window_options(patch: [usize; 3]) -> WindowOptions {
     WindowOptions { patch, stride, gaussian: false, batch: 2 }
 }
 
-/// Mean Dice of the model on `cases`.
+/// Mean Dice of the model on `cases`, and how many of its predictions are empty.
 pub fn mean_dice(model: &Caml, cases: &[Case], patch: [usize; 3]) -> Result<Validation> {
     let opts =
         PredictOptions { window: window_options(patch), average_decoders: false, largest_component: false };

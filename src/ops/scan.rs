@@ -10,6 +10,11 @@ fn per() -> usize {
     if binding_limit() as usize / 4 >= 256 * 16 * align_elems() { 16 } else { 4 }
 }
 
+/// Entries per workgroup of the scan kernels (256 invocations x [`per`]).
+fn block(per: usize) -> usize {
+    256 * per
+}
+
 fn scan_kernel(entry: &'static str, per: usize) -> Kernel {
     Kernel::new("scan", entry).with("PER", per as f64)
 }
@@ -27,7 +32,7 @@ fn chunks(n: usize, block: usize) -> Vec<(usize, usize)> {
 fn exclusive_scan(x: &Tensor) -> Tensor {
     let n = x.numel();
     let per = per();
-    let block = 256 * per;
+    let block = block(per);
     let blocks = n.div_ceil(block);
     let pos = Tensor::empty_u32(&[n]);
     let sums = Tensor::empty_u32(&[blocks]);
@@ -68,7 +73,7 @@ fn compact(mask: &Tensor) -> (Tensor, Tensor, Tensor) {
         return (out, count, Tensor::empty_u32(&[0]));
     }
     let pos = exclusive_scan(mask);
-    let runs = chunks(n, 256 * per());
+    let runs = chunks(n, block(per()));
     // Entries of a run land at or before their own index: output windows past the run are idle.
     let wlen = runs[0].1;
     for (ri, &(s, len)) in runs.iter().enumerate() {
