@@ -40,7 +40,9 @@ pub fn dataset_dir(data: Option<&Path>) -> Result<PathBuf> {
 
 /// Builds the model a configuration describes (CMA only for the full method).
 pub fn build_model(cfg: &TrainConfig) -> Caml {
-    Caml::new(cfg.width, cfg.embed, cfg.method == Method::Caml, cfg.seed)
+    let mut model = Caml::new(cfg.width, cfg.embed, cfg.method == Method::Caml, cfg.seed);
+    model.dropout = cfg.dropout;
+    model
 }
 
 /// A lower bound on the values in a network's state_dict: the three 3x3x3 convolutions of each

@@ -13,6 +13,12 @@ fn paper_preset_matches_the_reference() {
     assert_eq!(TrainConfig { labeled: 16, ..c.clone() }.ramp_length(), 15.0);
     assert_eq!(c.lr_schedule, LrSchedule::Constant);
     assert_eq!((c.lr_at(1), c.lr_at(15_000)), (0.01, 0.01));
+    assert_eq!((c.dropout, c.detach_targets), (0.5, false));
+    // The small preset leaves out dropout and detaches the targets; a file without the key (a
+    // run folder written before it existed) reads as the reference's 0.5.
+    let small = TrainConfig::preset(Preset::Small);
+    assert_eq!((small.dropout, small.detach_targets), (0.0, true));
+    assert_eq!(toml::from_str::<TrainConfig>("iters = 5").unwrap().dropout, 0.5);
 }
 
 #[test]
@@ -58,6 +64,9 @@ fn bad_config_files_name_the_file_and_the_problem() {
         ("momentum = nan", "momentum"),
         ("weight_decay = -1.0", "weight_decay"),
         ("omni = nan", "loss weights"),
+        ("dropout = 1.0", "dropout"),
+        ("dropout = -0.1", "dropout"),
+        ("dropout = nan", "dropout"),
     ] {
         std::fs::write(&path, text).unwrap();
         let err = format!("{:#}", TrainConfig::preset(Preset::Paper).merge_file(&path).unwrap_err());

@@ -51,3 +51,20 @@ fn forward_gives_logits_and_embeddings_for_both_networks() {
     assert_eq!(a, model.forward_a(&x).to_vec());
     assert_ne!(a, out.out_a.to_vec());
 }
+
+#[test]
+fn dropout_probability_zero_draws_no_masks() {
+    // Without CMA the only randomness of training mode is dropout: with p = 0 two seeds give
+    // the same outputs, with the reference's 0.5 they do not.
+    let mut model = Caml::new(2, 8, false, 3);
+    let x =
+        Tensor::from_vec(&caml_wgpu::rng::Rng::new(4).vec(2 * 16 * 16 * 16, -1.0, 1.0), &[2, 1, 16, 16, 16]);
+    let outputs = |m: &Caml, seed| {
+        let o = m.forward(&x, Some(seed));
+        (o.out_v.to_vec(), o.emb_a.to_vec())
+    };
+    assert_eq!(model.dropout, 0.5);
+    assert_ne!(outputs(&model, 1), outputs(&model, 2));
+    model.dropout = 0.0;
+    assert_eq!(outputs(&model, 1), outputs(&model, 2));
+}

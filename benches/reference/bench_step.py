@@ -31,7 +31,7 @@ def main():
     torch.manual_seed(a.seed)
     dev = torch.device(a.device)
     cfg = PRESETS[a.preset]
-    model = Caml(cfg.width, cfg.embed, cma=True).to(dev)
+    model = Caml(cfg.width, cfg.embed, cma=True, dropout=cfg.dropout).to(dev)
     opt = make_optimizer(model, cfg)
     bank = MemoryBank(cfg.labeled)
     gen = torch.Generator().manual_seed(a.seed)

@@ -164,13 +164,15 @@ class Caml(nn.Module):
     """caml3d_v1 with base width F, embedding width E, 1 input channel, 2 classes. `cma=False`
     builds the network without attention (caml-wgpu's `mutual` and `labeled-only` methods)."""
 
-    def __init__(self, width=16, embed=32, cma=True):
+    def __init__(self, width=16, embed=32, cma=True, dropout=0.5):
         super().__init__()
         self.width, self.embed = width, embed
         self.encoder1 = Encoder(width)
         self.encoder2 = Encoder(width, cma=cma)
         self.decoder1 = Decoder(width, 2, deconv=True)
         self.decoder2 = Decoder(width, 2, deconv=False)
+        for m in (self.encoder1, self.encoder2, self.decoder1, self.decoder2):
+            m.dropout.p = dropout
         self.projection_head1 = head(width, embed)
         self.prediction_head1 = head(embed, embed)
         self.projection_head2 = head(width, embed)
@@ -210,6 +212,7 @@ class Config:
     corr_temperature: float = 0.1
     fix_memory_view: bool = False
     detach_targets: bool = False
+    dropout: float = 0.5
     clip: float = 0.0
 
     def ramp_length(self):
@@ -218,7 +221,8 @@ class Config:
 
 PRESETS = {
     "paper": Config(),
-    "small": Config(labeled=4, patch=(48, 48, 32), width=4, ramp_every=5, memory_num=64, num_filtered=1600),
+    "small": Config(labeled=4, patch=(48, 48, 32), width=4, ramp_every=5, memory_num=64, num_filtered=1600,
+                    detach_targets=True, dropout=0.0),
 }
 
 

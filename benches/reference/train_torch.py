@@ -143,6 +143,7 @@ def main():
     ap.add_argument("--omni", type=float, help="weight of loss_o at the ramp's end (0.05)")
     ap.add_argument("--fix-memory-view", action="store_true", help="flatten emb_a channels-last for the bank")
     ap.add_argument("--detach-targets", action="store_true", help="detach the sharpened consistency targets")
+    ap.add_argument("--dropout", type=float, help="Dropout3d probability (0.5; the small preset: 0)")
     ap.add_argument("--clip", type=float, help="clip the gradient's global norm to this (0: never)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=2)
@@ -154,7 +155,7 @@ def main():
     over = {k: v for k, v in dict(lr=a.lr, width=a.width, labeled=a.labeled, ramp_every=a.ramp_every, batch=a.batch,
                                       labeled_bs=a.labeled_bs, clip=a.clip, consistency=a.consistency,
                                       omni=a.omni, fix_memory_view=a.fix_memory_view or None,
-                                      detach_targets=a.detach_targets or None).items()
+                                      detach_targets=a.detach_targets or None, dropout=a.dropout).items()
             if v is not None}
     if a.patch:
         over["patch"] = tuple(a.patch)
@@ -168,7 +169,7 @@ def main():
     gen = torch.Generator().manual_seed(a.seed)
     ubs = 0 if a.method == "labeled-only" else cfg.batch - cfg.labeled_bs
     sampler = Sampler(len(train), cfg.labeled, cfg.labeled_bs, ubs, rng)
-    model = Caml(cfg.width, cfg.embed, cma=a.method == "caml")
+    model = Caml(cfg.width, cfg.embed, cma=a.method == "caml", dropout=cfg.dropout)
     opt = make_optimizer(model, cfg)
     bank = MemoryBank(cfg.labeled)
     t0 = time.time()

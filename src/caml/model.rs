@@ -83,11 +83,11 @@ impl Stage {
     }
 }
 
-/// Dropout3d(p = 0.5) in training mode, with a mask derived from the iteration's seed and the site.
-fn dropout(x: &Tensor, train: Option<u64>, site: u64) -> Tensor {
+/// Dropout3d(p) in training mode, with a mask derived from the iteration's seed and the site.
+fn dropout(x: &Tensor, p: f32, train: Option<u64>, site: u64) -> Tensor {
     match train {
-        Some(seed) => dropout3d(x, 0.5, derive_seed(seed, site), true),
-        None => x.clone(),
+        Some(seed) if p > 0.0 => dropout3d(x, p, derive_seed(seed, site), true),
+        _ => x.clone(),
     }
 }
 
@@ -131,7 +131,7 @@ impl Encoder {
         }
     }
 
-    fn forward(&self, x: &Tensor, train: Option<u64>) -> Features {
+    fn forward(&self, x: &Tensor, train: Option<u64>, p: f32) -> Features {
         let t = train.is_some();
         let x1 = self.block_one.forward(x, t);
         let x2 = self.block_two.forward(&self.block_one_dw.forward(&x1, t), t);
@@ -141,7 +141,7 @@ impl Encoder {
             x4 = cma.forward(&x4, train.map(|s| derive_seed(s, 10)));
         }
         let x5 = self.block_five.forward(&self.block_four_dw.forward(&x4, t), t);
-        let x5 = dropout(&x5, train, 11);
+        let x5 = dropout(&x5, p, train, 11);
         Features { skips: [x1, x2, x3, x4], x5 }
     }
 
@@ -196,14 +196,14 @@ impl Decoder {
     }
 
     /// (logits [N, classes, ...], embedding x9 after dropout [N, F, ...]).
-    fn forward(&self, feat: &Features, train: Option<u64>, site: u64) -> (Tensor, Tensor) {
+    fn forward(&self, feat: &Features, train: Option<u64>, site: u64, p: f32) -> (Tensor, Tensor) {
         let t = train.is_some();
         let [x1, x2, x3, x4] = &feat.skips;
         let x = self.block_five_up.forward(&feat.x5, t).add(x4);
         let x = self.block_six_up.forward(&self.block_six.forward(&x, t), t).add(x3);
         let x = self.block_seven_up.forward(&self.block_seven.forward(&x, t), t).add(x2);
         let x = self.block_eight_up.forward(&self.block_eight.forward(&x, t), t).add(x1);
-        let x9 = dropout(&self.block_nine.forward(&x, t), train, site);
+        let x9 = dropout(&self.block_nine.forward(&x, t), p, train, site);
         (self.out_conv.forward(&x9, t), x9)
     }
 
@@ -322,6 +322,8 @@ pub struct Outputs {
 pub struct Caml {
     pub width: usize,
     pub embed: usize,
+    /// Dropout3d probability in training mode (0.5 in the reference).
+    pub dropout: f32,
     pub encoder1: Encoder,
     pub encoder2: Encoder,
     pub decoder1: Decoder,
@@ -341,6 +343,7 @@ impl Caml {
         Caml {
             width,
             embed,
+            dropout: 0.5,
             encoder1: Encoder::new(width, false, rng),
             encoder2: Encoder::new(width, cma, rng),
             decoder1: Decoder::new(width, 2, true, rng),
@@ -354,22 +357,23 @@ impl Caml {
 
     /// Both networks on x [N, 1, X, Y, Z].
     pub fn forward(&self, x: &Tensor, train: Option<u64>) -> Outputs {
-        let f1 = self.encoder1.forward(x, train.map(|s| derive_seed(s, 1)));
-        let (out_v, emb_v) = self.decoder1.forward(&f1, train, 2);
+        let p = self.dropout;
+        let f1 = self.encoder1.forward(x, train.map(|s| derive_seed(s, 1)), p);
+        let (out_v, emb_v) = self.decoder1.forward(&f1, train, 2, p);
         drop(f1);
-        let f2 = self.encoder2.forward(x, train.map(|s| derive_seed(s, 3)));
-        let (out_a, emb_a) = self.decoder2.forward(&f2, train, 4);
+        let f2 = self.encoder2.forward(x, train.map(|s| derive_seed(s, 3)), p);
+        let (out_a, emb_a) = self.decoder2.forward(&f2, train, 4, p);
         Outputs { out_v, out_a, emb_v, emb_a }
     }
 
     /// Decoder 1's logits only (inference: the plain network).
     pub fn forward_v(&self, x: &Tensor) -> Tensor {
-        self.decoder1.forward(&self.encoder1.forward(x, None), None, 2).0
+        self.decoder1.forward(&self.encoder1.forward(x, None, 0.0), None, 2, 0.0).0
     }
 
     /// Decoder 2's logits in eval mode (CMA skipped).
     pub fn forward_a(&self, x: &Tensor) -> Tensor {
-        self.decoder2.forward(&self.encoder2.forward(x, None), None, 4).0
+        self.decoder2.forward(&self.encoder2.forward(x, None, 0.0), None, 4, 0.0).0
     }
 
     /// (trainable parameters, buffers), each named as in PyTorch's state_dict.

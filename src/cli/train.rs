@@ -61,6 +61,10 @@ pub struct Args {
     /// Sharpening temperature T of the consistency targets.
     #[arg(long)]
     pub temperature: Option<f32>,
+    /// Dropout3d probability after block_five and block_nine (0.5 in the reference; the small
+    /// preset uses 0).
+    #[arg(long)]
+    pub dropout: Option<f32>,
     /// Detach the sharpened consistency targets (the reference does not; the small preset
     /// does, `detach_targets = false` in a --config file undoes it).
     #[arg(long)]
@@ -120,7 +124,8 @@ pub fn run(a: Args) -> Result<()> {
         seed,
         memory_num,
         num_filtered,
-        temperature
+        temperature,
+        dropout
     );
     set!(val_every, checkpoint_every, precision);
     if a.data.is_some() {
