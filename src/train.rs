@@ -355,12 +355,13 @@ fn spawn_loader(
     mut sampler: Sampler,
     cases: Vec<Case>,
     patch: [usize; 3],
+    intensity: bool,
     count: u64,
 ) -> Receiver<Result<(Batch, SamplerState)>> {
     let (tx, rx) = sync_channel(2);
     std::thread::spawn(move || {
         for _ in 0..count {
-            let item = sampler.next_batch(&cases, patch).map(|b| (b, sampler.state()));
+            let item = sampler.next_batch(&cases, patch, intensity).map(|b| (b, sampler.state()));
             let failed = item.is_err();
             if tx.send(item).is_err() || failed {
                 break;
@@ -414,7 +415,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     let mut log = open_log(&log_path, resume, st.iter)?;
 
     let remaining = cfg.iters.saturating_sub(st.iter);
-    let batches = spawn_loader(sampler, train_cases, cfg.patch, remaining);
+    let batches = spawn_loader(sampler, train_cases, cfg.patch, cfg.intensity_aug, remaining);
     let bar = indicatif::ProgressBar::new(cfg.iters).with_position(st.iter);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

@@ -13,12 +13,14 @@ fn paper_preset_matches_the_reference() {
     assert_eq!(TrainConfig { labeled: 16, ..c.clone() }.ramp_length(), 15.0);
     assert_eq!(c.lr_schedule, LrSchedule::Constant);
     assert_eq!((c.lr_at(1), c.lr_at(15_000)), (0.01, 0.01));
-    assert_eq!((c.dropout, c.detach_targets), (0.5, false));
-    // The small preset leaves out dropout and detaches the targets; a file without the key (a
-    // run folder written before it existed) reads as the reference's 0.5.
+    assert_eq!((c.dropout, c.detach_targets, c.intensity_aug), (0.5, false, false));
+    // The small preset leaves out dropout, detaches the targets and adds intensity augmentation;
+    // a file without these keys (a run folder written before they existed) reads as the
+    // reference.
     let small = TrainConfig::preset(Preset::Small);
-    assert_eq!((small.dropout, small.detach_targets), (0.0, true));
-    assert_eq!(toml::from_str::<TrainConfig>("iters = 5").unwrap().dropout, 0.5);
+    assert_eq!((small.dropout, small.detach_targets, small.intensity_aug), (0.0, true, true));
+    let old = toml::from_str::<TrainConfig>("iters = 5").unwrap();
+    assert_eq!((old.dropout, old.intensity_aug), (0.5, false));
 }
 
 #[test]

@@ -213,6 +213,7 @@ class Config:
     fix_memory_view: bool = False
     detach_targets: bool = False
     dropout: float = 0.5
+    intensity_aug: bool = False
     clip: float = 0.0
 
     def ramp_length(self):
@@ -222,7 +223,7 @@ class Config:
 PRESETS = {
     "paper": Config(),
     "small": Config(labeled=4, patch=(48, 48, 32), width=4, ramp_every=5, memory_num=64, num_filtered=1600,
-                    detach_targets=True, dropout=0.0),
+                    detach_targets=True, dropout=0.0, intensity_aug=True),
 }
 
 

@@ -53,6 +53,19 @@ def load_split(root, split):
     ]
 
 
+def intensity(img, rng):
+    """Contrast around the mean and a shift, gamma on the patch's range, noise half the time
+    (the engine's IntensityParams; its own random stream, so not the same draws)."""
+    c, b, g, u = rng.uniform(0.7, 1.4), rng.uniform(-0.3, 0.3), rng.uniform(0.7, 1.5), rng.uniform()
+    img = (img - img.mean()) * c + img.mean() + b
+    lo, r = img.min(), img.max() - img.min()
+    if r > 0:
+        img = lo + r * np.clip((img - lo) / r, 0, 1) ** g
+    if u < 0.5:
+        img = img + rng.normal(0, 0.2 * u, img.shape)
+    return np.ascontiguousarray(img, dtype=np.float32)
+
+
 def augment(img, lab, patch, rng):
     """Rotate k*90 degrees in X-Y, flip along X or Y, random crop (padding small sides)."""
     k = rng.integers(0, 4)
@@ -144,6 +157,8 @@ def main():
     ap.add_argument("--fix-memory-view", action="store_true", help="flatten emb_a channels-last for the bank")
     ap.add_argument("--detach-targets", action="store_true", help="detach the sharpened consistency targets")
     ap.add_argument("--dropout", type=float, help="Dropout3d probability (0.5; the small preset: 0)")
+    ap.add_argument("--intensity-aug", choices=["true", "false"],
+                    help="contrast, brightness, gamma and noise per patch (the small preset: true)")
     ap.add_argument("--clip", type=float, help="clip the gradient's global norm to this (0: never)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=2)
@@ -155,7 +170,8 @@ def main():
     over = {k: v for k, v in dict(lr=a.lr, width=a.width, labeled=a.labeled, ramp_every=a.ramp_every, batch=a.batch,
                                       labeled_bs=a.labeled_bs, clip=a.clip, consistency=a.consistency,
                                       omni=a.omni, fix_memory_view=a.fix_memory_view or None,
-                                      detach_targets=a.detach_targets or None, dropout=a.dropout).items()
+                                      detach_targets=a.detach_targets or None, dropout=a.dropout,
+                                      intensity_aug=None if a.intensity_aug is None else a.intensity_aug == "true").items()
             if v is not None}
     if a.patch:
         over["patch"] = tuple(a.patch)
@@ -179,6 +195,8 @@ def main():
             g["lr"] = lr
         lab, unl = sampler.next()
         pairs = [augment(*train[i], cfg.patch, rng) for i in lab + unl]
+        if cfg.intensity_aug:
+            pairs = [(intensity(im, rng), lb) for im, lb in pairs]
         x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
         y = torch.from_numpy(np.stack([p[1] for p in pairs[: len(lab)]])).long()
         if a.method == "caml":

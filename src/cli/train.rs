@@ -72,6 +72,10 @@ pub struct Args {
     /// Flatten the auxiliary embeddings channels-last for the memory bank (the reference does not).
     #[arg(long)]
     pub fix_memory_view: bool,
+    /// Random contrast, brightness, gamma and noise on each training patch (true or false; the
+    /// reference has none, the small preset uses it).
+    #[arg(long, value_name = "BOOL")]
+    pub intensity_aug: Option<bool>,
     /// Validation Dice on the test split every N iterations (0: never).
     #[arg(long)]
     pub val_every: Option<u64>,
@@ -125,7 +129,8 @@ pub fn run(a: Args) -> Result<()> {
         memory_num,
         num_filtered,
         temperature,
-        dropout
+        dropout,
+        intensity_aug
     );
     set!(val_every, checkpoint_every, precision);
     if a.data.is_some() {

@@ -13,6 +13,10 @@
 //! Draw order per sample: k, flip axis, then the three offsets. The steps are fused into one
 //! gather that reads only the voxels that end up in the patch; a literal step-by-step version
 //! is kept in the tests as the reference.
+//!
+//! [`IntensityParams`] adds an intensity augmentation the reference does not have (off unless
+//! asked for): contrast, brightness, gamma and noise, as nnU-Net's, for data whose contrast and
+//! bias vary per case more than a few labeled cases show.
 
 use crate::data::{Image, Mask};
 use crate::rng::Rng;
@@ -116,6 +120,55 @@ pub fn apply(image: &Image, label: &Mask, p: &AugmentParams, patch: [usize; 3]) 
     (img, lab)
 }
 
+/// One sample's intensity change, applied to the cropped patch in this order: contrast `c`
+/// around the patch mean m and a shift b (v -> (v - m) c + m + b); gamma on the patch's range
+/// [lo, hi] (v -> lo + (hi - lo) ((v - lo) / (hi - lo))^gamma, which keeps lo and hi); Gaussian
+/// noise of standard deviation `noise` (0: none). Images are z-normalised, so the ranges are in
+/// units of the case's standard deviation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IntensityParams {
+    pub contrast: f32,
+    pub shift: f32,
+    pub gamma: f32,
+    pub noise: f32,
+}
+
+impl IntensityParams {
+    /// Contrast uniform in [0.7, 1.4], shift in [-0.3, 0.3], gamma in [0.7, 1.5], and with
+    /// probability 1/2 noise of a deviation uniform in [0, 0.1]. Always four draws, in that order.
+    pub fn draw(rng: &mut Rng) -> Self {
+        let contrast = rng.uniform_in(0.7, 1.4) as f32;
+        let shift = rng.uniform_in(-0.3, 0.3) as f32;
+        let gamma = rng.uniform_in(0.7, 1.5) as f32;
+        let u = rng.uniform();
+        let noise = if u < 0.5 { (0.2 * u) as f32 } else { 0.0 };
+        Self { contrast, shift, gamma, noise }
+    }
+
+    /// Applies the change to `img` in place; the noise is drawn from `rng`.
+    pub fn apply(&self, img: &mut [f32], rng: &mut Rng) {
+        if img.is_empty() {
+            return;
+        }
+        let mean = (img.iter().map(|&v| v as f64).sum::<f64>() / img.len() as f64) as f32;
+        for v in img.iter_mut() {
+            *v = (*v - mean) * self.contrast + mean + self.shift;
+        }
+        let (lo, hi) = img.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        let range = hi - lo;
+        if range > 0.0 && self.gamma != 1.0 {
+            for v in img.iter_mut() {
+                *v = lo + range * ((*v - lo) / range).clamp(0.0, 1.0).powf(self.gamma);
+            }
+        }
+        if self.noise > 0.0 {
+            for v in img.iter_mut() {
+                *v += self.noise * rng.normal() as f32;
+            }
+        }
+    }
+}
+
 /// Draws parameters and applies them.
 pub fn augment(image: &Image, label: &Mask, patch: [usize; 3], rng: &mut Rng) -> (Vec<f32>, Vec<u8>) {
     let p = AugmentParams::draw(rng, image.dims(), patch);
@@ -213,6 +266,79 @@ mod tests {
                 assert!(dims[a] + 2 * pad[a] > [112, 112, 80][a], "{dims:?} {pad:?}");
             }
         }
+    }
+
+    fn mean_std(v: &[f32]) -> (f64, f64) {
+        let m = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / v.len() as f64;
+        (m, var.sqrt())
+    }
+
+    fn test_image(n: usize) -> Vec<f32> {
+        let mut rng = Rng::new(3);
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    #[test]
+    fn intensity_identity_leaves_the_patch_alone() {
+        let img = test_image(500);
+        let mut out = img.clone();
+        let p = IntensityParams { contrast: 1.0, shift: 0.0, gamma: 1.0, noise: 0.0 };
+        p.apply(&mut out, &mut Rng::new(1));
+        for (a, b) in img.iter().zip(&out) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn intensity_contrast_and_shift_move_mean_and_scale_deviation() {
+        let img = test_image(2000);
+        let (m0, s0) = mean_std(&img);
+        let mut out = img.clone();
+        IntensityParams { contrast: 1.3, shift: -0.2, gamma: 1.0, noise: 0.0 }
+            .apply(&mut out, &mut Rng::new(1));
+        let (m1, s1) = mean_std(&out);
+        assert!((m1 - (m0 - 0.2)).abs() < 1e-4, "{m0} {m1}");
+        assert!((s1 / s0 - 1.3).abs() < 1e-4, "{s0} {s1}");
+    }
+
+    #[test]
+    fn intensity_gamma_keeps_the_range_and_the_order() {
+        let img = test_image(1000);
+        let mut out = img.clone();
+        IntensityParams { contrast: 1.0, shift: 0.0, gamma: 1.5, noise: 0.0 }
+            .apply(&mut out, &mut Rng::new(1));
+        let range = |v: &[f32]| v.iter().fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        let ((lo, hi), (lo2, hi2)) = (range(&img), range(&out));
+        assert!((lo - lo2).abs() < 1e-5 && (hi - hi2).abs() < 1e-5);
+        let mut idx: Vec<usize> = (0..img.len()).collect();
+        idx.sort_by(|&a, &b| img[a].total_cmp(&img[b]));
+        assert!(idx.windows(2).all(|w| out[w[0]] <= out[w[1]]));
+        // gamma > 1 darkens the middle of the range: the mean drops.
+        assert!(mean_std(&out).0 < mean_std(&img).0 - 0.05);
+    }
+
+    #[test]
+    fn intensity_noise_has_the_asked_deviation() {
+        let img = vec![0.5f32; 20000];
+        let mut out = img.clone();
+        IntensityParams { contrast: 1.0, shift: 0.0, gamma: 1.0, noise: 0.08 }
+            .apply(&mut out, &mut Rng::new(5));
+        let (m, s) = mean_std(&out);
+        assert!((m - 0.5).abs() < 0.003 && (s - 0.08).abs() < 0.003, "{m} {s}");
+    }
+
+    #[test]
+    fn intensity_draws_stay_in_their_ranges() {
+        let mut rng = Rng::new(11);
+        let mut noisy = 0;
+        for _ in 0..2000 {
+            let p = IntensityParams::draw(&mut rng);
+            assert!((0.7..=1.4).contains(&p.contrast) && (-0.3..=0.3).contains(&p.shift));
+            assert!((0.7..=1.5).contains(&p.gamma) && (0.0..=0.1).contains(&p.noise));
+            noisy += (p.noise > 0.0) as usize;
+        }
+        assert!((900..1100).contains(&noisy), "{noisy}");
     }
 
     #[test]

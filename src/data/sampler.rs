@@ -149,7 +149,9 @@ impl Sampler {
     }
 
     /// The next batch, augmented and cropped to `patch`. `cases` is the train list in order.
-    pub fn next_batch(&mut self, cases: &[Case], patch: [usize; 3]) -> Result<Batch> {
+    /// With `intensity`, each sample's patch also gets an [`augment::IntensityParams`] change,
+    /// drawn from the augmentation stream after its crop.
+    pub fn next_batch(&mut self, cases: &[Case], patch: [usize; 3], intensity: bool) -> Result<Batch> {
         ensure!(
             cases.len() == self.s.n_train,
             "the sampler was built for {} training cases, got {}",
@@ -163,7 +165,10 @@ impl Sampler {
         let mut labels = Vec::with_capacity(all.len() * n);
         for &i in &all {
             let c = &cases[i];
-            let (img, lab) = augment::augment(&c.image, &c.label, patch, &mut self.aug_rng);
+            let (mut img, lab) = augment::augment(&c.image, &c.label, patch, &mut self.aug_rng);
+            if intensity {
+                augment::IntensityParams::draw(&mut self.aug_rng).apply(&mut img, &mut self.aug_rng);
+            }
             images.extend_from_slice(&img);
             labels.extend_from_slice(&lab);
         }
@@ -256,27 +261,33 @@ mod tests {
         assert_ne!(c.unlabeled[0], c.unlabeled[1]);
     }
 
-    #[test]
-    fn state_round_trip_resumes_identically() {
-        let cases: Vec<Case> = (0..6)
+    fn ramp_cases() -> Vec<Case> {
+        (0..6)
             .map(|i| Case {
                 name: format!("c{i}"),
                 image: Volume::from_fn([10, 9, 8], |x, y, z| (i * 1000 + x * 100 + y * 10 + z) as f32),
                 label: Volume::from_fn([10, 9, 8], |x, _, _| (x > 4) as u8),
             })
-            .collect();
-        let mut a = Sampler::new(6, 3, 2, 2, 42).unwrap();
-        for _ in 0..5 {
-            a.next_batch(&cases, [4, 4, 4]).unwrap();
-        }
-        let mut b = Sampler::from_json(&a.to_json()).unwrap();
-        for _ in 0..7 {
-            let x = a.next_batch(&cases, [4, 4, 4]).unwrap();
-            let y = b.next_batch(&cases, [4, 4, 4]).unwrap();
-            assert_eq!(x.indices, y.indices);
-            assert_eq!(x.images, y.images);
-            assert_eq!(x.labels, y.labels);
-            assert_eq!(x.images.len(), 4 * 64);
+            .collect()
+    }
+
+    #[test]
+    fn state_round_trip_resumes_identically() {
+        let cases = ramp_cases();
+        for intensity in [false, true] {
+            let mut a = Sampler::new(6, 3, 2, 2, 42).unwrap();
+            for _ in 0..5 {
+                a.next_batch(&cases, [4, 4, 4], intensity).unwrap();
+            }
+            let mut b = Sampler::from_json(&a.to_json()).unwrap();
+            for _ in 0..7 {
+                let x = a.next_batch(&cases, [4, 4, 4], intensity).unwrap();
+                let y = b.next_batch(&cases, [4, 4, 4], intensity).unwrap();
+                assert_eq!(x.indices, y.indices);
+                assert_eq!(x.images, y.images);
+                assert_eq!(x.labels, y.labels);
+                assert_eq!(x.images.len(), 4 * 64);
+            }
         }
         // The same seed gives the same batches from the start; another seed does not.
         let mut c = Sampler::new(6, 3, 2, 2, 42).unwrap();
@@ -286,6 +297,20 @@ mod tests {
         let (sc, sd, se) = (seq(&mut c), seq(&mut d), seq(&mut e));
         assert_eq!(sc, se);
         assert_ne!(sc, sd);
+    }
+
+    #[test]
+    fn intensity_changes_images_only() {
+        let cases = ramp_cases();
+        let mut a = Sampler::new(6, 3, 2, 2, 42).unwrap();
+        let mut b = Sampler::new(6, 3, 2, 2, 42).unwrap();
+        // The first batch crops the same patches (the intensity draws follow each crop's).
+        let x = a.next_batch(&cases, [4, 4, 4], false).unwrap();
+        let y = b.next_batch(&cases, [4, 4, 4], true).unwrap();
+        assert_eq!(x.indices, y.indices);
+        let n = 64;
+        assert_eq!(x.labels[..n], y.labels[..n]);
+        assert_ne!(x.images[..n], y.images[..n]);
     }
 
     #[test]
