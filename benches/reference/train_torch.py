@@ -3,10 +3,11 @@ image.nii.gz / label.nii.gz, train.list and test.list), evaluated like `caml-wgp
 counterpart of `caml-wgpu train --preset P ... && caml-wgpu eval --split test`, to tell the
 method's behaviour at a configuration from our engine's.
 
-    python benches/reference/train_torch.py --data data/synth --preset small --iters 300
+    python benches/reference/train_torch.py --data data/synth --preset small
 
-Sampling and augmentation follow SPEC section 2 (not caml-wgpu's random streams, so single runs
-differ; compare distributions over seeds). Prints the final model's mean test Dice.
+Sampling and augmentation follow SPEC section 2, with the small preset's intensity augmentation
+(not caml-wgpu's random streams, so single runs differ; compare distributions over seeds).
+Prints the final model's mean test Dice.
 """
 
 import argparse
@@ -142,9 +143,10 @@ def main():
     ap.add_argument("--data", default="data/synth")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
     ap.add_argument("--method", choices=["caml", "labeled-only"], default="caml")
-    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--lr", type=float)
-    ap.add_argument("--lr-schedule", choices=["constant", "poly"], default="constant")
+    ap.add_argument("--lr-schedule", choices=["constant", "poly"],
+                    help="learning-rate schedule (default: poly for the small preset, constant for the paper's)")
     ap.add_argument("--width", type=int)
     ap.add_argument("--patch", type=int, nargs=3)
     ap.add_argument("--labeled", type=int)
@@ -176,6 +178,7 @@ def main():
     if a.patch:
         over["patch"] = tuple(a.patch)
     cfg = dataclasses.replace(PRESETS[a.preset], **over)
+    schedule = a.lr_schedule or ("poly" if a.preset == "small" else "constant")
     if a.lr is None and a.preset == "small":
         cfg = dataclasses.replace(cfg, lr=0.03)
     if a.rampup is not None:
@@ -190,7 +193,7 @@ def main():
     bank = MemoryBank(cfg.labeled)
     t0 = time.time()
     for it in range(1, a.iters + 1):
-        lr = cfg.lr * (1 - (it - 1) / a.iters) ** 0.9 if a.lr_schedule == "poly" else cfg.lr
+        lr = cfg.lr * (1 - (it - 1) / a.iters) ** 0.9 if schedule == "poly" else cfg.lr
         for g in opt.param_groups:
             g["lr"] = lr
         lab, unl = sampler.next()
