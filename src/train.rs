@@ -427,10 +427,16 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     let mut last = StepLog::default();
     // Seconds since the start when each iteration finished recording, until its values are read.
     let mut finished: Option<(u64, f64)> = None;
-    for _ in 0..remaining {
+    // Buffers the pool had to create in the steps after this process's first.
+    let mut later_allocations = 0;
+    for k in 0..remaining {
         let (batch, sampler_state) = batches.recv().context("the batch loader stopped")??;
         st.opt.config.lr = cfg.lr_at(st.iter + 1);
+        let allocations = gpu.allocations();
         let mut logs: Vec<StepLog> = train_step(&mut st, cfg, &batch)?.into_iter().collect();
+        if k > 0 {
+            later_allocations += gpu.allocations() - allocations;
+        }
         let iter = st.iter;
         let seconds = start.elapsed().as_secs_f64();
         let final_iter = iter == cfg.iters;
@@ -484,6 +490,15 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
         }
     }
     bar.finish();
+    let m = gpu.memory();
+    println!(
+        "GPU memory: peak {:.1} MiB in tensors, {:.1} MiB reserved by the buffer pool; buffers created \
+         after the first step: {later_allocations} (over {} {})",
+        m.peak_in_use as f64 / 1048576.0,
+        m.peak_reserved as f64 / 1048576.0,
+        remaining.saturating_sub(1),
+        if remaining == 2 { "step" } else { "steps" }
+    );
     checkpoint::save(&out.join(FINAL_MODEL), &model_dict(&st.model), &model_metadata(cfg))?;
     plot_log(&log_path, &out.join("loss.png"))?;
     Ok(last)
