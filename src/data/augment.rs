@@ -15,8 +15,8 @@
 //! is kept in the tests as the reference.
 //!
 //! [`IntensityParams`] adds an intensity augmentation the reference does not have (off unless
-//! asked for): contrast, brightness, gamma and noise, as nnU-Net's, for data whose contrast and
-//! bias vary per case more than a few labeled cases show.
+//! asked for): contrast, brightness, gamma and noise, in the manner of nnU-Net's, for data whose
+//! contrast and bias vary per case more than a few labeled cases show.
 
 use crate::data::{Image, Mask};
 use crate::rng::Rng;
