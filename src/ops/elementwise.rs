@@ -117,16 +117,10 @@ pub fn collapse(shape: &[usize], sa: &[usize], sb: &[usize]) -> (Vec<usize>, Vec
     (d, a, b)
 }
 
-/// The elementwise kernel `entry` for the range [start, start + len) and its invocations: the
-/// four-values-per-invocation twin (`entry4`, vector loads) where the range is whole vectors.
-fn per_lane(entry: &'static str, start: usize, len: usize) -> (Kernel, usize) {
+/// The elementwise kernel `entry` for the range [start, start + len) and its invocations: its
+/// four-values-per-invocation twin `entry4` (vector loads) where the range is whole vectors.
+fn per_lane(entry: &'static str, entry4: &'static str, start: usize, len: usize) -> (Kernel, usize) {
     if start.is_multiple_of(4) && len.is_multiple_of(4) {
-        let entry4 = match entry {
-            "binary" => "binary4",
-            "unary" => "unary4",
-            "fill" => "fill4",
-            _ => unreachable!("no vector twin of {entry}"),
-        };
         (Kernel::new("elementwise", entry4), len / 4)
     } else {
         (Kernel::new("elementwise", entry), len)
@@ -153,7 +147,7 @@ pub fn binary(op: BinaryOp, a: &Tensor, b: &Tensor) -> Tensor {
     let g = gpu();
     if a.shape() == b.shape() {
         for_chunks(n, |s, len| {
-            let (k, lanes) = per_lane("binary", s, len);
+            let (k, lanes) = per_lane("binary", "binary4", s, len);
             let p = Params::new().u(lanes).u(0).f(0.0).f(0.0);
             g.dispatch_1d(
                 &k.with("OP", op.code() as f64),
@@ -203,7 +197,7 @@ pub fn unary(op: UnaryOp, x: &Tensor) -> Tensor {
     let out = Tensor::empty(x.shape());
     let (code, s0, s1) = op.code_and_scalars();
     for_chunks(x.numel(), |s, len| {
-        let (k, lanes) = per_lane("unary", s, len);
+        let (k, lanes) = per_lane("unary", "unary4", s, len);
         let p = Params::new().u(lanes).u(0).f(s0).f(s1);
         gpu().dispatch_1d(
             &k.with("OP", code as f64),
@@ -236,7 +230,7 @@ pub(crate) fn unary_grad(op: UnaryOp, x: &Tensor, y: &Tensor, g: &Tensor) -> Ten
 
 pub fn fill(t: &Tensor, value: f32) {
     for_chunks(t.numel(), |s, len| {
-        let (k, lanes) = per_lane("fill", s, len);
+        let (k, lanes) = per_lane("fill", "fill4", s, len);
         let p = Params::new().u(lanes).u(0).f(value).f(0.0);
         gpu().dispatch_1d(&k, p.bytes(), &[range_binding(t, s, len)], lanes as u64);
     });
