@@ -3,6 +3,10 @@
 
 use caml_wgpu::Tensor;
 use caml_wgpu::gpu::gpu;
+use std::sync::Mutex;
+
+/// The tests of this file record steps of the one device's pool: one at a time.
+static STEPS: Mutex<()> = Mutex::new(());
 
 /// The omni-correlation rows of a step whose class 1 has voxels or has none.
 fn select_step(class1_empty: bool) -> [usize; 2] {
@@ -27,6 +31,7 @@ fn select_step(class1_empty: bool) -> [usize; 2] {
 fn a_class_without_voxels_keeps_the_step_on_its_plan() {
     // The omni-correlation's selection makes the same requests when a class has no voxels, so
     // steps alternating between the two cases follow one plan.
+    let _one = STEPS.lock().unwrap_or_else(|e| e.into_inner());
     let g = gpu();
     // The first steps make the plan (and the one-key index an empty class selects from, once).
     for empty in [false, true, false, true] {
@@ -38,4 +43,50 @@ fn a_class_without_voxels_keeps_the_step_on_its_plan() {
         assert_eq!(select_step(empty), [1000, if empty { 0 } else { 1000 }]);
     }
     assert_eq!(g.buffer_plans(), plans, "a step with an empty class left the plan");
+}
+
+/// The Gram matrix and column sums of `rows` rows of 4 channels, less a shift, in a step.
+fn gram_step(rows: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    gpu().begin_step();
+    let x: Vec<f32> = (0..rows * 4).map(|i| ((i * 2654435761) % 1009) as f32 / 1009.0 - 0.3).collect();
+    let shift = [0.1f32, -0.2, 0.05, 0.3];
+    let (g, s) = caml_wgpu::ops::matmul::gram(
+        &Tensor::from_vec(&x, &[rows, 4]),
+        &Tensor::from_vec(&shift, &[4]),
+        false,
+    );
+    let out = (g.to_vec(), s.to_vec(), x);
+    gpu().end_step();
+    out
+}
+
+#[test]
+fn grams_over_selections_of_any_size_keep_one_plan() {
+    // Rows selected by a mask change in number from step to step by large factors: the Gram
+    // kernel's partial sums then keep their buffers and launches, and the steps one plan.
+    let _one = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+    let g = gpu();
+    for rows in [300, 40_000, 300] {
+        gram_step(rows);
+    }
+    let (plans, allocations) = (g.buffer_plans(), g.allocations());
+    for rows in [40_000, 3000, 300, 17_000, 40_000, 1] {
+        let (gram, sums, x) = gram_step(rows);
+        let shift = [0.1f32, -0.2, 0.05, 0.3];
+        let d = |r: usize, c: usize| (x[r * 4 + c] - shift[c]) as f64;
+        for a in 0..4 {
+            let want_sum: f64 = (0..rows).map(|r| d(r, a)).sum();
+            assert!((sums[a] as f64 - want_sum).abs() <= 1e-4 * (rows as f64), "{rows} rows: sum {a}");
+            for b in 0..4 {
+                let want: f64 = (0..rows).map(|r| d(r, a) * d(r, b)).sum();
+                let got = gram[a * 4 + b] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-4 * (rows as f64),
+                    "{rows} rows: G[{a},{b}] {got} vs {want}"
+                );
+            }
+        }
+    }
+    assert_eq!(g.buffer_plans(), plans, "a step with another number of rows left the plan");
+    assert_eq!(g.allocations(), allocations, "a step with another number of rows created buffers");
 }

@@ -283,7 +283,8 @@ fn tall_tn_launch(
     // ROWS rows, at most PARTS partials in all.
     const ROWS: usize = 256;
     const PARTS: usize = 2048;
-    let want = (gpu().fill_invocations() / 8).clamp(1, PARTS).min(k.div_ceil(ROWS)).max(1);
+    let most = (gpu().fill_invocations() / 8).clamp(1, PARTS);
+    let want = most.min(k.div_ceil(ROWS)).max(1);
     let wgs = want.div_ceil(8);
     let kc = k.div_ceil(wgs * 8) * 8;
     let wgs = k.div_ceil(kc);
@@ -296,9 +297,13 @@ fn tall_tn_launch(
     let width = m * n + sums_len;
     let kernel = Kernel::new(tall_tn_shader(m, n, sums, gram), "matmul_tn");
     let p = Params::new().u(k).u(kc).u(width);
-    let out = Tensor::empty(&[parts * width]);
+    // The partials take room for the most parts and are summed the same way for every k: the rows
+    // are often a selection whose size changes from step to step, and a training step's buffer
+    // plan then holds.
+    let most = most.div_ceil(8) * 8;
+    let out = Tensor::empty(&[most * width]);
     gpu().dispatch(&kernel, p.bytes(), &[a.binding(), b.binding(), out.binding()], [wgs as u32, 1, 1]);
-    let total = crate::ops::reduce::sum_middle(&out, 1, parts, width);
+    let total = crate::ops::reduce::sum_middle_upto(&out, 1, parts, width, most);
     if sums != Sums::None {
         (total.narrow(0, 0, m * n).reshape(&[m, n]), Some(total.narrow(0, m * n, sums_len)))
     } else {

@@ -95,12 +95,21 @@ impl Lanes {
 
 /// Sums x seen as [outer, r, inner] over r, giving [outer, inner] (as a flat tensor).
 pub(crate) fn sum_middle(x: &Tensor, outer: usize, r: usize, inner: usize) -> Tensor {
+    sum_middle_upto(x, outer, r, inner, r)
+}
+
+/// [`sum_middle`] for an r that varies from call to call up to `r_max`: it is split in chunks as
+/// `r_max` would be (chunks past r sum to zero), so that every call makes the same launches and
+/// temporaries whatever r is (a training step's buffer plan then holds from step to step).
+pub(crate) fn sum_middle_upto(x: &Tensor, outer: usize, r: usize, inner: usize, r_max: usize) -> Tensor {
+    assert!(r <= r_max, "sum over {r} rows, bounded by {r_max}");
     let lanes = outer * inner;
     // A reduction whose output is smaller than the adapter's fill splits its axis in chunks.
     let fill = gpu().fill_invocations();
-    let chunks = if lanes < fill && r >= 2 * MIN_CHUNK { fill.div_ceil(lanes).min(r / MIN_CHUNK) } else { 1 };
-    let chunk_len = r.div_ceil(chunks);
-    let chunks = r.div_ceil(chunk_len);
+    let chunks =
+        if lanes < fill && r_max >= 2 * MIN_CHUNK { fill.div_ceil(lanes).min(r_max / MIN_CHUNK) } else { 1 };
+    let chunk_len = r_max.div_ceil(chunks);
+    let chunks = r_max.div_ceil(chunk_len);
     let out = Tensor::empty(&[outer * chunks * inner]);
     let l = Lanes { outer, r, inner, chunks, chunk_len };
     l.launch("sum", &Kernel::new("reduce", "sum_axis"), &[(x, Rows), (&out, Lane)], RowRuns::Split, false);
