@@ -90,3 +90,42 @@ fn grams_over_selections_of_any_size_keep_one_plan() {
     assert_eq!(g.buffer_plans(), plans, "a step with another number of rows left the plan");
     assert_eq!(g.allocations(), allocations, "a step with another number of rows created buffers");
 }
+
+#[test]
+fn memory_draws_that_miss_an_entry_keep_the_step_on_its_plan() {
+    // Class 1 has 200 features in one bank entry and 1 in the other: 20 draws miss the second
+    // entry in most steps and take its row in some. Either way the step makes the same requests.
+    use caml_wgpu::caml::memory::MemoryBank;
+    use caml_wgpu::rng::Rng;
+    let _one = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+    let g = gpu();
+    let e = 4;
+    let entry = |rows: usize, base: f32| {
+        Tensor::from_vec(&(0..rows * e).map(|i| base + i as f32).collect::<Vec<_>>(), &[rows, e])
+    };
+    let mut bank = MemoryBank::new(2, 20);
+    bank.update(0, entry(230, 0.0), [30, 200]);
+    bank.update(1, entry(31, 10_000.0), [30, 1]);
+    // The class 1 feature of the second entry (its last row).
+    let lone: Vec<f32> = (0..e).map(|j| 10_000.0 + (30 * e + j) as f32).collect();
+    let mut rng = Rng::new(5);
+    let draw = |rng: &mut Rng| {
+        g.begin_step();
+        let sampled = bank.sample(rng);
+        let rows = sampled[1].as_ref().expect("class 1 has enough features").to_vec();
+        drop(sampled);
+        g.end_step();
+        assert_eq!(rows.len(), 20 * e);
+        rows.chunks(e).any(|r| r == lone.as_slice())
+    };
+    for _ in 0..4 {
+        draw(&mut rng);
+    }
+    let plans = g.buffer_plans();
+    let (mut hit, mut missed) = (0, 0);
+    for _ in 0..40 {
+        if draw(&mut rng) { hit += 1 } else { missed += 1 }
+    }
+    assert!(hit > 0 && missed > 0, "the draws took the lone feature in {hit} of 40 steps");
+    assert_eq!(g.buffer_plans(), plans, "a step whose draws missed an entry left the plan");
+}

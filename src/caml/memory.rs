@@ -55,13 +55,13 @@ impl MemoryBank {
                     rows.push((first + picks[at] - base) as u32);
                     at += 1;
                 }
-                if !rows.is_empty() {
-                    let len = rows.len();
-                    parts.push(e.feats.gather_rows(&Tensor::from_u32(&rows, &[len])));
-                }
+                // Every filled entry takes part, drawn from or not, and the parts are always
+                // joined: the step's requests for buffers do not depend on where the draws fall.
+                let len = rows.len();
+                parts.push(e.feats.gather_rows(&Tensor::from_u32(&rows, &[len])));
                 base += n;
             }
-            Some(if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::concat(&parts, 0) })
+            Some(Tensor::concat(&parts, 0))
         })
     }
 }

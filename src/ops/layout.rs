@@ -174,7 +174,9 @@ impl Tensor {
             let mut expect = shape.clone();
             expect[axis] = x.dim(axis);
             assert_eq!(x.shape(), &expect[..], "concat along {axis}: shapes differ");
-            copy_axis(x, &out, axis, 0, at, x.dim(axis));
+            if x.numel() > 0 {
+                copy_axis(x, &out, axis, 0, at, x.dim(axis));
+            }
             at += x.dim(axis);
         }
         Tensor::with_op(out, Op::Concat { xs: xs.iter().map(Tensor::graph_handle).collect(), axis })
