@@ -283,7 +283,7 @@ fn tall_tn_launch(
     // ROWS rows, at most PARTS partials in all.
     const ROWS: usize = 256;
     const PARTS: usize = 2048;
-    let most = (gpu().fill_invocations() / 8).clamp(1, PARTS);
+    let most = (gpu().fill_invocations() / 8).clamp(1, PARTS).div_ceil(8) * 8;
     let want = most.min(k.div_ceil(ROWS)).max(1);
     let wgs = want.div_ceil(8);
     let kc = k.div_ceil(wgs * 8) * 8;
@@ -300,7 +300,6 @@ fn tall_tn_launch(
     // The partials take room for the most parts and are summed the same way for every k: the rows
     // are often a selection whose size changes from step to step, and a training step's buffer
     // plan then holds.
-    let most = most.div_ceil(8) * 8;
     let out = Tensor::empty(&[most * width]);
     gpu().dispatch(&kernel, p.bytes(), &[a.binding(), b.binding(), out.binding()], [wgs as u32, 1, 1]);
     let total = crate::ops::reduce::sum_middle_upto(&out, 1, parts, width, most);
