@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::caml::memory::MemoryBank;
 use crate::caml::model::Caml;
 use crate::caml::step::{StepLog, TrainState, flush, train_step};
 use crate::checkpoint::{self, Entry, StateDict};
@@ -19,7 +18,6 @@ use crate::data::sampler::{Batch, Sampler, SamplerState};
 use crate::infer::predict::{PredictOptions, predict};
 use crate::infer::window::WindowOptions;
 use crate::metrics;
-use crate::optim::{Sgd, SgdConfig};
 use crate::rng::{Rng, RngState};
 use crate::tensor::Tensor;
 
@@ -392,18 +390,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create run folder {}", out.display()))?;
     crate::fsutil::remove_stale_temps(out)?;
 
-    let model = build_model(cfg);
-    let params = model.params();
-    let opt =
-        Sgd::new(SgdConfig { lr: cfg.lr, momentum: cfg.momentum, weight_decay: cfg.weight_decay }, &params);
-    let mut st = TrainState {
-        model,
-        opt,
-        bank: MemoryBank::new(cfg.labeled, cfg.memory_num),
-        rng: Rng::new(cfg.seed ^ 0xB4_4E),
-        iter: 0,
-        pending: None,
-    };
+    let mut st = TrainState::new(build_model(cfg), cfg, cfg.seed ^ 0xB4_4E);
     let unlabeled_bs = if cfg.method == Method::LabeledOnly { 0 } else { cfg.batch - cfg.labeled_bs };
     let sampler = if resume {
         restore_checkpoint(out, &mut st, cfg, train_cases.len())?

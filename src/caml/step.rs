@@ -10,7 +10,7 @@ use crate::caml::omni;
 use crate::config::{Method, TrainConfig};
 use crate::data::sampler::Batch;
 use crate::ops::scan::nonzero_many_with;
-use crate::optim::Sgd;
+use crate::optim::{Sgd, SgdConfig};
 use crate::rng::Rng;
 use crate::rng::derive_seed;
 use crate::tensor::Tensor;
@@ -39,6 +39,19 @@ pub struct TrainState {
     pub iter: u64,
     /// The last iteration's loss values while they are still on the device.
     pub pending: Option<Pending>,
+}
+
+impl TrainState {
+    /// The state before the first iteration: `model`, SGD with the configuration's momentum and
+    /// weight decay, an empty memory bank drawn from with `bank_seed`.
+    pub fn new(model: Caml, cfg: &TrainConfig, bank_seed: u64) -> TrainState {
+        let opt = Sgd::new(
+            SgdConfig { lr: cfg.lr, momentum: cfg.momentum, weight_decay: cfg.weight_decay },
+            &model.params(),
+        );
+        let bank = MemoryBank::new(cfg.labeled, cfg.memory_num);
+        TrainState { model, opt, bank, rng: Rng::new(bank_seed), iter: 0, pending: None }
+    }
 }
 
 /// An iteration whose loss values (loss, loss_s, loss_c, loss_o, the gradient sum) have not been

@@ -1,11 +1,9 @@
 use anyhow::Result;
 
-use crate::caml::memory::MemoryBank;
 use crate::caml::step::{TrainState, train_step};
 use crate::config::{Precision, Preset, TrainConfig};
 use crate::data::sampler::{Batch, BatchIndices};
 use crate::gpu::{Gpu, gpu};
-use crate::optim::{Sgd, SgdConfig};
 use crate::rng::Rng;
 
 #[derive(clap::Subcommand, Debug)]
@@ -122,18 +120,7 @@ pub fn run(a: Args) -> Result<()> {
             cfg.validate()?;
             crate::train::preflight(&cfg, cfg.batch, (g.limits.max_buffer_size, g.max_binding()), "--batch")?;
             let model = crate::train::build_model(&cfg);
-            let opt = Sgd::new(
-                SgdConfig { lr: cfg.lr, momentum: cfg.momentum, weight_decay: cfg.weight_decay },
-                &model.params(),
-            );
-            let mut st = TrainState {
-                model,
-                opt,
-                bank: MemoryBank::new(cfg.labeled, cfg.memory_num),
-                rng: Rng::new(1),
-                iter: 0,
-                pending: None,
-            };
+            let mut st = TrainState::new(model, &cfg, 1);
             let mut rng = Rng::new(7);
             let batch = synthetic_batch(&cfg, &mut rng);
             // Warm up until an iteration allocates nothing: the memory bank fills over the first
