@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Writes to DIR: `before.safetensors` (the small preset's initial weights), `batch.safetensors`
-//! (`image` [B, 1, X, Y, Z], `label` [B, X, Y, Z] as f32) and `after.safetensors` (the weights and
+//! (`image` [B, 1, X, Y, Z], `label` [B, X, Y, Z] as f32, `lr` [1]) and `after.safetensors` (the weights and
 //! BatchNorm statistics after one step at iteration 1), and prints the loss parts. What draws
 //! random numbers is left out, as the two programs draw from different streams: the
 //! omni-correlation's weight is 0 (its value depends on the memory bank's draws) and the
@@ -57,7 +57,7 @@ fn main() -> Result<()> {
     let meta = HashMap::new();
     checkpoint::save(&dir.join("before.safetensors"), &weights(&st), &meta)?;
 
-    // Images uniform in [-1, 1]; foreground a ball off the centre of each labeled sample.
+    // Images uniform in [-1, 1]; foreground a ball whose centre moves along X from sample to sample.
     let [x, y, z] = cfg.patch;
     let n = x * y * z;
     let images = Rng::new(7).vec(cfg.batch * n, -1.0, 1.0);
@@ -73,6 +73,8 @@ fn main() -> Result<()> {
     batch_dict.insert("image".into(), Entry::f32(&[cfg.batch, 1, x, y, z], images.clone()));
     let label_f: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
     batch_dict.insert("label".into(), Entry::f32(&[cfg.batch, x, y, z], label_f));
+    // The learning rate of iteration 1, for PyTorch's optimizer.
+    batch_dict.insert("lr".into(), Entry::f32(&[1], vec![cfg.lr_at(1)]));
     checkpoint::save(&dir.join("batch.safetensors"), &batch_dict, &meta)?;
 
     let indices = BatchIndices {

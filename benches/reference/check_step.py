@@ -32,10 +32,10 @@ def main():
                          "have no gradient: their change is weight decay and rounding)")
     a = ap.parse_args()
     torch.manual_seed(0)
-    cfg = dataclasses.replace(PRESETS["small"], omni=0.0, lr=0.03)
     before = load_file(os.path.join(a.dir, "before.safetensors"))
     after = load_file(os.path.join(a.dir, "after.safetensors"))
     batch = load_file(os.path.join(a.dir, "batch.safetensors"))
+    cfg = dataclasses.replace(PRESETS["small"], omni=0.0, lr=float(batch["lr"][0]))
     model = Caml(cfg.width, cfg.embed, cma=True, dropout=cfg.dropout)
     model.load_state_dict(before, strict=True)
     for m in model.encoder2.modules():  # the attention layers' dropout off, as step_torch does
