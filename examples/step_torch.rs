@@ -22,19 +22,7 @@ use caml_wgpu::checkpoint::{self, Entry, StateDict};
 use caml_wgpu::config::{Preset, TrainConfig};
 use caml_wgpu::data::sampler::{Batch, BatchIndices};
 use caml_wgpu::rng::Rng;
-use caml_wgpu::{DType, Tensor};
-
-fn entry(t: &Tensor) -> Entry {
-    match t.dtype() {
-        DType::F32 => Entry::f32(t.shape(), t.to_vec()),
-        DType::U32 => Entry::i64(t.shape(), t.to_u32().into_iter().map(i64::from).collect()),
-    }
-}
-
-fn weights(st: &TrainState) -> StateDict {
-    let (params, buffers) = st.model.named();
-    params.iter().chain(&buffers).map(|(k, t)| (k.clone(), entry(t))).collect()
-}
+use caml_wgpu::train::model_dict;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -55,7 +43,7 @@ fn main() -> Result<()> {
     }
     let mut st = TrainState::new(model, &cfg, 1);
     let meta = HashMap::new();
-    checkpoint::save(&dir.join("before.safetensors"), &weights(&st), &meta)?;
+    checkpoint::save(&dir.join("before.safetensors"), &model_dict(&st.model), &meta)?;
 
     // Images uniform in [-1, 1]; foreground a ball whose centre moves along X from sample to sample.
     let [x, y, z] = cfg.patch;
@@ -96,6 +84,6 @@ fn main() -> Result<()> {
         l.lambda_c,
         cfg.lr_at(1)
     );
-    checkpoint::save(&dir.join("after.safetensors"), &weights(&st), &meta)?;
+    checkpoint::save(&dir.join("after.safetensors"), &model_dict(&st.model), &meta)?;
     Ok(())
 }

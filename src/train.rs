@@ -153,7 +153,9 @@ impl Validation {
     }
 }
 
-fn model_dict(model: &Caml) -> StateDict {
+/// The model's weights and BatchNorm statistics under the reference's names, as a checkpoint
+/// holds them (`num_batches_tracked` as I64).
+pub fn model_dict(model: &Caml) -> StateDict {
     let (params, buffers) = model.named();
     params.iter().chain(&buffers).map(|(k, t)| (k.clone(), tensor_entry(t))).collect()
 }

@@ -8,23 +8,30 @@ use std::sync::Mutex;
 /// The tests of this file record steps of the one device's pool: one at a time.
 static STEPS: Mutex<()> = Mutex::new(());
 
+/// `f` recorded as one training step of the pool (its tensors released before the step ends).
+fn in_step<T>(f: impl FnOnce() -> T) -> T {
+    gpu().begin_step();
+    let out = f();
+    gpu().end_step();
+    out
+}
+
 /// The omni-correlation rows of a step whose class 1 has voxels or has none.
 fn select_step(class1_empty: bool) -> [usize; 2] {
     use caml_wgpu::caml::omni;
-    gpu().begin_step();
-    let n = 6000;
-    let conf =
-        Tensor::from_vec(&(0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect::<Vec<_>>(), &[n]);
-    let evens: Vec<u32> = (0..n as u32).step_by(2).collect();
-    let odds: Vec<u32> = (1..n as u32).step_by(2).collect();
-    let class0 = Tensor::from_u32(&evens, &[evens.len()]);
-    let class1 = if class1_empty { Tensor::empty_u32(&[0]) } else { Tensor::from_u32(&odds, &[odds.len()]) };
-    let rank = Tensor::from_u32(&(0..n as u32).collect::<Vec<_>>(), &[n]);
-    let rows = omni::select_rows(&rank, [&class0, &class1], &conf, 1000);
-    let counts = [rows[0].numel(), rows[1].numel()];
-    drop(rows);
-    gpu().end_step();
-    counts
+    in_step(|| {
+        let n = 6000;
+        let conf =
+            Tensor::from_vec(&(0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect::<Vec<_>>(), &[n]);
+        let evens: Vec<u32> = (0..n as u32).step_by(2).collect();
+        let odds: Vec<u32> = (1..n as u32).step_by(2).collect();
+        let class0 = Tensor::from_u32(&evens, &[evens.len()]);
+        let class1 =
+            if class1_empty { Tensor::empty_u32(&[0]) } else { Tensor::from_u32(&odds, &[odds.len()]) };
+        let rank = Tensor::from_u32(&(0..n as u32).collect::<Vec<_>>(), &[n]);
+        let rows = omni::select_rows(&rank, [&class0, &class1], &conf, 1000);
+        [rows[0].numel(), rows[1].numel()]
+    })
 }
 
 #[test]
@@ -47,17 +54,16 @@ fn a_class_without_voxels_keeps_the_step_on_its_plan() {
 
 /// The Gram matrix and column sums of `rows` rows of 4 channels, less a shift, in a step.
 fn gram_step(rows: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    gpu().begin_step();
-    let x: Vec<f32> = (0..rows * 4).map(|i| ((i * 2654435761) % 1009) as f32 / 1009.0 - 0.3).collect();
-    let shift = [0.1f32, -0.2, 0.05, 0.3];
-    let (g, s) = caml_wgpu::ops::matmul::gram(
-        &Tensor::from_vec(&x, &[rows, 4]),
-        &Tensor::from_vec(&shift, &[4]),
-        false,
-    );
-    let out = (g.to_vec(), s.to_vec(), x);
-    gpu().end_step();
-    out
+    in_step(|| {
+        let x: Vec<f32> = (0..rows * 4).map(|i| ((i * 2654435761) % 1009) as f32 / 1009.0 - 0.3).collect();
+        let shift = [0.1f32, -0.2, 0.05, 0.3];
+        let (g, s) = caml_wgpu::ops::matmul::gram(
+            &Tensor::from_vec(&x, &[rows, 4]),
+            &Tensor::from_vec(&shift, &[4]),
+            false,
+        );
+        (g.to_vec(), s.to_vec(), x)
+    })
 }
 
 #[test]
@@ -110,11 +116,7 @@ fn memory_draws_that_miss_an_entry_keep_the_step_on_its_plan() {
     let lone: Vec<f32> = (0..e).map(|j| 10_000.0 + (30 * e + j) as f32).collect();
     let mut rng = Rng::new(5);
     let draw = |rng: &mut Rng| {
-        g.begin_step();
-        let sampled = bank.sample(rng);
-        let rows = sampled[1].as_ref().expect("class 1 has enough features").to_vec();
-        drop(sampled);
-        g.end_step();
+        let rows = in_step(|| bank.sample(rng)[1].as_ref().expect("class 1 has enough features").to_vec());
         assert_eq!(rows.len(), 20 * e);
         rows.chunks(e).any(|r| r == lone.as_slice())
     };
