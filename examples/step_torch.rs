@@ -2,16 +2,19 @@
 //! `benches/reference/check_step.py` to repeat in PyTorch and compare.
 //!
 //! ```sh
-//! cargo run --release --example step_torch -- DIR
+//! cargo run --release --example step_torch -- DIR [--omni W]
 //! python benches/reference/check_step.py DIR
 //! ```
 //!
 //! Writes to DIR: `before.safetensors` (the small preset's initial weights), `batch.safetensors`
-//! (`image` [B, 1, X, Y, Z], `label` [B, X, Y, Z] as f32, `lr` [1]) and `after.safetensors` (the weights and
-//! BatchNorm statistics after one step at iteration 1), and prints the loss parts. What draws
-//! random numbers is left out, as the two programs draw from different streams: the
-//! omni-correlation's weight is 0 (its value depends on the memory bank's draws) and the
-//! attention layers' dropout is off; every other term enters the gradient as in a run.
+//! (`image` [B, 1, X, Y, Z], `label` [B, X, Y, Z] as f32, `lr` [1], `omni` [1], and per class c
+//! whose memory was drawn `memory_c`: the positions drawn, as i64) and `after.safetensors` (the
+//! weights and BatchNorm statistics after one step at iteration 1), and prints the loss parts.
+//! The two programs draw random numbers from different streams, so the attention layers' dropout
+//! is off and PyTorch takes the memory bank's draws from `memory_c`. The omni-correlation's
+//! weight is 0 unless `--omni W` sets it (at iteration 1 its ramp is e^-5: W = 100 gives the
+//! term a weight of 0.67, as large as the others'); every other term enters the gradient as in
+//! a run.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,12 +29,16 @@ use caml_wgpu::train::model_dict;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [dir] = args.as_slice() else { bail!("usage: step_torch DIR") };
+    let (dir, omni) = match args.as_slice() {
+        [dir] => (dir, 0.0),
+        [dir, flag, w] if flag == "--omni" => (dir, w.parse()?),
+        _ => bail!("usage: step_torch DIR [--omni W]"),
+    };
     let dir = Path::new(dir);
     std::fs::create_dir_all(dir)?;
     caml_wgpu::gpu::Gpu::init()?;
     let mut cfg = TrainConfig::preset(Preset::Small);
-    cfg.omni = 0.0;
+    cfg.omni = omni;
     let mut model = caml_wgpu::train::build_model(&cfg);
     // Without the attention layers' dropout (0.5, random masks that the two programs draw
     // differently); check_step.py turns PyTorch's off too.
@@ -58,12 +65,12 @@ fn main() -> Result<()> {
         })
         .collect();
     let mut batch_dict = StateDict::new();
+    batch_dict.insert("omni".into(), Entry::f32(&[1], vec![cfg.omni as f32]));
     batch_dict.insert("image".into(), Entry::f32(&[cfg.batch, 1, x, y, z], images.clone()));
     let label_f: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
     batch_dict.insert("label".into(), Entry::f32(&[cfg.batch, x, y, z], label_f));
     // The learning rate of iteration 1, for PyTorch's optimizer.
     batch_dict.insert("lr".into(), Entry::f32(&[1], vec![cfg.lr_at(1)]));
-    checkpoint::save(&dir.join("batch.safetensors"), &batch_dict, &meta)?;
 
     let indices = BatchIndices {
         labeled: (0..cfg.labeled_bs).collect(),
@@ -71,19 +78,31 @@ fn main() -> Result<()> {
     };
     let batch = Batch { indices, patch: cfg.patch, images, labels };
     st.opt.config.lr = cfg.lr_at(1);
+    let draws = st.rng.clone();
     let mut log = train_step(&mut st, &cfg, &batch)?;
     if log.is_none() {
         log = flush(&mut st)?;
     }
     let Some(l) = log else { bail!("the step logged nothing") };
     println!(
-        "caml-wgpu: loss {} loss_s {} loss_c {} lambda_c {} lr {}",
+        "caml-wgpu: loss {} loss_s {} loss_c {} loss_o {} lambda_c {} lambda_o {} lr {}",
         l.loss,
         l.loss_s,
         l.loss_c,
+        l.loss_o,
         l.lambda_c,
+        l.lambda_o,
         cfg.lr_at(1)
     );
+    // The bank after the step is the one the step drew from (updated before the draw, not after).
+    for (c, picks) in st.bank.draw(&mut draws.clone()).into_iter().enumerate() {
+        if let Some(picks) = picks {
+            let len = picks.len();
+            let picks = picks.into_iter().map(|p| p as i64).collect();
+            batch_dict.insert(format!("memory_{c}"), Entry::i64(&[len], picks));
+        }
+    }
+    checkpoint::save(&dir.join("batch.safetensors"), &batch_dict, &meta)?;
     checkpoint::save(&dir.join("after.safetensors"), &model_dict(&st.model), &meta)?;
     Ok(())
 }

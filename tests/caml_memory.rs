@@ -41,6 +41,28 @@ fn bank_samples_distinct_rows_of_one_class_from_every_entry() {
 }
 
 #[test]
+fn bank_draws_are_positions_in_the_pooled_rows_of_a_class() {
+    let mut bank = MemoryBank::new(3, 6);
+    bank.update(0, Tensor::concat(&[tagged(0, 0, 4), tagged(0, 1, 3)], 0), [4, 3]);
+    bank.update(2, Tensor::concat(&[tagged(2, 0, 5), tagged(2, 1, 4)], 0), [5, 4]);
+    let picks = bank.draw(&mut Rng::new(4));
+    let drawn = bank.sample(&mut Rng::new(4));
+    for c in 0..2 {
+        // The pooled rows of class c: every filled entry in order, its rows of c in order.
+        let pooled: Vec<f32> = [(0, [4, 3]), (2, [5, 4])]
+            .iter()
+            .flat_map(|&(case, n)| (0..n[c]).map(move |r| (case * 10000 + c * 1000 + r) as f32))
+            .collect();
+        let picks = picks[c].as_ref().unwrap();
+        assert_eq!(picks.len(), 6);
+        assert!(picks.windows(2).all(|w| w[0] < w[1]), "sorted and distinct: {picks:?}");
+        let want: Vec<f32> = picks.iter().map(|&p| pooled[p]).collect();
+        let got: Vec<f32> = drawn[c].as_ref().unwrap().to_vec().chunks(2).map(|r| r[0]).collect();
+        assert_eq!(got, want, "class {c}");
+    }
+}
+
+#[test]
 fn bank_entries_with_an_empty_class_are_kept() {
     let mut bank = MemoryBank::new(2, 3);
     bank.update(1, Tensor::concat(&[tagged(1, 0, 5), Tensor::zeros(&[0, 2])], 0), [5, 0]);

@@ -35,15 +35,23 @@ impl MemoryBank {
         self.entries.iter().flatten().map(|e| e.counts[c]).sum()
     }
 
-    /// Per class, `memory_num` features drawn uniformly without replacement from every filled
-    /// entry's rows of that class; `None` where the bank holds fewer.
-    pub fn sample(&self, rng: &mut Rng) -> [Option<Tensor>; 2] {
+    /// Per class, the positions of `memory_num` features drawn uniformly without replacement
+    /// from every filled entry's rows of that class (counted over the entries in order, each
+    /// entry's rows of the class in their order), sorted; `None` where the bank holds fewer.
+    pub fn draw(&self, rng: &mut Rng) -> [Option<Vec<usize>>; 2] {
         [0, 1].map(|c| {
             let total = self.count(c);
-            if total < self.memory_num || self.memory_num == 0 {
-                return None;
-            }
-            let picks = rng.sample_distinct(total, self.memory_num);
+            (total >= self.memory_num && self.memory_num > 0)
+                .then(|| rng.sample_distinct(total, self.memory_num))
+        })
+    }
+
+    /// Per class, the features at the positions [`MemoryBank::draw`] draws; `None` where the
+    /// bank holds fewer than `memory_num`.
+    pub fn sample(&self, rng: &mut Rng) -> [Option<Tensor>; 2] {
+        let picks = self.draw(rng);
+        [0, 1].map(|c| {
+            let picks = picks[c].as_ref()?;
             // Global positions (sorted) to per-entry row indices.
             let mut parts = Vec::new();
             let (mut base, mut at) = (0, 0);
