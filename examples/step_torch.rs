@@ -78,7 +78,7 @@ fn main() -> Result<()> {
     };
     let batch = Batch { indices, patch: cfg.patch, images, labels };
     st.opt.config.lr = cfg.lr_at(1);
-    let draws = st.rng.clone();
+    let mut draws = st.rng.clone();
     let mut log = train_step(&mut st, &cfg, &batch)?;
     if log.is_none() {
         log = flush(&mut st)?;
@@ -94,8 +94,13 @@ fn main() -> Result<()> {
         l.lambda_o,
         cfg.lr_at(1)
     );
-    // The bank after the step is the one the step drew from (updated before the draw, not after).
-    for (c, picks) in st.bank.draw(&mut draws.clone()).into_iter().enumerate() {
+    // The bank after the step is the one the step drew from (updated before the draw, not
+    // after); the same stream then draws the same positions, and ends where the step's did.
+    let drawn = st.bank.draw(&mut draws);
+    if draws.state() != st.rng.state() {
+        bail!("the step drew from its random stream other than the memory bank's one draw");
+    }
+    for (c, picks) in drawn.into_iter().enumerate() {
         if let Some(picks) = picks {
             let len = picks.len();
             let picks = picks.into_iter().map(|p| p as i64).collect();
