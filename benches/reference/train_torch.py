@@ -142,7 +142,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="data/synth")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    ap.add_argument("--method", choices=["caml", "labeled-only"], default="caml")
+    ap.add_argument("--method", choices=["caml", "mutual", "labeled-only"], default="caml",
+                    help="mutual: loss_s + loss_c without the attention layers or the omni-correlation")
     ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--lr-schedule", choices=["constant", "poly"],
@@ -181,7 +182,9 @@ def main():
     schedule = a.lr_schedule or ("poly" if a.preset == "small" else "constant")
     if a.lr is None and a.preset == "small":
         cfg = dataclasses.replace(cfg, lr=0.03)
-    if a.rampup is not None:
+    if a.method == "mutual":  # the omni-correlation's weight 0: its terms leave the gradient
+        cfg = dataclasses.replace(cfg, omni=0.0)
+    if a.rampup is not None:  # last: replace() would drop this instance's override
         cfg.ramp_length = lambda: a.rampup
     train, test = load_split(a.data, "train"), load_split(a.data, "test")
     rng = np.random.default_rng(a.seed)
@@ -202,7 +205,7 @@ def main():
             pairs = [(intensity(im, rng), lb) for im, lb in pairs]
         x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
         y = torch.from_numpy(np.stack([p[1] for p in pairs[: len(lab)]])).long()
-        if a.method == "caml":
+        if a.method != "labeled-only":
             loss, ls, lc, lo = train_step(model, opt, bank, cfg, x, y, lab, it, gen)
         else:
             model.train()
