@@ -47,6 +47,10 @@ pub enum What {
         #[arg(long, value_enum, default_value_t = Preset::Small)]
         preset: Preset,
     },
+    /// What the buffer pool reserves for the requests of a trace that a command run with
+    /// CAML_POOL_TRACE=FILE wrote, replayed on the host (no device needed): the pool's plans
+    /// measured on steps recorded elsewhere.
+    PoolReplay { trace: std::path::PathBuf },
 }
 
 /// Measure the engine on this adapter.
@@ -78,8 +82,33 @@ fn synthetic_batch(cfg: &TrainConfig, rng: &mut Rng) -> Batch {
     Batch { indices: BatchIndices { labeled, unlabeled }, patch: cfg.patch, images, labels }
 }
 
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
+}
+
+/// Replays a pool trace and prints what the pool reserved, per step and in all.
+fn pool_replay(trace: &std::path::Path) -> Result<()> {
+    let r = crate::gpu::replay_pool_trace(trace)?;
+    println!("{:>5} {:>14} {:>14} {:>12}", "step", "peak MiB used", "peak reserved", "buffers made");
+    for (i, s) in r.steps.iter().enumerate() {
+        let (used, reserved) = (mib(s.peak_in_use), mib(s.peak_reserved));
+        println!("{:>5} {used:>14.1} {reserved:>14.1} {:>12}", i + 1, s.allocations);
+    }
+    println!(
+        "whole trace: peak {:.1} MiB in tensors, {:.1} MiB reserved, {} buffers made, {} plans",
+        mib(r.total.peak_in_use),
+        mib(r.total.peak_reserved),
+        r.total.allocations,
+        r.plans_made
+    );
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
-    let g = Gpu::init()?;
+    let g = match &a.what {
+        What::PoolReplay { trace } => return pool_replay(trace),
+        _ => Gpu::init()?,
+    };
     println!("adapter: {} ({:?}, {:?})", g.info.name, g.info.backend, g.info.device_type);
     match a.what {
         What::Kernels { preset, reps } => {
@@ -178,19 +207,19 @@ pub fn run(a: Args) -> Result<()> {
             );
             println!(
                 "  peak GPU memory: {:.1} MiB in tensors, {:.1} MiB reserved by the pool (warm-up included: {:.1} and {:.1} MiB)",
-                m.peak_in_use as f64 / 1048576.0,
-                m.peak_reserved as f64 / 1048576.0,
-                warm_up.peak_in_use.max(m.peak_in_use) as f64 / 1048576.0,
-                warm_up.peak_reserved.max(m.peak_reserved) as f64 / 1048576.0
+                mib(m.peak_in_use),
+                mib(m.peak_reserved),
+                mib(warm_up.peak_in_use.max(m.peak_in_use)),
+                mib(warm_up.peak_reserved.max(m.peak_reserved))
             );
             if crate::gpu::memtrace::enabled() {
                 println!("  tensors of 1 MiB or more alive at the peak, by the code that made them:");
                 for (bytes, n, shape, site) in crate::gpu::memtrace::report(25) {
-                    println!("  {:>9.1} MiB {n:>4} x e.g. {shape:?}  {site}", bytes as f64 / 1048576.0);
+                    println!("  {:>9.1} MiB {n:>4} x e.g. {shape:?}  {site}", mib(bytes));
                 }
                 println!("  free buffers the pool holds between iterations, of 1 MiB or more:");
                 for (bytes, n) in g.free_buffers().into_iter().filter(|b| b.0 >= 1 << 20) {
-                    println!("  {:>9.1} MiB x {n}", bytes as f64 / 1048576.0);
+                    println!("  {:>9.1} MiB x {n}", mib(bytes));
                 }
             }
             if profile {
@@ -216,6 +245,7 @@ pub fn run(a: Args) -> Result<()> {
                 }
             }
         }
+        What::PoolReplay { .. } => unreachable!("replayed above, without a device"),
         What::Predict { preset } => {
             let cfg = TrainConfig::preset(preset);
             let model = crate::train::build_model(&cfg);

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use pipeline_cache::PipelineCacheFile;
 use pool::Pool;
-pub use pool::{GpuBuffer, MemoryStats};
+pub use pool::{GpuBuffer, MemoryStats, Replay as PoolReplay, replay as replay_pool_trace};
 pub use profile::KernelTime;
 pub use shaders::generated as generated_shader;
 
@@ -241,7 +241,7 @@ impl Gpu {
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let pool = Pool::new(limits.max_buffer_size);
+        let pool = Pool::new(limits.max_buffer_size)?;
         Ok(Gpu {
             device,
             queue,

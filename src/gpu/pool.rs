@@ -1,7 +1,25 @@
 //! Buffer pool: released storage buffers are kept by size class and handed out again, and the
 //! requests of a training step follow a plan made from the step before it.
+//!
+//! With `CAML_POOL_TRACE=FILE` the pool writes its events (requests, releases, step marks) to
+//! FILE; [`replay`] runs such a trace through a pool of host-side stand-ins for buffers, so that
+//! the pool's policies can be measured on a step too large for this machine's device.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+
+use anyhow::{Context, Result, bail};
+
+/// What the pool needs to know of a buffer.
+pub(crate) trait PoolBuffer {
+    fn capacity(&self) -> u64;
+}
+
+impl PoolBuffer for wgpu::Buffer {
+    fn capacity(&self) -> u64 {
+        self.size()
+    }
+}
 
 /// Bytes: `in_use` that live tensors asked for, `reserved` by every buffer the pool holds (the
 /// buffers of live tensors, which may be larger than asked for, and the free ones).
@@ -14,14 +32,18 @@ pub struct MemoryStats {
     pub allocations: u64,
 }
 
-pub(crate) struct Pool {
-    free: BTreeMap<u64, Vec<wgpu::Buffer>>,
+pub(crate) struct Pool<B: PoolBuffer = wgpu::Buffer> {
+    free: BTreeMap<u64, Vec<B>>,
     stats: MemoryStats,
     /// The device's largest buffer.
     max_buffer: u64,
     step: Step,
-    plan: Option<Plan>,
+    plan: Option<Plan<B>>,
     plans_made: u64,
+    /// Where the events go, with `CAML_POOL_TRACE`.
+    trace: Option<std::io::BufWriter<std::fs::File>>,
+    /// The trace's name for the next request.
+    next_id: u64,
 }
 
 /// The requests of a training step (between [`Pool::begin_step`] and [`Pool::end_step`]), in
@@ -52,7 +74,7 @@ impl Step {
     /// the [`RESYNC_CONTEXT`] - 1 requests before it appear in the plan's sequence in the same
     /// order, nearest the old pairing first: after requests were added or left out (a loss
     /// term that starts to contribute), later requests find their buffers again.
-    fn resync(&mut self, plan: &Plan, i: usize) {
+    fn resync<B: PoolBuffer>(&mut self, plan: &Plan<B>, i: usize) {
         let k = RESYNC_CONTEXT;
         if i + 1 < k {
             return;
@@ -88,24 +110,34 @@ struct Request {
 /// each into the smallest buffer it fits without overlapping the others there). At the paper's
 /// preset with f16 storage the size-class pool alone reserved 1.67x the step's peak in tensors
 /// (its free buffers are the wrong sizes when a request comes), the plan 1.3 to 1.4x.
-struct Plan {
+struct Plan<B> {
     id: u64,
     /// The requests of the step it was made from, in order: size class and buffer (None for
     /// requests held past their step, which the size-class pool serves).
     sequence: Vec<(u64, Option<usize>)>,
-    buffers: Vec<Planned>,
+    buffers: Vec<Planned<B>>,
 }
 
-struct Planned {
+struct Planned<B> {
     size: u64,
-    slot: Slot,
+    slot: Slot<B>,
 }
 
-enum Slot {
+enum Slot<B> {
     /// Not created yet (or released by a trim).
     Unmade,
-    Free(wgpu::Buffer),
+    Free(B),
     Out,
+}
+
+/// A buffer the pool handed out, and what it needs to know when the buffer comes back.
+struct Taken<B> {
+    buffer: B,
+    home: Home,
+    /// The step and index of the request it answers, while a step is recorded.
+    request: Option<(u64, usize)>,
+    /// Its name in the trace.
+    id: u64,
 }
 
 /// Where a buffer goes when its tensor releases it.
@@ -133,7 +165,7 @@ fn reuse_limit(class: u64) -> u64 {
 }
 
 /// The smallest free planned buffer of `class` up to [`reuse_limit`].
-fn smallest_free(plan: &Plan, class: u64) -> Option<usize> {
+fn smallest_free<B>(plan: &Plan<B>, class: u64) -> Option<usize> {
     let top = reuse_limit(class);
     (0..plan.buffers.len())
         .filter(|&b| matches!(plan.buffers[b].slot, Slot::Free(_)))
@@ -141,8 +173,30 @@ fn smallest_free(plan: &Plan, class: u64) -> Option<usize> {
         .min_by_key(|&b| plan.buffers[b].size)
 }
 
-impl Pool {
-    pub(crate) fn new(max_buffer: u64) -> Pool {
+impl Pool<wgpu::Buffer> {
+    /// The device's pool; it traces its events to the file `CAML_POOL_TRACE` names, if any.
+    pub(crate) fn new(max_buffer: u64) -> Result<Pool> {
+        let mut pool = Pool::untraced(max_buffer);
+        if let Some(path) = std::env::var_os("CAML_POOL_TRACE") {
+            let file = std::fs::File::create(&path)
+                .with_context(|| format!("cannot create the pool trace {}", path.display()))?;
+            let mut w = std::io::BufWriter::new(file);
+            let _ = writeln!(w, "max_buffer {max_buffer}");
+            pool.trace = Some(w);
+        }
+        Ok(pool)
+    }
+
+    /// A buffer of at least `bytes`; when the device cannot create one (out of memory) the
+    /// pool's free buffers are released and the creation tried once more.
+    pub(crate) fn take(&mut self, device: &wgpu::Device, bytes: u64) -> Result<GpuBuffer, wgpu::Error> {
+        let t = self.take_with(bytes, &mut |size| create(device, size))?;
+        Ok(GpuBuffer { buffer: Some(t.buffer), len: bytes, home: t.home, request: t.request, id: t.id })
+    }
+}
+
+impl<B: PoolBuffer> Pool<B> {
+    fn untraced(max_buffer: u64) -> Pool<B> {
         Pool {
             free: BTreeMap::new(),
             stats: MemoryStats::default(),
@@ -150,6 +204,14 @@ impl Pool {
             step: Step::default(),
             plan: None,
             plans_made: 0,
+            trace: None,
+            next_id: 0,
+        }
+    }
+
+    fn event(&mut self, line: std::fmt::Arguments) {
+        if let Some(w) = self.trace.as_mut() {
+            let _ = w.write_fmt(line).and_then(|_| w.write_all(b"\n"));
         }
     }
 
@@ -159,9 +221,15 @@ impl Pool {
         size_class(bytes).min(self.max_buffer.max(bytes))
     }
 
-    /// A buffer of at least `bytes`; when the device cannot create one (out of memory) the
-    /// pool's free buffers are released and the creation tried once more.
-    pub(crate) fn take(&mut self, device: &wgpu::Device, bytes: u64) -> Result<GpuBuffer, wgpu::Error> {
+    /// A buffer of at least `bytes`, made by `create` or reused.
+    fn take_with(
+        &mut self,
+        bytes: u64,
+        create: &mut dyn FnMut(u64) -> Result<B, wgpu::Error>,
+    ) -> Result<Taken<B>, wgpu::Error> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.event(format_args!("t {id} {bytes}"));
         let class = self.class(bytes);
         let request = self.step.recording.then(|| {
             let index = self.step.requests.len();
@@ -173,19 +241,19 @@ impl Pool {
             Some((index, Some(b))) => (b, self.plan_home(index)),
             Some((index, None)) => {
                 let size = self.plan.as_ref().expect("a plan").buffers[index].size;
-                (self.create(device, size)?, self.plan_home(index))
+                (self.create(create, size)?, self.plan_home(index))
             }
             None => {
                 let b = match self.reuse(class) {
                     Some(b) => b,
-                    None => self.create(device, class)?,
+                    None => self.create(create, class)?,
                 };
                 (b, Home::FreeList)
             }
         };
         self.stats.in_use += bytes;
         self.stats.peak_in_use = self.stats.peak_in_use.max(self.stats.in_use);
-        Ok(GpuBuffer { buffer: Some(buffer), len: bytes, home, request })
+        Ok(Taken { buffer, home, request, id })
     }
 
     fn plan_home(&self, index: usize) -> Home {
@@ -200,12 +268,7 @@ impl Pool {
     /// while the pairing is lost (until [`Step::resync`] finds it), and one outside a step get a
     /// free planned buffer of their size range when there is one. None when the request goes to
     /// the size-class pool.
-    fn planned(
-        &mut self,
-        index: Option<usize>,
-        bytes: u64,
-        class: u64,
-    ) -> Option<(usize, Option<wgpu::Buffer>)> {
+    fn planned(&mut self, index: Option<usize>, bytes: u64, class: u64) -> Option<(usize, Option<B>)> {
         // A buffer made again for a grown request gets a quarter more than it asks: selections
         // grow a little at a time while a model learns, and each growth is an allocation.
         let grown = self.class(bytes + bytes / 4);
@@ -241,7 +304,7 @@ impl Pool {
             Some(Some(Some(b))) => {
                 if plan.buffers[b].size < bytes {
                     if let Slot::Free(old) = std::mem::replace(&mut plan.buffers[b].slot, Slot::Unmade) {
-                        self.stats.reserved -= old.size();
+                        self.stats.reserved -= old.capacity();
                     }
                     plan.buffers[b].size = grown;
                 }
@@ -261,12 +324,16 @@ impl Pool {
         }
     }
 
-    fn create(&mut self, device: &wgpu::Device, size: u64) -> Result<wgpu::Buffer, wgpu::Error> {
-        let b = match create(device, size) {
+    fn create(
+        &mut self,
+        create: &mut dyn FnMut(u64) -> Result<B, wgpu::Error>,
+        size: u64,
+    ) -> Result<B, wgpu::Error> {
+        let b = match create(size) {
             Ok(b) => b,
             Err(_) => {
                 self.trim();
-                create(device, size)?
+                create(size)?
             }
         };
         self.stats.allocations += 1;
@@ -279,11 +346,12 @@ impl Pool {
     /// step to step (selected rows) then reuse what the last steps released instead of
     /// allocating, and temporaries take buffers that tensors of a slightly different size
     /// released. The tensor binds only the bytes it asked for.
-    fn reuse(&mut self, class: u64) -> Option<wgpu::Buffer> {
+    fn reuse(&mut self, class: u64) -> Option<B> {
         self.free.range_mut(class..=reuse_limit(class)).find_map(|(_, v)| v.pop())
     }
 
-    fn give_back(&mut self, buffer: wgpu::Buffer, bytes: u64, home: Home, request: Option<(u64, usize)>) {
+    fn give_back(&mut self, buffer: B, bytes: u64, home: Home, request: Option<(u64, usize)>, id: u64) {
+        self.event(format_args!("r {id}"));
         self.stats.in_use -= bytes;
         if let Some((number, i)) = request
             && self.step.recording
@@ -298,7 +366,7 @@ impl Pool {
             p.buffers[index].slot = Slot::Free(buffer);
             return;
         }
-        self.free.entry(buffer.size()).or_default().push(buffer);
+        self.free.entry(buffer.capacity()).or_default().push(buffer);
     }
 
     /// Starts recording a training step's requests. When the last step's requests did not follow
@@ -306,6 +374,7 @@ impl Pool {
     /// takes over the free buffers that fit it, and the free buffers it does not take are
     /// released.
     pub(crate) fn begin_step(&mut self) {
+        self.event(format_args!("b"));
         if !self.step.requests.is_empty() && (!self.step.followed || self.plan.is_none()) {
             self.replan();
         }
@@ -320,6 +389,10 @@ impl Pool {
 
     /// Ends the step's recording: buffers still held are held past the step.
     pub(crate) fn end_step(&mut self) {
+        self.event(format_args!("e"));
+        if let Some(w) = self.trace.as_mut() {
+            let _ = w.flush();
+        }
         self.step.recording = false;
         if self.plan.as_ref().is_some_and(|p| p.sequence.len() != self.step.requests.len()) {
             self.step.followed = false;
@@ -349,19 +422,19 @@ impl Pool {
         let mut spare = std::mem::take(&mut self.free);
         for p in self.plan.take().into_iter().flat_map(|p| p.buffers) {
             if let Slot::Free(b) = p.slot {
-                spare.entry(b.size()).or_default().push(b);
+                spare.entry(b.capacity()).or_default().push(b);
             }
         }
         let mut by_size: Vec<usize> = (0..shared.len()).collect();
         by_size.sort_by_key(|&k| std::cmp::Reverse(shared[k].0));
-        let mut buffers: Vec<Planned> = shared
+        let mut buffers: Vec<Planned<B>> = shared
             .iter()
             .map(|(bytes, _)| Planned { size: self.class(*bytes), slot: Slot::Unmade })
             .collect();
         for k in by_size {
             let size = buffers[k].size;
             if let Some(b) = spare.range_mut(size..=reuse_limit(size)).find_map(|(_, v)| v.pop()) {
-                buffers[k] = Planned { size: b.size(), slot: Slot::Free(b) };
+                buffers[k] = Planned { size: b.capacity(), slot: Slot::Free(b) };
             }
         }
         for (size, list) in spare {
@@ -387,7 +460,7 @@ impl Pool {
             self.free.iter().filter(|(_, v)| !v.is_empty()).map(|(&b, v)| (b, v.len())).collect();
         for p in self.plan.iter().flat_map(|p| &p.buffers) {
             if let Slot::Free(b) = &p.slot {
-                *all.entry(b.size()).or_default() += 1;
+                *all.entry(b.capacity()).or_default() += 1;
             }
         }
         all.into_iter().rev().collect()
@@ -404,16 +477,96 @@ impl Pool {
 
     /// Frees every pooled buffer that no tensor holds (the plan's are made again when needed).
     pub(crate) fn trim(&mut self) {
+        self.event(format_args!("x"));
         for (class, list) in std::mem::take(&mut self.free) {
             self.stats.reserved -= class * list.len() as u64;
         }
         for p in self.plan.iter_mut().flat_map(|p| &mut p.buffers) {
             if let Slot::Free(b) = &p.slot {
-                self.stats.reserved -= b.size();
+                self.stats.reserved -= b.capacity();
                 p.slot = Slot::Unmade;
             }
         }
     }
+}
+
+/// A replayed trace: the peaks over all of it, and per step (from one step mark to the next).
+pub struct Replay {
+    pub total: MemoryStats,
+    pub steps: Vec<MemoryStats>,
+    pub plans_made: u64,
+}
+
+/// A host-side stand-in for a buffer of the given capacity.
+struct StandIn(u64);
+
+impl PoolBuffer for StandIn {
+    fn capacity(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Runs a trace written with `CAML_POOL_TRACE` through a fresh pool whose buffers are
+/// host-side stand-ins: what the pool would reserve for the same requests.
+pub fn replay(path: &std::path::Path) -> Result<Replay> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut lines = text.lines().enumerate();
+    let bad = |n: usize, what: &str| anyhow::anyhow!("{}, line {}: {what}", path.display(), n + 1);
+    let max_buffer = match lines.next() {
+        Some((n, l)) => l
+            .strip_prefix("max_buffer ")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad(n, "expected `max_buffer BYTES`, the first line of a pool trace"))?,
+        None => bail!("{} is empty, not a pool trace", path.display()),
+    };
+    let mut pool = Pool::<StandIn>::untraced(max_buffer);
+    let mut held: HashMap<u64, (Taken<StandIn>, u64)> = HashMap::new();
+    let mut steps = Vec::new();
+    let mut step_allocations = 0;
+    let mut close_step = |pool: &mut Pool<StandIn>, steps: &mut Vec<MemoryStats>| {
+        let mut s = pool.stats();
+        s.allocations -= step_allocations;
+        step_allocations = pool.stats().allocations;
+        steps.push(s);
+        pool.reset_peak();
+    };
+    let mut started = false;
+    for (n, line) in lines {
+        let mut words = line.split_whitespace();
+        let event = words.next();
+        let mut number =
+            || words.next().and_then(|w| w.parse::<u64>().ok()).ok_or_else(|| bad(n, "bad number"));
+        match event {
+            Some("t") => {
+                let (id, bytes) = (number()?, number()?);
+                let t = pool
+                    .take_with(bytes, &mut |size| Ok(StandIn(size)))
+                    .map_err(|e| bad(n, &e.to_string()))?;
+                held.insert(id, (t, bytes));
+            }
+            Some("r") => {
+                let id = number()?;
+                let (t, bytes) =
+                    held.remove(&id).ok_or_else(|| bad(n, "releases a buffer the trace never took"))?;
+                pool.give_back(t.buffer, bytes, t.home, t.request, t.id);
+            }
+            Some("b") => {
+                if started {
+                    close_step(&mut pool, &mut steps);
+                }
+                started = true;
+                pool.begin_step();
+            }
+            Some("e") => pool.end_step(),
+            Some("x") => pool.trim(),
+            _ => return Err(bad(n, "unknown event")),
+        }
+    }
+    close_step(&mut pool, &mut steps);
+    let mut total = pool.stats();
+    total.peak_in_use = steps.iter().map(|s| s.peak_in_use).max().unwrap_or(0);
+    total.peak_reserved = steps.iter().map(|s| s.peak_reserved).max().unwrap_or(0);
+    Ok(Replay { total, steps, plans_made: pool.plans_made() })
 }
 
 /// A storage buffer, with the error the device reports instead of its uncaptured-error handler.
@@ -441,6 +594,8 @@ pub struct GpuBuffer {
     home: Home,
     /// The step and index of the request that took it, while a step is recorded.
     request: Option<(u64, usize)>,
+    /// Its name in the pool's trace.
+    id: u64,
 }
 
 impl GpuBuffer {
@@ -461,7 +616,7 @@ impl Drop for GpuBuffer {
     fn drop(&mut self) {
         super::memtrace::release(self as *const GpuBuffer as usize);
         if let (Some(b), Some(Ok(gpu))) = (self.buffer.take(), super::GPU.get()) {
-            gpu.pool.lock().unwrap().give_back(b, self.len, self.home, self.request);
+            gpu.pool.lock().unwrap().give_back(b, self.len, self.home, self.request, self.id);
         }
     }
 }
