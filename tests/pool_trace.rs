@@ -47,6 +47,10 @@ fn a_replayed_trace_reserves_what_the_device_pool_reserved() {
     std::fs::write(&bad, "max_buffer 1024\nb\nt 0 64\nr 1\n").unwrap();
     let e = format!("{:#}", replay_pool_trace(&bad).err().expect("an error"));
     assert!(e.contains("bad.trace") && e.contains("line 4") && e.contains("never took"), "{e}");
+    // A process's last events, written after its last step, may be cut short.
+    std::fs::write(&bad, "max_buffer 1024\nb\nt 0 64\nr 0\ne\nt 1 6").unwrap();
+    let r = replay_pool_trace(&bad).unwrap();
+    assert_eq!((r.steps.len(), r.total.allocations, r.total.peak_in_use), (1, 1, 64));
     std::fs::write(&bad, "b\n").unwrap();
     let e = format!("{:#}", replay_pool_trace(&bad).err().expect("an error"));
     assert!(e.contains("bad.trace") && e.contains("line 1"), "{e}");

@@ -531,7 +531,8 @@ impl<B: PoolBuffer> Pool<B> {
     }
 }
 
-/// A replayed trace: the peaks over all of it, and per step (from one step mark to the next).
+/// A replayed trace: the peaks over all of it, and per step (from one step mark to the next; the
+/// first step also holds what came before it).
 pub struct Replay {
     pub total: MemoryStats,
     pub steps: Vec<MemoryStats>,
@@ -548,10 +549,13 @@ impl PoolBuffer for StandIn {
 }
 
 /// Runs a trace written with `CAML_POOL_TRACE` through a fresh pool whose buffers are
-/// host-side stand-ins: what the pool would reserve for the same requests.
+/// host-side stand-ins: what the pool would reserve for the same requests. The trace is written
+/// out at each step's end, so a process's last events may be cut short: a last line without its
+/// newline is left out.
 pub fn replay(path: &std::path::Path) -> Result<Replay> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut lines = text.lines().enumerate();
+    let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    let mut lines = whole.lines().enumerate();
     let bad = |n: usize, what: &str| anyhow::anyhow!("{}, line {}: {what}", path.display(), n + 1);
     let max_buffer = match lines.next() {
         Some((n, l)) => l
