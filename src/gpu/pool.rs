@@ -75,7 +75,7 @@ impl Step {
     /// the [`RESYNC_CONTEXT`] - 1 requests before it appear in the plan's sequence in the same
     /// order, nearest the old pairing first: after requests were added or left out (a loss
     /// term that starts to contribute), later requests find their buffers again.
-    fn resync<B: PoolBuffer>(&mut self, plan: &Plan<B>, i: usize) {
+    fn resync<B>(&mut self, plan: &Plan<B>, i: usize) {
         let k = RESYNC_CONTEXT;
         if i + 1 < k {
             return;
