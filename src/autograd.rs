@@ -12,6 +12,7 @@ use crate::tensor::Tensor;
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(true) };
     static HALF: Cell<bool> = const { Cell::new(false) };
+    static RECOMPUTE_MIN: Cell<usize> = const { Cell::new(RECOMPUTE_MIN_ELEMS) };
 }
 
 /// Runs `f` with the thread-local `cell` set to `value`, restoring it afterwards (also on panic):
@@ -40,21 +41,41 @@ pub fn with_f16_storage<R>(on: bool, f: impl FnOnce() -> R) -> R {
 /// Tensors smaller than this are saved as they are.
 const HALF_MIN_ELEMS: usize = 1 << 12;
 
+/// Saved activations of at least this many elements (16 MiB in f32) that are BatchNorm outputs,
+/// or sums, upsamplings or dropouts of them, are computed again when a backward rule reads them
+/// rather than kept: the paper's preset holds 16 to 20 full-resolution activations at once.
+/// Smaller ones are kept, where the extra launches cost more than the bytes save.
+const RECOMPUTE_MIN_ELEMS: usize = 1 << 22;
+
+/// Runs `f` with saved activations of at least `elems` elements recomputed when they can be
+/// (0: every one; `usize::MAX`: none) instead of the default 2^22.
+pub fn with_recompute_min<R>(elems: usize, f: impl FnOnce() -> R) -> R {
+    with_flag(&RECOMPUTE_MIN, elems, f)
+}
+
 /// An op input that its backward reads: the tensor, or under [`with_f16_storage`] a graph handle
-/// of it (no data) and its values in f16, so that the f32 buffer is freed with the forward.
+/// of it (no data) and its values in f16, so that the f32 buffer is freed with the forward; or,
+/// for a large activation that [`recomputable`] says the ops before it can give again, the graph
+/// handle alone.
 pub(crate) struct Saved {
     pub(crate) t: Tensor,
     half: Option<Tensor>,
+    recompute: bool,
 }
 
 impl Saved {
-    /// Keeps `x` as it is; [`Op::pack_saved`] stores it in f16 once the op is recorded.
+    /// Keeps `x` as it is, or a graph handle of a large recomputable activation; [`Op::pack_saved`]
+    /// stores a kept tensor in f16 once the op is recorded.
     pub(crate) fn new(x: &Tensor) -> Saved {
-        Saved { t: x.clone(), half: None }
+        if x.numel() >= RECOMPUTE_MIN.with(|c| c.get()) && recomputable(x) {
+            return Saved { t: x.graph_handle(), half: None, recompute: true };
+        }
+        Saved { t: x.clone(), half: None, recompute: false }
     }
     /// Under [`with_f16_storage`], trades a large f32 tensor for a graph handle and its f16 values.
     fn pack(&mut self) {
-        if self.half.is_none() && self.t.dtype() == crate::DType::F32 && self.t.numel() >= HALF_MIN_ELEMS {
+        let large = self.t.numel() >= HALF_MIN_ELEMS;
+        if !self.recompute && self.half.is_none() && self.t.dtype() == crate::DType::F32 && large {
             self.half = Some(crate::ops::half::pack(&self.t));
             self.t = self.t.graph_handle();
         }
@@ -62,10 +83,47 @@ impl Saved {
     /// The values, as f32, tracking gradients when the saved tensor does (backward rules skip
     /// the gradient of an input that does not).
     pub(crate) fn values(&self) -> Tensor {
-        let Some(h) = &self.half else { return self.t.clone() };
-        let v = crate::ops::half::unpack(h, self.t.shape());
+        let v = if self.recompute {
+            no_grad(|| recompute(&self.t))
+        } else if let Some(h) = &self.half {
+            crate::ops::half::unpack(h, self.t.shape())
+        } else {
+            return self.t.clone();
+        };
         if self.t.tracks_grad() { v.into_variable() } else { v }
     }
+}
+
+/// Whether the values of `t` can be computed again from what the recorded ops that made it keep
+/// for their own backward: an output of a BatchNorm (and ReLU), which keeps its input and
+/// statistics, and trilinear upsamplings, dropouts and sums of such outputs. A tensor read by a
+/// backward rule is read before the rules of the ops that made it run (later ops first), so
+/// those ops and what they saved are still there.
+fn recomputable(t: &Tensor) -> bool {
+    t.with_recorded_op(|op| match op {
+        Some(Op::BatchNorm { .. }) => true,
+        Some(Op::Upsample2x { x } | Op::Dropout { x, .. }) => recomputable(x),
+        Some(Op::Binary { op: BinaryOp::Add, a, b }) => {
+            a.shape() == b.shape() && recomputable(a) && recomputable(b)
+        }
+        _ => false,
+    })
+}
+
+/// The values of a [`recomputable`] tensor, with the forward's kernels on the forward's inputs: the
+/// same bits (except where f16 storage rounded a BatchNorm's input).
+fn recompute(t: &Tensor) -> Tensor {
+    t.with_recorded_op(|op| match op {
+        Some(Op::BatchNorm { x, stats, relu, .. }) => {
+            crate::ops::batchnorm::normalize(&x.values(), stats, *relu)
+        }
+        Some(Op::Upsample2x { x }) => crate::ops::upsample::upsample_trilinear2x(&recompute(x)),
+        Some(Op::Dropout { x, p, seed, inner }) => {
+            crate::ops::dropout::apply(&recompute(x), *p, *seed, *inner)
+        }
+        Some(Op::Binary { op: BinaryOp::Add, a, b }) => recompute(a).add(&recompute(b)),
+        _ => unreachable!("a recomputed activation whose ops were already consumed by the backward pass"),
+    })
 }
 
 pub fn is_enabled() -> bool {

@@ -192,6 +192,11 @@ impl Tensor {
         let op = self.0.op.lock().unwrap();
         op.as_ref().map(|op| op.inputs().into_iter().cloned().collect()).unwrap_or_default()
     }
+    /// `f` of the op that made this tensor (None: a leaf, made without recording, or its op
+    /// was consumed by a backward pass).
+    pub(crate) fn with_recorded_op<R>(&self, f: impl FnOnce(Option<&Op>) -> R) -> R {
+        f(self.0.op.lock().unwrap().as_ref())
+    }
     pub(crate) fn take_op(&self) -> Option<Op> {
         self.0.op.lock().unwrap().take()
     }

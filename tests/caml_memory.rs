@@ -7,6 +7,8 @@ use caml_wgpu::ops::scan::{nonzero_many, prefix_count};
 use caml_wgpu::rng::Rng;
 use std::collections::HashSet;
 
+mod tiny;
+
 /// Rows [n, 2] whose first value identifies (case, class, row) uniquely.
 fn tagged(case: usize, class: usize, n: usize) -> Tensor {
     let v: Vec<f32> = (0..n).flat_map(|r| [(case * 10000 + class * 1000 + r) as f32, class as f32]).collect();
@@ -160,29 +162,10 @@ fn omni_loss_matches_hand_computation_and_skips_single_rows() {
 /// do: every head's BatchNorm counts the iteration.
 #[test]
 fn heads_statistics_move_in_an_iteration_without_memory() {
-    use caml_wgpu::caml::step::{TrainState, train_step};
-    use caml_wgpu::config::{Preset, TrainConfig};
-    use caml_wgpu::data::sampler::{Batch, BatchIndices};
-    use caml_wgpu::optim::{Sgd, SgdConfig};
-    let cfg = TrainConfig {
-        width: 2,
-        embed: 4,
-        patch: [16, 16, 16],
-        batch: 2,
-        labeled_bs: 1,
-        labeled: 2,
-        memory_num: 1 << 20,
-        ..TrainConfig::preset(Preset::Small)
-    };
-    let model = caml_wgpu::train::build_model(&cfg);
-    let opt = Sgd::new(SgdConfig { lr: cfg.lr, momentum: 0.9, weight_decay: 0.0 }, &model.params());
-    let bank = MemoryBank::new(cfg.labeled, cfg.memory_num);
-    let mut st = TrainState { model, opt, bank, rng: Rng::new(1), iter: 0, pending: None };
-    let n: usize = cfg.patch.iter().product();
-    let labels = (0..2 * n).map(|i| (i % 16 < 8) as u8).collect();
-    let indices = BatchIndices { labeled: vec![0], unlabeled: vec![2] };
-    let batch = Batch { indices, patch: cfg.patch, images: Rng::new(5).vec(2 * n, -1.0, 1.0), labels };
-    train_step(&mut st, &cfg, &batch).unwrap();
+    let cfg = caml_wgpu::config::TrainConfig { memory_num: 1 << 20, ..tiny::config() };
+    let mut st = tiny::state(&cfg, 0.0);
+    let batch = tiny::batch(&cfg);
+    caml_wgpu::caml::step::train_step(&mut st, &cfg, &batch).unwrap();
     let (_, buffers) = st.model.named();
     for head in ["projection_head1", "prediction_head1", "projection_head2", "prediction_head2"] {
         let name = format!("{head}.1.num_batches_tracked");

@@ -182,8 +182,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
         );
         stats
     };
-    let y = Tensor::empty(x.shape());
-    per_element(&kernel("normalize", c, inner).with("RELU", relu as u8 as f64), &[x], &[&stats], &y, &base);
+    let y = normalize(x, &stats, relu);
     let op = Op::BatchNorm {
         x: Saved::new(x),
         weight: s.weight.clone(),
@@ -193,6 +192,18 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
         relu,
     };
     Tensor::with_op(y, op)
+}
+
+/// (x - mean) * invstd * weight + bias per channel with `stats` [C, 4] = (mean, invstd,
+/// weight * invstd, bias), then ReLU when `relu`: the forward's output, and the same values again
+/// when a backward rule recomputes them.
+pub(crate) fn normalize(x: &Tensor, stats: &Tensor, relu: bool) -> Tensor {
+    let (outer, c, inner) = dims(x);
+    let base =
+        Launch { outer, c, inner, block0: 0, total_blocks: 0, m: outer * inner, momentum: 0.0, eps: 0.0 };
+    let y = Tensor::empty(x.shape());
+    per_element(&kernel("normalize", c, inner).with("RELU", relu as u8 as f64), &[x], &[stats], &y, &base);
+    y
 }
 
 /// Merges the (count, mean, M2) blocks `part` [C, blocks] of every channel into the batch

@@ -15,7 +15,7 @@ fn threshold_and_scale(p: f32) -> (u32, f32) {
 }
 
 /// x seen as [units, inner]: each unit zeroed with probability `p`, the rest scaled by 1/(1-p).
-fn apply(x: &Tensor, p: f32, seed: u64, inner: usize) -> Tensor {
+pub(crate) fn apply(x: &Tensor, p: f32, seed: u64, inner: usize) -> Tensor {
     let (threshold, scale) = threshold_and_scale(p);
     let units = x.numel() / inner.max(1);
     let y = Tensor::empty(x.shape());
