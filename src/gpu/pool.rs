@@ -62,6 +62,9 @@ struct Step {
     /// until the latest requests' classes are found in the plan again.
     synced: bool,
     offset: isize,
+    /// The request being served was held past the end of the step the plan came from: the
+    /// size-class pool serves it, with room to grow ([`Pool::take_held`]).
+    held_past: bool,
 }
 
 /// After a miss, the plan position whose predecessors have the classes of the latest requests
@@ -85,7 +88,7 @@ impl Step {
         let matches = |p: isize| {
             p >= k as isize - 1
                 && (p as usize) < seq.len()
-                && (0..k).all(|j| seq[p as usize - j].0 == recent(j))
+                && (0..k).all(|j| seq[p as usize - j].class == recent(j))
         };
         let at = i as isize + self.offset;
         for d in (0..=RESYNC_RANGE).flat_map(|d| [d, -d]) {
@@ -99,11 +102,14 @@ impl Step {
 }
 
 struct Request {
-    bytes: u64,
     class: u64,
     taken: u64,
     /// None while held, and for buffers held past the step's end.
     released: Option<u64>,
+    /// The most bytes asked for by it and by the requests at its plan position in the steps
+    /// before: planned buffers are sized for these, so that a selection whose size goes up and
+    /// down from step to step stops making buffers once it has been at its largest.
+    high: u64,
 }
 
 /// Which buffer each request of a step gets, made from the previous step's requests: requests
@@ -113,10 +119,17 @@ struct Request {
 /// (its free buffers are the wrong sizes when a request comes), the plan 1.3 to 1.4x.
 struct Plan<B> {
     id: u64,
-    /// The requests of the step it was made from, in order: size class and buffer (None for
-    /// requests held past their step, which the size-class pool serves).
-    sequence: Vec<(u64, Option<usize>)>,
+    /// The requests of the step it was made from, in order.
+    sequence: Vec<Position>,
     buffers: Vec<Planned<B>>,
+}
+
+struct Position {
+    class: u64,
+    /// None for a request held past its step, which the size-class pool serves.
+    buffer: Option<usize>,
+    /// [`Request::high`] of the request it was made from.
+    high: u64,
 }
 
 struct Planned<B> {
@@ -234,7 +247,7 @@ impl<B: PoolBuffer> Pool<B> {
         let class = self.class(bytes);
         let request = self.step.recording.then(|| {
             let index = self.step.requests.len();
-            self.step.requests.push(Request { bytes, class, taken: self.step.clock, released: None });
+            self.step.requests.push(Request { class, taken: self.step.clock, released: None, high: bytes });
             self.step.clock += 1;
             (self.step.number, index)
         });
@@ -243,6 +256,9 @@ impl<B: PoolBuffer> Pool<B> {
             Some((index, None)) => {
                 let size = self.plan.as_ref().expect("a plan").buffers[index].size;
                 (self.create(create, size)?, self.plan_home(index))
+            }
+            None if std::mem::take(&mut self.step.held_past) => {
+                (self.take_held(create, bytes, class)?, Home::FreeList)
             }
             None => {
                 let b = match self.reuse(class) {
@@ -285,12 +301,24 @@ impl<B: PoolBuffer> Pool<B> {
         {
             self.step.resync(plan, i);
         }
-        let position = index
-            .filter(|_| self.step.synced)
-            .map(|i| plan.sequence.get((i as isize + self.step.offset).max(0) as usize).map(|e| e.1));
+        let at =
+            index.filter(|_| self.step.synced).map(|i| (i, (i as isize + self.step.offset).max(0) as usize));
+        // The high-water mark passes on unless the sizes say the pairing is off.
+        if let Some((i, p)) = at
+            && let Some(e) = plan.sequence.get(p)
+            && e.class <= 2 * class
+            && class <= 2 * e.class
+        {
+            let r = &mut self.step.requests[i];
+            r.high = r.high.max(e.high);
+        }
+        let position = at.map(|(_, p)| plan.sequence.get(p).map(|e| e.buffer));
         let chosen = match position {
             // Held past its step: the size-class pool's.
-            Some(Some(None)) => return None,
+            Some(Some(None)) => {
+                self.step.held_past = true;
+                return None;
+            }
             // Still held by an earlier request (lifetimes changed a little): the pairing stands.
             Some(Some(Some(b))) if matches!(plan.buffers[b].slot, Slot::Out) => {
                 self.step.followed = false;
@@ -365,6 +393,24 @@ impl<B: PoolBuffer> Pool<B> {
         }
     }
 
+    /// A buffer for a request of the kind the plan's step held past its end (values carried to
+    /// the next step, whose sizes vary with the selections they come from): the smallest free
+    /// buffer of up to 4 times its class (the last step's, which its holder released), else a
+    /// new one with half as many bytes again to grow into.
+    fn take_held(
+        &mut self,
+        create: &mut dyn FnMut(u64) -> Result<B, wgpu::Error>,
+        bytes: u64,
+        class: u64,
+    ) -> Result<B, wgpu::Error> {
+        if let Some((b, _)) = self.free.range_mut(class..=4 * class).find_map(|(_, v)| v.pop()) {
+            return Ok(b);
+        }
+        self.shed();
+        let size = self.class(bytes + bytes / 2);
+        self.create(create, size)
+    }
+
     /// The smallest free buffer of `class` up to [`reuse_limit`]: tensors whose sizes vary from
     /// step to step (selected rows) then reuse what the last steps released instead of
     /// allocating, and temporaries take buffers that tensors of a slightly different size
@@ -433,20 +479,21 @@ impl<B: PoolBuffer> Pool<B> {
     fn replan(&mut self) {
         let requests = &self.step.requests;
         let mut order: Vec<usize> = (0..requests.len()).filter(|&i| requests[i].released.is_some()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(requests[i].bytes));
+        order.sort_by_key(|&i| std::cmp::Reverse(requests[i].high));
         // Per planned buffer: its size and the lifetimes [taken, released) it holds.
         let mut shared: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
-        let mut sequence: Vec<(u64, Option<usize>)> = requests.iter().map(|r| (r.class, None)).collect();
+        let mut sequence: Vec<Position> =
+            requests.iter().map(|r| Position { class: r.class, buffer: None, high: r.high }).collect();
         for i in order {
             let (a, b) = (requests[i].taken, requests[i].released.expect("released"));
             let free = |spans: &Vec<(u64, u64)>| spans.iter().all(|&(x, y)| b <= x || a >= y);
             let fit = (0..shared.len()).filter(|&k| free(&shared[k].1)).min_by_key(|&k| shared[k].0);
             let k = fit.unwrap_or_else(|| {
-                shared.push((requests[i].bytes, Vec::new()));
+                shared.push((requests[i].high, Vec::new()));
                 shared.len() - 1
             });
             shared[k].1.push((a, b));
-            sequence[i].1 = Some(k);
+            sequence[i].buffer = Some(k);
         }
         // The old plan's free buffers and the free list, for the new plan's buffers to take
         // over, the largest first; what none takes is released.
@@ -727,6 +774,60 @@ mod tests {
             step(&mut pool);
         }
         assert_eq!((pool.stats().reserved, pool.stats().allocations), (planned, allocations + 1));
+    }
+
+    /// Steps of two requests alive at once, of `sizes` (MiB) each: the allocations each step made.
+    fn allocations_per_step(pool: &mut Pool<StandIn>, steps: &[[u64; 2]]) -> Vec<u64> {
+        steps
+            .iter()
+            .map(|sizes| {
+                let before = pool.stats().allocations;
+                pool.begin_step();
+                let [a, b] = sizes.map(|s| take(pool, s * MIB));
+                give(pool, a);
+                give(pool, b);
+                pool.end_step();
+                pool.stats().allocations - before
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_request_whose_size_goes_up_and_down_stops_making_buffers() {
+        // The first request alternates between 4 and 7 MiB; the second grows in step 3, so the
+        // plan of step 4 comes from a step in which the first asked for 4 MiB: it plans for the
+        // 7 MiB seen before at that position.
+        let mut pool = Pool::untraced(u64::MAX);
+        let steps = [[4, 1], [7, 1], [4, 2], [7, 1], [4, 2], [7, 1], [4, 2], [7, 1]];
+        let made = allocations_per_step(&mut pool, &steps);
+        assert_eq!(made[3..], [0; 5], "allocations per step: {made:?}");
+    }
+
+    #[test]
+    fn a_request_held_past_its_step_reuses_its_predecessors_buffer() {
+        // A value made in one step and released in the next (the selections a step hands to the
+        // next), of a size that changes from step to step.
+        let mut pool = Pool::untraced(u64::MAX);
+        let mut held = None;
+        let mut made = Vec::new();
+        for mib in [4, 6, 3, 5, 6, 4, 5, 3] {
+            let before = pool.stats().allocations;
+            pool.begin_step();
+            let x = take(&mut pool, MIB);
+            let next = take(&mut pool, mib * MIB);
+            if let Some(h) = held.replace(next) {
+                give(&mut pool, h);
+            }
+            give(&mut pool, x);
+            pool.end_step();
+            made.push(pool.stats().allocations - before);
+        }
+        // The value alternates between two buffers: each grows once, to half as much again as
+        // the request that made it, and then serves every size up to that.
+        assert!(made[1..].iter().sum::<u64>() <= 2 && made[5..] == [0; 3], "allocations per step: {made:?}");
+        // Two buffers with room for half as much again as the largest held value (a 10 MiB
+        // class), besides the step's own.
+        assert_eq!(pool.stats().peak_reserved, 21 * MIB, "{:?}", pool.stats());
     }
 
     #[test]
