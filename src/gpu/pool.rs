@@ -62,9 +62,6 @@ struct Step {
     /// until the latest requests' classes are found in the plan again.
     synced: bool,
     offset: isize,
-    /// The request being served was held past the end of the step the plan came from: the
-    /// size-class pool serves it, with room to grow ([`Pool::take_held`]).
-    held_past: bool,
 }
 
 /// After a miss, the plan position whose predecessors have the classes of the latest requests
@@ -142,6 +139,16 @@ enum Slot<B> {
     Unmade,
     Free(B),
     Out,
+}
+
+/// Where a request's buffer comes from ([`Pool::planned`]).
+enum Source<B> {
+    /// Planned buffer `index`: free, or still to be made (None).
+    Plan(usize, Option<B>),
+    /// The size-class pool, with room to grow: the plan's step held this request past its end.
+    Held,
+    /// The size-class pool.
+    FreeList,
 }
 
 /// A buffer the pool handed out, and what it needs to know when the buffer comes back.
@@ -252,15 +259,13 @@ impl<B: PoolBuffer> Pool<B> {
             (self.step.number, index)
         });
         let (buffer, home) = match self.planned(request.map(|r| r.1), bytes, class) {
-            Some((index, Some(b))) => (b, self.plan_home(index)),
-            Some((index, None)) => {
+            Source::Plan(index, Some(b)) => (b, self.plan_home(index)),
+            Source::Plan(index, None) => {
                 let size = self.plan.as_ref().expect("a plan").buffers[index].size;
                 (self.create(create, size)?, self.plan_home(index))
             }
-            None if std::mem::take(&mut self.step.held_past) => {
-                (self.take_held(create, bytes, class)?, Home::FreeList)
-            }
-            None => {
+            Source::Held => (self.take_held(create, bytes, class)?, Home::FreeList),
+            Source::FreeList => {
                 let b = match self.reuse(class) {
                     Some(b) => b,
                     None => {
@@ -282,19 +287,19 @@ impl<B: PoolBuffer> Pool<B> {
 
     /// The planned buffer for request `index` of the step being recorded (None: a request outside
     /// a step), marked out: its index in the plan and the buffer, or None when the buffer is
-    /// still to be made. Requests are matched to the plan by position: a step repeats its
+    /// still to be made; or the size-class pool. Requests are matched to the plan by position: a step repeats its
     /// predecessor's requests in order, some with other sizes (rows selected by a mask). A
     /// request that misses (its buffer is still held, or the step took another path), one made
     /// while the pairing is lost (until [`Step::resync`] finds it), and one outside a step get a
-    /// free planned buffer of their size range when there is one. None when the request goes to
-    /// the size-class pool.
-    fn planned(&mut self, index: Option<usize>, bytes: u64, class: u64) -> Option<(usize, Option<B>)> {
+    /// free planned buffer of their size range when there is one, else the size-class pool; so
+    /// does a request that the plan's step held past its end ([`Source::Held`]).
+    fn planned(&mut self, index: Option<usize>, bytes: u64, class: u64) -> Source<B> {
         // A buffer made again for a grown request gets a quarter more than it asks: selections
         // grow a little at a time while a model learns, and each growth is an allocation.
         let grown = self.class(bytes + bytes / 4);
         let Some(plan) = self.plan.as_mut() else {
             self.step.followed = false;
-            return None;
+            return Source::FreeList;
         };
         if let Some(i) = index
             && !self.step.synced
@@ -315,14 +320,11 @@ impl<B: PoolBuffer> Pool<B> {
         let position = at.map(|(_, p)| plan.sequence.get(p).map(|e| e.buffer));
         let chosen = match position {
             // Held past its step: the size-class pool's.
-            Some(Some(None)) => {
-                self.step.held_past = true;
-                return None;
-            }
+            Some(Some(None)) => return Source::Held,
             // Still held by an earlier request (lifetimes changed a little): the pairing stands.
             Some(Some(Some(b))) if matches!(plan.buffers[b].slot, Slot::Out) => {
                 self.step.followed = false;
-                smallest_free(plan, class)?
+                smallest_free(plan, class)
             }
             // Grown (more rows selected than when planned): the buffer is made again, larger, and
             // the requests sharing it still never overlap; the next step follows a new plan,
@@ -333,7 +335,7 @@ impl<B: PoolBuffer> Pool<B> {
             Some(Some(Some(b))) if plan.buffers[b].size < bytes && class > 2 * plan.buffers[b].size => {
                 self.step.followed = false;
                 self.step.synced = false;
-                smallest_free(plan, class)?
+                smallest_free(plan, class)
             }
             Some(Some(Some(b))) => {
                 if plan.buffers[b].size < bytes {
@@ -343,19 +345,20 @@ impl<B: PoolBuffer> Pool<B> {
                     plan.buffers[b].size = grown;
                     self.step.followed = false;
                 }
-                b
+                Some(b)
             }
             _ => {
                 if index.is_some() {
                     self.step.followed = false;
                     self.step.synced = false;
                 }
-                smallest_free(plan, class)?
+                smallest_free(plan, class)
             }
         };
+        let Some(chosen) = chosen else { return Source::FreeList };
         match std::mem::replace(&mut plan.buffers[chosen].slot, Slot::Out) {
-            Slot::Free(b) => Some((chosen, Some(b))),
-            _ => Some((chosen, None)),
+            Slot::Free(b) => Source::Plan(chosen, Some(b)),
+            _ => Source::Plan(chosen, None),
         }
     }
 
