@@ -15,7 +15,7 @@ use crate::tensor::Tensor;
 pub enum BenchPreset {
     /// Batch 1, k3 p1 at 16 channels 48x64x64, 32 at 24x32x32, 128 at 10x14x14; transposed
     /// convolutions with the same channels and output sizes; the small training preset's layers
-    /// (widths 4 and 8).
+    /// (widths 4 to 64).
     Small,
     /// The network's layers at batch 4 (VNet widths 16 to 256 at 112x112x80 and below).
     Paper,
@@ -94,6 +94,9 @@ pub fn bench_cases(preset: BenchPreset) -> Vec<BenchCase> {
             c(2, 4, 4, [48, 48, 32], 3, 1),
             c(2, 4, 8, [48, 48, 32], 2, 2),
             c(2, 8, 8, [24, 24, 16], 3, 1),
+            c(2, 16, 16, [12, 12, 8], 3, 1),
+            c(2, 32, 32, [6, 6, 4], 3, 1),
+            c(2, 64, 64, [3, 3, 2], 3, 1),
             up(2, 8, 4, [24, 24, 16]),
             c(2, 4, 2, [48, 48, 32], 1, 1),
         ],
