@@ -49,6 +49,15 @@ const CASES: &[Case] = &[
     case(1, 3, 4, [6, 9, 17], 2, 2, 0),
     // Rows along z that are whole vec4s, over more than one step of 16 with a tail.
     case(2, 3, 5, [4, 5, 40], 2, 2, 0),
+    // Same convolutions with rows of whole vectors: over several tiles along z with a tail
+    // (halo vectors from the neighbouring tiles), within one tile, tiles of several rows along y
+    // (1, 2 or 4 lanes along z, rows past the end, a lane past a row's end), and a 1x1x1 kernel.
+    case(2, 3, 5, [4, 5, 40], 3, 1, 1),
+    case(1, 5, 6, [3, 6, 16], 3, 1, 1),
+    case(2, 4, 8, [3, 5, 8], 3, 1, 1),
+    case(1, 3, 4, [2, 7, 4], 3, 1, 1),
+    case(1, 3, 4, [2, 7, 12], 3, 1, 1),
+    case(1, 6, 9, [3, 4, 24], 1, 1, 0),
 ];
 
 #[test]
@@ -226,6 +235,12 @@ fn conv3d_grad_matches_finite_differences() {
     gradcheck_conv([1, 2, 3, 4, 5], [3, 2, 3, 3, 3], 1, 1);
     gradcheck_conv([2, 2, 4, 4, 5], [3, 2, 2, 2, 2], 2, 0);
     gradcheck_conv([1, 3, 2, 3, 3], [2, 3, 1, 1, 1], 1, 0);
+    // Rows of whole vec4s through the vector tiles of the same convolution, forward and input
+    // gradient, where the adapter has them.
+    for algo in conv::algos(Form::Gather, 3).into_iter().filter(|a| matches!(a, Algo::Subgroup { z: 4, .. }))
+    {
+        conv::with_algo(Form::Gather, algo, || gradcheck_conv([1, 2, 3, 3, 8], [3, 2, 3, 3, 3], 1, 1));
+    }
 }
 
 #[test]

@@ -146,6 +146,235 @@ pub fn sg_gather_source(k: usize, s: usize, m: usize, v: usize) -> String {
     o
 }
 
+/// The subgroup gather kernel of a stride-1 "same" convolution (odd kernel size k, padding
+/// (k - 1) / 2 along z, one class) whose rows along z are whole vectors of z (2 or 4): m channels
+/// x v rows x z outputs along z per lane, `lanes` lanes along a row (1, 2, 4 or 8).
+pub(super) fn sg_gather_vec_shader(
+    k: usize,
+    m: usize,
+    v: usize,
+    z: usize,
+    lanes: usize,
+    whole: bool,
+) -> &'static str {
+    generated_shader(&format!("conv3d_sgv_k{k}m{m}v{v}z{z}l{lanes}w{}", whole as u8), || {
+        sg_gather_vec_source(k, m, v, z, lanes, whole)
+    })
+}
+
+/// Each lane holds z consecutive outputs along z of v rows along y; the 8 lanes of a tile are
+/// 8 / `lanes` groups of rows (of one (n, channel block, x)), each group `lanes` consecutive
+/// vectors along z. An output's input row is the same z range widened by h = (k - 1) / 2 on each
+/// side. For each input channel and x tap, each lane loads 1/8 of the weight block (as vec4s,
+/// broadcast by shuffles once per (channel, x tap) to serve v x z accumulators), and per input
+/// row its own vector of z inputs; the h values on either side come from the neighbouring lanes
+/// of its group by shuffles, and from beyond the group's z range: the padding's zeros when the
+/// group spans the row (`whole`, always with fewer than 8 lanes along it), else one halo vector
+/// per row (lane 0 the vector before the tile, lane 7 the one after it). Loads and shuffles per
+/// FMA are z times fewer than in the scalar tile (`conv_sg`).
+pub fn sg_gather_vec_source(k: usize, m: usize, v: usize, z: usize, lanes: usize, whole: bool) -> String {
+    assert!(k % 2 == 1 && (z == 2 || z == 4) && (k - 1) / 2 <= z, "vector gather tile k {k} z {z}");
+    assert!(m.is_multiple_of(4), "vector gather tiles read the weights as vec4s");
+    assert!([1, 2, 4, 8].contains(&lanes) && (whole || lanes == 8), "{lanes} lanes along a row");
+    let h = (k - 1) / 2;
+    let groups = 8 / lanes;
+    let rows = v + k - 1;
+    let wblk = k * k * m;
+    let nw4 = (wblk / 4).div_ceil(8);
+    let comp = ["x", "y", "z", "w"];
+    let mut o = String::from(include_str!("../../../shaders/conv3d.wgsl"));
+    let w = &mut o;
+    let halo = if whole {
+        String::new()
+    } else {
+        format!(
+            "    // The halo vector: lane 0 the one before the tile, lane 7 the one after it.
+    let hz = select(zl + {z}, zl - {z}, lane == 0u);
+    let hok = hz >= 0 && hz < sz;
+"
+        )
+    };
+    let _ = writeln!(
+        w,
+        "
+@group(0) @binding(1) var<storage, read> src_v: array<vec{z}<f32>>;
+@group(0) @binding(2) var<storage, read> wt4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> dst_v: array<vec{z}<f32>>;
+
+// Generated: stride-1 same convolution, kernel {k}, {m} channels x {v} rows x {z} z per lane,
+// {lanes} lanes along a row.
+{head}    let off = p.off[0];
+    let sx = i32(p.sx);
+    let sy = i32(p.sy);
+    let sz = i32(p.sz);
+    let plane = sy * sz;
+    let cstride = sx * plane;
+    let lg = lane / {lanes}u;
+    let lz = lane % {lanes}u;
+    let zl = i32((zb * {lanes}u + lz) * {z}u);
+    let zok = zl < sz;
+{halo}    let yo = (yb * {groups}u + lg) * {v}u;
+    let y0 = i32(yo) + off.y;
+    let sbase = i32(p.src_base + n * p.src_batch);
+    let wbase = cb * p.cin * {wci4}u + lane;
+    let wlast = arrayLength(&wt4) - 1u;
+    let prev = sb + lg * {lanes}u + (lz + {lm1}u) % {lanes}u;
+    let next = sb + lg * {lanes}u + (lz + 1u) % {lanes}u;",
+        wci4 = k * wblk / 4,
+        lm1 = lanes - 1,
+        head = tile_entry("conv_sgv", "xo", false)
+    );
+    for a in 0..m {
+        for j in 0..v {
+            for q in 0..z {
+                let _ = writeln!(w, "    var a{a}_{j}_{q} = 0.0;");
+            }
+        }
+    }
+    let _ = writeln!(
+        w,
+        "    for (var ci = 0u; ci < p.cin; ci++) {{
+        for (var dx = 0u; dx < {k}u; dx++) {{
+            let xi = i32(xo + dx) + off.x;
+            let xok = xi >= 0 && xi < sx;
+            let wb = wbase + (ci * {k}u + dx) * {wblk4}u;
+            let xb = sbase + i32(ci) * cstride + select(0, xi, xok) * plane;",
+        wblk4 = wblk / 4
+    );
+    for q in 0..nw4 {
+        let _ = writeln!(w, "            let w{q} = wt4[min(wb + {}u, wlast)];", 8 * q);
+    }
+    for dy in 0..k {
+        for dz in 0..k {
+            for a in 0..m {
+                let e = (dy * k + dz) * m + a;
+                let _ = writeln!(
+                    w,
+                    "            let k{dy}_{dz}_{a} = subgroupShuffle(w{}.{}, sb + {}u);",
+                    e / 32,
+                    comp[e % 4],
+                    (e / 4) % 8
+                );
+            }
+        }
+    }
+    for row in 0..rows {
+        let _ = writeln!(
+            w,
+            "            {{
+                let yi = y0 + {row};
+                let ok = xok && yi >= 0 && yi < sy;
+                let rb = xb + select(0, yi, ok) * sz;
+                let r = select(vec{z}<f32>(0.0), src_v[u32(rb + select(0, zl, zok)) / {z}u], ok && zok);"
+        );
+        if !whole {
+            let _ = writeln!(
+                w,
+                "                let hv = select(vec{z}<f32>(0.0), src_v[u32(rb + select(0, hz, hok)) / {z}u], ok && hok);"
+            );
+        }
+        write_halo(w, z, h, lanes, whole);
+        for j in 0..v {
+            let Some(dy) = row.checked_sub(j).filter(|&d| d < k) else { continue };
+            for dz in 0..k {
+                for a in 0..m {
+                    for q in 0..z {
+                        let x = halo_input(z, q as isize + dz as isize - h as isize);
+                        let _ = writeln!(
+                            w,
+                            "                a{a}_{j}_{q} = fma(k{dy}_{dz}_{a}, {x}, a{a}_{j}_{q});"
+                        );
+                    }
+                }
+            }
+        }
+        let _ = writeln!(w, "            }}");
+    }
+    let _ = writeln!(
+        w,
+        "        }}
+    }}
+    if !live || !zok || xo >= p.ox {{
+        return;
+    }}
+    let cs = p.ox * p.oy * p.oz;
+    let base = (p.dst_base + n * p.dst_batch + ((cb * {m}u * p.ox + xo) * p.oy + yo) * p.oz + u32(zl)) / {z}u;
+    let vcs = cs / {z}u;
+    let vrs = p.oz / {z}u;
+    if yo + {v}u <= p.oy && cb * {m}u + {m}u <= p.cout {{"
+    );
+    let value = |a: usize, j: usize, b: &str| -> String {
+        let parts: Vec<String> = (0..z).map(|q| format!("a{a}_{j}_{q}")).collect();
+        format!("vec{z}<f32>({}) + {b}", parts.join(", "))
+    };
+    for a in 0..m {
+        let _ = writeln!(w, "        let b{a} = bias_of(cb * {m}u + {a}u);");
+        for j in 0..v {
+            let _ = writeln!(
+                w,
+                "        dst_v[base + {a}u * vcs + {j}u * vrs] = {};",
+                value(a, j, &format!("b{a}"))
+            );
+        }
+    }
+    let _ = writeln!(w, "        return;\n    }}");
+    for a in 0..m {
+        let _ = writeln!(
+            w,
+            "    if cb * {m}u + {a}u < p.cout {{
+        let b = bias_of(cb * {m}u + {a}u);"
+        );
+        for j in 0..v {
+            let _ = writeln!(
+                w,
+                "        if yo + {j}u < p.oy {{
+            dst_v[base + {a}u * vcs + {j}u * vrs] = {};
+        }}",
+                value(a, j, "b")
+            );
+        }
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = writeln!(w, "}}");
+    o
+}
+
+/// The value at z offset i (-h..z + h) of a lane's row vector `r` of z values widened by the
+/// halo values of `write_halo`.
+fn halo_input(z: usize, i: isize) -> String {
+    let comp = ["x", "y", "z", "w"];
+    if i < 0 {
+        format!("lm{}", -i)
+    } else if (i as usize) < z {
+        format!("r.{}", comp[i as usize])
+    } else {
+        format!("rp{}", i as usize - z + 1)
+    }
+}
+
+/// The h values on either side of a lane's row vector `r` (z values), `lm1..` to the left and
+/// `rp1..` to the right: from the neighbouring lanes of its group of `lanes` along the row
+/// (`prev`, `next`), and past the group's ends from the halo vector `hv` or, for a group spanning
+/// the row (`whole`), the padding's zeros.
+fn write_halo(w: &mut String, z: usize, h: usize, lanes: usize, whole: bool) {
+    let comp = ["x", "y", "z", "w"];
+    for t in 1..=h {
+        let (l, r) = (comp[z - t], comp[t - 1]);
+        if lanes == 1 {
+            let _ = writeln!(w, "                let lm{t} = 0.0;\n                let rp{t} = 0.0;");
+            continue;
+        }
+        let (hl, hr) =
+            if whole { ("0.0".into(), "0.0".into()) } else { (format!("hv.{l}"), format!("hv.{r}")) };
+        let _ = writeln!(
+            w,
+            "                let lm{t} = select(subgroupShuffle(r.{l}, prev), {hl}, lz == 0u);
+                let rp{t} = select(subgroupShuffle(r.{r}, next), {hr}, lz == {}u);",
+            lanes - 1
+        );
+    }
+}
+
 /// The subgroup kernel of a k2 s2 convolution without padding, m channels x v rows x z / 2
 /// outputs along z per lane, input rows read as vectors of z (2 or 4).
 pub(super) fn sg_down_shader(m: usize, v: usize, z: usize) -> &'static str {
@@ -520,6 +749,132 @@ pub fn sg_up_vec_source(m: usize, v: usize, z: usize) -> String {
     o
 }
 
+/// The weight-gradient kernel of a stride-1 convolution padded by (k - 1) / 2 along z whose rows
+/// along z are whole vectors of z (2 or 4): m A channels x v B channels per tile, `lanes` lanes
+/// along a row (1, 2, 4 or 8).
+pub(super) fn sg_wgrad_vec_shader(
+    k: usize,
+    m: usize,
+    v: usize,
+    z: usize,
+    lanes: usize,
+    whole: bool,
+) -> &'static str {
+    let name = format!("conv3d_gradv_k{k}m{m}v{v}z{z}l{lanes}w{}", whole as u8);
+    generated_shader(&name, || sg_wgrad_vec_source(k, m, v, z, lanes, whole))
+}
+
+/// All lanes of a tile hold its m A channels and v B channels, each summing every (A channel,
+/// B channel, tap) over its own vectors of z along z; the lanes' sums are added by shuffles at the
+/// end. The 8 lanes are 8 / `lanes` consecutive rows (n, qx, qy) of a step, each `lanes`
+/// consecutive vectors along z: a pass covers `lanes` x z of a row. A pass reads, per lane, one
+/// vector of A per A channel and one vector of B per B channel and (x, y) tap; the h = (k - 1) / 2
+/// values on either side of a lane's B vector come from its neighbours along the row by shuffles,
+/// and from beyond the pass from a halo vector (lane 0 the one before the pass, lane 7 the one
+/// after it) or, when the pass spans the row (`whole`, always with fewer than 8 lanes along it),
+/// are the padding's zeros.
+pub fn sg_wgrad_vec_source(k: usize, m: usize, v: usize, z: usize, lanes: usize, whole: bool) -> String {
+    assert!(k % 2 == 1 && (z == 2 || z == 4) && (k - 1) / 2 <= z, "vector wgrad tile k {k} z {z}");
+    assert!([1, 2, 4, 8].contains(&lanes) && (whole || lanes == 8), "{lanes} lanes along a row");
+    let h = (k - 1) / 2;
+    let groups = 8 / lanes;
+    let k3 = k * k * k;
+    let comp = ["x", "y", "z", "w"];
+    let mut o = String::from(include_str!("../../../shaders/conv3d_grad.wgsl"));
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "
+@group(0) @binding(1) var<storage, read> a_v: array<vec{z}<f32>>;
+@group(0) @binding(2) var<storage, read> b_v: array<vec{z}<f32>>;
+
+// Generated: stride-1 same convolution, kernel {k}, {m} A channels x {v} B channels per tile, {z}
+// z per lane, {lanes} lanes along a row.
+{head}    let lg = lane / {lanes}u;
+    let lz = lane % {lanes}u;
+    let prev = sb + lg * {lanes}u + (lz + {lm1}u) % {lanes}u;
+    let next = sb + lg * {lanes}u + (lz + 1u) % {lanes}u;",
+        lm1 = lanes - 1,
+        head = wgrad_entry("wgrad_sgv", groups)
+    );
+    for i in 0..m {
+        let _ = writeln!(w, "    let ch{i} = ab * {m}u + {i}u;\n    let chok{i} = ch{i} < p.ca;");
+    }
+    write_wgrad_sums(w, m, v, k3);
+    let _ = writeln!(
+        w,
+        "    // (n, qx, first qy) of the step, stepped without divisions (slow per lane on software
+    // devices); this lane's row is qy0 + lg.
+    var n = row0 / (p.ax * yblocks);
+    var qx = (row0 / yblocks) % p.ax;
+    var qy0 = (row0 % yblocks) * {groups}u;
+    for (var row = row0; row < row1; row++) {{
+        let qy = qy0 + lg;
+        let yok = qy < p.ay;
+        let abase = p.a_base + n * p.a_batch + (qx * p.ay + select(0u, qy, yok)) * p.az;
+        let bbase = i32(p.b_base + n * p.b_batch);
+        let xi0 = i32(qx) + p.off.x;
+        let yi0 = i32(qy) + p.off.y;"
+    );
+    if whole {
+        let _ = writeln!(w, "        {{\n            let zl = lz * {z}u;");
+    } else {
+        let _ = writeln!(
+            w,
+            "        for (var z0 = 0u; z0 < p.az; z0 += {}u) {{
+            let zl = z0 + lane * {z}u;
+            // The halo vector: lane 0 the one before the pass, lane 7 the one after it.
+            let hz = select(i32(zl) + {z}, i32(zl) - {z}, lane == 0u);
+            let hok = hz >= 0 && hz < bz;",
+            8 * z
+        );
+    }
+    let _ = writeln!(w, "            let zok = yok && zl < p.az;");
+    for i in 0..m {
+        let _ = writeln!(
+            w,
+            "            let av{i} = select(vec{z}<f32>(0.0), a_v[select(0u, abase + ch{i} * astride + zl, chok{i} && zok) / {z}u], chok{i} && zok);"
+        );
+    }
+    for b in 0..v {
+        for dx in 0..k {
+            for dy in 0..k {
+                let _ = writeln!(
+                    w,
+                    "            {{
+                let xi = xi0 + {dx};
+                let yi = yi0 + {dy};
+                let ok = bcok{b} && xi >= 0 && xi < bx && yi >= 0 && yi < by;
+                let rb = bbase + i32(bc{b}) * bstride + (select(0, xi, ok) * by + select(0, yi, ok)) * bz;
+                let r = select(vec{z}<f32>(0.0), b_v[u32(rb + select(0, i32(zl), zok)) / {z}u], ok && zok);"
+                );
+                if !whole {
+                    let _ = writeln!(
+                        w,
+                        "                let hv = select(vec{z}<f32>(0.0), b_v[u32(rb + select(0, hz, hok)) / {z}u], ok && hok);"
+                    );
+                }
+                write_halo(w, z, h, lanes, whole);
+                for dz in 0..k {
+                    let t = (dx * k + dy) * k + dz;
+                    for (q, c) in comp.iter().enumerate().take(z) {
+                        let e = halo_input(z, q as isize + dz as isize - h as isize);
+                        for i in 0..m {
+                            let _ = writeln!(
+                                w,
+                                "                g{i}_{b}_{t} = fma(av{i}.{c}, {e}, g{i}_{b}_{t});"
+                            );
+                        }
+                    }
+                }
+                let _ = writeln!(w, "            }}");
+            }
+        }
+    }
+    write_wgrad_tail(w, groups, m, v, k3, 1);
+    o
+}
+
 /// The subgroup weight-gradient kernel for kernel size k, stride s, m A channels per lane, v B
 /// channels per tile, r output rows (along y) per step and rows read as vectors of z (1 or 4).
 pub(super) fn sg_wgrad_shader(
@@ -597,20 +952,8 @@ fn bv_at(i: i32, ok: bool) -> vec{z}<f32> {{
         "
 // Generated: kernel {k}, stride {s}, {m} A channels per lane, {v} B channels per tile, {r} rows,
 // rows as vectors of {z}.
-{head}    let ab = t % p.ablocks;
-    t /= p.ablocks;
-    let bb = t % p.bblocks;
-    let chunk = t / p.bblocks;
-    let row0 = min(chunk * p.chunk_rows, p.rows);
-    let row1 = min(row0 + p.chunk_rows, p.rows);
-    let yblocks = (p.ay + {r1}u) / {r}u;
-    let astride = p.ax * p.ay * p.az;
-    let bx = i32(p.bx);
-    let by = i32(p.by);
-    let bz = i32(p.bz);
-    let bstride = bx * by * bz;",
-        r1 = r - 1,
-        head = subgroup_entry("wgrad_sg")
+{head}",
+        head = wgrad_entry("wgrad_sg", r)
     );
     let _ = writeln!(w, "    let la = lane % {la}u;\n    let lq = lane / {la}u;");
     for i in 0..m {
@@ -619,17 +962,7 @@ fn bv_at(i: i32, ok: bool) -> vec{z}<f32> {{
     }
     // This lane's first z of a step and, in vec4s, its first B value there.
     let _ = writeln!(w, "    let zl0 = lq * {zl}u;\n    let es0 = lq * {}u;", zl * s / 4);
-    for b in 0..v {
-        let _ = writeln!(w, "    let bc{b} = bb * {v}u + {b}u;");
-        let _ = writeln!(w, "    let bcok{b} = bc{b} < p.cb;");
-    }
-    for i in 0..m {
-        for b in 0..v {
-            for t in 0..k3 {
-                let _ = writeln!(w, "    var g{i}_{b}_{t} = 0.0;");
-            }
-        }
-    }
+    write_wgrad_sums(w, m, v, k3);
     let _ = writeln!(
         w,
         "    // (n, qx, qy0) of the row, stepped without divisions (slow per lane on software devices).
@@ -760,6 +1093,53 @@ fn bv_at(i: i32, ok: bool) -> vec{z}<f32> {{
             }
         }
     }
+    write_wgrad_tail(w, r, m, v, k3, la);
+    o
+}
+
+/// The opening of a weight-gradient kernel named `entry` over tiles of 8 lanes whose steps are
+/// r rows along y: the tile's A and B channel blocks `ab`, `bb`, its chunk's steps `row0..row1`,
+/// `yblocks` steps per (n, x), and the operands' extents.
+fn wgrad_entry(entry: &str, r: usize) -> String {
+    format!(
+        "{}    let ab = t % p.ablocks;
+    t /= p.ablocks;
+    let bb = t % p.bblocks;
+    let chunk = t / p.bblocks;
+    let row0 = min(chunk * p.chunk_rows, p.rows);
+    let row1 = min(row0 + p.chunk_rows, p.rows);
+    let yblocks = (p.ay + {}u) / {r}u;
+    let astride = p.ax * p.ay * p.az;
+    let bx = i32(p.bx);
+    let by = i32(p.by);
+    let bz = i32(p.bz);
+    let bstride = bx * by * bz;
+",
+        subgroup_entry(entry),
+        r - 1
+    )
+}
+
+/// A weight-gradient tile's v B channels (`bc{b}`, `bcok{b}` inside) and its partial sums
+/// `g{i}_{b}_{t}` of m A channels x v B channels x k3 taps.
+fn write_wgrad_sums(w: &mut String, m: usize, v: usize, k3: usize) {
+    for b in 0..v {
+        let _ = writeln!(w, "    let bc{b} = bb * {v}u + {b}u;\n    let bcok{b} = bc{b} < p.cb;");
+    }
+    for i in 0..m {
+        for b in 0..v {
+            for t in 0..k3 {
+                let _ = writeln!(w, "    var g{i}_{b}_{t} = 0.0;");
+            }
+        }
+    }
+}
+
+/// The end of a weight-gradient kernel's step loop (the next step r rows along y further) and
+/// of the kernel: the partial sums `g{i}_{b}_{t}` of m A channels (`ch{i}`) x v B channels
+/// (`bc{b}`) x k3 taps of lanes `la`, 2 `la`, ... apart (the same channels, other z) added up by
+/// shuffles, and lane 0's (of each group of `la`) stored for the tile's chunk.
+fn write_wgrad_tail(w: &mut String, r: usize, m: usize, v: usize, k3: usize, la: usize) {
     let _ = writeln!(
         w,
         "        }}
@@ -772,7 +1152,6 @@ fn bv_at(i: i32, ok: bool) -> vec{z}<f32> {{
         n = select(n, n + 1u, xwrap);
     }}"
     );
-    // Lane groups along z hold partial sums of the same channels: add them up.
     let mut step = la;
     while step < 8 {
         for i in 0..m {
@@ -784,7 +1163,7 @@ fn bv_at(i: i32, ok: bool) -> vec{z}<f32> {{
         }
         step *= 2;
     }
-    let _ = writeln!(w, "    if !live || lq != 0u {{\n        return;\n    }}");
+    let _ = writeln!(w, "    if !live || lane >= {la}u {{\n        return;\n    }}");
     for i in 0..m {
         for b in 0..v {
             let _ = writeln!(w, "    if chok{i} && bcok{b} {{");
@@ -798,7 +1177,6 @@ fn bv_at(i: i32, ok: bool) -> vec{z}<f32> {{
         }
     }
     let _ = writeln!(w, "}}");
-    o
 }
 
 /// The opening of a subgroup tile kernel named `entry` over tiles of 8 lanes: each lane's `lane`

@@ -52,8 +52,14 @@ mod generate;
 pub use bench::{
     BenchCase, BenchPreset, BenchRow, Pass, bench_cases, bench_conv_kernels, bench_operands, bench_pass,
 };
-use generate::{sg_down_shader, sg_gather_shader, sg_up_shader, sg_up_vec_shader, sg_wgrad_shader};
-pub use generate::{sg_down_source, sg_gather_source, sg_up_source, sg_up_vec_source, sg_wgrad_source};
+use generate::{
+    sg_down_shader, sg_gather_shader, sg_gather_vec_shader, sg_up_shader, sg_up_vec_shader, sg_wgrad_shader,
+    sg_wgrad_vec_shader,
+};
+pub use generate::{
+    sg_down_source, sg_gather_source, sg_gather_vec_source, sg_up_source, sg_up_vec_source, sg_wgrad_source,
+    sg_wgrad_vec_source,
+};
 
 // ---- public API ----------------------------------------------------------------------------
 
@@ -363,8 +369,16 @@ pub enum Form {
     Wgrad,
 }
 
-const SUBGROUP_GATHER: &[(u32, u32, u32, u32, u32)] =
-    &[(8, 4, 1, 1, 1), (16, 4, 1, 1, 1), (8, 8, 1, 1, 1), (4, 8, 1, 1, 1)];
+const SUBGROUP_GATHER: &[(u32, u32, u32, u32, u32)] = &[
+    (8, 4, 1, 1, 1),
+    (16, 4, 1, 1, 1),
+    (8, 8, 1, 1, 1),
+    (4, 8, 1, 1, 1),
+    (4, 4, 1, 4, 1),
+    (8, 4, 1, 4, 1),
+    (8, 8, 1, 2, 1),
+    (8, 4, 1, 2, 1),
+];
 /// Kernels of at most 2^3 taps reuse an input only across channels: wider channel tiles.
 const SUBGROUP_GATHER_SMALL: &[(u32, u32, u32, u32, u32)] = &[
     (8, 4, 1, 1, 1),
@@ -376,6 +390,7 @@ const SUBGROUP_GATHER_SMALL: &[(u32, u32, u32, u32, u32)] = &[
     (8, 2, 1, 4, 1),
     (16, 2, 1, 2, 1),
     (32, 2, 1, 2, 1),
+    (4, 4, 1, 4, 1),
 ];
 const SUBGROUP_UP: &[(u32, u32, u32, u32, u32)] = &[
     (4, 4, 1, 1, 1),
@@ -387,8 +402,16 @@ const SUBGROUP_UP: &[(u32, u32, u32, u32, u32)] = &[
     (4, 4, 1, 2, 1),
     (8, 2, 1, 2, 1),
 ];
-const SUBGROUP_WGRAD: &[(u32, u32, u32, u32, u32)] =
-    &[(2, 2, 1, 1, 1), (4, 1, 1, 1, 1), (2, 1, 2, 1, 1), (1, 2, 2, 1, 1)];
+const SUBGROUP_WGRAD: &[(u32, u32, u32, u32, u32)] = &[
+    (2, 2, 1, 1, 1),
+    (4, 1, 1, 1, 1),
+    (2, 1, 2, 1, 1),
+    (1, 2, 2, 1, 1),
+    (4, 4, 1, 4, 8),
+    (2, 4, 1, 4, 8),
+    (4, 4, 1, 2, 8),
+    (2, 2, 1, 4, 8),
+];
 /// Kernels of at most 2^3 taps hold more B channels per tile for the same registers.
 const SUBGROUP_WGRAD_SMALL: &[(u32, u32, u32, u32, u32)] = &[
     (2, 2, 1, 1, 1),
@@ -425,6 +448,12 @@ fn effective(algo: Algo, aligned: impl Fn(u32) -> bool) -> Algo {
 fn vec_aligned(z: u32, len: &[usize], bases: &[usize]) -> bool {
     let z = z as usize;
     z == 1 || len.iter().chain(bases).all(|&e| e % z == 0)
+}
+
+/// Lanes of a vector tile along a row of `len` values along z, z per lane: as many as cover the
+/// row (a power of two), at most the 8 of a tile (which then steps along longer rows).
+fn lanes_along(len: usize, z: usize) -> usize {
+    len.div_ceil(z).next_power_of_two().min(8)
 }
 
 /// True when the adapter runs the subgroup kernels: shuffles within groups of 8 lanes.
@@ -779,6 +808,13 @@ fn gather(
     let down = form == Form::Gather
         && (g.k, g.s, g.os, g.ncls, g.off) == (2, 2, 1, 1, [[0; 3]; 2])
         && (prep.k, prep.so, prep.si, prep.tstep, prep.tbase) == (2, 8 * prep.inp, 8, 1, [[0; 3]; 2]);
+    // The stride-1 convolution padded by (k - 1) / 2 along z (`conv_sgv`) reads and writes rows
+    // along z as vectors, z outputs per lane.
+    let same = form == Form::Gather
+        && (g.s, g.os, g.ncls) == (1, 1, 1)
+        && g.k % 2 == 1
+        && g.off[0][2] == -((g.k as i64 - 1) / 2)
+        && ss[4] == out_shape[4];
     // And the k2 s2 transposed convolution (`upv_sg`) reads z / 2 inputs per lane as a vector
     // and writes output rows as vectors of z.
     let upv =
@@ -788,6 +824,7 @@ fn gather(
         let (src_samples, dst_samples) = ([samples[0], samples[2]], [samples[1], samples[2]]);
         z == 1
             || (down && ss[4] == 2 * out_shape[4] && vec_aligned(z, &[ss[4], 2 * out_shape[4]], &samples))
+            || (same && (g.k - 1) / 2 <= z as usize && vec_aligned(z, &[ss[4]], &samples))
             || (upv
                 && out_shape[4] == 2 * ss[4]
                 && vec_aligned(z / 2, &src_rows, &src_samples)
@@ -815,7 +852,7 @@ fn gather(
         };
         // `down_sg` and `upv_sg` read the weights in place.
         let wt = match algo {
-            Algo::Subgroup { z: 2 | 4, .. } => prep.w.clone(),
+            Algo::Subgroup { z: 2 | 4, .. } if !same => prep.w.clone(),
             _ => prep.run(m as usize),
         };
         let samples: Vec<Option<usize>> =
@@ -823,7 +860,7 @@ fn gather(
         for n in samples {
             match (algo, up) {
                 (Algo::Subgroup { .. }, Some(_)) => launch_up(algo, src, n, &wt, bias, &dst, &ext, g),
-                _ => launch_gather(algo, src, n, &wt, bias, &dst, &ext, g),
+                _ => launch_gather(algo, same, src, n, &wt, bias, &dst, &ext, g),
             }
         }
         dst
@@ -832,8 +869,10 @@ fn gather(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// `same`: a vector tile runs `conv_sgv` (else `down_sg`).
 fn launch_gather(
     algo: Algo,
+    same: bool,
     src: &Tensor,
     sample: Option<usize>,
     wt: &Tensor,
@@ -852,6 +891,13 @@ fn launch_gather(
     } as usize;
     let cblocks = g.cout.div_ceil(m);
     let (zblocks, yblocks, tiles) = match algo {
+        Algo::Subgroup { v, z: z @ (2 | 4), .. } if same => {
+            // `conv_sgv`: lanes hold z outputs along z, `lanes` of them along a row.
+            let (z, v) = (z as usize, v as usize);
+            let lanes = lanes_along(ext[2], z);
+            let (zb, yb) = (ext[2].div_ceil(lanes * z), ext[1].div_ceil(v * 8 / lanes));
+            (zb, yb, zb * yb * ext[0] * cblocks * nbatch)
+        }
         Algo::Subgroup { v, z, .. } => {
             // Each lane of `down_sg` holds z / 2 outputs along z.
             let zq = (z as usize / 2).max(1);
@@ -891,6 +937,17 @@ fn launch_gather(
     let bias_binding = bias.map_or(wt.binding(), |b| b.binding());
     let bindings = [sb, wt.binding(), bias_binding, db];
     match algo {
+        Algo::Subgroup { m, v, z: z @ (2 | 4), .. } if same => {
+            // A tile spanning its rows along z needs no halo beyond them.
+            let lanes = lanes_along(ext[2], z as usize);
+            let shader = sg_gather_vec_shader(g.k, m as usize, v as usize, z as usize, lanes, zblocks == 1);
+            gpu().dispatch(
+                &Kernel::new(shader, "conv_sgv"),
+                p.bytes(),
+                &bindings,
+                gpu().groups_1d(tiles as u64, 8),
+            );
+        }
         Algo::Subgroup { m, v, z: z @ (2 | 4), .. } => {
             let kernel = Kernel::new(sg_down_shader(m as usize, v as usize, z as usize), "down_sg");
             gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
@@ -988,7 +1045,14 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
     // offset, the samples and the bindings' offset alignment are; with z = 2 A is read as vec4s
     // at any alignment, which its bindings must hold whole.
     let align = crate::ops::align_elems();
+    // Kernels over 2^3 taps read vectors only in the tile of a stride-1 convolution padded by
+    // (k - 1) / 2 along z (`lz` = 8: `wgrad_sgv`), whose A and B rows are whole vectors.
+    let same = g.k > 2 && g.k % 2 == 1 && g.s == 1 && g.off[2] == -((g.k as i64 - 1) / 2) && as_[4] == bs[4];
     let aligned = |z: u32| {
+        if g.k > 2 {
+            return z == 1
+                || (same && vec_aligned(z, &[as_[4]], &[a.numel() / as_[0], b.numel() / bs[0], align]));
+        }
         let b_rows = [bs[4], g.off[2].rem_euclid(z as i64) as usize];
         let a_rows = if z == 4 { as_[4] } else { 4 };
         vec_aligned(z, &b_rows, &[b.numel() / bs[0], align])
@@ -1008,6 +1072,7 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
         let launches = if split { as_[0] } else { 1 };
         // Steps of the reduction: (n, qx, group of r rows along y).
         let r = match algo {
+            Algo::Subgroup { z, lz: 8, .. } => 8 / lanes_along(as_[4], z as usize),
             Algo::Subgroup { r, .. } => r as usize,
             Algo::Tiled { .. } => 1,
         };
@@ -1098,6 +1163,13 @@ fn launch_wgrad(
         .i(0);
     let bindings = [ab, bb, part.binding()];
     match algo {
+        Algo::Subgroup { m, v, z, lz: 8, .. } => {
+            // A pass spanning the rows along z needs no halo beyond them.
+            let (z, lanes) = (z as usize, lanes_along(as_[4], z as usize));
+            let shader = sg_wgrad_vec_shader(g.k, m as usize, v as usize, z, lanes, as_[4] <= lanes * z);
+            let kernel = Kernel::new(shader, "wgrad_sgv").with("KS", g.k as f64).with("ST", g.s as f64);
+            gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
+        }
         Algo::Subgroup { m, v, r, z, lz } => {
             let [m, v, r, z, lz] = [m, v, r, z, lz].map(|x| x as usize);
             let shader = sg_wgrad_shader(g.k, g.s, m, v, r, z, lz);
