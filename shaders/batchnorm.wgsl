@@ -147,12 +147,52 @@ fn stats_partial4(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
         mean += d / n;
         m2 += d * (v - mean);
     }
+    store_lanes(lid, c, wid.x, n, mean, m2);
+}
+
+// Merges four Welford lanes of equal count n across the workgroup into the block's partial.
+fn store_lanes(lid: u32, c: u32, block: u32, n: f32, mean: vec4<f32>, m2: vec4<f32>) {
     let lo = merge(vec4<f32>(n, mean.x, m2.x, 0.0), vec4<f32>(n, mean.y, m2.y, 0.0));
     let hi = merge(vec4<f32>(n, mean.z, m2.z, 0.0), vec4<f32>(n, mean.w, m2.w, 0.0));
     let total = merge_workgroup(lid, merge(lo, hi));
     if lid == 0u {
-        spart[c * p.total_blocks + p.block0 + wid.x] = total;
+        spart[c * p.total_blocks + p.block0 + block] = total;
     }
+}
+
+// stats_partial4 over four vec4s of one sample a step (`inner` a multiple of 16).
+@compute @workgroup_size(256)
+fn stats_partial16(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = wid.y;
+    let start = wid.x * p.block_len / 16u;
+    let end = min(start + p.block_len / 16u, p.outer * p.inner / 16u);
+    var n = 0.0;
+    var mean = vec4<f32>(0.0);
+    var m2 = vec4<f32>(0.0);
+    let inner16 = p.inner / 16u;
+    var w = walk_start(start + lid, inner16);
+    for (var q = start + lid; q < end; q += WG) {
+        let k = 4u * ((w.o * p.c + c) * inner16 + w.i);
+        walk_step(&w, inner16);
+        let v0 = sx4[k];
+        let v1 = sx4[k + 1u];
+        let v2 = sx4[k + 2u];
+        let v3 = sx4[k + 3u];
+        // The four vectors' own mean and M2, merged into the running ones (Chan).
+        let qm = (v0 + v1 + v2 + v3) * 0.25;
+        let d0 = v0 - qm;
+        let d1 = v1 - qm;
+        let d2 = v2 - qm;
+        let d3 = v3 - qm;
+        let qm2 = d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3;
+        let nn = n + 4.0;
+        let d = qm - mean;
+        let f = 4.0 / nn;
+        mean += d * f;
+        m2 += qm2 + d * d * n * f;
+        n = nn;
+    }
+    store_lanes(lid, c, wid.x, n, mean, m2);
 }
 
 @group(0) @binding(1) var<storage, read> fpart: array<vec4<f32>>;
@@ -253,6 +293,27 @@ fn normalize4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     ny4[t] = select(y, max(y, vec4<f32>(0.0)), RELU);
 }
 
+// normalize4 over four vec4s of one channel per invocation (`inner` a multiple of 16): the
+// channel's statistics are loaded once for 16 elements.
+@compute @workgroup_size(256)
+fn normalize16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let t = linear(gid, nw);
+    let inner16 = p.inner / 16u;
+    if t >= p.outer * p.c * inner16 {
+        return;
+    }
+    let s = nstats[(t / inner16) % p.c];
+    let y0 = (nx4[4u * t] - s.x) * s.z + s.w;
+    let y1 = (nx4[4u * t + 1u] - s.x) * s.z + s.w;
+    let y2 = (nx4[4u * t + 2u] - s.x) * s.z + s.w;
+    let y3 = (nx4[4u * t + 3u] - s.x) * s.z + s.w;
+    let z = vec4<f32>(0.0);
+    ny4[4u * t] = select(y0, max(y0, z), RELU);
+    ny4[4u * t + 1u] = select(y1, max(y1, z), RELU);
+    ny4[4u * t + 2u] = select(y2, max(y2, z), RELU);
+    ny4[4u * t + 3u] = select(y3, max(y3, z), RELU);
+}
+
 @group(0) @binding(1) var<storage, read> gx: array<f32>;
 @group(0) @binding(2) var<storage, read> gdy: array<f32>;
 @group(0) @binding(3) var<storage, read> gstats: array<vec4<f32>>;
@@ -312,6 +373,37 @@ fn grad_partial4(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
         }
         sdy += dy;
         sdx += dy * (x - s.x) * s.y;
+    }
+    let one = vec4<f32>(1.0);
+    let total = sum_workgroup(lid, vec4<f32>(dot(sdy, one), dot(sdx, one), 0.0, 0.0));
+    if lid == 0u {
+        gpart[c * p.total_blocks + p.block0 + wid.x] = total;
+    }
+}
+
+// grad_partial4 over four vec4s of one sample a step (`inner` a multiple of 16).
+@compute @workgroup_size(256)
+fn grad_partial16(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = wid.y;
+    let s = gstats[c];
+    let start = wid.x * p.block_len / 16u;
+    let end = min(start + p.block_len / 16u, p.outer * p.inner / 16u);
+    var sdy = vec4<f32>(0.0);
+    var sdx = vec4<f32>(0.0);
+    let inner16 = p.inner / 16u;
+    var w = walk_start(start + lid, inner16);
+    for (var q = start + lid; q < end; q += WG) {
+        let k = 4u * ((w.o * p.c + c) * inner16 + w.i);
+        walk_step(&w, inner16);
+        for (var r = 0u; r < 4u; r++) {
+            let x = gx4[k + r];
+            var dy = gdy4[k + r];
+            if RELU {
+                dy = select(vec4<f32>(0.0), dy, (x - s.x) * s.z + s.w > vec4<f32>(0.0));
+            }
+            sdy += dy;
+            sdx += dy * (x - s.x) * s.y;
+        }
     }
     let one = vec4<f32>(1.0);
     let total = sum_workgroup(lid, vec4<f32>(dot(sdy, one), dot(sdx, one), 0.0, 0.0));
@@ -413,6 +505,32 @@ fn grad_input4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         dy = select(vec4<f32>(0.0), dy, (x - s.x) * s.z + s.w > vec4<f32>(0.0));
     }
     idx4[t] = f.x * dy + f.y * (x - f.w) + f.z;
+}
+
+// grad_input4 over four vec4s of one channel per invocation (`inner` a multiple of 16).
+@compute @workgroup_size(256)
+fn grad_input16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let t = linear(gid, nw);
+    let inner16 = p.inner / 16u;
+    if t >= p.outer * p.c * inner16 {
+        return;
+    }
+    let c = (t / inner16) % p.c;
+    let f = icoef[c];
+    let s = istats[c];
+    grad_input_at(4u * t, f, s);
+    grad_input_at(4u * t + 1u, f, s);
+    grad_input_at(4u * t + 2u, f, s);
+    grad_input_at(4u * t + 3u, f, s);
+}
+
+fn grad_input_at(q: u32, f: vec4<f32>, s: vec4<f32>) {
+    let x = ix4[q];
+    var dy = idy4[q];
+    if RELU {
+        dy = select(vec4<f32>(0.0), dy, (x - s.x) * s.z + s.w > vec4<f32>(0.0));
+    }
+    idx4[q] = f.x * dy + f.y * (x - f.w) + f.z;
 }
 
 // BatchNorm1d over rows [M, C] with C a multiple of 4 up to 1024 (channels-last): a vec4 holds

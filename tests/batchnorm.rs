@@ -63,7 +63,8 @@ impl Layer {
 
 // Scalar kernels (inner not a multiple of 4): [2, 3, 5, 6, 7] (420 values per channel, one partial
 // block) and [3, 2, 17, 19, 23] (22287 values, two blocks); vec4 kernels: [2, 3, 4, 5, 6] and
-// [3, 2, 16, 19, 23] (20976 values, two blocks); BatchNorm1d: [37, 5] (scalar), [37, 8] and
+// [3, 2, 16, 19, 23] (20976 values, two blocks; its per-element kernels take four vec4s per
+// invocation, 6992 values per sample a multiple of 16); BatchNorm1d: [37, 5] (scalar), [37, 8] and
 // [4100, 12] (channels-last vec4 kernels, one and three blocks).
 const SHAPES: [&[usize]; 7] = [
     &[2, 3, 5, 6, 7],

@@ -15,19 +15,21 @@ use crate::tensor::{DType, Tensor};
 /// workgroup's merge tree is a small part of its work.
 const BLOCK: usize = 16384;
 
-/// The kernel `entry`, its vec4 twin when a vec4 never straddles two channels, or its
-/// channels-last twin for rows of a multiple of 4 channels (BatchNorm1d).
+/// The kernel `entry`, its twin over four vec4s of a channel per step when `inner` is a multiple
+/// of 16, its vec4 twin when a vec4 never straddles two channels, or its channels-last twin for
+/// rows of a multiple of 4 channels (BatchNorm1d).
 fn kernel(entry: &'static str, c: usize, inner: usize) -> Kernel {
-    const VEC4: [(&str, &str, &str); 4] = [
-        ("stats_partial", "stats_partial4", "stats_partial_rows4"),
-        ("normalize", "normalize4", "normalize_rows4"),
-        ("grad_partial", "grad_partial4", "grad_partial_rows4"),
-        ("grad_input", "grad_input4", "grad_input_rows4"),
+    const TWINS: [(&str, &str, &str, &str); 4] = [
+        ("stats_partial", "stats_partial16", "stats_partial4", "stats_partial_rows4"),
+        ("normalize", "normalize16", "normalize4", "normalize_rows4"),
+        ("grad_partial", "grad_partial16", "grad_partial4", "grad_partial_rows4"),
+        ("grad_input", "grad_input16", "grad_input4", "grad_input_rows4"),
     ];
-    let twins = VEC4.iter().find(|(e, ..)| *e == entry);
+    let twins = TWINS.iter().find(|(e, ..)| *e == entry);
     let name = match twins {
-        Some((_, v4, _)) if inner.is_multiple_of(4) => v4,
-        Some((_, _, rows4)) if rows_layout(c, inner) => rows4,
+        Some((_, v16, ..)) if inner.is_multiple_of(16) => v16,
+        Some((_, _, v4, _)) if inner.is_multiple_of(4) => v4,
+        Some((.., rows4)) if rows_layout(c, inner) => rows4,
         _ => entry,
     };
     Kernel::new("batchnorm", name)
@@ -142,6 +144,8 @@ fn per_element(kernel: &Kernel, full: &[&Tensor], channel: &[&Tensor], out: &Ten
         b.push(range_binding(out, o0 * plane, count * plane));
         let lanes = if kernel.entry.ends_with("rows4") {
             base.c / 4 * count.div_ceil(ROWS)
+        } else if kernel.entry.ends_with("16") {
+            count * plane / 16
         } else if kernel.entry.ends_with('4') {
             count * plane / 4
         } else {
