@@ -750,34 +750,44 @@ pub fn sg_up_vec_source(m: usize, v: usize, z: usize) -> String {
 }
 
 /// The weight-gradient kernel of a stride-1 convolution padded by (k - 1) / 2 along z whose rows
-/// along z are whole vectors of z (2 or 4): m A channels x v B channels per tile, `lanes` lanes
-/// along a row (1, 2, 4 or 8).
+/// along z are whole vectors of z (2 or 4): m A channels x v B channels per tile, r rows along y
+/// per lane a step, `lanes` lanes along a row (1, 2, 4 or 8).
 pub(super) fn sg_wgrad_vec_shader(
     k: usize,
     m: usize,
     v: usize,
+    r: usize,
     z: usize,
     lanes: usize,
     whole: bool,
 ) -> &'static str {
-    let name = format!("conv3d_gradv_k{k}m{m}v{v}z{z}l{lanes}w{}", whole as u8);
-    generated_shader(&name, || sg_wgrad_vec_source(k, m, v, z, lanes, whole))
+    let name = format!("conv3d_gradv_k{k}m{m}v{v}r{r}z{z}l{lanes}w{}", whole as u8);
+    generated_shader(&name, || sg_wgrad_vec_source(k, m, v, r, z, lanes, whole))
 }
 
 /// All lanes of a tile hold its m A channels and v B channels, each summing every (A channel,
 /// B channel, tap) over its own vectors of z along z; the lanes' sums are added by shuffles at the
-/// end. The 8 lanes are 8 / `lanes` consecutive rows (n, qx, qy) of a step, each `lanes`
-/// consecutive vectors along z: a pass covers `lanes` x z of a row. A pass reads, per lane, one
-/// vector of A per A channel and one vector of B per B channel and (x, y) tap; the h = (k - 1) / 2
-/// values on either side of a lane's B vector come from its neighbours along the row by shuffles,
-/// and from beyond the pass from a halo vector (lane 0 the one before the pass, lane 7 the one
-/// after it) or, when the pass spans the row (`whole`, always with fewer than 8 lanes along it),
-/// are the padding's zeros.
-pub fn sg_wgrad_vec_source(k: usize, m: usize, v: usize, z: usize, lanes: usize, whole: bool) -> String {
+/// end. The 8 lanes are 8 / `lanes` groups of r consecutive rows (n, qx, qy) of a step, each group
+/// `lanes` consecutive vectors along z: a pass covers `lanes` x z of its rows. A pass reads, per
+/// lane, one vector of A per A channel and row, and one vector of B per B channel, x tap and B row
+/// under its r rows ((r - 1) + k of them, each serving every row above it); the h = (k - 1) / 2
+/// values on either side of a lane's B vector come from its neighbours along the row by
+/// shuffles, and from beyond the pass from a halo vector (lane 0 the one before the pass, lane 7
+/// the one after it) or, when the pass spans the row (`whole`, always with fewer than 8 lanes
+/// along it), are the padding's zeros.
+pub fn sg_wgrad_vec_source(
+    k: usize,
+    m: usize,
+    v: usize,
+    r: usize,
+    z: usize,
+    lanes: usize,
+    whole: bool,
+) -> String {
     assert!(k % 2 == 1 && (z == 2 || z == 4) && (k - 1) / 2 <= z, "vector wgrad tile k {k} z {z}");
     assert!([1, 2, 4, 8].contains(&lanes) && (whole || lanes == 8), "{lanes} lanes along a row");
     let h = (k - 1) / 2;
-    let groups = 8 / lanes;
+    let step = 8 / lanes * r;
     let k3 = k * k * k;
     let comp = ["x", "y", "z", "w"];
     let mut o = String::from(include_str!("../../../shaders/conv3d_grad.wgsl"));
@@ -788,14 +798,14 @@ pub fn sg_wgrad_vec_source(k: usize, m: usize, v: usize, z: usize, lanes: usize,
 @group(0) @binding(1) var<storage, read> a_v: array<vec{z}<f32>>;
 @group(0) @binding(2) var<storage, read> b_v: array<vec{z}<f32>>;
 
-// Generated: stride-1 same convolution, kernel {k}, {m} A channels x {v} B channels per tile, {z}
-// z per lane, {lanes} lanes along a row.
+// Generated: stride-1 same convolution, kernel {k}, {m} A channels x {v} B channels per tile, {r}
+// rows and {z} z per lane, {lanes} lanes along a row.
 {head}    let lg = lane / {lanes}u;
     let lz = lane % {lanes}u;
     let prev = sb + lg * {lanes}u + (lz + {lm1}u) % {lanes}u;
     let next = sb + lg * {lanes}u + (lz + 1u) % {lanes}u;",
         lm1 = lanes - 1,
-        head = wgrad_entry("wgrad_sgv", groups)
+        head = wgrad_entry("wgrad_sgv", step)
     );
     for i in 0..m {
         let _ = writeln!(w, "    let ch{i} = ab * {m}u + {i}u;\n    let chok{i} = ch{i} < p.ca;");
@@ -804,18 +814,23 @@ pub fn sg_wgrad_vec_source(k: usize, m: usize, v: usize, z: usize, lanes: usize,
     let _ = writeln!(
         w,
         "    // (n, qx, first qy) of the step, stepped without divisions (slow per lane on software
-    // devices); this lane's row is qy0 + lg.
+    // devices); this lane's rows are qy .. qy + {r}.
     var n = row0 / (p.ax * yblocks);
     var qx = (row0 / yblocks) % p.ax;
-    var qy0 = (row0 % yblocks) * {groups}u;
+    var qy0 = (row0 % yblocks) * {step}u;
     for (var row = row0; row < row1; row++) {{
-        let qy = qy0 + lg;
-        let yok = qy < p.ay;
-        let abase = p.a_base + n * p.a_batch + (qx * p.ay + select(0u, qy, yok)) * p.az;
+        let qy = qy0 + lg * {r}u;
         let bbase = i32(p.b_base + n * p.b_batch);
         let xi0 = i32(qx) + p.off.x;
         let yi0 = i32(qy) + p.off.y;"
     );
+    for rr in 0..r {
+        let _ = writeln!(
+            w,
+            "        let yok{rr} = qy + {rr}u < p.ay;
+        let abase{rr} = p.a_base + n * p.a_batch + (qx * p.ay + select(0u, qy + {rr}u, yok{rr})) * p.az;"
+        );
+    }
     if whole {
         let _ = writeln!(w, "        {{\n            let zl = lz * {z}u;");
     } else {
@@ -829,21 +844,23 @@ pub fn sg_wgrad_vec_source(k: usize, m: usize, v: usize, z: usize, lanes: usize,
             8 * z
         );
     }
-    let _ = writeln!(w, "            let zok = yok && zl < p.az;");
-    for i in 0..m {
-        let _ = writeln!(
-            w,
-            "            let av{i} = select(vec{z}<f32>(0.0), a_v[select(0u, abase + ch{i} * astride + zl, chok{i} && zok) / {z}u], chok{i} && zok);"
-        );
+    let _ = writeln!(w, "            let zok = zl < p.az;");
+    for rr in 0..r {
+        for i in 0..m {
+            let _ = writeln!(
+                w,
+                "            let av{i}_{rr} = select(vec{z}<f32>(0.0), a_v[select(0u, abase{rr} + ch{i} * astride + zl, chok{i} && zok && yok{rr}) / {z}u], chok{i} && zok && yok{rr});"
+            );
+        }
     }
     for b in 0..v {
         for dx in 0..k {
-            for dy in 0..k {
+            for yy in 0..r + k - 1 {
                 let _ = writeln!(
                     w,
                     "            {{
                 let xi = xi0 + {dx};
-                let yi = yi0 + {dy};
+                let yi = yi0 + {yy};
                 let ok = bcok{b} && xi >= 0 && xi < bx && yi >= 0 && yi < by;
                 let rb = bbase + i32(bc{b}) * bstride + (select(0, xi, ok) * by + select(0, yi, ok)) * bz;
                 let r = select(vec{z}<f32>(0.0), b_v[u32(rb + select(0, i32(zl), zok)) / {z}u], ok && zok);"
@@ -855,15 +872,18 @@ pub fn sg_wgrad_vec_source(k: usize, m: usize, v: usize, z: usize, lanes: usize,
                     );
                 }
                 write_halo(w, z, h, lanes, whole);
-                for dz in 0..k {
-                    let t = (dx * k + dy) * k + dz;
-                    for (q, c) in comp.iter().enumerate().take(z) {
-                        let e = halo_input(z, q as isize + dz as isize - h as isize);
-                        for i in 0..m {
-                            let _ = writeln!(
-                                w,
-                                "                g{i}_{b}_{t} = fma(av{i}.{c}, {e}, g{i}_{b}_{t});"
-                            );
+                for rr in 0..r {
+                    let Some(dy) = yy.checked_sub(rr).filter(|&d| d < k) else { continue };
+                    for dz in 0..k {
+                        let t = (dx * k + dy) * k + dz;
+                        for (q, c) in comp.iter().enumerate().take(z) {
+                            let e = halo_input(z, q as isize + dz as isize - h as isize);
+                            for i in 0..m {
+                                let _ = writeln!(
+                                    w,
+                                    "                g{i}_{b}_{t} = fma(av{i}_{rr}.{c}, {e}, g{i}_{b}_{t});"
+                                );
+                            }
                         }
                     }
                 }
@@ -871,7 +891,7 @@ pub fn sg_wgrad_vec_source(k: usize, m: usize, v: usize, z: usize, lanes: usize,
             }
         }
     }
-    write_wgrad_tail(w, groups, m, v, k3, 1);
+    write_wgrad_tail(w, step, m, v, k3, 1);
     o
 }
 

@@ -337,6 +337,12 @@ pub enum Algo {
     /// (`z` = 4). `lz` (wgrad with `z` = 4):
     /// lanes split into `lz` groups along the step's z, 8 / `lz` lanes over A channels; each
     /// lane then receives by shuffle only its group's B values.
+    ///
+    /// Stride-1 convolutions padded by (k - 1) / 2 along z, k = 3 (and 1 for the gather): with
+    /// `z` > 1 the gather runs `conv_sgv`, each lane holding a vector of `z` outputs along z of
+    /// `m` channels x `v` rows, and wgrad with `lz` = 8 runs `wgrad_sgv`, every lane summing `m`
+    /// A channels x `v` B channels x every tap over its own vectors of `z` of `r` rows. Both put
+    /// as many lanes along a row as cover it (at most 8) and the rest of the tile on other rows.
     Subgroup { m: u32, v: u32, r: u32, z: u32, lz: u32 },
     /// Workgroup-memory implicit GEMM: `bm` (channels) x `bn` (voxels, or B columns) per
     /// workgroup, reduced `bk` at a time, `tm` x `tn` per invocation.
@@ -411,6 +417,9 @@ const SUBGROUP_WGRAD: &[(u32, u32, u32, u32, u32)] = &[
     (2, 4, 1, 4, 8),
     (4, 4, 1, 2, 8),
     (2, 2, 1, 4, 8),
+    (4, 4, 2, 4, 8),
+    (4, 4, 3, 4, 8),
+    (4, 4, 2, 2, 8),
 ];
 /// Kernels of at most 2^3 taps hold more B channels per tile for the same registers.
 const SUBGROUP_WGRAD_SMALL: &[(u32, u32, u32, u32, u32)] = &[
@@ -1072,7 +1081,7 @@ fn wgrad(a: &Tensor, b: &Tensor, g: &WgradGeom) -> Tensor {
         let launches = if split { as_[0] } else { 1 };
         // Steps of the reduction: (n, qx, group of r rows along y).
         let r = match algo {
-            Algo::Subgroup { z, lz: 8, .. } => 8 / lanes_along(as_[4], z as usize),
+            Algo::Subgroup { r, z, lz: 8, .. } => 8 / lanes_along(as_[4], z as usize) * r as usize,
             Algo::Subgroup { r, .. } => r as usize,
             Algo::Tiled { .. } => 1,
         };
@@ -1163,10 +1172,11 @@ fn launch_wgrad(
         .i(0);
     let bindings = [ab, bb, part.binding()];
     match algo {
-        Algo::Subgroup { m, v, z, lz: 8, .. } => {
+        Algo::Subgroup { m, v, r, z, lz: 8 } => {
             // A pass spanning the rows along z needs no halo beyond them.
-            let (z, lanes) = (z as usize, lanes_along(as_[4], z as usize));
-            let shader = sg_wgrad_vec_shader(g.k, m as usize, v as usize, z, lanes, as_[4] <= lanes * z);
+            let [m, v, r, z] = [m, v, r, z].map(|x| x as usize);
+            let lanes = lanes_along(as_[4], z);
+            let shader = sg_wgrad_vec_shader(g.k, m, v, r, z, lanes, as_[4] <= lanes * z);
             let kernel = Kernel::new(shader, "wgrad_sgv").with("KS", g.k as f64).with("ST", g.s as f64);
             gpu().dispatch(&kernel, p.bytes(), &bindings, gpu().groups_1d(tiles as u64, 8));
         }
