@@ -384,6 +384,10 @@ const SUBGROUP_GATHER: &[(u32, u32, u32, u32, u32)] = &[
     (8, 4, 1, 4, 1),
     (8, 8, 1, 2, 1),
     (8, 4, 1, 2, 1),
+    // One row per lane: short rows along z put up to 8 rows along y in a tile.
+    (8, 1, 1, 4, 1),
+    (16, 1, 1, 4, 1),
+    (16, 1, 1, 2, 1),
 ];
 /// Kernels of at most 2^3 taps reuse an input only across channels: wider channel tiles.
 const SUBGROUP_GATHER_SMALL: &[(u32, u32, u32, u32, u32)] = &[
