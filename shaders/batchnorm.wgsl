@@ -9,7 +9,9 @@
 //
 // Each per-element kernel has a `...4` twin reading vec4s, used when `inner` is a multiple of 4 (a
 // vec4 then never straddles two channels): on software devices a vec4 load costs what a scalar
-// load does, and on GPUs it is a wider transaction.
+// load does, and on GPUs it is a wider transaction. Where `inner` is a multiple of 16, `...16`
+// twins take four vec4s of a channel per invocation (per-element kernels: the channel's
+// statistics loaded once) or per step (reductions).
 //
 // Per channel, `stats` holds vec4(mean, invstd, weight * invstd, bias): y = (x - mean) * scale + bias.
 // The backward mirrors the forward: `grad_partial` / `grad_finalize` reduce (sum dy, sum dy * xhat) per

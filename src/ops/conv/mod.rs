@@ -881,8 +881,8 @@ fn gather(
     autotune(key, candidates(form, g.k, (g.cout, g.cin), &aligned), &run)
 }
 
-#[allow(clippy::too_many_arguments)]
 /// `same`: a vector tile runs `conv_sgv` (else `down_sg`).
+#[allow(clippy::too_many_arguments)]
 fn launch_gather(
     algo: Algo,
     same: bool,
