@@ -267,13 +267,7 @@ pub fn sg_gather_vec_source(k: usize, m: usize, v: usize, z: usize, lanes: usize
                 let rb = xb + select(0, yi, ok) * sz;
                 let r = select(vec{z}<f32>(0.0), src_v[u32(rb + select(0, zl, zok)) / {z}u], ok && zok);"
         );
-        if !whole {
-            let _ = writeln!(
-                w,
-                "                let hv = select(vec{z}<f32>(0.0), src_v[u32(rb + select(0, hz, hok)) / {z}u], ok && hok);"
-            );
-        }
-        write_halo(w, z, h, lanes, whole);
+        write_halo(w, "src_v", z, h, lanes, whole);
         for j in 0..v {
             let Some(dy) = row.checked_sub(j).filter(|&d| d < k) else { continue };
             for dz in 0..k {
@@ -354,10 +348,16 @@ fn halo_input(z: usize, i: isize) -> String {
 
 /// The h values on either side of a lane's row vector `r` (z values), `lm1..` to the left and
 /// `rp1..` to the right: from the neighbouring lanes of its group of `lanes` along the row
-/// (`prev`, `next`), and past the group's ends from the halo vector `hv` or, for a group spanning
-/// the row (`whole`), the padding's zeros.
-fn write_halo(w: &mut String, z: usize, h: usize, lanes: usize, whole: bool) {
+/// (`prev`, `next`), and past the group's ends from the halo vector `hv` (read here from `src`
+/// at the row `rb`, element `hz`) or, for a group spanning the row (`whole`), the padding's zeros.
+fn write_halo(w: &mut String, src: &str, z: usize, h: usize, lanes: usize, whole: bool) {
     let comp = ["x", "y", "z", "w"];
+    if !whole {
+        let _ = writeln!(
+            w,
+            "                let hv = select(vec{z}<f32>(0.0), {src}[u32(rb + select(0, hz, hok)) / {z}u], ok && hok);"
+        );
+    }
     for t in 1..=h {
         let (l, r) = (comp[z - t], comp[t - 1]);
         if lanes == 1 {
@@ -865,13 +865,7 @@ pub fn sg_wgrad_vec_source(
                 let rb = bbase + i32(bc{b}) * bstride + (select(0, xi, ok) * by + select(0, yi, ok)) * bz;
                 let r = select(vec{z}<f32>(0.0), b_v[u32(rb + select(0, i32(zl), zok)) / {z}u], ok && zok);"
                 );
-                if !whole {
-                    let _ = writeln!(
-                        w,
-                        "                let hv = select(vec{z}<f32>(0.0), b_v[u32(rb + select(0, hz, hok)) / {z}u], ok && hok);"
-                    );
-                }
-                write_halo(w, z, h, lanes, whole);
+                write_halo(w, "b_v", z, h, lanes, whole);
                 for rr in 0..r {
                     let Some(dy) = yy.checked_sub(rr).filter(|&d| d < k) else { continue };
                     for dz in 0..k {
