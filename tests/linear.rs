@@ -3,6 +3,7 @@
 use caml_wgpu::Tensor;
 use caml_wgpu::gradcheck::{Rng, Tolerance, check_gradients, weighted_sum};
 use caml_wgpu::ops::linear::{cpu, linear};
+use caml_wgpu::ops::matmul::with_b_in_registers;
 
 #[test]
 fn linear_matches_cpu() {
@@ -41,13 +42,15 @@ fn linear_grads_match_finite_differences() {
         weighted_sum(&linear(&t[0], &t[1], Some(&t[2])), 13)
     });
     // 256 rows, in a multiple of 4 and out of 8: the tall kernel with the bias in its epilogue
-    // (on subgroup adapters).
+    // (on subgroup adapters), B by shuffles and in registers.
     let xt = (Rng::new(16).vec(256 * 4, -1.0, 1.0), vec![256, 4]);
     let wt = (Rng::new(17).vec(8 * 4, -1.0, 1.0), vec![8, 4]);
     let bt = (Rng::new(18).vec(8, -1.0, 1.0), vec![8]);
-    check_gradients(&[xt, wt, bt], Tolerance::default(), |t| {
-        weighted_sum(&linear(&t[0], &t[1], Some(&t[2])), 19)
-    });
+    for registers in [false, true] {
+        check_gradients(&[xt.clone(), wt.clone(), bt.clone()], Tolerance::default(), |t| {
+            with_b_in_registers(registers, || weighted_sum(&linear(&t[0], &t[1], Some(&t[2])), 19))
+        });
+    }
     // Many rows: the weight and bias gradients from one pass of the tall-reduction kernel (on
     // subgroup adapters); the input is a constant so that only those two are differenced. The
     // function is linear in them, so a step of 1 has no truncation error and keeps the rounding
@@ -79,17 +82,20 @@ fn linear_grads_match_finite_differences() {
 #[test]
 fn linear_relu_matches_cpu_and_finite_differences() {
     use caml_wgpu::ops::linear::linear_relu;
-    // Many rows take the tall kernel with the ReLU in its epilogue (subgroup adapters), few the
-    // composed ops; values near the kink are kept away from it for the differences.
-    for (rows, inp, out) in [(1000, 4, 8), (7, 3, 5)] {
+    // Many rows take the tall kernel with the ReLU in its epilogue (subgroup adapters, its B
+    // passed round by shuffles or held in registers), few the composed ops; values near the
+    // kink are kept away from it for the differences.
+    for (rows, inp, out, registers) in [(1000, 4, 8, false), (1000, 4, 8, true), (7, 3, 5, false)] {
         let x = Rng::new(30).vec(rows * inp, -1.0, 1.0);
         let w = Rng::new(31).vec(out * inp, -1.0, 1.0);
         let b = Rng::new(32).vec(out, -0.5, 0.5);
-        let y = linear_relu(
-            &Tensor::from_vec(&x, &[rows, inp]),
-            &Tensor::from_vec(&w, &[out, inp]),
-            &Tensor::from_vec(&b, &[out]),
-        );
+        let y = with_b_in_registers(registers, || {
+            linear_relu(
+                &Tensor::from_vec(&x, &[rows, inp]),
+                &Tensor::from_vec(&w, &[out, inp]),
+                &Tensor::from_vec(&b, &[out]),
+            )
+        });
         let want: Vec<f32> = cpu::linear(&x, &w, &b, [rows, inp, out]).iter().map(|v| v.max(0.0)).collect();
         for (i, (g, e)) in y.to_vec().iter().zip(&want).enumerate() {
             assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{rows} rows, entry {i}: {g} vs {e}");
@@ -108,7 +114,7 @@ fn linear_relu_matches_cpu_and_finite_differences() {
         let xt = Tensor::from_vec(&xs, &[n, inp]);
         let tol = Tolerance { step: 1e-2, ..Tolerance::default() };
         check_gradients(&[(w.clone(), vec![out, inp]), (b.clone(), vec![out])], tol, |t| {
-            weighted_sum(&linear_relu(&xt, &t[0], &t[1]), 33)
+            with_b_in_registers(registers, || weighted_sum(&linear_relu(&xt, &t[0], &t[1]), 33))
         });
     }
 }

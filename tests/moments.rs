@@ -4,6 +4,7 @@
 use caml_wgpu::Tensor;
 use caml_wgpu::autograd::backward;
 use caml_wgpu::gradcheck::{Rng, Tolerance, check_gradients, weighted_sum};
+use caml_wgpu::ops::matmul::with_b_in_registers;
 use caml_wgpu::ops::moments::{cpu, gram_rows_at};
 
 fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
@@ -91,12 +92,16 @@ fn grad_cpu(
 
 #[test]
 fn gram_rows_at_gradient_matches_cpu() {
-    for (rows, c, k, relu) in [
-        (3001, 32, 250, false),
-        (1200, 8, 0, false),
-        (40, 4, 6, false),
-        (2000, 32, 90, true),
-        (30, 4, 5, true),
+    // Many rows take the tall kernel, its B (here G + G^T) passed round by shuffles or held in
+    // registers; both are checked on every adapter.
+    for (rows, c, k, relu, registers) in [
+        (3001, 32, 250, false, false),
+        (3001, 32, 250, false, true),
+        (1200, 8, 0, false, true),
+        (40, 4, 6, false, false),
+        (2000, 32, 90, true, false),
+        (2000, 32, 90, true, true),
+        (30, 4, 5, true, false),
     ] {
         let x = Rng::new(4).vec(rows * c, -1.0, 1.0);
         let shift = Rng::new(5).vec(c, -0.2, 0.2);
@@ -105,9 +110,11 @@ fn gram_rows_at_gradient_matches_cpu() {
         let y = gram_rows_at(&xt, &Tensor::from_vec(&shift, &[c]), &Tensor::from_u32(&index, &[k]), relu);
         let dy = Rng::new(7).vec(y.numel(), -1.0, 1.0);
         let loss = y.mul(&Tensor::from_vec(&dy, y.shape())).sum_all();
-        let g = backward(&loss).get(&xt).expect("a gradient of x").to_vec();
+        let g =
+            with_b_in_registers(registers, || backward(&loss).get(&xt).expect("a gradient of x").to_vec());
         let want = grad_cpu(&x, &shift, &index, &dy, [rows, c], relu);
-        close(&g, &want, 1e-5 * (c as f32), &format!("gradient, rows {rows}, C {c}, relu {relu}"));
+        let what = format!("gradient, rows {rows}, C {c}, relu {relu}, B in registers {registers}");
+        close(&g, &want, 1e-5 * (c as f32), &what);
     }
 }
 

@@ -143,49 +143,57 @@ fn matmul_matches_cpu_for_every_transpose_and_batch() {
     }
     // Multiples of 4 (M odd unless A is transposed) take the 16-byte-load kernel; a long K with a
     // small product is summed in splits.
-    // M >= 256 takes the tall kernel (subgroup adapters), 4, 8, 16 or 32 columns per workgroup.
+    // M >= 256 takes the tall kernel (subgroup adapters), 4, 8, 16 or 32 columns per workgroup,
+    // B passed round by shuffles or, with K and N up to 32, held in registers: both on every
+    // adapter.
     // With A transposed and B not, K need not be a multiple of 4.
-    for (b, m, k, n) in [
-        (3, 13, 12, 8),
-        (1, 8, 4100, 4),
-        (1, 12, 2048, 16),
-        (2, 301, 12, 24),
-        (1, 260, 8, 32),
-        (1, 333, 4, 16),
-        (2, 300, 8, 4),
-        (1, 12, 4099, 8),
-        (3, 16, 13, 8),
-    ] {
-        if k % 4 != 0 {
-            let (a, _) = data(16, &[b, k, m], -1.0, 1.0);
-            let (bm, _) = data(17, &[b, k, n], -1.0, 1.0);
-            let got = matmul::matmul_t(
-                &Tensor::from_vec(&a, &[b, k, m]),
-                &Tensor::from_vec(&bm, &[b, k, n]),
-                true,
-                false,
-            );
-            close(
-                &got.to_vec(),
-                &matmul::matmul_cpu(&a, &bm, [b, m, k, n], true, false),
-                1e-5 * (k as f32).sqrt(),
-            );
-            continue;
-        }
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let m = if ta { m / 4 * 4 } else { m };
-            let (a, _) = data(14, &[b, m, k], -1.0, 1.0);
-            let (bm, _) = data(15, &[b, k, n], -1.0, 1.0);
-            let sa = if ta { [b, k, m] } else { [b, m, k] };
-            let sb = if tb { [b, n, k] } else { [b, k, n] };
-            let got = matmul::matmul_t(&Tensor::from_vec(&a, &sa), &Tensor::from_vec(&bm, &sb), ta, tb);
-            assert_eq!(got.shape(), &[b, m, n]);
-            close(
-                &got.to_vec(),
-                &matmul::matmul_cpu(&a, &bm, [b, m, k, n], ta, tb),
-                1e-5 * (k as f32).sqrt(),
-            );
-        }
+    for registers in [false, true] {
+        matmul::with_b_in_registers(registers, || {
+            for (b, m, k, n) in [
+                (3, 13, 12, 8),
+                (1, 8, 4100, 4),
+                (1, 12, 2048, 16),
+                (2, 301, 12, 24),
+                (1, 260, 8, 32),
+                (2, 700, 32, 32),
+                (1, 333, 4, 16),
+                (2, 300, 8, 4),
+                (1, 12, 4099, 8),
+                (3, 16, 13, 8),
+            ] {
+                if k % 4 != 0 {
+                    let (a, _) = data(16, &[b, k, m], -1.0, 1.0);
+                    let (bm, _) = data(17, &[b, k, n], -1.0, 1.0);
+                    let got = matmul::matmul_t(
+                        &Tensor::from_vec(&a, &[b, k, m]),
+                        &Tensor::from_vec(&bm, &[b, k, n]),
+                        true,
+                        false,
+                    );
+                    close(
+                        &got.to_vec(),
+                        &matmul::matmul_cpu(&a, &bm, [b, m, k, n], true, false),
+                        1e-5 * (k as f32).sqrt(),
+                    );
+                    continue;
+                }
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let m = if ta { m / 4 * 4 } else { m };
+                    let (a, _) = data(14, &[b, m, k], -1.0, 1.0);
+                    let (bm, _) = data(15, &[b, k, n], -1.0, 1.0);
+                    let sa = if ta { [b, k, m] } else { [b, m, k] };
+                    let sb = if tb { [b, n, k] } else { [b, k, n] };
+                    let got =
+                        matmul::matmul_t(&Tensor::from_vec(&a, &sa), &Tensor::from_vec(&bm, &sb), ta, tb);
+                    assert_eq!(got.shape(), &[b, m, n]);
+                    close(
+                        &got.to_vec(),
+                        &matmul::matmul_cpu(&a, &bm, [b, m, k, n], ta, tb),
+                        1e-5 * (k as f32).sqrt(),
+                    );
+                }
+            }
+        });
     }
     // A long K with M and N up to 32 takes the tall-reduction kernel (subgroup adapters), which
     // also gives A's column sums; with N < M it computes B^T A and transposes it.

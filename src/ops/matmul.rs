@@ -192,23 +192,141 @@ pub(crate) fn tall(
     rows: Rows,
 ) -> Tensor {
     assert!(rows != Rows::ReluA || n == k, "a mask by A needs N = K, got {n} and {k}");
-    // Columns per workgroup: the largest of 32, 16, 8, 4 dividing N.
-    let nb = [32, 16, 8, 4].into_iter().find(|c| n.is_multiple_of(*c)).unwrap();
-    let kernel = Kernel::new(rows_shader(nb, tb, bias.is_some(), rows), "matmul_rows");
-    let p = Params::new().u(m).u(n).u(k).u(stride_a).u(stride_b).u(m * n);
-    let [gx, gy, _] = gpu().groups_1d(m as u64, 64);
+    let (kernel, p, groups) = if b_in_registers(k, n) {
+        let name = format!("matmul_rowsr_k{k}_n{n}_t{}_b{}_r{}", tb as u8, bias.is_some() as u8, rows as u8);
+        let source = crate::gpu::generated_shader(&name, || registers_source(k, n, tb, bias.is_some(), rows));
+        // Rows per lane: enough to spread B's loads thin, few enough that a small product still
+        // fills a few workgroups.
+        let per_lane = m.div_ceil(64 * 16).clamp(4, 64);
+        let lanes = m.div_ceil(per_lane).next_multiple_of(64);
+        let p = Params::new().u(m).u(stride_a).u(stride_b).u(m * n).u(lanes);
+        (Kernel::new(source, "matmul_rows"), p, [(lanes / 64) as u32, 1, batch as u32])
+    } else {
+        // Columns per workgroup: the largest of 32, 16, 8, 4 dividing N.
+        let nb = [32, 16, 8, 4].into_iter().find(|c| n.is_multiple_of(*c)).unwrap();
+        let kernel = Kernel::new(rows_shader(nb, tb, bias.is_some(), rows), "matmul_rows");
+        let p = Params::new().u(m).u(n).u(k).u(stride_a).u(stride_b).u(m * n);
+        let [gx, gy, _] = gpu().groups_1d(m as u64, 64);
+        (kernel, p, [gx, gy, (batch * n / nb) as u32])
+    };
     let out = Tensor::empty(&[batch * m * n]);
-    let groups = [gx, gy, (batch * n / nb) as u32];
-    match bias {
-        Some(bias) => gpu().dispatch(
-            &kernel,
-            p.bytes(),
-            &[a.binding(), b.binding(), out.binding(), bias.binding()],
-            groups,
-        ),
-        None => gpu().dispatch(&kernel, p.bytes(), &[a.binding(), b.binding(), out.binding()], groups),
-    }
+    let mut bindings = vec![a.binding(), b.binding(), out.binding()];
+    bindings.extend(bias.map(Tensor::binding));
+    gpu().dispatch(&kernel, p.bytes(), &bindings, groups);
     if a.rank() == 3 || b.rank() == 3 { out.reshape(&[batch, m, n]) } else { out.reshape(&[m, n]) }
+}
+
+thread_local! {
+    static B_IN_REGISTERS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the tall products' B held in registers (`true`) or passed round by shuffles
+/// wherever it fits, instead of the adapter's default (tests, benchmarks).
+pub fn with_b_in_registers<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    crate::autograd::with_flag(&B_IN_REGISTERS, Some(on), f)
+}
+
+/// Whether a tall product keeps all of B [K, N] in every lane's registers. A software device
+/// spends far more on the shuffles that pass B round than on the products (a 32 x 32 B over
+/// 120,000 rows: 8 ms with B in registers, 18-28 ms with shuffles on llvmpipe); a GPU lane holds
+/// a few hundred registers, not the 1024 values of such a B, so it keeps the shuffles.
+fn b_in_registers(k: usize, n: usize) -> bool {
+    k <= 32 && n <= 32 && B_IN_REGISTERS.with(|c| c.get()).unwrap_or_else(|| gpu().is_software())
+}
+
+/// The bindings of both tall-product kernels: A, B, C and the bias (read where the kernel adds one).
+const ROWS_BINDINGS: &str = "@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> c4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> bias4: array<vec4<f32>>;
+";
+
+/// An output vector `v` of a tall product with the bias `bias` added and `rows`' epilogue, `a`
+/// the vector of A at the output's columns (read for [`Rows::ReluA`]).
+fn rows_epilogue(v: String, bias: Option<String>, rows: Rows, a: &str) -> String {
+    let v = match bias {
+        Some(b) => format!("{v} + {b}"),
+        None => v,
+    };
+    match rows {
+        Rows::Plain => v,
+        Rows::Relu => format!("max({v}, vec4<f32>())"),
+        Rows::ReluA => format!("select(vec4<f32>(), {v}, {a} > vec4<f32>())"),
+    }
+}
+
+/// The tall-product kernel with all of B (and the bias) loaded once into each lane's registers,
+/// each lane then walking rows `p.lanes` apart: a lane's loads per row are K / 4 vectors of A,
+/// against K N / 4 FMAs. K and N are known to the shader and every loop but the rows' unrolled.
+fn registers_source(k: usize, n: usize, tb: bool, bias: bool, rows: Rows) -> String {
+    use std::fmt::Write;
+    let (kq, nq) = (k / 4, n / 4);
+    let mut w = String::from(
+        "// Generated: C[b] = A[b] op(B[b]) with B in registers, see registers_source in src/ops/matmul.rs.
+struct Params {
+    m: u32,
+    batch_a: u32,
+    batch_b: u32,
+    batch_c: u32,
+    lanes: u32,
+}
+",
+    );
+    w.push_str(ROWS_BINDINGS);
+    w.push_str(
+        "
+@compute @workgroup_size(64)
+fn matmul_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let bb = wid.z * p.batch_b / 4u;
+",
+    );
+    // B's vectors in its own layout: [N, K] row c at c K / 4, or [K, N] row r at r N / 4.
+    for i in 0..k * n / 4 {
+        let _ = writeln!(w, "    let bm{i} = b4[bb + {i}u];");
+    }
+    if bias {
+        for g in 0..nq {
+            let _ = writeln!(w, "    let bv{g} = bias4[{g}u];");
+        }
+    }
+    w.push_str("    for (var row = wid.x * 64u + li; row < p.m; row += p.lanes) {\n");
+    let _ = writeln!(w, "        let ab = (wid.z * p.batch_a + row * {k}u) / 4u;");
+    for q in 0..kq {
+        let _ = writeln!(w, "        let r{q} = a4[ab + {q}u];");
+        let x = if rows == Rows::ReluA { format!("max(r{q}, vec4<f32>())") } else { format!("r{q}") };
+        let _ = writeln!(w, "        let x{q} = {x};");
+    }
+    // One output vector at a time, so that only its accumulator is live beside A's row.
+    let _ = writeln!(w, "        let cb = (wid.z * p.batch_c + row * {n}u) / 4u;");
+    for g in 0..nq {
+        if tb {
+            for c in 4 * g..4 * g + 4 {
+                let terms: Vec<String> = (0..kq).map(|q| format!("dot(x{q}, bm{})", c * kq + q)).collect();
+                let _ = writeln!(w, "        let s{c} = {};", terms.join(" + "));
+            }
+        } else {
+            let _ = writeln!(w, "        var acc{g} = vec4<f32>();");
+            for q in 0..kq {
+                for (j, comp) in ["x", "y", "z", "w"].iter().enumerate() {
+                    let i = (4 * q + j) * nq + g;
+                    let _ = writeln!(w, "        acc{g} = fma(vec4<f32>(x{q}.{comp}), bm{i}, acc{g});");
+                }
+            }
+        }
+        let v = if tb {
+            format!("vec4<f32>(s{}, s{}, s{}, s{})", 4 * g, 4 * g + 1, 4 * g + 2, 4 * g + 3)
+        } else {
+            format!("acc{g}")
+        };
+        let v = rows_epilogue(v, bias.then(|| format!("bv{g}")), rows, &format!("r{g}"));
+        let _ = writeln!(w, "        c4[cb + {g}u] = {v};");
+    }
+    w.push_str("    }\n}\n");
+    w
 }
 
 /// True when A^T B for A [K, M], B [K, N] can take the tall-reduction kernel: subgroups, a long
@@ -440,13 +558,11 @@ struct Params {
     batch_b: u32,
     batch_c: u32,
 }
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> c4: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> bias4: array<vec4<f32>>;
-
+",
+    );
+    w.push_str(ROWS_BINDINGS);
+    w.push_str(
+        "
 @compute @workgroup_size(64)
 fn matmul_rows(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -515,13 +631,9 @@ fn matmul_rows(
         } else {
             format!("acc{g}")
         };
-        let v = if bias { format!("{v} + bias4[col0 / 4u + {g}u]") } else { v };
-        let v = match rows {
-            Rows::Plain => v,
-            Rows::Relu => format!("max({v}, vec4<f32>())"),
-            // Row `row` of A at the output's columns (N = K).
-            Rows::ReluA => format!("select(vec4<f32>(), {v}, a4[(ab + col0) / 4u + {g}u] > vec4<f32>())"),
-        };
+        let bias = bias.then(|| format!("bias4[col0 / 4u + {g}u]"));
+        // Row `row` of A at the output's columns (N = K).
+        let v = rows_epilogue(v, bias, rows, &format!("a4[(ab + col0) / 4u + {g}u]"));
         let _ = writeln!(w, "        c4[cb + {g}u] = {v};");
     }
     let _ = writeln!(w, "    }}\n}}");
