@@ -9,6 +9,7 @@ use caml_wgpu::gradcheck::Rng;
 use caml_wgpu::ops::batchnorm::{BatchNormState, batch_norm, batch_norm_grad};
 use caml_wgpu::ops::dropout::dropout3d;
 use caml_wgpu::ops::linear::linear;
+use caml_wgpu::ops::matmul::with_b_in_registers;
 use caml_wgpu::ops::upsample::{upsample_trilinear2x, upsample_trilinear2x_grad};
 use caml_wgpu::{Tensor, no_grad};
 
@@ -88,16 +89,23 @@ fn bench_upsample(c: &mut Criterion) {
 }
 
 fn bench_linear(c: &mut Criterion) {
-    // A projection head's first layer over 12800 rows.
-    let (rows, inp, out) = (12800, 16, 32);
-    let x = random(&[rows, inp], 6);
-    let w = random(&[out, inp], 7);
-    let b = random(&[out], 8);
-    let mut g = c.benchmark_group(format!("linear {rows}x{inp}->{out}"));
-    g.sample_size(10);
-    g.throughput(Throughput::Bytes(((rows * (inp + out) + out * inp + out) * 4) as u64));
-    g.bench_function("forward", |bch| bch.iter(|| no_grad(|| wait(&linear(&x, &w, Some(&b))))));
-    g.finish();
+    // A projection head's first layer over 12800 rows, and a head's 32 -> 32 layer over the
+    // small preset's consistent voxels; the tall kernel with B passed round by shuffles (a GPU's
+    // default) and held in every lane's registers (a software device's).
+    for (rows, inp, out) in [(12800, 16, 32), (120_000, 32, 32)] {
+        let x = random(&[rows, inp], 6);
+        let w = random(&[out, inp], 7);
+        let b = random(&[out], 8);
+        let mut g = c.benchmark_group(format!("linear {rows}x{inp}->{out}"));
+        g.sample_size(10);
+        g.throughput(Throughput::Bytes(((rows * (inp + out) + out * inp + out) * 4) as u64));
+        for (name, registers) in [("forward, B by shuffles", false), ("forward, B in registers", true)] {
+            g.bench_function(name, |bch| {
+                bch.iter(|| with_b_in_registers(registers, || no_grad(|| wait(&linear(&x, &w, Some(&b))))))
+            });
+        }
+        g.finish();
+    }
 }
 
 criterion_group!(benches, bench_batchnorm, bench_dropout, bench_upsample, bench_linear);
