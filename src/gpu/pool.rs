@@ -180,10 +180,19 @@ fn size_class(bytes: u64) -> u64 {
 
 /// The largest class a request of `class` takes a buffer of: three classes up, at most 1.75x
 /// the bytes. (Two classes up reserved 20% more at the paper's width with f16 storage; four or
-/// more hold more in tensors.)
+/// more hold more in tensors.) A request of at most [`SMALL`] takes any buffer up to
+/// [`SMALL_BUFFER`]: a step whose requests changed (a loss term that starts or stops, a count
+/// that grows) then finds its small buffers among the free ones instead of making new ones.
 fn reuse_limit(class: u64) -> u64 {
-    (0..3).fold(class, |c, _| size_class(c + 1))
+    let up = (0..3).fold(class, |c, _| size_class(c + 1));
+    if class <= SMALL { up.max(SMALL_BUFFER) } else { up }
 }
+
+/// Requests up to this many bytes are small: see [`reuse_limit`].
+const SMALL: u64 = 16 << 10;
+/// The size a small request's planned buffer is made again at when it outgrows it, and the
+/// largest free buffer a small request takes.
+const SMALL_BUFFER: u64 = 64 << 10;
 
 /// The smallest free planned buffer of `class` up to [`reuse_limit`].
 fn smallest_free<B>(plan: &Plan<B>, class: u64) -> Option<usize> {
@@ -294,9 +303,10 @@ impl<B: PoolBuffer> Pool<B> {
     /// free planned buffer of their size range when there is one, else the size-class pool; so
     /// does a request that the plan's step held past its end ([`Source::Held`]).
     fn planned(&mut self, index: Option<usize>, bytes: u64, class: u64) -> Source<B> {
-        // A buffer made again for a grown request gets a quarter more than it asks: selections
-        // grow a little at a time while a model learns, and each growth is an allocation.
-        let grown = self.class(bytes + bytes / 4);
+        // A buffer made again for a grown request gets a quarter more than it asks (a small one
+        // SMALL_BUFFER): selections grow a little at a time while a model learns, and each
+        // growth is an allocation.
+        let grown = if bytes <= SMALL { SMALL_BUFFER } else { self.class(bytes + bytes / 4) };
         let Some(plan) = self.plan.as_mut() else {
             self.step.followed = false;
             return Source::FreeList;
@@ -398,7 +408,7 @@ impl<B: PoolBuffer> Pool<B> {
 
     /// A buffer for a request of the kind the plan's step held past its end (values carried to
     /// the next step, whose sizes vary with the selections they come from): the smallest free
-    /// buffer of up to 4 times its class (the last step's, which its holder released), else a
+    /// buffer of up to 4 times its class or [`reuse_limit`] (the last step's, which its holder released), else a
     /// new one with half as many bytes again to grow into.
     fn take_held(
         &mut self,
@@ -406,7 +416,8 @@ impl<B: PoolBuffer> Pool<B> {
         bytes: u64,
         class: u64,
     ) -> Result<B, wgpu::Error> {
-        if let Some((b, _)) = self.free.range_mut(class..=4 * class).find_map(|(_, v)| v.pop()) {
+        let top = (4 * class).max(reuse_limit(class));
+        if let Some((b, _)) = self.free.range_mut(class..=top).find_map(|(_, v)| v.pop()) {
             return Ok(b);
         }
         self.shed();
@@ -718,7 +729,7 @@ impl Drop for GpuBuffer {
 
 #[cfg(test)]
 mod tests {
-    use super::{Pool, StandIn, Taken, size_class};
+    use super::{Pool, SMALL, SMALL_BUFFER, StandIn, Taken, reuse_limit, size_class};
 
     const MIB: u64 = 1 << 20;
 
@@ -831,6 +842,31 @@ mod tests {
         // Two buffers with room for half as much again as the largest held value (a 10 MiB
         // class), besides the step's own.
         assert_eq!(pool.stats().peak_reserved, 21 * MIB, "{:?}", pool.stats());
+    }
+
+    #[test]
+    fn a_small_request_that_keeps_growing_stops_making_buffers() {
+        // A count-sized request between large ones grows by 500 bytes a step: its planned buffer
+        // is made again once, at SMALL_BUFFER, and holds every later size (with a quarter more
+        // each time, it was made again in steps 2, 6 and 10).
+        let mut pool = Pool::untraced(u64::MAX);
+        let mut made = Vec::new();
+        for s in 0..12u64 {
+            let before = pool.stats().allocations;
+            pool.begin_step();
+            let big = take(&mut pool, 8 * MIB);
+            let count = take(&mut pool, 4000 + 500 * s);
+            let other = take(&mut pool, 2 * MIB);
+            for t in [count, other, big] {
+                give(&mut pool, t);
+            }
+            pool.end_step();
+            made.push(pool.stats().allocations - before);
+        }
+        assert_eq!(made[2..], [0; 10], "allocations per step: {made:?}");
+        // A small request takes any free buffer up to SMALL_BUFFER, a large one up to 1.75x.
+        assert_eq!((reuse_limit(1024), reuse_limit(SMALL)), (SMALL_BUFFER, SMALL_BUFFER));
+        assert_eq!(reuse_limit(MIB), 7 * MIB / 4);
     }
 
     #[test]
