@@ -408,8 +408,8 @@ impl<B: PoolBuffer> Pool<B> {
 
     /// A buffer for a request of the kind the plan's step held past its end (values carried to
     /// the next step, whose sizes vary with the selections they come from): the smallest free
-    /// buffer of up to 4 times its class or [`reuse_limit`] (the last step's, which its holder released), else a
-    /// new one with half as many bytes again to grow into.
+    /// buffer of up to 4 times its class or [`reuse_limit`] (the last step's, which its holder
+    /// released), else a new one with half as many bytes again to grow into.
     fn take_held(
         &mut self,
         create: &mut dyn FnMut(u64) -> Result<B, wgpu::Error>,

@@ -196,8 +196,9 @@ pub(crate) fn tall(
         let name = format!("matmul_rowsr_k{k}_n{n}_t{}_b{}_r{}", tb as u8, bias.is_some() as u8, rows as u8);
         let source = crate::gpu::generated_shader(&name, || registers_source(k, n, tb, bias.is_some(), rows));
         // Rows per lane: enough to spread B's loads thin, few enough that a small product still
-        // fills a few workgroups.
-        let per_lane = m.div_ceil(64 * 16).clamp(4, 64);
+        // fills a few workgroups (more where the workgroups would pass the launch limit).
+        let max_groups = gpu().limits.max_compute_workgroups_per_dimension as usize;
+        let per_lane = m.div_ceil(64 * 16).clamp(4, 64).max(m.div_ceil(64 * max_groups));
         let lanes = m.div_ceil(per_lane).next_multiple_of(64);
         let p = Params::new().u(m).u(stride_a).u(stride_b).u(m * n).u(lanes);
         (Kernel::new(source, "matmul_rows"), p, [(lanes / 64) as u32, 1, batch as u32])
