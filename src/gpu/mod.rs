@@ -133,6 +133,12 @@ pub struct Gpu {
     /// Compiled pipelines persisted across processes (adapters with `PIPELINE_CACHE`).
     pipeline_cache: Option<PipelineCacheFile>,
     rec: Mutex<Recorder>,
+    /// Held around every submission and every poll of the device, so that no two run at once:
+    /// wgpu-core 30.0 panics ("If the queue is empty, the current submission index ... should be
+    /// at least the wait submission index") when one thread's waiting poll finds the queue
+    /// emptied by another thread's poll between two of its own reads (fixed upstream after
+    /// 30.0.2). Tests record from several threads at once; a training run from one.
+    serial: Mutex<()>,
     /// Mappable buffers for readbacks, by power-of-two size.
     staging: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     dispatches: AtomicU64,
@@ -261,6 +267,7 @@ impl Gpu {
                 profiler: None,
                 belt,
             }),
+            serial: Mutex::new(()),
             staging: Mutex::new(HashMap::new()),
             dispatches: AtomicU64::new(0),
             submissions: AtomicU64::new(0),
@@ -557,6 +564,7 @@ impl Gpu {
                 p.resolve(&mut encoder);
             }
             rec.belt.finish();
+            let _serial = self.serial.lock().unwrap();
             self.queue.submit([encoder.finish()]);
             rec.belt.recall();
             self.submissions.fetch_add(1, Ordering::Relaxed);
@@ -601,7 +609,10 @@ impl Gpu {
         let _timer = WaitTimer(&self.wait_nanos, Instant::now());
         loop {
             let wait = wgpu::PollType::Wait { submission_index: None, timeout: Some(Duration::from_secs(1)) };
-            let polled = self.device.poll(wait);
+            let polled = {
+                let _serial = self.serial.lock().unwrap();
+                self.device.poll(wait)
+            };
             if let Some(why) = LOST.get() {
                 panic!("the GPU device was lost ({why})");
             }
