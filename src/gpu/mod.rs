@@ -546,6 +546,12 @@ impl Gpu {
         rec.belt.write_buffer(encoder, dst.raw(), offset, size).copy_from_slice(data);
     }
 
+    /// Takes the lock that submissions and polls hold (the `serial` field); a thread that
+    /// panicked holding it (a lost device) leaves nothing inconsistent behind, so the others go on.
+    fn serial(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.serial.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Submits everything recorded so far.
     pub fn flush(&self) {
         let mut rec = self.rec.lock().unwrap();
@@ -564,7 +570,7 @@ impl Gpu {
                 p.resolve(&mut encoder);
             }
             rec.belt.finish();
-            let _serial = self.serial.lock().unwrap();
+            let _serial = self.serial();
             self.queue.submit([encoder.finish()]);
             rec.belt.recall();
             self.submissions.fetch_add(1, Ordering::Relaxed);
@@ -610,7 +616,7 @@ impl Gpu {
         loop {
             let wait = wgpu::PollType::Wait { submission_index: None, timeout: Some(Duration::from_secs(1)) };
             let polled = {
-                let _serial = self.serial.lock().unwrap();
+                let _serial = self.serial();
                 self.device.poll(wait)
             };
             if let Some(why) = LOST.get() {
