@@ -107,8 +107,8 @@ struct Request {
     /// before: planned buffers are sized for these, so that a selection whose size goes up and
     /// down from step to step stops making buffers once it has been at its largest.
     high: u64,
-    /// Its size differed from its predecessors' at its plan position in some step before: a
-    /// selection's rows. Such a request more than twice its planned buffer's size is taken for
+    /// Its size class differed from its predecessors' at its plan position in some step before:
+    /// a selection's rows. Such a request more than twice its planned buffer's size is taken for
     /// a selection that grew, not for a sign that the pairing is lost.
     varies: bool,
 }
@@ -361,8 +361,9 @@ impl<B: PoolBuffer> Pool<B> {
             // the requests sharing it still never overlap; the next step follows a new plan,
             // made for the new sizes (buffers shared by requests that grow at different times
             // would otherwise keep growing to each one's largest size). A request more than twice
-            // its planned size is taken for a sign that requests were added or left out (the
-            // pairing is lost until found again).
+            // its planned size, at a position whose size never varied, is taken for a sign that
+            // requests were added or left out (the pairing is lost until found again); a wrong
+            // pairing at a varying position still shows in the step's request count at its end.
             Some(Some(Some(b)))
                 if !varies && plan.buffers[b].size < bytes && class > 2 * plan.buffers[b].size =>
             {
@@ -899,8 +900,9 @@ mod tests {
     #[test]
     fn a_selection_whose_size_jumps_keeps_the_pairing() {
         // A selection swings between 1 and 5 MiB from step to step, and each step makes a new
-        // plan, so that the 5 MiB is more than twice its planned buffer. Once its position is known to vary, the swing is a growth, not a sign that
-        // requests were added or left out: the requests after it stay paired with the plan
+        // plan, so that the 5 MiB is more than twice its planned buffer. Once its position is
+        // known to vary, the swing is a growth, not a sign that requests were added or left
+        // out: the requests after it stay paired with the plan
         // (taken for a lost pairing, each swing left them to find free buffers of their sizes
         // until the classes of 8 requests in a row matched the plan again; a paper-preset
         // trace replayed made 39 buffers after its second step with that, 19 without).
