@@ -91,8 +91,8 @@ impl Sgd {
 /// The most parameters one launch updates.
 const MAX_PER_LAUNCH: usize = 8;
 /// Entries per invocation at most: the guard is read once for them. On the software device an
-/// invocation's fixed cost outweighs its entries' (the small preset's 35 launches took 34 ms with
-/// 8 entries per invocation, 10 ms with 32).
+/// invocation's fixed cost outweighs its entries' (the small preset's 35 launches took 34 ms of
+/// device time with 8 entries per invocation, 10 to 18 ms with 32).
 const RUN: usize = 32;
 
 fn sgd_shader(count: usize) -> &'static str {
