@@ -193,15 +193,15 @@ override PKK: u32 = 3u;
 @group(0) @binding(1) var<storage, read> w_in: array<f32>;
 @group(0) @binding(2) var<storage, read_write> w_out: array<f32>;
 
+// One invocation per block row: the PM consecutive entries of one (class, block, input channel,
+// tap), so that the index's divisions are done once for them.
 @compute @workgroup_size(256)
 fn prep_weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-    let e = gid.x + gid.y * nw.x * 256u;
-    if e >= pp.total {
+    let row = gid.x + gid.y * nw.x * 256u;
+    if row >= pp.total / PM {
         return;
     }
-    var t = e;
-    let m = t % PM;
-    t /= PM;
+    var t = row;
     let dz = t % PKK;
     t /= PKK;
     let dy = t % PKK;
@@ -214,9 +214,12 @@ fn prep_weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let cls = t / pp.cblocks;
     let r = select(vec3<u32>(0u), vec3<u32>((cls >> 2u) & 1u, (cls >> 1u) & 1u, cls & 1u), pp.ncls == 8u);
     let tap = vec3<i32>(pp.tbase[r.x].x, pp.tbase[r.y].y, pp.tbase[r.z].z) + pp.tstep * vec3<i32>(vec3<u32>(dx, dy, dz));
-    let o = cb * pp.m + m;
     let k = i32(pp.k);
-    let ok = o < pp.cout && all(tap >= vec3<i32>(0)) && all(tap < vec3<i32>(k));
-    let src_i = o * pp.so + i * pp.si + u32((tap.x * k + tap.y) * k + tap.z);
-    w_out[e] = select(0.0, w_in[select(0u, src_i, ok)], ok);
+    let tap_ok = all(tap >= vec3<i32>(0)) && all(tap < vec3<i32>(k));
+    let src_tap = i * pp.si + u32((tap.x * k + tap.y) * k + tap.z);
+    for (var m = 0u; m < PM; m++) {
+        let o = cb * PM + m;
+        let ok = tap_ok && o < pp.cout;
+        w_out[row * PM + m] = select(0.0, w_in[select(0u, o * pp.so + src_tap, ok)], ok);
+    }
 }

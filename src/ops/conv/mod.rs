@@ -797,7 +797,7 @@ impl Prep<'_> {
             &Kernel::new("conv3d", "prep_weights").with("PM", m as f64).with("PKK", self.kk as f64),
             p.bytes(),
             &[self.w.binding(), out.binding()],
-            total as u64 + 8,
+            (total / m) as u64,
         );
         out
     }
