@@ -337,13 +337,12 @@ impl<B: PoolBuffer> Pool<B> {
         let at =
             index.filter(|_| self.step.synced).map(|i| (i, (i as isize + self.step.offset).max(0) as usize));
         // The high-water mark passes on unless the sizes say the pairing is off.
-        let mut varies = false;
+        let varies = at.and_then(|(_, p)| plan.sequence.get(p)).is_some_and(|e| e.varies);
         if let Some((i, p)) = at
             && let Some(e) = plan.sequence.get(p)
         {
             let r = &mut self.step.requests[i];
             r.varies = e.varies || e.class != class;
-            varies = e.varies;
             if varies || (e.class <= 2 * class && class <= 2 * e.class) {
                 r.high = r.high.max(e.high);
             }
@@ -819,19 +818,29 @@ mod tests {
     }
 
     /// Steps of two requests alive at once, of `sizes` (MiB) each: the allocations each step made.
-    fn allocations_per_step(pool: &mut Pool<StandIn>, steps: &[[u64; 2]]) -> Vec<u64> {
-        steps
-            .iter()
-            .map(|sizes| {
+    /// Runs `body(pool, s)` as the steps s = 0..steps: the buffers made in each.
+    fn made_per_step(
+        pool: &mut Pool<StandIn>,
+        steps: u64,
+        mut body: impl FnMut(&mut Pool<StandIn>, u64),
+    ) -> Vec<u64> {
+        (0..steps)
+            .map(|s| {
                 let before = pool.stats().allocations;
                 pool.begin_step();
-                let [a, b] = sizes.map(|s| take(pool, s * MIB));
-                give(pool, a);
-                give(pool, b);
+                body(pool, s);
                 pool.end_step();
                 pool.stats().allocations - before
             })
             .collect()
+    }
+
+    fn allocations_per_step(pool: &mut Pool<StandIn>, steps: &[[u64; 2]]) -> Vec<u64> {
+        made_per_step(pool, steps.len() as u64, |pool, s| {
+            let [a, b] = steps[s as usize].map(|mib| take(pool, mib * MIB));
+            give(pool, a);
+            give(pool, b);
+        })
     }
 
     #[test]
@@ -851,19 +860,15 @@ mod tests {
         // next), of a size that changes from step to step.
         let mut pool = Pool::untraced(u64::MAX);
         let mut held = None;
-        let mut made = Vec::new();
-        for mib in [4, 6, 3, 5, 6, 4, 5, 3] {
-            let before = pool.stats().allocations;
-            pool.begin_step();
-            let x = take(&mut pool, MIB);
-            let next = take(&mut pool, mib * MIB);
+        let sizes = [4, 6, 3, 5, 6, 4, 5, 3];
+        let made = made_per_step(&mut pool, sizes.len() as u64, |pool, s| {
+            let x = take(pool, MIB);
+            let next = take(pool, sizes[s as usize] * MIB);
             if let Some(h) = held.replace(next) {
-                give(&mut pool, h);
+                give(pool, h);
             }
-            give(&mut pool, x);
-            pool.end_step();
-            made.push(pool.stats().allocations - before);
-        }
+            give(pool, x);
+        });
         // The value alternates between two buffers: each grows once, to half as much again as
         // the request that made it, and then serves every size up to that.
         assert!(made[1..].iter().sum::<u64>() <= 2 && made[5..] == [0; 3], "allocations per step: {made:?}");
@@ -878,19 +883,14 @@ mod tests {
         // is made again once, at SMALL_BUFFER, and holds every later size (with a quarter more
         // each time, it was made again in steps 2, 6 and 10).
         let mut pool = Pool::untraced(u64::MAX);
-        let mut made = Vec::new();
-        for s in 0..12u64 {
-            let before = pool.stats().allocations;
-            pool.begin_step();
-            let big = take(&mut pool, 8 * MIB);
-            let count = take(&mut pool, 4000 + 500 * s);
-            let other = take(&mut pool, 2 * MIB);
+        let made = made_per_step(&mut pool, 12, |pool, s| {
+            let big = take(pool, 8 * MIB);
+            let count = take(pool, 4000 + 500 * s);
+            let other = take(pool, 2 * MIB);
             for t in [count, other, big] {
-                give(&mut pool, t);
+                give(pool, t);
             }
-            pool.end_step();
-            made.push(pool.stats().allocations - before);
-        }
+        });
         assert_eq!(made[2..], [0; 10], "allocations per step: {made:?}");
         // A small request takes any free buffer up to SMALL_BUFFER, a large one up to 1.75x.
         assert_eq!((reuse_limit(1024), reuse_limit(SMALL)), (SMALL_BUFFER, SMALL_BUFFER));
@@ -902,34 +902,29 @@ mod tests {
         // A selection swings between 1 and 5 MiB from step to step, and each step makes a new
         // plan, so that the 5 MiB is more than twice its planned buffer. Once its position is
         // known to vary, the swing is a growth, not a sign that requests were added or left
-        // out: the requests after it stay paired with the plan
-        // (taken for a lost pairing, each swing left them to find free buffers of their sizes
-        // until the classes of 8 requests in a row matched the plan again; a paper-preset
-        // trace replayed made 39 buffers after its second step with that, 19 without).
+        // out: the requests after it stay paired with the plan (taken for a lost pairing, each
+        // swing left them to find free buffers of their sizes until the classes of 8 requests
+        // in a row matched the plan again; a paper-preset trace replayed made 39 buffers after
+        // its second step with that, 19 without).
         let mut pool = Pool::untraced(u64::MAX);
         let mut paired = Vec::new();
-        let mut made = Vec::new();
-        for s in 0..12u64 {
-            let before = pool.stats().allocations;
-            pool.begin_step();
-            let first = take(&mut pool, 8 * MIB);
-            let selection = take(&mut pool, [MIB, 5 * MIB][s as usize % 2]);
+        let made = made_per_step(&mut pool, 12, |pool, s| {
+            let first = take(pool, 8 * MIB);
+            let selection = take(pool, [MIB, 5 * MIB][s as usize % 2]);
             paired.push(pool.step.synced);
             for k in [6, 2, 7, 3, 9, 4, 10, 11, 12, 13] {
-                let t = take(&mut pool, k * MIB);
-                give(&mut pool, t);
+                let t = take(pool, k * MIB);
+                give(pool, t);
             }
-            give(&mut pool, selection);
-            give(&mut pool, first);
+            give(pool, selection);
+            give(pool, first);
             // A last request in every other step (it takes the temporaries' buffer): each step
             // makes a new plan.
             if s % 2 == 1 {
-                let t = take(&mut pool, 13 * MIB);
-                give(&mut pool, t);
+                let t = take(pool, 13 * MIB);
+                give(pool, t);
             }
-            pool.end_step();
-            made.push(pool.stats().allocations - before);
-        }
+        });
         assert!(paired[2..].iter().all(|&p| p), "paired after the selection, per step: {paired:?}");
         assert_eq!(made[3..], [0; 9], "allocations per step: {made:?}");
     }
@@ -943,22 +938,17 @@ mod tests {
         // smaller (kept from its class to 1.75 times it, the 30 MiB buffer made for a 20 MiB
         // value was released whenever an 8 MiB value was held, and made again in the next step).
         let mut pool = Pool::untraced(u64::MAX);
-        let mut made = Vec::new();
         let mut held = None;
-        for s in 0..12u64 {
-            let before = pool.stats().allocations;
-            pool.begin_step();
-            let value = take(&mut pool, [20 * MIB, 8 * MIB][s as usize % 2]);
+        let made = made_per_step(&mut pool, 12, |pool, s| {
+            let value = take(pool, [20 * MIB, 8 * MIB][s as usize % 2]);
             if let Some(old) = held.replace(value) {
-                give(&mut pool, old);
+                give(pool, old);
             }
             for _ in 0..1 + s % 2 {
-                let t = take(&mut pool, 2 * MIB);
-                give(&mut pool, t);
+                let t = take(pool, 2 * MIB);
+                give(pool, t);
             }
-            pool.end_step();
-            made.push(pool.stats().allocations - before);
-        }
+        });
         assert_eq!(made[3..], [0; 9], "allocations per step: {made:?}");
     }
 
