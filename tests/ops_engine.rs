@@ -497,3 +497,17 @@ fn voxel_rows_gathered_across_channels_match_the_composed_copies() {
         close(&g, &want_g, 0.0);
     }
 }
+
+/// A software device flushes denormal f32 values to zero, read or computed, as GPUs may: on x86
+/// its arithmetic on them would cost about thirty times that on normal values. (A GPU keeps or
+/// flushes them as its driver does: nothing to check there.)
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn a_software_device_flushes_denormals() {
+    if !caml_wgpu::gpu::gpu().is_software() {
+        return;
+    }
+    let x = Tensor::from_vec(&[1e-39, 3.0, -2e-40, 1e-30], &[4]);
+    assert_eq!(x.mul_scalar(2.0).to_vec(), [0.0, 6.0, 0.0, 2e-30], "denormal inputs read as zero");
+    assert_eq!(x.mul_scalar(1e-9).to_vec(), [0.0, 3.0 * 1e-9, 0.0, 0.0], "denormal results are zero");
+}

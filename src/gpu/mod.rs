@@ -5,6 +5,7 @@
 //! shared command encoder that is submitted when a result is read back, an upload needs ordering,
 //! or the batch is full.
 
+mod denormals;
 pub mod memtrace;
 pub mod pipeline_cache;
 mod pool;
@@ -204,15 +205,23 @@ impl Gpu {
         let info = adapter.get_info();
         let limits = adapter.limits();
         let features = adapter.features() & WANTED_FEATURES;
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        let desc = wgpu::DeviceDescriptor {
             label: Some("caml-wgpu"),
             required_features: features,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
-        }))
-        .with_context(|| format!("could not open a device on adapter '{}'", info.name))?;
+        };
+        let request = || pollster::block_on(adapter.request_device(&desc));
+        // A software device's worker threads, started here, flush denormals (see `denormals`).
+        let opened = if info.device_type == wgpu::DeviceType::Cpu {
+            denormals::with_denormals_flushed(request)
+        } else {
+            request()
+        };
+        let (device, queue) =
+            opened.with_context(|| format!("could not open a device on adapter '{}'", info.name))?;
         device.set_device_lost_callback(|reason, msg| {
             let why = if msg.is_empty() { format!("{reason:?}") } else { format!("{reason:?}: {msg}") };
             let _ = LOST.set(one_line(&why));
