@@ -5,7 +5,7 @@
 //! assist: a [147456, 32] x [32, 32] product whose B holds denormals took 420 ms on llvmpipe
 //! instead of 14 ms. Late in a training run the omni-correlation's gradients can be full of them
 //! (its loss near 1e-30, the softmax's tails below 1e-38): the small preset's step on a late
-//! batch of the default run took 1.5 to 1.9 s instead of 1.1 to 1.7 s.
+//! batch of the default run took 1.64 to 1.76 s instead of 1.26 to 1.48 s (alternating runs).
 //! GPUs flush them to zero or handle them at full speed, and so does a software device here: it
 //! is opened from a thread that flushes them (MXCSR's flush-to-zero and denormals-are-zero), a
 //! setting threads inherit from the thread that starts them. The caller's own floating-point
