@@ -208,3 +208,30 @@ fn validation_lines_reach_output_that_is_not_a_terminal() {
     let line = text.lines().find(|l| l.starts_with("GPU memory: peak ")).unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains("MiB reserved by the buffer pool") && line.ends_with("(over 1 step)"), "{line}");
 }
+
+#[test]
+fn bench_times_the_step_from_a_runs_checkpoint_on_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let run = dir.path().join("run");
+    train::train(&tiny(&data, Method::Caml), &run, false).unwrap();
+    let bench = |run: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_caml-wgpu"))
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .args(["bench", "train-step", "--iters", "1", "--run"])
+            .arg(run)
+            .output()
+            .unwrap()
+    };
+    let out = bench(&run);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The run's configuration, not the preset's, and its state at the last checkpoint.
+    assert!(text.contains(&format!("from {} at iteration 4, its next batch", run.display())), "{text}");
+    assert!(text.contains("train step, Small preset (width 2, patch [16, 16, 16], batch 4"), "{text}");
+    // A folder without a run is an error that names what is missing.
+    let out = bench(dir.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&dir.path().join("config.toml").display().to_string()), "{err}");
+}

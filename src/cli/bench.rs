@@ -1,3 +1,5 @@
+use std::path::{Path, PathBuf};
+
 use anyhow::Result;
 
 use crate::caml::step::{TrainState, train_step};
@@ -41,6 +43,11 @@ pub enum What {
         /// Storage of the activations kept for the backward pass.
         #[arg(long, value_enum, default_value_t = Precision::F32)]
         precision: Precision,
+        /// A run folder of `train`: the step with that run's configuration, from its last
+        /// checkpoint (weights, momentum, memory bank) on its next batch from its data, instead
+        /// of a new model on a random batch: what an iteration costs that far into training.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["preset", "patch", "batch", "width", "precision"])]
+        run: Option<PathBuf>,
     },
     /// Seconds to segment one LA-sized volume (130 x 130 x 88) with the preset's windows.
     Predict {
@@ -50,7 +57,7 @@ pub enum What {
     /// What the buffer pool reserves for the requests of a trace that a command run with
     /// CAML_POOL_TRACE=FILE wrote, replayed on the host (no device needed): the pool's plans
     /// measured on steps recorded elsewhere.
-    PoolReplay { trace: std::path::PathBuf },
+    PoolReplay { trace: PathBuf },
 }
 
 /// Measure the engine on this adapter.
@@ -80,6 +87,17 @@ fn synthetic_batch(cfg: &TrainConfig, rng: &mut Rng) -> Batch {
     let labeled = (0..cfg.labeled_bs).collect();
     let unlabeled = (cfg.labeled..cfg.labeled + cfg.batch - cfg.labeled_bs).collect();
     Batch { indices: BatchIndices { labeled, unlabeled }, patch: cfg.patch, images, labels }
+}
+
+/// The next batch of the run saved in `dir`, whose training state is restored into `st`, with
+/// the learning rate of its next iteration.
+fn run_batch(dir: &Path, st: &mut TrainState, cfg: &TrainConfig) -> Result<Batch> {
+    let data = crate::train::dataset_dir(cfg.data.as_deref())?;
+    let cases = crate::data::dataset::Dataset::open(&data)?.load_train()?;
+    let mut sampler = crate::train::restore_checkpoint(dir, st, cfg, cases.len())?;
+    st.opt.config.lr = cfg.lr_at(st.iter + 1);
+    println!("from {} at iteration {}, its next batch", dir.display(), st.iter);
+    sampler.next_batch(&cases, cfg.patch, cfg.intensity_aug)
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -133,9 +151,11 @@ pub fn run(a: Args) -> Result<()> {
                 );
             }
         }
-        What::TrainStep { preset, iters, profile, patch, batch, width, precision } => {
-            let mut cfg = TrainConfig::preset(preset);
-            cfg.precision = precision;
+        What::TrainStep { preset, iters, profile, patch, batch, width, precision, run } => {
+            let mut cfg = match &run {
+                Some(dir) => TrainConfig::preset(preset).merge_file(&dir.join("config.toml"))?,
+                None => TrainConfig { precision, ..TrainConfig::preset(preset) },
+            };
             if let Some(p) = patch {
                 cfg.patch = [p[0], p[1], p[2]];
             }
@@ -150,8 +170,10 @@ pub fn run(a: Args) -> Result<()> {
             crate::train::preflight(&cfg, cfg.batch, (g.limits.max_buffer_size, g.max_binding()), "--batch")?;
             let model = crate::train::build_model(&cfg);
             let mut st = TrainState::new(model, &cfg, 1);
-            let mut rng = Rng::new(7);
-            let batch = synthetic_batch(&cfg, &mut rng);
+            let batch = match &run {
+                Some(dir) => run_batch(dir, &mut st, &cfg)?,
+                None => synthetic_batch(&cfg, &mut Rng::new(7)),
+            };
             // Warm up until an iteration allocates nothing: the memory bank fills over the first
             // iterations, and each new size of the correlation's operands is a first allocation.
             for i in 0..10 {
@@ -175,8 +197,8 @@ pub fn run(a: Args) -> Result<()> {
             let k = iters.max(1) as u64;
             let m = gpu().memory();
             println!(
-                "train step, {preset:?} preset (width {}, patch {:?}, batch {}, {:?} activations):",
-                cfg.width, cfg.patch, cfg.batch, cfg.precision
+                "train step, {:?} preset (width {}, patch {:?}, batch {}, {:?} activations):",
+                cfg.preset, cfg.width, cfg.patch, cfg.batch, cfg.precision
             );
             println!(
                 "  median {:.3} s per iteration (min {:.3}, max {:.3}, {} timed)",
