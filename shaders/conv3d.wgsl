@@ -169,8 +169,6 @@ fn conv_tiled(
 // t = tbase[r] + tstep * d per axis; 0 where o >= cout or t falls outside the k x k x k kernel.
 
 struct PrepParams {
-    m: u32,
-    kk: u32,
     k: u32,
     cout: u32,
     cin: u32,
@@ -181,6 +179,8 @@ struct PrepParams {
     si: u32,
     tstep: i32,
     pad0: u32,
+    pad1: u32,
+    pad2: u32,
     tbase: array<vec4<i32>, 2>,
 }
 

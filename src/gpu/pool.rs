@@ -817,7 +817,6 @@ mod tests {
         assert_eq!((pool.stats().reserved, pool.stats().allocations), (planned, allocations + 1));
     }
 
-    /// Steps of two requests alive at once, of `sizes` (MiB) each: the allocations each step made.
     /// Runs `body(pool, s)` as the steps s = 0..steps: the buffers made in each.
     fn made_per_step(
         pool: &mut Pool<StandIn>,
@@ -835,6 +834,7 @@ mod tests {
             .collect()
     }
 
+    /// Steps of two requests alive at once, of `sizes` (MiB) each: the allocations each step made.
     fn allocations_per_step(pool: &mut Pool<StandIn>, steps: &[[u64; 2]]) -> Vec<u64> {
         made_per_step(pool, steps.len() as u64, |pool, s| {
             let [a, b] = steps[s as usize].map(|mib| take(pool, mib * MIB));

@@ -777,9 +777,8 @@ impl Prep<'_> {
         let cblocks = self.out.div_ceil(m);
         let total = self.ncls * cblocks * self.inp * self.kk.pow(3) * m;
         let out = Tensor::empty(&[total + 8]);
+        // The block width and the prepared kernel's size go as the shader's constants PM, PKK.
         let mut p = Params::new()
-            .u(m)
-            .u(self.kk)
             .u(self.k)
             .u(self.out)
             .u(self.inp)
@@ -789,6 +788,8 @@ impl Prep<'_> {
             .u(self.so)
             .u(self.si)
             .i(self.tstep)
+            .u(0)
+            .u(0)
             .u(0);
         for r in self.tbase {
             p = p.i(r[0]).i(r[1]).i(r[2]).i(0);
