@@ -153,7 +153,7 @@ fn fused_correlation_cross_entropy_matches_the_composed_loss() {
         let run = |fused: bool| {
             let (v, a) = (Tensor::variable(&lv, &[rows, cols]), Tensor::variable(&la, &[rows, cols]));
             let loss = if fused {
-                caml_wgpu::ops::reduce::softmax_xent(&v, &a, t, 1e-8)
+                caml_wgpu::ops::reduce::softmax_xent(&v, &a, t, 1e-8, v.dim(0))
             } else {
                 composed_xent(&v, &a, t)
             };
@@ -169,7 +169,7 @@ fn fused_correlation_cross_entropy_matches_the_composed_loss() {
     let mut rng = Rng::new(32);
     let inputs = [(rng.vec(4 * 6, -0.3, 0.3), vec![4, 6]), (rng.vec(4 * 6, -0.3, 0.3), vec![4, 6])];
     check_gradients(&inputs, Tolerance::default(), |t| {
-        caml_wgpu::ops::reduce::softmax_xent(&t[0], &t[1], 0.1, 1e-8)
+        caml_wgpu::ops::reduce::softmax_xent(&t[0], &t[1], 0.1, 1e-8, 3 * t[0].dim(0))
     });
 }
 
@@ -247,6 +247,7 @@ fn heads_computed_at_the_kept_rows_give_the_same_loss_and_gradients() {
                 &rows,
                 &memory,
                 0.1,
+                10,
             )
         } else {
             let f = |(p, q): (&Head, &Head), x: &Tensor| q.forward(&p.forward(x, true), true);

@@ -40,7 +40,7 @@ fn a_class_without_voxels_keeps_the_step_on_its_plan() {
     // steps alternating between the two cases follow one plan.
     let _one = STEPS.lock().unwrap_or_else(|e| e.into_inner());
     let g = gpu();
-    // The first steps make the plan (and the one-key index an empty class selects from, once).
+    // The first steps make the plan.
     for empty in [false, true, false, true] {
         select_step(empty);
     }
@@ -130,4 +130,38 @@ fn memory_draws_that_miss_an_entry_keep_the_step_on_its_plan() {
     }
     assert!(hit > 0 && missed > 0, "the draws took the lone feature in {hit} of 40 steps");
     assert_eq!(g.buffer_plans(), plans, "a step whose draws missed an entry left the plan");
+}
+
+/// The omni-correlation's cross-entropy and its gradients over `rows` rows of 128 logits (at
+/// most 4000), in a step; the loss.
+fn xent_step(rows: usize) -> f32 {
+    in_step(|| {
+        let logits = |seed: u64| {
+            let v: Vec<f32> =
+                (0..rows * 128).map(|i| ((i as u64 * 2654435761 + seed) % 997) as f32 / 997.0).collect();
+            Tensor::variable(&v, &[rows, 128])
+        };
+        let (lv, la) = (logits(1), logits(2));
+        let loss = caml_wgpu::ops::reduce::softmax_xent(&lv, &la, 0.1, 1e-8, 4000);
+        let grads = caml_wgpu::backward(&loss);
+        assert!(grads.get(&lv).is_some() && grads.get(&la).is_some());
+        loss.item()
+    })
+}
+
+#[test]
+fn cross_entropies_over_any_number_of_rows_keep_one_plan() {
+    // The rows are the kept voxels of a step, fewer or more than the adapter's fill: the sums
+    // keep their launches and temporaries up to the bound, and the steps one plan.
+    let _one = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+    let g = gpu();
+    for rows in [4000, 30, 4000] {
+        xent_step(rows);
+    }
+    let (plans, allocations) = (g.buffer_plans(), g.allocations());
+    for rows in [803, 2, 1662, 4000, 97, 3200] {
+        assert!(xent_step(rows).is_finite());
+    }
+    assert_eq!(g.buffer_plans(), plans, "a step with another number of rows left the plan");
+    assert_eq!(g.allocations(), allocations, "a step with another number of rows created buffers");
 }

@@ -18,22 +18,15 @@ pub fn select_rows(
     let n = confidence.numel();
     class_voxels.map(|idx| {
         // Also when every voxel is kept, with the flags padded to every unlabeled voxel, and for a
-        // class without voxels (on one key, nothing of it kept): the step then makes the same
-        // requests whichever side of the cap a class is on and however many voxels it has, so
-        // that its buffers follow one plan.
-        let keys_at = if idx.numel() == 0 { first_voxel() } else { idx.clone() };
+        // class without voxels (on one key, voxel 0's, made for every class; nothing of it kept):
+        // the step then makes the same requests whichever side of the cap a class is on and
+        // however many voxels it has, so that its buffers follow one plan.
+        let first_voxel = Tensor::from_u32(&[0], &[1]);
+        let keys_at = if idx.numel() == 0 { first_voxel.clone() } else { idx.clone() };
         let conf = confidence.reshape(&[n, 1]).gather_rows(&keys_at).reshape(&[keys_at.numel()]);
         let kept = keys_at.gather_rows(&sort::top_set(&conf, keys_at.numel().min(num_filtered), n));
         rank.gather_rows(if idx.numel() == 0 { idx } else { &kept })
     })
-}
-
-/// A U32 index [1] of voxel 0, made once.
-fn first_voxel() -> Tensor {
-    thread_local! {
-        static FIRST: Tensor = Tensor::from_u32(&[0], &[1]);
-    }
-    FIRST.with(|t| t.clone())
 }
 
 /// loss_o for features of both networks ([rows, E], the same rows), the rows chosen per class by
@@ -50,23 +43,27 @@ pub fn omni_loss(
     memory: &[Option<Tensor>; 2],
     temperature: f32,
 ) -> Option<Tensor> {
+    let max_rows = rows.iter().map(Tensor::numel).sum();
     omni_loss_at(
         [&|idx| feats_v.gather_rows(idx), &|idx| feats_a.gather_rows(idx)],
         rows,
         memory,
         temperature,
+        max_rows,
     )
 }
 
 /// [`omni_loss`] with the features given at the kept rows: `feats[0](index)` are both
 /// networks' features [K, E] at the rows `index` (the kept rows of every class, joined). The
 /// heads compute them at those rows only ([`crate::caml::model::Head::pair_rows_at`]), a few
-/// thousand of the hundreds of thousands of consistent voxels.
+/// thousand of the hundreds of thousands of consistent voxels. `max_rows` bounds the kept rows
+/// of every step (2 `num_filtered`): the loss's reductions then keep one shape of launches.
 pub fn omni_loss_at(
     feats: [&dyn Fn(&Tensor) -> Tensor; 2],
     rows: &[Tensor; 2],
     memory: &[Option<Tensor>; 2],
     temperature: f32,
+    max_rows: usize,
 ) -> Option<Tensor> {
     let present: Vec<Tensor> = memory.iter().flatten().filter(|m| m.dim(0) > 1).cloned().collect();
     let kept: Vec<&Tensor> = rows.iter().filter(|idx| idx.numel() > 1).collect();
@@ -83,5 +80,6 @@ pub fn omni_loss_at(
         &logits(&feats[1](&index)),
         temperature,
         1e-8,
+        max_rows,
     ))
 }

@@ -222,7 +222,7 @@ fn omni_correlation_term(
         });
         let feats: [&dyn Fn(&Tensor) -> Tensor; 2] =
             [&|idx| pair(&rows_v, idx, false), &|idx| pair(&rows_a, idx, true)];
-        omni::omni_loss_at(feats, &rows, memory, cfg.corr_temperature)
+        omni::omni_loss_at(feats, &rows, memory, cfg.corr_temperature, 2 * cfg.num_filtered)
     };
     if loss.is_none() {
         // No loss to compute the heads' output for: their statistics still move.

@@ -24,7 +24,7 @@ pub fn gram_rows_at(x: &Tensor, shift: &Tensor, index: &Tensor, relu: bool) -> T
             matmul::gram(&x, &shift, relu)
         } else {
             let d = if relu { x.relu() } else { x.clone() }.sub(&shift.reshape(&[1, c]));
-            (matmul::matmul_t(&d, &d, true, false), d.sum(&[0], false))
+            (matmul::matmul_t(&d, &d, true, false), crate::ops::reduce::column_sums(&d))
         };
         let mut parts = vec![g, s.reshape(&[1, c])];
         if index.numel() > 0 {

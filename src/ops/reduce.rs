@@ -116,6 +116,16 @@ pub(crate) fn sum_middle_upto(x: &Tensor, outer: usize, r: usize, inner: usize, 
     if chunks > 1 { sum_middle(&out, outer, chunks, inner) } else { out }
 }
 
+/// The column sums [C] of x [rows, C], with the same launches and temporaries for any number of
+/// rows (selected rows, whose number changes from step to step): the rows are split in as many
+/// chunks as a long column would be.
+pub(crate) fn column_sums(x: &Tensor) -> Tensor {
+    let rows = x.dim(0);
+    let c = x.numel() / rows.max(1);
+    let chunks = gpu().fill_invocations().div_ceil(c.max(1));
+    sum_middle_upto(x, 1, rows, c, rows.max(chunks * MIN_CHUNK))
+}
+
 /// Sum over `axes`, keeping them as size-1 dimensions.
 pub fn sum_keepdim(x: &Tensor, axes: &[usize]) -> Tensor {
     let shape = x.shape().to_vec();
@@ -280,13 +290,25 @@ fn xent_softmaxes(lv: &Tensor, la: &Tensor, temperature: f32) -> (Tensor, Tensor
     (cv, ca)
 }
 
+/// The sums of the rows of x [rows, cols], [rows, 1], each by one lane: the same launches and
+/// temporaries for any number of rows (a split of the rows' sums adds a pass when there are
+/// fewer rows than the adapter's fill).
+fn row_sums(x: &Tensor) -> Tensor {
+    let (rows, cols) = (x.dim(0), x.dim(1));
+    let out = Tensor::empty(&[rows, 1]);
+    let k = Kernel::new("reduce", "sum_axis");
+    Lanes::whole(rows, cols, 1).launch("sum", &k, &[(x, Rows), (&out, Lane)], RowRuns::Split, false);
+    out
+}
+
 /// `sum(-softmax(la / t) * log(softmax(lv / t) + eps)) / rows` for logits lv, la [rows, cols]:
 /// the cross-entropy of one correlation matrix against another, gradients into both. Only the
 /// logits are saved; the [rows, cols] softmaxes and their logarithm live during the forward and
-/// again during the backward, never in between.
-pub fn softmax_xent(lv: &Tensor, la: &Tensor, temperature: f32, eps: f32) -> Tensor {
+/// again during the backward, never in between. With rows at most `max_rows`, every call makes
+/// the same launches and temporaries (for matrices whose rows are selected voxels).
+pub fn softmax_xent(lv: &Tensor, la: &Tensor, temperature: f32, eps: f32, max_rows: usize) -> Tensor {
     assert!(lv.rank() == 2 && lv.shape() == la.shape(), "softmax_xent: logits {lv:?} and {la:?}");
-    let rows = lv.dim(0) as f32;
+    let rows = lv.dim(0);
     let loss = crate::autograd::no_grad(|| {
         let (cv, ca) = xent_softmaxes(lv, la, temperature);
         let shifted = cv.add_scalar(eps);
@@ -295,7 +317,9 @@ pub fn softmax_xent(lv: &Tensor, la: &Tensor, temperature: f32, eps: f32) -> Ten
         drop(shifted);
         let prod = ca.mul(&log);
         drop((ca, log));
-        prod.sum_all().mul_scalar(-1.0 / rows)
+        let per_row = row_sums(&prod);
+        drop(prod);
+        sum_middle_upto(&per_row, 1, rows, 1, max_rows.max(rows)).mul_scalar(-1.0 / rows as f32)
     });
     Tensor::with_op(loss, Op::SoftmaxXent { lv: lv.clone(), la: la.clone(), temperature, eps })
 }
@@ -318,7 +342,7 @@ pub(crate) fn softmax_xent_grad(
         let shifted = cv.add_scalar(eps);
         let log = shifted.log();
         drop(shifted);
-        let row = ca.mul(&log).sum(&[1], true);
+        let row = row_sums(&ca.mul(&log));
         let diff = row.sub(&log);
         drop(log);
         let scaled = ca.mul(&diff);
@@ -333,7 +357,7 @@ pub(crate) fn softmax_xent_grad(
         drop((prod, shifted));
         ratio.neg()
     };
-    let row = q.sum(&[1], true);
+    let row = row_sums(&q);
     let dv = q.sub(&cv.mul(&row));
     drop((q, cv));
     let dv = dv.mul(&s);
