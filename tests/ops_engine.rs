@@ -511,3 +511,32 @@ fn a_software_device_flushes_denormals() {
     assert_eq!(x.mul_scalar(2.0).to_vec(), [0.0, 6.0, 0.0, 2e-30], "denormal inputs read as zero");
     assert_eq!(x.mul_scalar(1e-9).to_vec(), [0.0, 3.0 * 1e-9, 0.0, 0.0], "denormal results are zero");
 }
+
+#[test]
+fn a_rehearsal_takes_buffers_but_changes_nothing_on_the_device() {
+    use caml_wgpu::gpu::{gpu, rehearsing};
+    let g = gpu();
+    let t = Tensor::from_vec(&[1.0, 2.0, 3.0], &[3]);
+    let mask = Tensor::from_vec(&[0.0, 1.0, 0.0, 0.0, 1.0], &[5]);
+    let found = g.rehearse(|| {
+        assert!(rehearsing());
+        // A launch, a copy and an upload into t: none of them is recorded.
+        let doubled = t.mul_scalar(2.0);
+        g.copy(doubled.buffer(), 0, t.buffer(), 0, 12);
+        g.upload(t.buffer(), 0, bytemuck::cast_slice(&[9.0f32; 3]));
+        // Nothing can be read back; a selection counts every entry.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doubled.to_vec()));
+        assert!(read.is_err(), "a rehearsal read a buffer back");
+        let found = scan::nonzero(&mask).numel();
+        // Work done for real inside it runs.
+        let real =
+            g.for_real(|| (rehearsing(), Tensor::from_vec(&[1.0, 2.0], &[2]).mul_scalar(3.0).to_vec()));
+        assert_eq!(real, (false, vec![3.0, 6.0]));
+        assert!(rehearsing());
+        found
+    });
+    assert!(!rehearsing());
+    assert_eq!(found, 5);
+    assert_eq!(t.to_vec(), [1.0, 2.0, 3.0]);
+    assert_eq!(scan::nonzero(&mask).to_u32(), [1, 4]);
+}

@@ -154,6 +154,16 @@ pub struct Gpu {
 
 static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
 
+thread_local! {
+    /// This thread is rehearsing: see [`Gpu::rehearse`].
+    static REHEARSING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is in [`Gpu::rehearse`] (and not in a [`Gpu::for_real`] inside it).
+pub fn rehearsing() -> bool {
+    REHEARSING.with(|c| c.get())
+}
+
 /// Why the device was lost, once it has been.
 static LOST: OnceLock<String> = OnceLock::new();
 
@@ -450,6 +460,9 @@ impl Gpu {
             );
         }
         let pipeline = self.pipeline(kernel);
+        if rehearsing() {
+            return;
+        }
         let mut rec = self.rec.lock().unwrap();
         if rec.slots == PARAM_SLOTS || rec.profiler.as_ref().is_some_and(|p| p.full()) {
             self.submit_locked(&mut rec);
@@ -523,7 +536,7 @@ impl Gpu {
 
     /// Copies `bytes` bytes between buffers, in recording order.
     pub fn copy(&self, src: &GpuBuffer, src_offset: u64, dst: &GpuBuffer, dst_offset: u64, bytes: u64) {
-        if bytes == 0 {
+        if bytes == 0 || rehearsing() {
             return;
         }
         let mut rec = self.rec.lock().unwrap();
@@ -533,7 +546,7 @@ impl Gpu {
 
     /// Writes host data into a buffer, ordered after every launch recorded so far.
     pub fn upload(&self, dst: &GpuBuffer, offset: u64, data: &[u8]) {
-        if data.is_empty() {
+        if data.is_empty() || rehearsing() {
             return;
         }
         let mut rec = self.rec.lock().unwrap();
@@ -559,6 +572,22 @@ impl Gpu {
     /// panicked holding it (a lost device) leaves nothing inconsistent behind, so the others go on.
     fn serial(&self) -> std::sync::MutexGuard<'_, ()> {
         self.serial.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` as a rehearsal on this thread: its buffers are taken from the pool and given back
+    /// as they would be, and its kernels compiled, but no launch, copy or upload is recorded, so
+    /// that nothing on the device changes and no buffer is written. A training step rehearsed
+    /// with its selections at their largest sizes makes the buffer pool's plan for every step
+    /// after it. Code that needs a result read back checks [`rehearsing`]; tensors made in a
+    /// rehearsal hold no values, so none may outlive it.
+    pub fn rehearse<R>(&self, f: impl FnOnce() -> R) -> R {
+        crate::autograd::with_flag(&REHEARSING, true, f)
+    }
+
+    /// Runs `f` for real inside a rehearsal (timing kernels, which reads results back); its
+    /// inputs made in the rehearsal hold stale values.
+    pub fn for_real<R>(&self, f: impl FnOnce() -> R) -> R {
+        crate::autograd::with_flag(&REHEARSING, false, f)
     }
 
     /// Submits everything recorded so far.
@@ -641,6 +670,7 @@ impl Gpu {
 
     /// Reads `bytes` bytes of a buffer back to the host, submitting what is recorded.
     pub fn read(&self, src: &GpuBuffer, offset: u64, bytes: u64) -> Vec<u8> {
+        assert!(!rehearsing(), "a GPU buffer read back while rehearsing: rehearsed work has no values");
         if bytes == 0 {
             return Vec::new();
         }

@@ -113,7 +113,8 @@ pub struct Compacted {
     pub values: Vec<f32>,
 }
 
-/// [`nonzero_many`], also reading the values of `extra` (F32) back in the same readback.
+/// [`nonzero_many`], also reading the values of `extra` (F32) back in the same readback. In a
+/// rehearsal ([`crate::gpu::Gpu::rehearse`]) nothing is read: every mask counts as all nonzero.
 pub fn nonzero_many_with(masks: &[&Tensor], extra: Option<&Tensor>) -> Compacted {
     let parts: Vec<(Tensor, Tensor, Tensor)> = masks.iter().map(|m| compact(m)).collect();
     let extra_len = extra.map_or(0, |e| e.numel());
@@ -124,6 +125,16 @@ pub fn nonzero_many_with(masks: &[&Tensor], extra: Option<&Tensor>) -> Compacted
     if let Some(e) = extra {
         assert_eq!(e.dtype(), DType::F32, "values read with the counts must be F32");
         gpu().copy(e.buffer(), 0, words.buffer(), 4 * parts.len() as u64, e.bytes());
+    }
+    if crate::gpu::rehearsing() {
+        // Nothing to read: every entry counts as nonzero (each selection at its largest), the
+        // values as zeros.
+        let (mut indices, mut prefix_counts) = (Vec::new(), Vec::new());
+        for ((idx, _, pos), m) in parts.into_iter().zip(masks) {
+            indices.push(idx.with_shape_unchecked(&[m.numel()]));
+            prefix_counts.push(pos);
+        }
+        return Compacted { indices, prefix_counts, values: vec![0.0; extra_len] };
     }
     let words = words.to_u32();
     let values = words[parts.len()..parts.len() + extra_len].iter().map(|&w| f32::from_bits(w)).collect();
