@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::caml::model::Caml;
-use crate::caml::step::{StepLog, TrainState, flush, train_step};
+use crate::caml::step::{StepLog, TrainState, flush, rehearse, train_step};
 use crate::checkpoint::{self, Entry, StateDict};
 use crate::config::{Method, TrainConfig};
 use crate::data::dataset::{Case, Dataset};
@@ -255,10 +255,10 @@ pub fn save_checkpoint(dir: &Path, st: &TrainState, cfg: &TrainConfig, sampler: 
         dict.insert(format!("optim/{k}"), tensor_entry(m));
     }
     let mut counts = Vec::new();
-    for (i, e) in st.bank.entries.iter().enumerate() {
-        if let Some(e) = e {
-            dict.insert(format!("bank/{i}"), tensor_entry(&e.feats));
-            counts.push((i, e.counts));
+    for i in 0..st.bank.cases() {
+        if let Some((rows, c)) = st.bank.entry(i) {
+            dict.insert(format!("bank/{i}"), tensor_entry(&rows));
+            counts.push((i, c));
         }
     }
     let mut meta = model_metadata(cfg);
@@ -293,12 +293,18 @@ pub fn restore_checkpoint(
     let get = |k: &str| meta.get(k).with_context(|| at(&format!("no '{k}' entry")));
     let counts: Vec<(usize, [usize; 2])> =
         serde_json::from_str(get("bank")?).with_context(|| at("unreadable memory-bank counts"))?;
-    let labeled = st.bank.entries.len();
+    let labeled = st.bank.cases();
     let mut seen = vec![false; labeled];
     for &(i, c) in &counts {
         ensure!(i < labeled, "{}", at(&format!("memory-bank entry {i} of {labeled} labeled cases")));
         ensure!(!std::mem::replace(&mut seen[i], true), "{}", at(&format!("memory-bank entry {i} twice")));
         let rows = c[0].checked_add(c[1]).with_context(|| at(&format!("memory-bank counts {c:?}")))?;
+        let room = st.bank.capacity();
+        ensure!(
+            rows <= room,
+            "{}",
+            at(&format!("memory-bank entry {i} holds {rows} rows, more than the {room} voxels of a patch"))
+        );
         expected.push((format!("bank/{i}"), vec![rows, cfg.embed]));
     }
     // Bank tensors the counts do not list are reported as unexpected with the rest.
@@ -416,14 +422,25 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     let mut last = StepLog::default();
     // Seconds since the start when each iteration finished recording, until its values are read.
     let mut finished: Option<(u64, f64)> = None;
-    // Buffers the pool had to create in the steps after this process's first.
+    let mut first =
+        if remaining > 0 { Some(batches.recv().context("the batch loader stopped")??) } else { None };
+    // CAML's first batch is rehearsed with its selections at their largest: the steps then take
+    // the buffers it made (see `rehearse`), and the first reserves the memory of the largest.
+    let rehearsed = match &first {
+        Some((batch, _)) if cfg.method == Method::Caml => Some(rehearse(&mut st, cfg, batch)?),
+        _ => None,
+    };
+    // Buffers the pool had to create in the steps after the rehearsal, or after the first.
     let mut later_allocations = 0;
     for k in 0..remaining {
-        let (batch, sampler_state) = batches.recv().context("the batch loader stopped")??;
+        let (batch, sampler_state) = match first.take() {
+            Some(b) => b,
+            None => batches.recv().context("the batch loader stopped")??,
+        };
         st.opt.config.lr = cfg.lr_at(st.iter + 1);
         let allocations = gpu.allocations();
         let mut logs: Vec<StepLog> = train_step(&mut st, cfg, &batch)?.into_iter().collect();
-        if k > 0 {
+        if k > 0 || rehearsed.is_some() {
             later_allocations += gpu.allocations() - allocations;
         }
         let iter = st.iter;
@@ -480,13 +497,16 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     }
     bar.finish();
     let m = gpu.memory();
+    let (counted, after) = match rehearsed {
+        Some(made) => (remaining, format!("a rehearsal of the largest step, which created {made}")),
+        None => (remaining.saturating_sub(1), "the first step".to_string()),
+    };
     println!(
         "GPU memory: peak {:.1} MiB in tensors, {:.1} MiB reserved by the buffer pool; buffers created \
-         after the first step: {later_allocations} (over {} {})",
+         in the {counted} {} after {after}: {later_allocations}",
         m.peak_in_use as f64 / 1048576.0,
         m.peak_reserved as f64 / 1048576.0,
-        remaining.saturating_sub(1),
-        if remaining == 2 { "step" } else { "steps" }
+        if counted == 1 { "step" } else { "steps" }
     );
     checkpoint::save(&out.join(FINAL_MODEL), &model_dict(&st.model), &model_metadata(cfg))?;
     plot_log(&log_path, &out.join("loss.png"))?;

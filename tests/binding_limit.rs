@@ -354,7 +354,7 @@ fn caml_rows_path(emb: &[f32], shape: [usize; 5]) -> Vec<Vec<f32>> {
     let voxels = numel(&shape[2..]);
     let e = Tensor::variable(emb, &shape);
     let rows_of = |i: usize, k: usize| e.narrow(0, i, k).permute(&[0, 2, 3, 4, 1]).reshape(&[k * voxels, f]);
-    let mut bank = MemoryBank::new(1, 40);
+    let mut bank = MemoryBank::new(1, 40, voxels, 32);
     no_grad(|| {
         let counts = [voxels / 3, voxels / 4];
         let rows = Tensor::concat_u32(&[

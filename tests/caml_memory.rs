@@ -17,7 +17,7 @@ fn tagged(case: usize, class: usize, n: usize) -> Tensor {
 
 #[test]
 fn bank_samples_distinct_rows_of_one_class_from_every_entry() {
-    let mut bank = MemoryBank::new(3, 20);
+    let mut bank = MemoryBank::new(3, 20, 40, 2);
     bank.update(0, Tensor::concat(&[tagged(0, 0, 15), tagged(0, 1, 4)], 0), [15, 4]);
     // Iteration one: fewer than memory_num features of class 1 means no class-1 memory.
     let mut rng = Rng::new(1);
@@ -44,7 +44,7 @@ fn bank_samples_distinct_rows_of_one_class_from_every_entry() {
 
 #[test]
 fn bank_draws_are_positions_in_the_pooled_rows_of_a_class() {
-    let mut bank = MemoryBank::new(3, 6);
+    let mut bank = MemoryBank::new(3, 6, 10, 2);
     bank.update(0, Tensor::concat(&[tagged(0, 0, 4), tagged(0, 1, 3)], 0), [4, 3]);
     bank.update(2, Tensor::concat(&[tagged(2, 0, 5), tagged(2, 1, 4)], 0), [5, 4]);
     let picks = bank.draw(&mut Rng::new(4));
@@ -66,7 +66,7 @@ fn bank_draws_are_positions_in_the_pooled_rows_of_a_class() {
 
 #[test]
 fn bank_entries_with_an_empty_class_are_kept() {
-    let mut bank = MemoryBank::new(2, 3);
+    let mut bank = MemoryBank::new(2, 3, 5, 2);
     bank.update(1, Tensor::concat(&[tagged(1, 0, 5), Tensor::zeros(&[0, 2])], 0), [5, 0]);
     assert_eq!((bank.count(0), bank.count(1)), (5, 0));
     let [m0, m1] = bank.sample(&mut Rng::new(3));
@@ -172,4 +172,45 @@ fn heads_statistics_move_in_an_iteration_without_memory() {
         let (_, t) = buffers.iter().find(|(k, _)| *k == name).expect("a head's BatchNorm counter");
         assert_eq!(t.to_u32(), vec![1], "{name}");
     }
+}
+
+/// A rehearsed iteration leaves the training state as it found it: the iterations after it log
+/// the same losses and end with the same weights, statistics, momentum and memory bank as
+/// without it. (The rehearsal's batch has the other labeled case, whose bank entry the
+/// iterations after it never replace.)
+#[test]
+fn a_rehearsed_iteration_changes_nothing() {
+    use caml_wgpu::caml::step::{flush, rehearse, train_step};
+    let cfg = tiny::config();
+    let batch = tiny::batch(&cfg);
+    let mut other = batch.clone();
+    other.indices.labeled = vec![1];
+    let run = |rehearsed: bool| {
+        let mut st = tiny::state(&cfg, 1e-4);
+        if rehearsed {
+            rehearse(&mut st, &cfg, &other).unwrap();
+        }
+        assert_eq!((st.iter, st.rng.state(), st.pending.is_none()), (0, Rng::new(1).state(), true));
+        let mut logs = Vec::new();
+        for _ in 0..3 {
+            logs.extend(train_step(&mut st, &cfg, &batch).unwrap());
+        }
+        logs.extend(flush(&mut st).unwrap());
+        let (params, buffers) = st.model.named();
+        let values: Vec<Vec<f32>> = params
+            .iter()
+            .chain(&buffers)
+            .map(|(_, t)| match t.dtype() {
+                caml_wgpu::DType::F32 => t.to_vec(),
+                caml_wgpu::DType::U32 => t.to_u32().into_iter().map(|v| v as f32).collect(),
+            })
+            .chain(st.opt.momentum.iter().map(Tensor::to_vec))
+            .chain((0..st.bank.cases()).filter_map(|i| st.bank.entry(i)).map(|(rows, _)| rows.to_vec()))
+            .collect();
+        (logs, values, st.bank.count(0), st.bank.count(1), st.rng.state())
+    };
+    let (plain, rehearsed) = (run(false), run(true));
+    assert_eq!(plain.0.len(), 3);
+    assert!(plain.0.iter().all(|l| l.loss_o > 0.0), "{:?}", plain.0);
+    assert!(plain == rehearsed, "a rehearsal changed the run: {:?} vs {:?}", plain.0, rehearsed.0);
 }

@@ -1,5 +1,6 @@
 //! Checkpoint files: round trip, atomic replacement, and clear errors for files that do not match.
 
+use caml_wgpu::Tensor;
 use caml_wgpu::checkpoint::{self, Entry, StateDict};
 use std::collections::HashMap;
 
@@ -137,7 +138,12 @@ fn a_training_state_saved_for_another_run_is_refused_before_anything_is_loaded()
         TrainState {
             model,
             opt,
-            bank: MemoryBank::new(cfg.labeled, cfg.memory_num),
+            bank: MemoryBank::new(
+                cfg.labeled,
+                cfg.memory_num,
+                caml_wgpu::caml::step::bank_capacity(cfg),
+                cfg.embed,
+            ),
             rng: Rng::new(1),
             iter: 0,
             pending: None,
@@ -175,4 +181,20 @@ fn a_training_state_saved_for_another_run_is_refused_before_anything_is_loaded()
     );
     assert!(e.contains("optim/prediction_head1.0.weight: file has [4, 4], model expects [8, 8]"), "{e}");
     assert_eq!(st.iter, 0);
+
+    // A memory-bank entry of more rows than this run's patch has voxels.
+    let mut saved = state(&cfg);
+    let rows: Vec<f32> = (0..10 * cfg.embed).map(|i| i as f32 * 0.25).collect();
+    saved.bank.update(1, Tensor::from_vec(&rows, &[10, cfg.embed]), [6, 4]);
+    caml_wgpu::train::save_checkpoint(dir.path(), &saved, &cfg, &sampler.state()).unwrap();
+    let mut st = state(&cfg);
+    caml_wgpu::train::restore_checkpoint(dir.path(), &mut st, &cfg, 5).unwrap();
+    let (back, counts) = st.bank.entry(1).expect("entry 1 restored");
+    assert_eq!((back.to_vec(), counts, st.bank.entry(0).is_none()), (rows, [6, 4], true));
+    let small = caml_wgpu::config::TrainConfig { patch: [2, 2, 2], ..cfg.clone() };
+    let mut st = state(&small);
+    let e =
+        format!("{:#}", caml_wgpu::train::restore_checkpoint(dir.path(), &mut st, &small, 5).err().unwrap());
+    assert!(e.contains("memory-bank entry 1 holds 10 rows, more than the 8 voxels of a patch"), "{e}");
+    assert!(st.bank.entry(1).is_none());
 }

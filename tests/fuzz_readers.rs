@@ -1199,7 +1199,8 @@ fn fuzz_training_state() {
         SgdConfig { lr: cfg.lr, momentum: cfg.momentum, weight_decay: cfg.weight_decay },
         &model.params(),
     );
-    let mut bank = MemoryBank::new(cfg.labeled, cfg.memory_num);
+    let mut bank =
+        MemoryBank::new(cfg.labeled, cfg.memory_num, caml_wgpu::caml::step::bank_capacity(&cfg), cfg.embed);
     bank.update(0, Tensor::from_vec(&Rng::new(1).vec(5 * cfg.embed, -1.0, 1.0), &[5, cfg.embed]), [3, 2]);
     bank.update(1, Tensor::from_vec(&Rng::new(2).vec(6 * cfg.embed, -1.0, 1.0), &[6, cfg.embed]), [2, 4]);
     let mut sampler =

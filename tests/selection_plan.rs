@@ -5,6 +5,8 @@ use caml_wgpu::Tensor;
 use caml_wgpu::gpu::gpu;
 use std::sync::Mutex;
 
+mod tiny;
+
 /// The tests of this file record steps of the one device's pool: one at a time.
 static STEPS: Mutex<()> = Mutex::new(());
 
@@ -109,7 +111,7 @@ fn memory_draws_that_miss_an_entry_keep_the_step_on_its_plan() {
     let entry = |rows: usize, base: f32| {
         Tensor::from_vec(&(0..rows * e).map(|i| base + i as f32).collect::<Vec<_>>(), &[rows, e])
     };
-    let mut bank = MemoryBank::new(2, 20);
+    let mut bank = MemoryBank::new(2, 20, 230, e);
     bank.update(0, entry(230, 0.0), [30, 200]);
     bank.update(1, entry(31, 10_000.0), [30, 1]);
     // The class 1 feature of the second entry (its last row).
@@ -164,4 +166,26 @@ fn cross_entropies_over_any_number_of_rows_keep_one_plan() {
     }
     assert_eq!(g.buffer_plans(), plans, "a step with another number of rows left the plan");
     assert_eq!(g.allocations(), allocations, "a step with another number of rows created buffers");
+}
+
+#[test]
+fn the_steps_after_a_rehearsal_create_no_buffers() {
+    // Each iteration selects other voxels, in other numbers, as the model learns; the rehearsal
+    // of the largest selections made every buffer they take.
+    use caml_wgpu::caml::step::{flush, rehearse, train_step};
+    let _one = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+    let g = gpu();
+    let cfg = tiny::config();
+    let batch = tiny::batch(&cfg);
+    let mut st = tiny::state(&cfg, 1e-4);
+    assert!(rehearse(&mut st, &cfg, &batch).unwrap() > 0);
+    let allocations = g.allocations();
+    let mut logs = Vec::new();
+    for _ in 0..4 {
+        logs.extend(train_step(&mut st, &cfg, &batch).unwrap());
+    }
+    logs.extend(flush(&mut st).unwrap());
+    assert_eq!(g.allocations(), allocations, "steps after the rehearsal created buffers");
+    let loss_o: Vec<f32> = logs.iter().map(|l| l.loss_o).collect();
+    assert!(loss_o.iter().all(|&v| v > 0.0) && loss_o.windows(2).any(|w| w[0] != w[1]), "{loss_o:?}");
 }

@@ -49,9 +49,14 @@ impl TrainState {
             SgdConfig { lr: cfg.lr, momentum: cfg.momentum, weight_decay: cfg.weight_decay },
             &model.params(),
         );
-        let bank = MemoryBank::new(cfg.labeled, cfg.memory_num);
+        let bank = MemoryBank::new(cfg.labeled, cfg.memory_num, bank_capacity(cfg), cfg.embed);
         TrainState { model, opt, bank, rng: Rng::new(bank_seed), iter: 0, pending: None }
     }
+}
+
+/// The most rows a memory-bank entry holds: a patch's voxels (none without the memory bank).
+pub fn bank_capacity(cfg: &TrainConfig) -> usize {
+    if cfg.method == Method::Caml { cfg.patch.iter().product() } else { 0 }
 }
 
 /// An iteration whose loss values (loss, loss_s, loss_c, loss_o, the gradient sum) have not been
@@ -144,6 +149,15 @@ fn selections(out: &Outputs, label: &Tensor, l: usize, previous: Option<&Tensor>
         masks.extend([consistent, zero, one]);
         let found = nonzero_many_with(&masks.iter().collect::<Vec<_>>(), previous);
         let mut idx = found.indices;
+        if crate::gpu::rehearsing() {
+            // Every voxel of a labeled sample is right, half of them of each class: the
+            // bank's selections at their largest in number (each class alone can be larger, but
+            // only its index, which has room for every voxel, depends on it).
+            let half = per_sample / 2;
+            for (i, sel) in idx[..consistent_at].iter_mut().enumerate() {
+                *sel = sel.with_shape_unchecked(&[if i % 2 == 0 { half } else { per_sample - half }]);
+            }
+        }
         let class1 = idx.pop().unwrap();
         let class0 = idx.pop().unwrap();
         let consistent = idx.pop().unwrap();
@@ -165,11 +179,13 @@ fn update_memory_bank(
         for (i, &case) in cases.iter().enumerate() {
             let (i0, i1) = (&sel.bank[2 * i], &sel.bank[2 * i + 1]);
             let counts = [i0.numel(), i1.numel()];
-            if counts[0] + counts[1] == 0 {
-                st.bank.update(case, Tensor::zeros(&[0, cfg.embed]), [0, 0]);
-                continue;
-            }
-            let rows = Tensor::concat_u32(&[i0, i1]);
+            // A sample without a voxel both decoders get right empties its entry; the heads then
+            // run on voxel 0 alone, so that the step's requests stay the same.
+            let rows = if counts[0] + counts[1] == 0 {
+                Tensor::from_u32(&[0], &[1])
+            } else {
+                Tensor::concat_u32(&[i0, i1])
+            };
             let v = voxel_rows_at(&out.emb_v, i, 1, false, &rows);
             let a = voxel_rows_at(&out.emb_a, i, 1, !cfg.fix_memory_view, &rows);
             let pv = st.model.projection_head1.forward(&v, false);
@@ -246,6 +262,34 @@ pub fn train_step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Resu
     let log = crate::autograd::with_f16_storage(half, || step(st, cfg, batch));
     gpu.end_step();
     log
+}
+
+/// Rehearses an iteration of CAML on `batch` ([`crate::gpu::Gpu::rehearse`]): its buffers are
+/// taken as they would be, with every voxel selection at its largest (all of the unlabeled
+/// voxels consistent, and each class of them that large; every voxel of a labeled sample in
+/// the memory bank), and nothing runs. The buffer pool plans the steps after it from its
+/// requests, so that a run creates its buffers here rather than whenever a selection grows,
+/// and reserves from its first iteration what its largest one needs. The state is left as it
+/// was. Repeated while a rehearsal creates buffers (a first one also times the convolution
+/// kernels it meets, which takes buffers of its own), at most three times; returns the buffers
+/// created.
+pub fn rehearse(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<u64> {
+    assert!(cfg.method == Method::Caml, "only CAML's selections vary from step to step");
+    assert!(st.pending.is_none(), "a rehearsal with loss values unread");
+    let gpu = crate::gpu::gpu();
+    let before = gpu.allocations();
+    for _ in 0..3 {
+        let (iter, rng, counts) = (st.iter, st.rng.clone(), st.bank.counts());
+        let made = gpu.allocations();
+        let done = gpu.rehearse(|| train_step(st, cfg, batch));
+        (st.iter, st.rng, st.pending) = (iter, rng, None);
+        st.bank.restore_counts(counts);
+        done?;
+        if gpu.allocations() == made {
+            break;
+        }
+    }
+    Ok(gpu.allocations() - before)
 }
 
 fn step(st: &mut TrainState, cfg: &TrainConfig, batch: &Batch) -> Result<Option<StepLog>> {

@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::caml::step::{TrainState, train_step};
+use crate::caml::step::{TrainState, rehearse, train_step};
 use crate::config::{Precision, Preset, TrainConfig};
 use crate::data::sampler::{Batch, BatchIndices};
 use crate::gpu::{Gpu, gpu};
@@ -174,8 +174,12 @@ pub fn run(a: Args) -> Result<()> {
                 Some(dir) => run_batch(dir, &mut st, &cfg)?,
                 None => synthetic_batch(&cfg, &mut Rng::new(7)),
             };
-            // Warm up until an iteration allocates nothing: the memory bank fills over the first
-            // iterations, and each new size of the correlation's operands is a first allocation.
+            // CAML's step is rehearsed first with its selections at their largest, as `train` does
+            // (its memory then counts in the warm-up's); then warmed up until an iteration
+            // allocates nothing.
+            if cfg.method == crate::config::Method::Caml {
+                rehearse(&mut st, &cfg, &batch)?;
+            }
             for i in 0..10 {
                 let a = gpu().allocations();
                 train_step(&mut st, &cfg, &batch)?;

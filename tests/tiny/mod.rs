@@ -25,7 +25,8 @@ pub fn config() -> TrainConfig {
 pub fn state(cfg: &TrainConfig, weight_decay: f32) -> TrainState {
     let model = caml_wgpu::train::build_model(cfg);
     let opt = Sgd::new(SgdConfig { lr: cfg.lr, momentum: 0.9, weight_decay }, &model.params());
-    let bank = MemoryBank::new(cfg.labeled, cfg.memory_num);
+    let bank =
+        MemoryBank::new(cfg.labeled, cfg.memory_num, caml_wgpu::caml::step::bank_capacity(cfg), cfg.embed);
     TrainState { model, opt, bank, rng: Rng::new(1), iter: 0, pending: None }
 }
 
