@@ -177,7 +177,8 @@ fn heads_statistics_move_in_an_iteration_without_memory() {
 /// A rehearsed iteration leaves the training state as it found it: the iterations after it log
 /// the same losses and end with the same weights, statistics, momentum and memory bank as
 /// without it. (The rehearsal's batch has the other labeled case, whose bank entry the
-/// iterations after it never replace.)
+/// iterations after it never replace. Equal up to rounding: with an empty tuning cache, another
+/// test timing the same convolutions at once may settle on another kernel between the runs.)
 #[test]
 fn a_rehearsed_iteration_changes_nothing() {
     use caml_wgpu::caml::step::{flush, rehearse, train_step};
@@ -207,10 +208,26 @@ fn a_rehearsed_iteration_changes_nothing() {
             .chain(st.opt.momentum.iter().map(Tensor::to_vec))
             .chain((0..st.bank.cases()).filter_map(|i| st.bank.entry(i)).map(|(rows, _)| rows.to_vec()))
             .collect();
-        (logs, values, st.bank.count(0), st.bank.count(1), st.rng.state())
+        let losses: Vec<f32> = logs.iter().flat_map(|l| [l.loss, l.loss_s, l.loss_c, l.loss_o]).collect();
+        (losses, values, st.bank.count(0), st.bank.count(1), st.rng.state())
     };
+    // The convolutions' kernels chosen first.
+    run(false);
     let (plain, rehearsed) = (run(false), run(true));
-    assert_eq!(plain.0.len(), 3);
-    assert!(plain.0.iter().all(|l| l.loss_o > 0.0), "{:?}", plain.0);
-    assert!(plain == rehearsed, "a rehearsal changed the run: {:?} vs {:?}", plain.0, rehearsed.0);
+    assert_eq!(plain.0.len(), 12);
+    assert!(plain.0.iter().skip(3).step_by(4).all(|&l| l > 0.0), "loss_o {:?}", plain.0);
+    assert_eq!((plain.2, plain.3, plain.4), (rehearsed.2, rehearsed.3, rehearsed.4));
+    let near = |a: &[f32], b: &[f32]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
+    };
+    assert!(
+        near(&plain.0, &rehearsed.0),
+        "a rehearsal changed the losses: {:?} vs {:?}",
+        plain.0,
+        rehearsed.0
+    );
+    for (i, (a, b)) in plain.1.iter().zip(&rehearsed.1).enumerate() {
+        assert!(near(a, b), "a rehearsal changed state tensor {i}");
+    }
+    assert_eq!(plain.1.len(), rehearsed.1.len());
 }
