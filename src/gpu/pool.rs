@@ -316,10 +316,11 @@ impl<B: PoolBuffer> Pool<B> {
     /// a step), marked out: its index in the plan and the buffer, or None when the buffer is
     /// still to be made; or the size-class pool. Requests are matched to the plan by position: a step repeats its
     /// predecessor's requests in order, some with other sizes (rows selected by a mask). A
-    /// request that misses (its buffer is still held, or the step took another path), one made
-    /// while the pairing is lost (until [`Step::resync`] finds it), and one outside a step get a
-    /// free planned buffer of their size range when there is one, else the size-class pool; so
-    /// does a request that the plan's step held past its end ([`Source::Held`]).
+    /// request that misses (its buffer is still held, or the step took another path) and one made
+    /// while the pairing is lost (until [`Step::resync`] finds it) get a free planned buffer of
+    /// their size range when there is one, else the size-class pool; so does a request that the
+    /// plan's step held past its end ([`Source::Held`]). One outside a step gets the smallest
+    /// free planned buffer that holds it, of any size.
     fn planned(&mut self, index: Option<usize>, bytes: u64, class: u64) -> Source<B> {
         // A buffer made again for a grown request gets a quarter more than it asks (a small one
         // SMALL_BUFFER): selections grow a little at a time while a model learns, and each
@@ -380,11 +381,14 @@ impl<B: PoolBuffer> Pool<B> {
                 }
                 Some(b)
             }
+            // Outside a step (validation between steps, say) every planned buffer is free: the
+            // smallest that holds the request, of any size, so that such work creates none.
+            _ if index.is_none() => (0..plan.buffers.len())
+                .filter(|&b| matches!(plan.buffers[b].slot, Slot::Free(_)) && plan.buffers[b].size >= class)
+                .min_by_key(|&b| plan.buffers[b].size),
             _ => {
-                if index.is_some() {
-                    self.step.followed = false;
-                    self.step.synced = false;
-                }
+                self.step.followed = false;
+                self.step.synced = false;
                 smallest_free(plan, class)
             }
         };
@@ -801,13 +805,13 @@ mod tests {
             step(&mut pool);
         }
         let (planned, allocations) = (pool.stats().reserved, pool.stats().allocations);
-        // Made between steps (no planned buffer of its size): a buffer of its own, then free.
-        let spare = take(&mut pool, 3 * MIB);
+        // Made between steps, larger than every planned buffer: a buffer of its own, then free.
+        let spare = take(&mut pool, 160 * MIB);
         give(&mut pool, spare);
-        assert_eq!(pool.stats().reserved, planned + 3 * MIB);
+        assert_eq!(pool.stats().reserved, planned + 160 * MIB);
         step(&mut pool);
         // Still free after the step that began after it came back...
-        assert_eq!(pool.stats().reserved, planned + 3 * MIB);
+        assert_eq!(pool.stats().reserved, planned + 160 * MIB);
         step(&mut pool);
         // ... and released once a whole step went by without it.
         assert_eq!(pool.stats().reserved, planned);
@@ -815,6 +819,33 @@ mod tests {
             step(&mut pool);
         }
         assert_eq!((pool.stats().reserved, pool.stats().allocations), (planned, allocations + 1));
+    }
+
+    #[test]
+    fn work_between_steps_takes_the_plans_free_buffers() {
+        let mut pool = Pool::untraced(u64::MAX);
+        let step = |pool: &mut Pool<StandIn>| {
+            pool.begin_step();
+            let big = take(pool, 128 * MIB);
+            let small = take(pool, MIB);
+            give(pool, small);
+            give(pool, big);
+            pool.end_step();
+        };
+        for _ in 0..3 {
+            step(&mut pool);
+        }
+        let (reserved, allocations) = (pool.stats().reserved, pool.stats().allocations);
+        // Between steps (validation, say) requests of sizes no step asks for take the planned
+        // buffers that hold them, however much larger, and the steps after keep their plan.
+        let a = take(&mut pool, 3 * MIB);
+        let b = take(&mut pool, 512 * 1024);
+        give(&mut pool, a);
+        give(&mut pool, b);
+        for _ in 0..2 {
+            step(&mut pool);
+        }
+        assert_eq!((pool.stats().reserved, pool.stats().allocations), (reserved, allocations));
     }
 
     /// Runs `body(pool, s)` as the steps s = 0..steps: the buffers made in each.
