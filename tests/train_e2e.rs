@@ -236,3 +236,26 @@ fn bench_times_the_step_from_a_runs_checkpoint_on_its_data() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&dir.path().join("config.toml").display().to_string()), "{err}");
 }
+
+#[test]
+fn a_dry_run_bench_reports_the_largest_steps_memory_without_running_it() {
+    let bench = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_caml-wgpu"))
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .args(["bench", "train-step", "--width", "2", "--patch", "16", "16", "16", "--batch", "2"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = bench(&["--dry-run"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line =
+        text.lines().find(|l| l.starts_with("rehearsed train step")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("patch [16, 16, 16], batch 2") && line.contains("nothing run: "), "{line}");
+    let mib: f64 = line.split("peak ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    assert!(mib > 0.0, "{line}");
+    // Nothing is timed.
+    assert!(!text.contains("per iteration"), "{text}");
+    assert!(!bench(&["--dry-run", "--iters", "2"]).status.success());
+}

@@ -48,6 +48,12 @@ pub enum What {
         /// of a new model on a random batch: what an iteration costs that far into training.
         #[arg(long, value_name = "DIR", conflicts_with_all = ["preset", "patch", "batch", "width", "precision"])]
         run: Option<PathBuf>,
+        /// Only rehearse the step at its largest selections, running nothing on the device: the
+        /// memory a configuration's largest iteration takes, measured in seconds even where its
+        /// iterations would take minutes (with CAML_CONV_NO_TUNE set, the convolutions are not
+        /// timed either).
+        #[arg(long, conflicts_with_all = ["iters", "profile"])]
+        dry_run: bool,
     },
     /// Seconds to segment one LA-sized volume (130 x 130 x 88) with the preset's windows.
     Predict {
@@ -151,7 +157,7 @@ pub fn run(a: Args) -> Result<()> {
                 );
             }
         }
-        What::TrainStep { preset, iters, profile, patch, batch, width, precision, run } => {
+        What::TrainStep { preset, iters, profile, patch, batch, width, precision, run, dry_run } => {
             let mut cfg = match &run {
                 Some(dir) => TrainConfig::preset(preset).merge_file(&dir.join("config.toml"))?,
                 None => TrainConfig { precision, ..TrainConfig::preset(preset) },
@@ -178,8 +184,31 @@ pub fn run(a: Args) -> Result<()> {
             // (its memory then counts in the warm-up's); then warmed up until an iteration
             // allocates nothing.
             if cfg.method == crate::config::Method::Caml {
-                rehearse(&mut st, &cfg, &batch)?;
+                let t = std::time::Instant::now();
+                let made = rehearse(&mut st, &cfg, &batch)?;
+                if dry_run {
+                    let m = g.memory();
+                    println!(
+                        "rehearsed train step, {:?} preset (width {}, patch {:?}, batch {}, {:?} activations), \
+                         nothing run: {made} buffers, peak {:.1} MiB in tensors, {:.1} MiB reserved by the \
+                         pool ({:.1} s)",
+                        cfg.preset,
+                        cfg.width,
+                        cfg.patch,
+                        cfg.batch,
+                        cfg.precision,
+                        mib(m.peak_in_use),
+                        mib(m.peak_reserved),
+                        t.elapsed().as_secs_f64()
+                    );
+                    return Ok(());
+                }
             }
+            anyhow::ensure!(
+                !dry_run,
+                "--dry-run rehearses CAML's step; this configuration trains {:?}",
+                cfg.method
+            );
             for i in 0..10 {
                 let a = gpu().allocations();
                 train_step(&mut st, &cfg, &batch)?;
