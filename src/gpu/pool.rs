@@ -206,9 +206,9 @@ const SMALL: u64 = 16 << 10;
 /// largest free buffer a small request takes.
 const SMALL_BUFFER: u64 = 64 << 10;
 
-/// The smallest free planned buffer of `class` up to [`reuse_limit`].
-fn smallest_free<B>(plan: &Plan<B>, class: u64) -> Option<usize> {
-    let top = reuse_limit(class);
+/// The smallest free planned buffer of `class` up to `top` bytes ([`reuse_limit`] within a
+/// step).
+fn smallest_free<B>(plan: &Plan<B>, class: u64, top: u64) -> Option<usize> {
     (0..plan.buffers.len())
         .filter(|&b| matches!(plan.buffers[b].slot, Slot::Free(_)))
         .filter(|&b| (class..=top).contains(&plan.buffers[b].size))
@@ -355,7 +355,7 @@ impl<B: PoolBuffer> Pool<B> {
             // Still held by an earlier request (lifetimes changed a little): the pairing stands.
             Some(Some(Some(b))) if matches!(plan.buffers[b].slot, Slot::Out) => {
                 self.step.followed = false;
-                smallest_free(plan, class)
+                smallest_free(plan, class, reuse_limit(class))
             }
             // Grown (more rows selected than when planned): the buffer is made again, larger, and
             // the requests sharing it still never overlap; the next step follows a new plan,
@@ -369,7 +369,7 @@ impl<B: PoolBuffer> Pool<B> {
             {
                 self.step.followed = false;
                 self.step.synced = false;
-                smallest_free(plan, class)
+                smallest_free(plan, class, reuse_limit(class))
             }
             Some(Some(Some(b))) => {
                 if plan.buffers[b].size < bytes {
@@ -383,13 +383,11 @@ impl<B: PoolBuffer> Pool<B> {
             }
             // Outside a step (validation between steps, say) every planned buffer is free: the
             // smallest that holds the request, of any size, so that such work creates none.
-            _ if index.is_none() => (0..plan.buffers.len())
-                .filter(|&b| matches!(plan.buffers[b].slot, Slot::Free(_)) && plan.buffers[b].size >= class)
-                .min_by_key(|&b| plan.buffers[b].size),
+            _ if index.is_none() => smallest_free(plan, class, u64::MAX),
             _ => {
                 self.step.followed = false;
                 self.step.synced = false;
-                smallest_free(plan, class)
+                smallest_free(plan, class, reuse_limit(class))
             }
         };
         let Some(chosen) = chosen else { return Source::FreeList };
@@ -790,17 +788,19 @@ mod tests {
         give(&mut pool, d);
     }
 
+    /// A step of two requests, 128 MiB and 1 MiB.
+    fn step(pool: &mut Pool<StandIn>) {
+        pool.begin_step();
+        let big = take(pool, 128 * MIB);
+        let small = take(pool, MIB);
+        give(pool, small);
+        give(pool, big);
+        pool.end_step();
+    }
+
     #[test]
     fn a_free_buffer_no_request_took_for_a_whole_step_is_released() {
         let mut pool = Pool::untraced(u64::MAX);
-        let step = |pool: &mut Pool<StandIn>| {
-            pool.begin_step();
-            let big = take(pool, 128 * MIB);
-            let x = take(pool, MIB);
-            give(pool, x);
-            give(pool, big);
-            pool.end_step();
-        };
         for _ in 0..3 {
             step(&mut pool);
         }
@@ -824,14 +824,6 @@ mod tests {
     #[test]
     fn work_between_steps_takes_the_plans_free_buffers() {
         let mut pool = Pool::untraced(u64::MAX);
-        let step = |pool: &mut Pool<StandIn>| {
-            pool.begin_step();
-            let big = take(pool, 128 * MIB);
-            let small = take(pool, MIB);
-            give(pool, small);
-            give(pool, big);
-            pool.end_step();
-        };
         for _ in 0..3 {
             step(&mut pool);
         }
