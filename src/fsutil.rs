@@ -96,9 +96,8 @@ mod tests {
 
     #[test]
     fn stale_temps_of_dead_writers_are_removed_and_live_ones_kept() {
-        let dir = std::env::temp_dir().join(format!("caml-fsutil-stale-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new().prefix("caml-fsutil-stale-").tempdir().unwrap();
+        let dir = tmp.path();
         // A process that has exited, and one that is running.
         let mut dead = std::process::Command::new("true").spawn().unwrap();
         dead.wait().unwrap();
@@ -113,11 +112,11 @@ mod tests {
         for n in &names {
             std::fs::write(dir.join(n), b"partial").unwrap();
         }
-        let removed = remove_stale_temps(&dir).unwrap();
+        let removed = remove_stale_temps(dir).unwrap();
         live.kill().unwrap();
         live.wait().unwrap();
         let mut left: Vec<String> =
-            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         left.sort();
         let mut want = names[2..].to_vec();
         want.sort();

@@ -172,9 +172,8 @@ mod tests {
         assert_eq!(at(3, 3), [px[(3 * w + 3) * 3]; 3]); // interior stays grey
         assert!(at(0, 0)[0] < at(9, 0)[0]); // intensity ramps with x
 
-        let dir = std::env::temp_dir().join(format!("caml-overlay-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("case.png");
+        let dir = tempfile::Builder::new().prefix("caml-overlay-").tempdir().unwrap();
+        let p = dir.path().join("case.png");
         write_overlay(&p, &img, Some(&gt), None, &OverlayOptions::default()).unwrap();
         let bytes = std::fs::read(&p).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");

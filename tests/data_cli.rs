@@ -7,15 +7,17 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_caml-wgpu"))
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("caml-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A path inside a fresh folder, not yet made; the folder is removed when the `TempDir` is dropped,
+/// so keep it bound for the test.
+fn tmpdir(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::Builder::new().prefix(&format!("caml-cli-{tag}-")).tempdir().unwrap();
+    let d = t.path().join("out");
+    (t, d)
 }
 
 #[test]
 fn synth_then_metrics_and_overlay() {
-    let d = tmpdir("synth");
+    let (_d, d) = tmpdir("synth");
     let out = bin()
         .args(["synth", "--cases", "3", "--seed", "5", "--size", "32", "32", "24", "--out"])
         .arg(&d)
@@ -63,7 +65,7 @@ fn synth_then_metrics_and_overlay() {
 
 #[test]
 fn errors_name_the_file_and_exit_non_zero() {
-    let d = tmpdir("err");
+    let (_d, d) = tmpdir("err");
     std::fs::create_dir_all(&d).unwrap();
     let bad = d.join("bad.nii.gz");
     std::fs::write(&bad, b"\x1f\x8b\x08\x00garbage").unwrap();

@@ -120,7 +120,7 @@ struct Target<'a> {
     name: &'static str,
     /// The file the input is written to, in `dir`.
     file: String,
-    dir: PathBuf,
+    dir: tempfile::TempDir,
     /// What every error must contain (the file's path, or the dataset folder's).
     names: String,
     seeds: Vec<Vec<u8>>,
@@ -130,7 +130,7 @@ struct Target<'a> {
 
 impl Target<'_> {
     fn path(&self) -> PathBuf {
-        self.dir.join(&self.file)
+        self.dir.path().join(&self.file)
     }
 
     /// Reads every seed (they must be accepted), the kept regression inputs, and `cases()`
@@ -183,7 +183,6 @@ impl Target<'_> {
             failures.len(),
             failures.join("\n")
         );
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -195,13 +194,9 @@ fn regression_files(target: &str) -> Vec<PathBuf> {
     v
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!("caml-fuzz-{tag}-{}-{k}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh folder, removed when the `TempDir` is dropped.
+fn tmpdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("caml-fuzz-{tag}-")).tempdir().unwrap()
 }
 
 // ---- mutations ----
@@ -496,14 +491,14 @@ fn read_nifti(p: &Path) -> Vec<Result<()>> {
 
 fn nifti_target(name: &'static str, gz: bool) -> Target<'static> {
     let dir = tmpdir(name);
-    let mut seeds = nifti_seeds(&dir);
+    let mut seeds = nifti_seeds(dir.path());
     if gz {
         seeds = seeds.iter().map(|s| gzip(s)).collect();
     }
     let file = if gz { "case.nii.gz" } else { "case.nii" }.to_string();
     Target {
         name,
-        names: dir.join(&file).display().to_string(),
+        names: dir.path().join(&file).display().to_string(),
         file,
         dir,
         seeds,
@@ -703,7 +698,7 @@ fn fuzz_nrrd() {
     let file = "case.nrrd".to_string();
     Target {
         name: "nrrd",
-        names: dir.join(&file).display().to_string(),
+        names: dir.path().join(&file).display().to_string(),
         file,
         dir,
         seeds: nrrd_seed_parts().iter().map(nrrd_bytes).collect(),
@@ -756,15 +751,15 @@ fn fuzz_split_lists() {
     let dir = tmpdir("lists");
     for name in ["a", "b", "c", "d"] {
         let (img, lab) = generate_case(5, name.as_bytes()[0] as usize, [12, 10, 8]);
-        std::fs::create_dir_all(dir.join(name)).unwrap();
-        write_image(dir.join(name).join("image.nii.gz"), &img).unwrap();
-        write_mask(dir.join(name).join("label.nii.gz"), &lab).unwrap();
+        std::fs::create_dir_all(dir.path().join(name)).unwrap();
+        write_image(dir.path().join(name).join("image.nii.gz"), &img).unwrap();
+        write_mask(dir.path().join(name).join("label.nii.gz"), &lab).unwrap();
     }
-    write_list(dir.join("test.list"), &["d".to_string()]).unwrap();
-    let root = dir.clone();
+    write_list(dir.path().join("test.list"), &["d".to_string()]).unwrap();
+    let root = dir.path().to_path_buf();
     Target {
         name: "lists",
-        names: dir.display().to_string(),
+        names: dir.path().display().to_string(),
         file: "train.list".into(),
         dir,
         seeds: vec![b"a\nb\nc\n".to_vec(), b"# train\r\nb\r\n\r\na\r\n".to_vec()],
@@ -898,7 +893,7 @@ fn fuzz_config() {
     let small = TrainConfig::preset(Preset::Small);
     Target {
         name: "config",
-        names: dir.join(&file).display().to_string(),
+        names: dir.path().join(&file).display().to_string(),
         file,
         dir,
         seeds: vec![small.to_toml().into_bytes(), b"width = 2\npatch = [16, 16, 16]\n".to_vec(), Vec::new()],
@@ -941,10 +936,10 @@ fn model_entries(model: &caml_wgpu::caml::model::Caml) -> checkpoint::StateDict 
 
 fn safetensors_bytes(dict: &checkpoint::StateDict, meta: &HashMap<String, String>) -> Vec<u8> {
     let dir = tmpdir("st-write");
-    let p = dir.join("x.safetensors");
+    let p = dir.path().join("x.safetensors");
     checkpoint::save(&p, dict, meta).unwrap();
     let b = std::fs::read(&p).unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
+    dir.close().unwrap();
     b
 }
 
@@ -1041,10 +1036,10 @@ fn mutate_header_text(rng: &mut Rng, b: &mut Vec<u8>) {
 
 fn mutate_checkpoint(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     let dir = tmpdir("st-read");
-    let p = dir.join("x.safetensors");
+    let p = dir.path().join("x.safetensors");
     std::fs::write(&p, seed).unwrap();
     let (mut dict, mut meta) = checkpoint::load(&p).unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
+    dir.close().unwrap();
     match rng.below(10) {
         0..=3 => {
             for _ in 0..1 + rng.below(3) {
@@ -1097,7 +1092,7 @@ fn fuzz_checkpoints() {
     let fallback = cfg.clone();
     Target {
         name: "checkpoint",
-        names: dir.join(&file).display().to_string(),
+        names: dir.path().join(&file).display().to_string(),
         file,
         dir,
         seeds: vec![
@@ -1153,10 +1148,10 @@ fn mutate_json(rng: &mut Rng, v: &mut serde_json::Value, depth: usize) {
 
 fn mutate_training_state(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     let dir = tmpdir("ts-read");
-    let p = dir.join("x.safetensors");
+    let p = dir.path().join("x.safetensors");
     std::fs::write(&p, seed).unwrap();
     let (mut dict, mut meta) = checkpoint::load(&p).unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
+    dir.close().unwrap();
     for _ in 0..1 + rng.below(2) {
         match rng.below(10) {
             0..=5 => {
@@ -1210,13 +1205,13 @@ fn fuzz_training_state() {
     }
     let st = TrainState { model, opt, bank, rng: Rng::new(9), iter: 3, pending: None };
     let dir = tmpdir("training-state");
-    train::save_checkpoint(&dir, &st, &cfg, &sampler.state()).unwrap();
-    let seed = std::fs::read(dir.join(train::CHECKPOINT)).unwrap();
+    train::save_checkpoint(dir.path(), &st, &cfg, &sampler.state()).unwrap();
+    let seed = std::fs::read(dir.path().join(train::CHECKPOINT)).unwrap();
     let st = RefCell::new(st);
-    let run_dir = dir.clone();
+    let run_dir = dir.path().to_path_buf();
     Target {
         name: "training_state",
-        names: dir.join(train::CHECKPOINT).display().to_string(),
+        names: dir.path().join(train::CHECKPOINT).display().to_string(),
         file: train::CHECKPOINT.into(),
         dir,
         seeds: vec![seed],
@@ -1250,7 +1245,7 @@ fn fuzz_h5() {
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/la_case.h5")).unwrap();
     Target {
         name: "h5",
-        names: dir.join(&file).display().to_string(),
+        names: dir.path().join(&file).display().to_string(),
         file,
         dir,
         seeds: vec![seed],
@@ -1267,7 +1262,7 @@ fn fuzz_h5() {
 #[test]
 fn the_mutators_change_their_input() {
     // A harness whose mutations were no-ops would pass every reader.
-    let seeds = nifti_seeds(&tmpdir("mutators"));
+    let seeds = nifti_seeds(tmpdir("mutators").path());
     let mut rng = Rng::new(1);
     let changed = (0..100).filter(|_| mutate_nifti(&mut rng, &seeds[0]) != seeds[0]).count();
     assert!(changed > 60, "{changed} of 100 NIfTI mutations changed the file");
@@ -1286,7 +1281,7 @@ fn the_mutators_change_their_input() {
     };
     // 32767^3 voxels (2^45) is refused before anything that large is allocated.
     let dir = tmpdir("huge");
-    let p = dir.join("huge.nii");
+    let p = dir.path().join("huge.nii");
     let r = check_case(&p, &huge, &p.display().to_string(), &read_nifti);
     assert!(r.is_ok(), "{r:?}");
     let e = format!("{:#}", read_image(&p).unwrap_err());
@@ -1302,7 +1297,7 @@ fn gunzip_lossy(b: &[u8]) -> Vec<u8> {
 #[test]
 fn the_harness_catches_panics_unnamed_errors_and_huge_allocations() {
     let dir = tmpdir("harness");
-    let p = dir.join("x.bin");
+    let p = dir.path().join("x.bin");
     let names = p.display().to_string();
     let panics: &Read<'_> = &|_| panic!("boom");
     assert!(check_case(&p, b"x", &names, panics).unwrap_err().contains("boom"));

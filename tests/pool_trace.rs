@@ -10,9 +10,8 @@ use common::{MIB, expected, step};
 
 #[test]
 fn a_replayed_trace_reserves_what_the_device_pool_reserved() {
-    let dir = std::env::temp_dir().join(format!("caml-pool-trace-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("pool.trace");
+    let dir = tempfile::Builder::new().prefix("caml-pool-trace-").tempdir().unwrap();
+    let path = dir.path().join("pool.trace");
     // SAFETY: the only test of this binary, and no other thread runs yet.
     unsafe { std::env::set_var("CAML_POOL_TRACE", &path) };
     let g = gpu();
@@ -43,7 +42,7 @@ fn a_replayed_trace_reserves_what_the_device_pool_reserved() {
     assert_eq!(r.steps.last().unwrap().allocations, 0);
 
     // A damaged trace names the file and the line.
-    let bad = dir.join("bad.trace");
+    let bad = dir.path().join("bad.trace");
     std::fs::write(&bad, "max_buffer 1024\nb\nt 0 64\nr 1\n").unwrap();
     let e = format!("{:#}", replay_pool_trace(&bad).err().expect("an error"));
     assert!(e.contains("bad.trace") && e.contains("line 4") && e.contains("never took"), "{e}");
@@ -54,5 +53,5 @@ fn a_replayed_trace_reserves_what_the_device_pool_reserved() {
     std::fs::write(&bad, "b\n").unwrap();
     let e = format!("{:#}", replay_pool_trace(&bad).err().expect("an error"));
     assert!(e.contains("bad.trace") && e.contains("line 1"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
+    dir.close().unwrap();
 }

@@ -286,11 +286,11 @@ mod tests {
     use crate::data::nifti_io::{write_image, write_mask};
     use crate::data::volume::Volume;
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("caml-ds-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A fresh folder, removed when the `TempDir` is dropped: keep it bound for the test.
+    fn tmpdir(tag: &str) -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::Builder::new().prefix(&format!("caml-ds-{tag}-")).tempdir().unwrap();
+        let d = t.path().to_path_buf();
+        (t, d)
     }
 
     fn pair(dims: [usize; 3]) -> (Image, Mask) {
@@ -312,7 +312,7 @@ mod tests {
 
     #[test]
     fn case_folder_dataset_loads_and_validates() {
-        let root = tmpdir("folders");
+        let (_root, root) = tmpdir("folders");
         let (img, lab) = pair([4, 3, 2]);
         for n in ["a", "b", "c"] {
             folder_case(&root, n, &img, &lab);
@@ -340,7 +340,7 @@ mod tests {
 
     #[test]
     fn invalid_cases_are_errors_naming_the_file() {
-        let root = tmpdir("invalid");
+        let (_root, root) = tmpdir("invalid");
         let (img, lab) = pair([4, 3, 2]);
         let (img2, _) = pair([4, 3, 3]);
         folder_case(&root, "shape", &img2, &lab);
@@ -364,7 +364,7 @@ mod tests {
 
     #[test]
     fn nnunet_layout_with_and_without_lists() {
-        let root = tmpdir("nnunet");
+        let (_root, root) = tmpdir("nnunet");
         for d in ["imagesTr", "labelsTr", "imagesTs", "labelsTs"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
@@ -404,7 +404,7 @@ mod tests {
 
     #[test]
     fn lists_skip_blanks_and_reject_duplicates() {
-        let root = tmpdir("lists");
+        let (_root, root) = tmpdir("lists");
         let p = root.join("l.list");
         std::fs::write(&p, "a\n\n# note\n b \r\nc").unwrap();
         assert_eq!(read_list(&p).unwrap(), names(&["a", "b", "c"]));

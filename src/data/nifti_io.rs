@@ -289,11 +289,11 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("caml-nifti-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A fresh folder, removed when the `TempDir` is dropped: keep it bound for the test.
+    fn tmpdir(tag: &str) -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::Builder::new().prefix(&format!("caml-nifti-{tag}-")).tempdir().unwrap();
+        let d = t.path().to_path_buf();
+        (t, d)
     }
 
     /// A single-file NIfTI-1 written byte by byte from the specification's offsets.
@@ -340,7 +340,7 @@ mod tests {
 
     #[test]
     fn reads_fortran_order_int16_with_scaling_both_endians_and_gzip() {
-        let d = tmpdir("i16");
+        let (_d, d) = tmpdir("i16");
         let dims = [3usize, 4, 5];
         // File order: x fastest; the stored value encodes its (x, y, z).
         let mut le = Vec::new();
@@ -378,7 +378,7 @@ mod tests {
 
     #[test]
     fn reads_every_supported_type() {
-        let d = tmpdir("types");
+        let (_d, d) = tmpdir("types");
         let vals = [0.0f64, 1.0, 7.0, 100.0];
         let cases: Vec<(i16, i16, Vec<u8>)> = vec![
             (2, 8, vals.iter().map(|&v| v as u8).collect()),
@@ -400,7 +400,7 @@ mod tests {
 
     #[test]
     fn round_trip_keeps_values_order_and_header() {
-        let d = tmpdir("rt");
+        let (_d, d) = tmpdir("rt");
         let src = raw_nifti([2, 3, 4], 2, 8, 0.0, 0.0, &[0u8; 24], false);
         let mut hdr_file = src.clone();
         // Give the source a distinctive affine.
@@ -452,7 +452,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_files_naming_them() {
-        let d = tmpdir("bad");
+        let (_d, d) = tmpdir("bad");
         let data: Vec<u8> = (0..24).collect();
         let good = raw_nifti([2, 3, 4], 2, 8, 0.0, 0.0, &data, false);
 

@@ -364,11 +364,11 @@ mod tests {
     use std::io::Write;
     use std::path::PathBuf;
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("caml-nrrd-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A fresh folder, removed when the `TempDir` is dropped: keep it bound for the test.
+    fn tmpdir(tag: &str) -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::Builder::new().prefix(&format!("caml-nrrd-{tag}-")).tempdir().unwrap();
+        let d = t.path().to_path_buf();
+        (t, d)
     }
 
     fn file(header: &str, data: &[u8]) -> Vec<u8> {
@@ -409,7 +409,7 @@ mod tests {
 
     #[test]
     fn reads_raw_gzip_ascii_both_endians_with_geometry() {
-        let d = tmpdir("ok");
+        let (_d, d) = tmpdir("ok");
         let le: Vec<u8> = values().iter().flat_map(|v| v.to_le_bytes()).collect();
         let be: Vec<u8> = values().iter().flat_map(|v| v.to_be_bytes()).collect();
         let head = |enc: &str, endian: &str| {
@@ -452,7 +452,7 @@ mod tests {
 
     #[test]
     fn every_type_decodes() {
-        let d = tmpdir("types");
+        let (_d, d) = tmpdir("types");
         let vals = [0.0f64, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0];
         let enc: Vec<(&str, Vec<u8>)> = vec![
             ("uchar", vals.iter().map(|&v| v as u8).collect()),
@@ -481,7 +481,7 @@ mod tests {
 
     #[test]
     fn malformed_files_give_errors_naming_them() {
-        let d = tmpdir("bad");
+        let (_d, d) = tmpdir("bad");
         let le: Vec<u8> = values().iter().flat_map(|v| v.to_le_bytes()).collect();
         let ok = "NRRD0004\ntype: short\ndimension: 3\nsizes: 2 3 4\nendian: little\nencoding: raw\n\n";
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![

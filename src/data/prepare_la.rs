@@ -257,11 +257,11 @@ mod tests {
     use crate::data::dataset::Dataset;
     use std::io::Write;
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("caml-la-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A fresh folder, removed when the `TempDir` is dropped: keep it bound for the test.
+    fn tmpdir(tag: &str) -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::Builder::new().prefix(&format!("caml-la-{tag}-")).tempdir().unwrap();
+        let d = t.path().to_path_buf();
+        (t, d)
     }
 
     #[test]
@@ -314,9 +314,9 @@ mod tests {
 
     #[test]
     fn converts_raw_cases_with_lists_and_normalisation() {
-        let raw = tmpdir("raw");
-        let out = tmpdir("out");
-        let lists = tmpdir("lists");
+        let (_raw, raw) = tmpdir("raw");
+        let (_out, out) = tmpdir("out");
+        let (_lists, lists) = tmpdir("lists");
         let dims = [160, 150, 6];
         let names = ["caseA", "caseB", "caseC"];
         for (k, n) in names.iter().enumerate() {
@@ -355,7 +355,7 @@ mod tests {
         // Both crops start at 0 (30 - r - 36 < 0 in Y), so coordinates carry over.
         assert_eq!(c.image.get(5, 7, 2), want);
         // Reproducible: the same seed gives the same bytes.
-        let out2 = tmpdir("out2");
+        let (_out2, out2) = tmpdir("out2");
         prepare_la(&raw, &out2, 1337, Some(&lists)).unwrap();
         assert_eq!(
             std::fs::read(out.join("caseA/image.nii.gz")).unwrap(),
@@ -376,9 +376,9 @@ mod tests {
             assert_eq!(img.get(x, y, z), (100 * x + 10 * y + z) as f32);
             assert_eq!(lab.get(x, y, z), (x > 2 && y < 4) as u8);
         }
-        let h5 = tmpdir("h5");
-        let out = tmpdir("h5-out");
-        let lists = tmpdir("h5-lists");
+        let (_h5, h5) = tmpdir("h5");
+        let (_out, out) = tmpdir("h5-out");
+        let (_lists, lists) = tmpdir("h5-lists");
         std::fs::create_dir_all(h5.join("caseX")).unwrap();
         std::fs::copy(fixtures.join("la_case.h5"), h5.join("caseX/mri_norm2.h5")).unwrap();
         write_list(lists.join("train.list"), &["caseX".into()]).unwrap();
@@ -393,8 +393,8 @@ mod tests {
 
     #[test]
     fn missing_listed_cases_and_empty_labels_are_errors() {
-        let raw = tmpdir("raw-bad");
-        let out = tmpdir("out-bad");
+        let (_raw, raw) = tmpdir("raw-bad");
+        let (_out, out) = tmpdir("out-bad");
         let e = format!("{:#}", prepare_la(&raw, &out, 1, None).unwrap_err());
         assert!(e.contains("no case folder"), "{e}");
         let d = raw.join("06SR5RBREL16DQ6M8LWS");
@@ -403,7 +403,7 @@ mod tests {
         write_nrrd_gz(&d.join("laendo.nrrd"), [4, 4, 2], &[0; 32]);
         let e = format!("{:#}", prepare_la(&raw, &out, 1, None).unwrap_err());
         assert!(e.contains("99 of the 100 listed cases are missing"), "{e}");
-        let lists = tmpdir("lists-bad");
+        let (_lists, lists) = tmpdir("lists-bad");
         write_list(lists.join("train.list"), &["06SR5RBREL16DQ6M8LWS".into()]).unwrap();
         write_list(lists.join("test.list"), &[]).unwrap();
         let e = format!("{:#}", prepare_la(&raw, &out, 1, Some(&lists)).unwrap_err());

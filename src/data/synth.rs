@@ -421,10 +421,12 @@ mod tests {
     use super::*;
     use crate::data::dataset::Dataset;
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("caml-synth-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
+    /// A path inside a fresh folder, not yet made; the folder is removed when the `TempDir` is
+    /// dropped, so keep it bound for the test.
+    fn tmpdir(tag: &str) -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::Builder::new().prefix(&format!("caml-synth-{tag}-")).tempdir().unwrap();
+        let d = t.path().join("set");
+        (t, d)
     }
 
     #[test]
@@ -462,7 +464,7 @@ mod tests {
     #[test]
     fn same_seed_same_bytes_other_seed_different() {
         let spec = SynthSpec::new(3, 7, [32, 32, 24]);
-        let (a, b, c) = (tmpdir("a"), tmpdir("b"), tmpdir("c"));
+        let ((_a, a), (_b, b), (_c, c)) = (tmpdir("a"), tmpdir("b"), tmpdir("c"));
         generate_dataset(&a, &spec).unwrap();
         generate_dataset(&b, &spec).unwrap();
         generate_dataset(&c, &SynthSpec::new(3, 8, [32, 32, 24])).unwrap();
@@ -492,7 +494,7 @@ mod tests {
 
     #[test]
     fn incomplete_sets_are_regenerated() {
-        let d = tmpdir("marker");
+        let (_d, d) = tmpdir("marker");
         let spec = SynthSpec::new(2, 1, [24, 24, 16]);
         ensure_dataset(&d, &spec).unwrap();
         // Present and complete: nothing is rewritten.
