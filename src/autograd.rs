@@ -169,6 +169,9 @@ pub(crate) enum Op {
         w: Tensor,
         b: Tensor,
         relu: Option<Saved>,
+        /// Rows selected by a mask: the weight gradient takes the tall-reduction kernel for any
+        /// number of them ([`crate::ops::linear::linear_selected`]).
+        selected: bool,
     },
     Softmax {
         x: Tensor,
@@ -410,7 +413,7 @@ impl Op {
                     })
                     .collect()
             }
-            Op::Linear { x, w, b, relu } => {
+            Op::Linear { x, w, b, relu, selected } => {
                 let relu_grad = relu.as_ref().map(|y| {
                     let y = y.values();
                     ew::unary_grad(UnaryOp::Relu, &y, &y, g)
@@ -419,10 +422,12 @@ impl Op {
                 let gx = x.t.tracks_grad().then(|| matmul::matmul_t(g, w, false, false));
                 let &[rows, out] = g.shape() else { unreachable!("linear gradient {:?}", g.shape()) };
                 let inp = w.dim(1);
-                if w.tracks_grad()
-                    && b.tracks_grad()
-                    && matmul::tall_tn_fits(rows, out, inp)
-                    && matmul::each_fits(&[g.numel(), x.t.numel()])
+                let tall = if *selected {
+                    rows > 0 && matmul::tall_tn_takes(out, inp)
+                } else {
+                    matmul::tall_tn_fits(rows, out, inp)
+                };
+                if w.tracks_grad() && b.tracks_grad() && tall && matmul::each_fits(&[g.numel(), x.t.numel()])
                 {
                     // The weight and bias gradients from one pass over the rows.
                     let (gw, gb) = matmul::tall_tn(g, &x.values(), true);

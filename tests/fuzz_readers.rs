@@ -155,8 +155,8 @@ impl Target<'_> {
                 failures.push(format!("{}: {m}", f.display()));
             }
         }
-        let seed =
-            env_u64("CAML_FUZZ_SEED", 0x5EED) ^ self.name.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64));
+        let seed = env_u64("CAML_FUZZ_SEED", 0x5EED)
+            ^ self.name.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64));
         let save = std::env::var_os("CAML_FUZZ_SAVE").map(PathBuf::from);
         let trace = std::env::var_os("CAML_FUZZ_TRACE").is_some();
         let n = cases();

@@ -118,3 +118,44 @@ fn linear_relu_matches_cpu_and_finite_differences() {
         });
     }
 }
+
+#[test]
+fn selected_rows_take_the_tall_kernels_however_few() {
+    use caml_wgpu::ops::linear::{linear_relu_selected, linear_selected};
+    // Rows selected by a mask take the tall kernel (subgroup adapters) and, for the weight and
+    // bias gradients, the tall-reduction kernel, however few. The bias keeps every pre-activation
+    // at least 0.8 from the ReLU's kink (half the columns above it, half below), farther than a
+    // difference step moves it.
+    let (inp, out) = (4, 8);
+    for rows in [1, 3, 40] {
+        let x = Rng::new(40).vec(rows * inp, -1.0, 1.0);
+        let w = Rng::new(41).vec(out * inp, -0.3, 0.3);
+        let b: Vec<f32> = (0..out).map(|o| if o % 2 == 0 { 2.0 } else { -2.0 }).collect();
+        let (xt, wt, bt) = (
+            Tensor::from_vec(&x, &[rows, inp]),
+            Tensor::from_vec(&w, &[out, inp]),
+            Tensor::from_vec(&b, &[out]),
+        );
+        let want = cpu::linear(&x, &w, &b, [rows, inp, out]);
+        let relu: Vec<f32> = want.iter().map(|v| v.max(0.0)).collect();
+        for (y, want, what) in [
+            (linear_selected(&xt, &wt, &bt), &want, "linear"),
+            (linear_relu_selected(&xt, &wt, &bt), &relu, "relu"),
+        ] {
+            assert_eq!(y.shape(), &[rows, out]);
+            for (i, (g, e)) in y.to_vec().iter().zip(want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "{what}, {rows} rows, entry {i}: {g} vs {e}"
+                );
+            }
+        }
+        let args = [(x, vec![rows, inp]), (w, vec![out, inp]), (b, vec![out])];
+        check_gradients(&args, Tolerance::default(), |t| {
+            weighted_sum(&linear_selected(&t[0], &t[1], &t[2]), 43)
+        });
+        check_gradients(&args, Tolerance::default(), |t| {
+            weighted_sum(&linear_relu_selected(&t[0], &t[1], &t[2]), 44)
+        });
+    }
+}

@@ -27,9 +27,9 @@ fn picks(rows: usize, k: usize, seed: u64) -> Vec<u32> {
 
 #[test]
 fn gram_rows_at_matches_cpu() {
-    // Many rows take the one-pass kernel (subgroup adapters), few the composed ops; a column
-    // mean far from zero with a shift near it keeps the moments exact enough to recover the
-    // covariance.
+    // Rows of a multiple of 4 columns take the one-pass kernel (subgroup adapters), however
+    // many, others the composed ops; a column mean far from zero with a shift near it keeps the
+    // moments exact enough to recover the covariance.
     for (rows, c, k, mean, relu) in [
         (5003, 32, 300, 0.0, false),
         (1500, 16, 0, 3.0, false),
@@ -92,8 +92,9 @@ fn grad_cpu(
 
 #[test]
 fn gram_rows_at_gradient_matches_cpu() {
-    // Many rows take the tall kernel, its B (here G + G^T) passed round by shuffles or held in
-    // registers; both are checked on every adapter.
+    // Rows of a multiple of 4 columns take the tall kernel, however many, its B (here G + G^T)
+    // passed round by shuffles or held in registers (both checked on every adapter); 3 columns
+    // the composed ops.
     for (rows, c, k, relu, registers) in [
         (3001, 32, 250, false, false),
         (3001, 32, 250, false, true),
@@ -102,6 +103,8 @@ fn gram_rows_at_gradient_matches_cpu() {
         (2000, 32, 90, true, false),
         (2000, 32, 90, true, true),
         (30, 4, 5, true, false),
+        (40, 3, 6, false, false),
+        (30, 3, 5, true, false),
     ] {
         let x = Rng::new(4).vec(rows * c, -1.0, 1.0);
         let shift = Rng::new(5).vec(c, -0.2, 0.2);
@@ -120,16 +123,19 @@ fn gram_rows_at_gradient_matches_cpu() {
 
 #[test]
 fn gram_rows_at_finite_differences() {
-    let (rows, c) = (7, 4);
-    let x = Rng::new(8).vec(rows * c, -1.0, 1.0);
-    let index = Tensor::from_u32(&[5, 1, 2], &[3]);
-    let shift = Tensor::from_vec(&[0.1, -0.2, 0.3, 0.0], &[c]);
-    check_gradients(&[(x.clone(), vec![rows, c])], Tolerance::default(), |t| {
-        weighted_sum(&gram_rows_at(&t[0], &shift, &index, false), 9)
-    });
-    // Of relu(x): values kept farther from zero than the difference step.
-    let x: Vec<f32> = x.iter().map(|v| if v.abs() < 0.05 { v + 0.1 } else { *v }).collect();
-    check_gradients(&[(x, vec![rows, c])], Tolerance::default(), |t| {
-        weighted_sum(&gram_rows_at(&t[0], &shift, &index, true), 10)
-    });
+    // 4 columns take the one-pass and tall kernels (subgroup adapters), 3 the composed ops.
+    for c in [4, 3] {
+        let rows = 7;
+        let x = Rng::new(8).vec(rows * c, -1.0, 1.0);
+        let index = Tensor::from_u32(&[5, 1, 2], &[3]);
+        let shift = Tensor::from_vec(&[0.1, -0.2, 0.3, 0.0][..c], &[c]);
+        check_gradients(&[(x.clone(), vec![rows, c])], Tolerance::default(), |t| {
+            weighted_sum(&gram_rows_at(&t[0], &shift, &index, false), 9)
+        });
+        // Of relu(x): values kept farther from zero than the difference step.
+        let x: Vec<f32> = x.iter().map(|v| if v.abs() < 0.05 { v + 0.1 } else { *v }).collect();
+        check_gradients(&[(x, vec![rows, c])], Tolerance::default(), |t| {
+            weighted_sum(&gram_rows_at(&t[0], &shift, &index, true), 10)
+        });
+    }
 }

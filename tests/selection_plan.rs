@@ -168,6 +168,46 @@ fn cross_entropies_over_any_number_of_rows_keep_one_plan() {
     assert_eq!(g.allocations(), allocations, "a step with another number of rows created buffers");
 }
 
+/// The heads of decoder 1 over `rows` voxel rows of 4 features, in a step: the memory bank's pass
+/// (evaluation mode) and the omni-correlation's (training mode, `kept` of the rows kept, at most
+/// 3000) with the gradients of a cross-entropy of its output. The bank's first row's sum and
+/// the loss.
+fn heads_step(model: &caml_wgpu::caml::model::Caml, rows: usize, kept: usize) -> [f32; 2] {
+    use caml_wgpu::caml::model::Head;
+    in_step(|| {
+        let v: Vec<f32> = (0..rows * 4).map(|i| ((i * 2654435761) % 1009) as f32 / 1009.0 - 0.4).collect();
+        let x = Tensor::variable(&v, &[rows, 4]);
+        let bank = caml_wgpu::no_grad(|| model.projection_head1.forward(&x, false));
+        let index: Vec<u32> = (0..kept).map(|i| (i * (rows / kept)) as u32).collect();
+        let index = Tensor::from_u32(&index, &[kept]);
+        let y = Head::pair_rows_at(&model.projection_head1, &model.prediction_head1, &x, &index);
+        let loss = caml_wgpu::ops::reduce::softmax_xent(&y, &y, 0.1, 1e-8, 3000);
+        let grads = caml_wgpu::backward(&loss);
+        assert!(grads.get(&x).is_some());
+        [bank.narrow(0, 0, 1).sum_all().item(), loss.item()]
+    })
+}
+
+#[test]
+fn heads_over_selections_of_any_size_keep_one_plan() {
+    // The heads run on the voxels a mask selects, a few or many thousands: their layers take the
+    // same kernels for any number of rows, and the steps one plan.
+    let _one = STEPS.lock().unwrap_or_else(|e| e.into_inner());
+    let g = gpu();
+    let cfg = caml_wgpu::config::TrainConfig { width: 4, embed: 32, ..tiny::config() };
+    let model = caml_wgpu::train::build_model(&cfg);
+    for _ in 0..2 {
+        heads_step(&model, 6000, 3000);
+    }
+    let (plans, allocations) = (g.buffer_plans(), g.allocations());
+    for (rows, kept) in [(40, 7), (2, 1), (6000, 3000), (700, 300), (255, 200), (1500, 1), (3, 2)] {
+        let sums = heads_step(&model, rows, kept);
+        assert!(sums.iter().all(|s| s.is_finite()), "{rows} rows, {kept} kept: {sums:?}");
+    }
+    assert_eq!(g.buffer_plans(), plans, "a step with another number of rows left the plan");
+    assert_eq!(g.allocations(), allocations, "a step with another number of rows created buffers");
+}
+
 #[test]
 fn the_steps_after_a_rehearsal_create_no_buffers() {
     // Each iteration selects other voxels, in other numbers, as the model learns; the rehearsal

@@ -9,7 +9,7 @@ use crate::autograd::no_grad;
 use crate::caml::cma::Cma;
 use crate::nn::{BatchNorm, Conv3d, ConvTranspose3d, Linear, Named, join};
 use crate::ops::dropout::dropout3d;
-use crate::ops::linear::{linear, linear_relu};
+use crate::ops::linear::{linear, linear_relu_selected, linear_selected};
 use crate::ops::matmul::matmul_t;
 use crate::ops::moments::gram_rows_at;
 use crate::ops::upsample::upsample_trilinear2x;
@@ -233,14 +233,15 @@ impl Head {
     }
     /// [rows, in] -> [rows, E]; `train` uses (and updates) the batch statistics of these rows.
     /// In evaluation the BatchNorm is an affine map with the running statistics, folded into the
-    /// first layer (its ReLU in the layer's epilogue).
+    /// first layer (its ReLU in the layer's epilogue). The rows are voxels selected by a mask:
+    /// their layers take the same kernels for any number of them ([`linear_selected`]).
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         if train {
             return self.l3.forward(&self.bn.forward_relu(&self.l0.forward(x, true), true), true);
         }
         let bn = &self.bn;
         let (w, b) = fold_batch_norm(bn, &self.l0.weight, &self.l0.bias, &bn.running_mean, &bn.running_var);
-        self.l3.forward(&linear_relu(x, &w, &b), false)
+        linear_selected(&linear_relu_selected(x, &w, &b), &self.l3.weight, &self.l3.bias)
     }
     /// `pred.forward(&proj.forward(x, true), true).gather_rows(index)` for a projection head and
     /// the prediction head after it, in training mode (both BatchNorms' running statistics
@@ -251,7 +252,8 @@ impl Head {
     /// head's last of its hidden rows h. So the statistics come from those moments, the
     /// projection head's first layer and BatchNorm are one linear layer (its ReLU applied where
     /// the moments of h read it), and the rest runs at the kept rows. An empty index updates the
-    /// statistics alone.
+    /// statistics alone. The rows x and the kept ones are selections whose numbers change from
+    /// step to step: their layers take the same kernels for any number ([`linear_selected`]).
     pub fn pair_rows_at(proj: &Head, pred: &Head, x: &Tensor, index: &Tensor) -> Tensor {
         let (rows, f) = (x.dim(0), x.dim(1));
         let e = proj.l0.weight.dim(0);
@@ -274,7 +276,7 @@ impl Head {
         no_grad(|| proj.bn.update_running(&mean, &var, rows));
         let (w, b) = fold_batch_norm(&proj.bn, w0, &proj.l0.bias, &mean, &var);
         // The hidden rows h = relu(z), the ReLU applied where the moments op reads z.
-        let z = linear(x, &w, Some(&b));
+        let z = linear_selected(x, &w, &b);
         // h where the normalized input is zero: near the mean of a column whose BatchNorm bias
         // outweighs its scale, where the moments about zero would lose the variance to rounding.
         let shift = proj.bn.bias.detach().relu();
@@ -293,8 +295,8 @@ impl Head {
         }
         // At the kept rows, both layers and the normalization are one affine map of h.
         let (w, b) = fold_batch_norm(&pred.bn, &m, &c, &mean, &var);
-        let y = linear_relu(&g.narrow(0, e + 1, k), &w, &b);
-        pred.l3.forward(&y, true)
+        let y = linear_relu_selected(&g.narrow(0, e + 1, k), &w, &b);
+        linear_selected(&y, &pred.l3.weight, &pred.l3.bias)
     }
     fn named(&self, prefix: &str, params: &mut Named, buffers: &mut Named) {
         self.l0.params(&join(prefix, "0"), params);

@@ -161,8 +161,14 @@ pub fn matmul_cpu(a: &[f32], b: &[f32], [batch, m, k, n]: [usize; 4], ta: bool, 
 /// True when A [M, K] op(B) [K, N] can take the tall kernel: subgroups, many rows, K and N
 /// multiples of 4, K within the loop budget of one invocation.
 pub(crate) fn tall_kernel_fits(m: usize, k: usize, n: usize) -> bool {
-    m >= 256
-        && k > 0
+    m >= 256 && tall_kernel_takes(k, n)
+}
+
+/// True when the tall kernel takes products with B [K, N] over any number of rows (at least one):
+/// what [`tall_kernel_fits`] asks but many rows. Rows selected by a mask take it whatever their
+/// number, so that their launches and buffers do not change with it.
+pub(crate) fn tall_kernel_takes(k: usize, n: usize) -> bool {
+    k > 0
         && k.is_multiple_of(4)
         && k / 4 <= MAX_LOOP
         && n.is_multiple_of(4)
@@ -333,8 +339,13 @@ fn matmul_rows(
 /// True when A^T B for A [K, M], B [K, N] can take the tall-reduction kernel: subgroups, a long
 /// K, M and N multiples of 4 up to 32.
 pub(crate) fn tall_tn_fits(k: usize, m: usize, n: usize) -> bool {
-    k >= 1024
-        && (4..=32).contains(&m)
+    k >= 1024 && tall_tn_takes(m, n)
+}
+
+/// True when the tall-reduction kernel takes A^T B [M, N] over any number of rows (at least one):
+/// what [`tall_tn_fits`] asks but a long K (see [`tall_kernel_takes`]).
+pub(crate) fn tall_tn_takes(m: usize, n: usize) -> bool {
+    (4..=32).contains(&m)
         && m.is_multiple_of(4)
         && (4..=32).contains(&n)
         && n.is_multiple_of(4)

@@ -20,7 +20,9 @@ pub fn gram_rows_at(x: &Tensor, shift: &Tensor, index: &Tensor, relu: bool) -> T
     assert_eq!(shift.numel(), c, "gram_rows_at shift {:?} for rows {:?}", shift.shape(), x.shape());
     let y = no_grad(|| {
         let (x, shift) = (x.detach(), shift.detach());
-        let (g, s) = if matmul::tall_tn_fits(rows, c, c) && matmul::each_fits(&[x.numel()]) {
+        // The tall-reduction kernel for any number of rows: they are a selection, and its
+        // launches and buffers then do not change with their number.
+        let (g, s) = if rows > 0 && matmul::tall_tn_takes(c, c) && matmul::each_fits(&[x.numel()]) {
             matmul::gram(&x, &shift, relu)
         } else {
             let d = if relu { x.relu() } else { x.clone() }.sub(&shift.reshape(&[1, c]));
@@ -52,7 +54,7 @@ pub(crate) fn gram_rows_at_grad(
     let sym = g.add(&g.permute(&[1, 0]));
     // (x - shift) sym + g_s = x sym + (g_s - shift sym)
     let bias = dy.narrow(0, c, 1).sub(&shift.reshape(&[1, c]).matmul(&sym)).reshape(&[c]);
-    let dx = if matmul::tall_kernel_fits(rows, c, c) && matmul::each_fits(&[x.numel()]) {
+    let dx = if rows > 0 && matmul::tall_kernel_takes(c, c) && matmul::each_fits(&[x.numel()]) {
         let epilogue = if relu { matmul::Rows::ReluA } else { matmul::Rows::Plain };
         matmul::tall(x, &sym, Some(&bias), [1, rows, c, c], [0, 0], false, epilogue)
     } else if relu {
