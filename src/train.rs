@@ -46,7 +46,7 @@ pub fn build_model(cfg: &TrainConfig) -> Caml {
 /// A lower bound on the values in a network's state_dict: the three 3x3x3 convolutions of each
 /// encoder's deepest block (16F to 16F channels) and the E x E layers of the four heads.
 pub fn min_model_values(width: usize, embed: usize) -> u64 {
-    let deep = 16 * width as u64;
+    let deep = 16u64.saturating_mul(width as u64);
     let e = embed as u64;
     (2 * 3 * 27u64)
         .saturating_mul(deep.saturating_mul(deep))

@@ -125,7 +125,8 @@ impl Sampler {
         let s = &mut self.s;
         if s.labeled_perm.is_empty() || s.labeled_pos + s.labeled_bs > s.labeled_perm.len() {
             if !s.labeled_perm.is_empty() {
-                s.epoch += 1;
+                // Counters restored from a file may be anything.
+                s.epoch = s.epoch.saturating_add(1);
             }
             s.labeled_perm = self.rng.permutation(s.labelnum);
             s.labeled_pos = 0;
@@ -144,7 +145,7 @@ impl Sampler {
             unlabeled.push(s.labelnum + s.unlabeled_perm[s.unlabeled_pos]);
             s.unlabeled_pos += 1;
         }
-        s.batches += 1;
+        s.batches = s.batches.saturating_add(1);
         BatchIndices { labeled, unlabeled }
     }
 
