@@ -1,6 +1,7 @@
-//! torch.nn.functional.linear: y = x W^T + b over the last axis. Many rows take the tall matmul
-//! kernel with the bias added in its epilogue; otherwise the engine's matmul (with the transpose
-//! folded into the kernel) and a broadcast bias add. The backward reuses the matmul.
+//! torch.nn.functional.linear: y = x W^T + b over the last axis. Many rows, and rows selected by
+//! a mask however few, take the tall matmul kernel with the bias added in its epilogue; otherwise
+//! the engine's matmul (with the transpose folded into the kernel) and a broadcast bias add. The
+//! backward reuses the matmul.
 
 use crate::autograd::{Op, Saved};
 use crate::ops::matmul::{self, matmul_t};
