@@ -18,6 +18,16 @@ fn in_step<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Runs `f`, steps whose selections differ in size from the steps before it, and checks that the
+/// pool kept its plan and created no buffers.
+fn keeps_one_plan(f: impl FnOnce()) {
+    let g = gpu();
+    let (plans, allocations) = (g.buffer_plans(), g.allocations());
+    f();
+    assert_eq!(g.buffer_plans(), plans, "a step with another number of rows left the plan");
+    assert_eq!(g.allocations(), allocations, "a step with another number of rows created buffers");
+}
+
 /// The omni-correlation rows of a step whose class 1 has voxels or has none.
 fn select_step(class1_empty: bool) -> [usize; 2] {
     use caml_wgpu::caml::omni;
@@ -73,30 +83,28 @@ fn grams_over_selections_of_any_size_keep_one_plan() {
     // Rows selected by a mask change in number from step to step by large factors: the Gram
     // kernel's partial sums then keep their buffers and launches, and the steps one plan.
     let _one = STEPS.lock().unwrap_or_else(|e| e.into_inner());
-    let g = gpu();
     for rows in [300, 40_000, 300] {
         gram_step(rows);
     }
-    let (plans, allocations) = (g.buffer_plans(), g.allocations());
-    for rows in [40_000, 3000, 300, 17_000, 40_000, 1] {
-        let (gram, sums, x) = gram_step(rows);
-        let shift = [0.1f32, -0.2, 0.05, 0.3];
-        let d = |r: usize, c: usize| (x[r * 4 + c] - shift[c]) as f64;
-        for a in 0..4 {
-            let want_sum: f64 = (0..rows).map(|r| d(r, a)).sum();
-            assert!((sums[a] as f64 - want_sum).abs() <= 1e-4 * (rows as f64), "{rows} rows: sum {a}");
-            for b in 0..4 {
-                let want: f64 = (0..rows).map(|r| d(r, a) * d(r, b)).sum();
-                let got = gram[a * 4 + b] as f64;
-                assert!(
-                    (got - want).abs() <= 1e-4 * (rows as f64),
-                    "{rows} rows: G[{a},{b}] {got} vs {want}"
-                );
+    keeps_one_plan(|| {
+        for rows in [40_000, 3000, 300, 17_000, 40_000, 1] {
+            let (gram, sums, x) = gram_step(rows);
+            let shift = [0.1f32, -0.2, 0.05, 0.3];
+            let d = |r: usize, c: usize| (x[r * 4 + c] - shift[c]) as f64;
+            for a in 0..4 {
+                let want_sum: f64 = (0..rows).map(|r| d(r, a)).sum();
+                assert!((sums[a] as f64 - want_sum).abs() <= 1e-4 * (rows as f64), "{rows} rows: sum {a}");
+                for b in 0..4 {
+                    let want: f64 = (0..rows).map(|r| d(r, a) * d(r, b)).sum();
+                    let got = gram[a * 4 + b] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (rows as f64),
+                        "{rows} rows: G[{a},{b}] {got} vs {want}"
+                    );
+                }
             }
         }
-    }
-    assert_eq!(g.buffer_plans(), plans, "a step with another number of rows left the plan");
-    assert_eq!(g.allocations(), allocations, "a step with another number of rows created buffers");
+    });
 }
 
 #[test]
@@ -156,16 +164,14 @@ fn cross_entropies_over_any_number_of_rows_keep_one_plan() {
     // The rows are the kept voxels of a step, fewer or more than the adapter's fill: the sums
     // keep their launches and temporaries up to the bound, and the steps one plan.
     let _one = STEPS.lock().unwrap_or_else(|e| e.into_inner());
-    let g = gpu();
     for rows in [4000, 30, 4000] {
         xent_step(rows);
     }
-    let (plans, allocations) = (g.buffer_plans(), g.allocations());
-    for rows in [803, 2, 1662, 4000, 97, 3200] {
-        assert!(xent_step(rows).is_finite());
-    }
-    assert_eq!(g.buffer_plans(), plans, "a step with another number of rows left the plan");
-    assert_eq!(g.allocations(), allocations, "a step with another number of rows created buffers");
+    keeps_one_plan(|| {
+        for rows in [803, 2, 1662, 4000, 97, 3200] {
+            assert!(xent_step(rows).is_finite());
+        }
+    });
 }
 
 /// The heads of decoder 1 over `rows` voxel rows of 4 features, in a step: the memory bank's pass
@@ -193,19 +199,17 @@ fn heads_over_selections_of_any_size_keep_one_plan() {
     // The heads run on the voxels a mask selects, a few or many thousands: their layers take the
     // same kernels for any number of rows, and the steps one plan.
     let _one = STEPS.lock().unwrap_or_else(|e| e.into_inner());
-    let g = gpu();
     let cfg = caml_wgpu::config::TrainConfig { width: 4, embed: 32, ..tiny::config() };
     let model = caml_wgpu::train::build_model(&cfg);
     for _ in 0..2 {
         heads_step(&model, 6000, 3000);
     }
-    let (plans, allocations) = (g.buffer_plans(), g.allocations());
-    for (rows, kept) in [(40, 7), (2, 1), (6000, 3000), (700, 300), (255, 200), (1500, 1), (3, 2)] {
-        let sums = heads_step(&model, rows, kept);
-        assert!(sums.iter().all(|s| s.is_finite()), "{rows} rows, {kept} kept: {sums:?}");
-    }
-    assert_eq!(g.buffer_plans(), plans, "a step with another number of rows left the plan");
-    assert_eq!(g.allocations(), allocations, "a step with another number of rows created buffers");
+    keeps_one_plan(|| {
+        for (rows, kept) in [(40, 7), (2, 1), (6000, 3000), (700, 300), (255, 200), (1500, 1), (3, 2)] {
+            let sums = heads_step(&model, rows, kept);
+            assert!(sums.iter().all(|s| s.is_finite()), "{rows} rows, {kept} kept: {sums:?}");
+        }
+    });
 }
 
 #[test]
