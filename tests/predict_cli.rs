@@ -83,6 +83,57 @@ fn predict_on_a_folder_keeps_names_and_geometry_and_skips_bad_cases() {
 }
 
 #[test]
+fn predict_settles_its_outputs_before_the_model_loads_and_never_overwrites_an_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, model) = trained_model(dir.path());
+    let inputs = dir.path().join("in");
+    std::fs::create_dir_all(&inputs).unwrap();
+    let image = inputs.join("case.nii.gz");
+    std::fs::copy(data.join("synth_000").join("image.nii.gz"), &image).unwrap();
+    let before = std::fs::read(&image).unwrap();
+    let run = |input: &Path, output: &Path, extra: &[&str], checkpoint: &Path| {
+        let res = bin()
+            .args(["predict", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--checkpoint"])
+            .arg(checkpoint)
+            .args(extra)
+            .output()
+            .unwrap();
+        (res.status.success(), String::from_utf8_lossy(&res.stderr).into_owned())
+    };
+    // Refused before the model loads: the checkpoint named does not exist.
+    let absent = dir.path().join("absent.safetensors");
+    let prob_named = inputs.join("other_prob.nii.gz");
+    std::fs::copy(&image, &prob_named).unwrap();
+    let refused = [
+        (image.clone(), image.clone(), vec![], "is an input"),
+        (prob_named.clone(), inputs.join("other.nii.gz"), vec!["--save-probabilities"], "is an input"),
+        (inputs.clone(), inputs.join("."), vec![], "is the input folder"),
+        (image.clone(), dir.path().join("mask.txt"), vec![], "must end in .nii or .nii.gz"),
+        (inputs.join("missing.nii.gz"), dir.path().join("m.nii.gz"), vec![], "no such file or folder"),
+    ];
+    for (input, output, extra, why) in refused {
+        let (ok, stderr) = run(&input, &output, &extra, &absent);
+        assert!(!ok && stderr.contains(why), "{input:?} -> {output:?}: {stderr}");
+        assert!(!stderr.contains("absent.safetensors"), "refused after loading the model: {stderr}");
+    }
+    std::fs::remove_file(&prob_named).unwrap();
+    assert_eq!(std::fs::read(&image).unwrap(), before, "an input was written");
+    // One file into a file whose folders do not exist yet, and into a folder under its own name.
+    let nested = dir.path().join("a").join("b").join("seg.nii.gz");
+    let (ok, stderr) = run(&image, &nested, &[], &model);
+    assert!(ok, "{stderr}");
+    assert_eq!(read_mask(&nested).unwrap().dims(), [20, 22, 18]);
+    let folder = dir.path().join("masks");
+    std::fs::create_dir_all(&folder).unwrap();
+    let (ok, stderr) = run(&image, &folder, &["--save-probabilities"], &model);
+    assert!(ok, "{stderr}");
+    assert!(folder.join("case.nii.gz").is_file() && folder.join("case_prob.nii.gz").is_file());
+    let (ok, stderr) = run(&image, Path::new(&format!("{}/", dir.path().join("new").display())), &[], &model);
+    assert!(ok, "{stderr}");
+    assert!(dir.path().join("new").join("case.nii.gz").is_file());
+}
+
+#[test]
 fn eval_prints_a_table_and_writes_metrics_and_overlays() {
     let dir = tempfile::tempdir().unwrap();
     let (data, model) = trained_model(dir.path());

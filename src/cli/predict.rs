@@ -1,6 +1,6 @@
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::caml::model::Caml;
 use crate::config::{Preset, TrainConfig};
@@ -107,28 +107,84 @@ fn nifti_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let (inputs, outputs): (Vec<PathBuf>, Vec<PathBuf>) = if a.input.is_dir() {
-        let files = nifti_files(&a.input)?;
-        if files.is_empty() {
-            bail!("{} holds no .nii or .nii.gz files", a.input.display());
-        }
-        std::fs::create_dir_all(&a.output)
-            .with_context(|| format!("cannot create {}", a.output.display()))?;
-        let outs = files
-            .iter()
-            .map(|f| {
-                a.output.join(format!("{}.nii.gz", strip_nifti(&f.file_name().unwrap().to_string_lossy())))
-            })
-            .collect();
-        (files, outs)
-    } else {
-        (vec![a.input.clone()], vec![a.output.clone()])
+/// The probability map written beside the mask `out` with `--save-probabilities`.
+fn probability_path(out: &Path) -> PathBuf {
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    out.with_file_name(format!("{}_prob.nii.gz", strip_nifti(&name)))
+}
+
+/// A path as the file system resolves it, for one that may not exist yet: its folder resolved.
+fn resolved(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match (parent.canonicalize(), p.file_name()) {
+        (Ok(d), Some(name)) => d.join(name),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// The inputs, their outputs and the output folder, settled before the model loads: every NIfTI
+/// file of an input folder into the output folder under its own name; one input file into the
+/// output file, or under its own name into the output when that names a folder (one that exists,
+/// or written with a trailing separator). Refused: an output folder
+/// that is the input folder, a file output without a NIfTI extension, and any output (mask or
+/// probability map) that would overwrite an input. Then the output folder is created.
+fn plan_outputs(
+    input: &Path,
+    output: &Path,
+    probabilities: bool,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>, PathBuf)> {
+    let into_folder = |files: &[PathBuf], dir: &Path| -> Vec<PathBuf> {
+        let name = |f: &PathBuf| strip_nifti(&f.file_name().unwrap().to_string_lossy()).to_string();
+        files.iter().map(|f| dir.join(format!("{}.nii.gz", name(f)))).collect()
     };
+    ensure!(input.exists(), "{}: no such file or folder", input.display());
+    let (inputs, outputs, dir) = if input.is_dir() {
+        let files = nifti_files(input)?;
+        if files.is_empty() {
+            bail!("{} holds no .nii or .nii.gz files", input.display());
+        }
+        if resolved(output) == resolved(input) {
+            bail!(
+                "the output folder {} is the input folder: write the masks to another folder",
+                output.display()
+            );
+        }
+        let outs = into_folder(&files, output);
+        (files, outs, output.to_path_buf())
+    } else {
+        let text = output.to_string_lossy();
+        let files = vec![input.to_path_buf()];
+        if output.is_dir() || text.ends_with('/') || text.ends_with(std::path::MAIN_SEPARATOR) {
+            let outs = into_folder(&files, output);
+            (files, outs, output.to_path_buf())
+        } else {
+            if !(text.ends_with(".nii.gz") || text.ends_with(".nii")) {
+                bail!("{}: a NIfTI output must end in .nii or .nii.gz, or name a folder", output.display());
+            }
+            let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            (files, vec![output.to_path_buf()], dir.to_path_buf())
+        }
+    };
+    let taken: Vec<PathBuf> = inputs.iter().map(|i| resolved(i)).collect();
+    for out in &outputs {
+        let written = [Some(out.clone()), probabilities.then(|| probability_path(out))];
+        for w in written.into_iter().flatten() {
+            if taken.contains(&resolved(&w)) {
+                bail!("{} is an input: the output would overwrite it; choose another output", w.display());
+            }
+        }
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok((inputs, outputs, dir))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let (inputs, outputs, out_dir) = plan_outputs(&a.input, &a.output, a.save_probabilities)?;
     // Files a killed earlier run was writing into the same folder.
-    let out_dir =
-        if a.input.is_dir() { a.output.as_path() } else { a.output.parent().unwrap_or(Path::new(".")) };
-    crate::fsutil::remove_stale_temps(if out_dir.as_os_str().is_empty() { Path::new(".") } else { out_dir })?;
+    crate::fsutil::remove_stale_temps(&out_dir)?;
     let (model, opts) = a.model.load()?;
     let bar = indicatif::ProgressBar::new(inputs.len() as u64);
     let mut failed = Vec::new();
@@ -140,8 +196,7 @@ pub fn run(a: Args) -> Result<()> {
             let (mask, prob) = predict(&model, &image, &opts)?;
             write_mask(out, &mask)?;
             if a.save_probabilities {
-                let name = out.file_name().unwrap().to_string_lossy();
-                write_image(out.with_file_name(format!("{}_prob.nii.gz", strip_nifti(&name))), &prob)?;
+                write_image(probability_path(out), &prob)?;
             }
             Ok(())
         })();

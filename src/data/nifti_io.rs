@@ -254,7 +254,13 @@ where
     let res = (|| -> Result<()> {
         let h = output_header(&v.geometry);
         let arr = ndarray::ArrayView3::from_shape(v.dims(), v.data())?;
-        nifti::writer::WriterOptions::new(&tmp).reference_header(&h).write_nifti(&arr)?;
+        nifti::writer::WriterOptions::new(&tmp).reference_header(&h).write_nifti(&arr).map_err(
+            |e| match e {
+                // The OS error itself ("No such file or directory"), not its debug form.
+                nifti::NiftiError::Io(e) => anyhow::Error::from(e),
+                e => anyhow::Error::from(e),
+            },
+        )?;
         std::fs::rename(&tmp, path)?;
         Ok(())
     })();
@@ -448,6 +454,16 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
             .collect();
         assert!(left.is_empty());
+    }
+
+    #[test]
+    fn a_failed_write_names_the_file_and_the_os_error() {
+        let (_d, d) = tmpdir("wfail");
+        let m = Volume::from_fn([2, 2, 2], |x, _, _| x as u8);
+        let path = d.join("absent").join("mask.nii.gz");
+        let e = format!("{:#}", write_mask(&path, &m).unwrap_err());
+        assert!(e.contains("mask.nii.gz") && e.contains("No such file or directory"), "{e}");
+        assert!(!e.contains("Io(") && !e.contains("kind:"), "the debug form of the error: {e}");
     }
 
     #[test]
