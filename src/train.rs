@@ -378,6 +378,41 @@ fn spawn_loader(
 }
 
 const LOG_HEADER: &str = "iter,loss,loss_s,loss_c,loss_o,lambda_c,lambda_o,lr,seconds";
+const LOG: &str = "log.csv";
+const VALIDATION: &str = "validation.csv";
+/// The files `train` writes into a run folder.
+const RUN_FILES: [&str; 6] = ["config.toml", LOG, VALIDATION, "loss.png", CHECKPOINT, FINAL_MODEL];
+
+/// What `out` holds of an earlier training run: its files that `train` writes, and the last
+/// iteration its log records; None when it holds none of them.
+pub fn earlier_run(out: &Path) -> Option<String> {
+    let files: Vec<&str> = RUN_FILES.iter().copied().filter(|f| out.join(f).is_file()).collect();
+    if files.is_empty() {
+        return None;
+    }
+    let logged = last_logged(&out.join(LOG)).ok().flatten();
+    let reached = logged.map_or(String::new(), |l| format!(", logged to iteration {}", l.iter));
+    Some(format!("{}{reached}", files.join(", ")))
+}
+
+/// The last iteration that the log at `path` records; None when it records none.
+fn last_logged(path: &Path) -> Result<Option<StepLog>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let Some(line) = text.lines().skip(1).filter(|l| !l.trim().is_empty()).last() else { return Ok(None) };
+    let bad = || format!("{}: unreadable line '{line}'", path.display());
+    let v: Vec<&str> = line.split(',').collect();
+    ensure!(v.len() >= 7, "{}", bad());
+    let f = |i: usize| v[i].trim().parse::<f64>().with_context(bad);
+    Ok(Some(StepLog {
+        iter: v[0].trim().parse().with_context(bad)?,
+        loss: f(1)? as f32,
+        loss_s: f(2)? as f32,
+        loss_c: f(3)? as f32,
+        loss_o: f(4)? as f32,
+        lambda_c: f(5)?,
+        lambda_o: f(6)?,
+    }))
+}
 
 /// Trains as `cfg` says, into `out`; with `resume`, continues the run saved there.
 pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
@@ -397,6 +432,13 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     let test_cases = ds.load_test()?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create run folder {}", out.display()))?;
     crate::fsutil::remove_stale_temps(out)?;
+    if !resume {
+        // A new run replaces every file of an earlier one in the folder, so that none of them
+        // (a validation history, a checkpoint to resume) outlives it half-matching.
+        for f in RUN_FILES.iter().map(|f| out.join(f)).filter(|f| f.is_file()) {
+            std::fs::remove_file(&f).with_context(|| format!("cannot remove {}", f.display()))?;
+        }
+    }
 
     let mut st = TrainState::new(build_model(cfg), cfg, cfg.seed ^ 0xB4_4E);
     let unlabeled_bs = if cfg.method == Method::LabeledOnly { 0 } else { cfg.batch - cfg.labeled_bs };
@@ -405,9 +447,22 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     } else {
         Sampler::new(train_cases.len(), cfg.labeled, cfg.labeled_bs, unlabeled_bs.max(1), cfg.seed)?
     };
+    let log_path = out.join(LOG);
+    if resume && st.iter >= cfg.iters {
+        println!(
+            "nothing to train: {} holds iteration {} of {} (a larger --iters continues it)",
+            out.display(),
+            st.iter,
+            cfg.iters
+        );
+        return Ok(last_logged(&log_path)?.unwrap_or(StepLog { iter: st.iter, ..StepLog::default() }));
+    }
     crate::fsutil::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let log_path = out.join("log.csv");
     let mut log = open_log(&log_path, resume, st.iter)?;
+    if resume {
+        // Validations past the checkpoint run again.
+        keep_rows_until(&out.join(VALIDATION), st.iter)?;
+    }
 
     let remaining = cfg.iters.saturating_sub(st.iter);
     let batches = spawn_loader(sampler, train_cases, cfg.patch, cfg.intensity_aug, remaining);
@@ -485,7 +540,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
             // Printed around the bar rather than through it: a hidden bar (output that is not a
             // terminal) would drop the line.
             bar.suspend(|| println!("{}", v.line(iter)));
-            append_line(&out.join("validation.csv"), "iter,dice", &format!("{iter},{:.6}", v.dice))?;
+            append_line(&out.join(VALIDATION), "iter,dice", &format!("{iter},{:.6}", v.dice))?;
         }
         if save {
             save_checkpoint(out, &st, cfg, &sampler_state)?;
@@ -513,16 +568,23 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     Ok(last)
 }
 
+/// Drops the rows of the CSV file at `path` (if any) whose first field is an iteration past
+/// `iter`: those iterations run again.
+fn keep_rows_until(path: &Path, iter: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| l.split(',').next().and_then(|v| v.parse::<u64>().ok()).is_none_or(|i| i <= iter))
+        .collect();
+    crate::fsutil::write_atomic(path, format!("{}\n", kept.join("\n")).as_bytes())
+}
+
 fn open_log(path: &Path, resume: bool, iter: u64) -> Result<std::fs::File> {
     if resume && path.exists() {
-        // Drop lines past the checkpoint: those iterations run again.
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| l.split(',').next().and_then(|v| v.parse::<u64>().ok()).is_none_or(|i| i <= iter))
-            .collect();
-        crate::fsutil::write_atomic(path, format!("{}\n", kept.join("\n")).as_bytes())?;
+        keep_rows_until(path, iter)?;
         return std::fs::OpenOptions::new()
             .append(true)
             .open(path)

@@ -124,6 +124,80 @@ fn resumed_run_reproduces_the_uninterrupted_losses() {
     }
 }
 
+/// `caml-wgpu train` at a tiny size on `data` into `out`, with `extra` arguments.
+fn tiny_train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_caml-wgpu"))
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .args(["train", "--preset", "small", "--labeled", "2", "--width", "2", "--patch", "16", "16", "16"])
+        .args(["--memory-num", "16", "--num-filtered", "64", "--data"])
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn validation_rows(run: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(run.join("validation.csv")).unwrap();
+    text.lines().skip(1).map(|l| l.split(',').next().unwrap().to_string()).collect()
+}
+
+#[test]
+fn a_run_folder_holds_one_run_and_a_resume_drops_what_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let run = dir.path().join("run");
+    assert_eq!(train::earlier_run(&run), None);
+    let cfg = TrainConfig { iters: 3, val_every: 1, checkpoint_every: 1, ..tiny(&data, Method::Caml) };
+    train::train(&TrainConfig { iters: 2, ..cfg.clone() }, &run, false).unwrap();
+    assert_eq!(validation_rows(&run), ["1", "2"]);
+    let earlier = train::earlier_run(&run).unwrap();
+    assert!(
+        earlier.contains("checkpoint.safetensors") && earlier.ends_with("logged to iteration 2"),
+        "{earlier}"
+    );
+    // A validation that a killed run wrote after its last checkpoint: the resumed run repeats it.
+    let mut f = std::fs::OpenOptions::new().append(true).open(run.join("validation.csv")).unwrap();
+    std::io::Write::write_all(&mut f, b"3,0.123456\n").unwrap();
+    drop(f);
+    train::train(&cfg, &run, true).unwrap();
+    assert_eq!(validation_rows(&run), ["1", "2", "3"]);
+    assert!(!std::fs::read_to_string(run.join("validation.csv")).unwrap().contains("0.123456"));
+    // Resuming a finished run trains nothing, rewrites nothing and reports its last logged step.
+    let files = ["log.csv", "validation.csv", train::CHECKPOINT, train::FINAL_MODEL];
+    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(run.join(f)).unwrap()).collect();
+    let last = train::train(&cfg, &run, true).unwrap();
+    let row = log_rows(&run).pop().unwrap();
+    assert_eq!((last.iter, last.loss, last.loss_o), (3, row[1] as f32, row[4] as f32));
+    for (f, b) in files.iter().zip(&before) {
+        assert_eq!(&std::fs::read(run.join(f)).unwrap(), b, "{f} rewritten");
+    }
+    // A new run in the folder replaces the earlier one's files: one validation history, one log.
+    train::train(&TrainConfig { iters: 1, ..cfg.clone() }, &run, false).unwrap();
+    assert_eq!(validation_rows(&run), ["1"]);
+    assert_eq!(log_rows(&run).len(), 1);
+}
+
+#[test]
+fn train_refuses_a_folder_with_an_earlier_run_unless_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let run = dir.path().join("run");
+    train::train(&TrainConfig { iters: 1, ..tiny(&data, Method::Caml) }, &run, false).unwrap();
+    let before = std::fs::read(run.join(train::FINAL_MODEL)).unwrap();
+    let cli =
+        |extra: &[&str]| tiny_train(&data, &run, &[&["--iters", "1", "--val-every", "0"], extra].concat());
+    let refused = cli(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("holds an earlier run") && stderr.contains("--overwrite"), "{stderr}");
+    assert_eq!(std::fs::read(run.join(train::FINAL_MODEL)).unwrap(), before, "the earlier run was touched");
+    let replaced = cli(&["--overwrite"]);
+    assert!(replaced.status.success(), "{}", String::from_utf8_lossy(&replaced.stderr));
+    assert_eq!(log_rows(&run).len(), 1);
+}
+
 #[test]
 fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
@@ -190,15 +264,7 @@ fn validation_names_a_model_that_predicts_no_foreground() {
 fn validation_lines_reach_output_that_is_not_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_caml-wgpu"))
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .args(["train", "--preset", "small", "--labeled", "2", "--width", "2", "--patch", "16", "16", "16"])
-        .args(["--memory-num", "16", "--num-filtered", "64", "--iters", "2", "--val-every", "1", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(dir.path().join("run"))
-        .output()
-        .unwrap();
+    let out = tiny_train(&data, &dir.path().join("run"), &["--iters", "2", "--val-every", "1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     for iter in [1, 2] {

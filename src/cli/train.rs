@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use crate::config::{LrSchedule, Method, Precision, Preset, TrainConfig};
 use crate::gpu::Gpu;
@@ -86,8 +86,12 @@ pub struct Args {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue the run saved in --out from its last complete checkpoint.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Start over in an --out folder that holds an earlier run, replacing its files (without this,
+    /// such a folder is refused).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -149,6 +153,16 @@ pub fn run(a: Args) -> Result<()> {
         let m = format!("{:?}", cfg.method).to_lowercase();
         PathBuf::from("runs").join(format!("{m}-{}l-s{}", cfg.labeled, cfg.seed))
     });
+    if !a.resume
+        && !a.overwrite
+        && let Some(earlier) = crate::train::earlier_run(&out)
+    {
+        bail!(
+            "{} holds an earlier run ({earlier}): --resume continues it, --overwrite starts it over, \
+             --out names another folder",
+            out.display()
+        );
+    }
     println!(
         "training {:?}: width {}, patch {:?}, batch {} ({} labeled), {} labeled cases, {} iterations -> {}",
         cfg.method,
