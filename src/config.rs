@@ -91,6 +91,10 @@ pub struct TrainConfig {
     /// Random contrast, brightness, gamma and noise on each training patch (the reference
     /// augments by rotation, flip and crop only).
     pub intensity_aug: bool,
+    /// Z-normalise each image over its whole volume when it is read, as the LA preprocessing
+    /// does (for images not prepared by `prepare-la` or `synth`); the model file records it, so
+    /// that `predict` and `eval` do the same.
+    pub normalize: bool,
     /// Flatten the auxiliary embeddings channels-last for the memory bank (the reference does not).
     pub fix_memory_view: bool,
     /// Validation Dice on the test split every this many iterations (0: never).
@@ -135,6 +139,7 @@ impl TrainConfig {
             dropout: 0.5,
             detach_targets: false,
             intensity_aug: false,
+            normalize: false,
             fix_memory_view: false,
             val_every: 200,
             checkpoint_every: 1000,

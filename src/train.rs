@@ -115,7 +115,13 @@ pub fn window_options(patch: [usize; 3]) -> WindowOptions {
 /// Mean Dice of the model on `cases`, and how many of its predictions are empty.
 pub fn mean_dice(model: &Caml, cases: &[Case], patch: [usize; 3]) -> Result<Validation> {
     let opts =
-        PredictOptions { window: window_options(patch), average_decoders: false, largest_component: false };
+        // The cases were read as the model takes them.
+        PredictOptions {
+            window: window_options(patch),
+            normalize: false,
+            average_decoders: false,
+            largest_component: false,
+        };
     let mut v = Validation { dice: 0.0, cases: cases.len(), empty: 0 };
     for c in cases {
         let (mask, _) = predict(model, &c.image, &opts)?;
@@ -291,6 +297,19 @@ pub fn restore_checkpoint(
     }
     let at = |what: &str| format!("{}: {what}", path.display());
     let get = |k: &str| meta.get(k).with_context(|| at(&format!("no '{k}' entry")));
+    if let Some(text) = meta.get("config") {
+        let saved: TrainConfig =
+            toml::from_str(text).with_context(|| at("unreadable saved configuration"))?;
+        ensure!(
+            saved.normalize == cfg.normalize,
+            "{}",
+            at(if saved.normalize {
+                "the run z-normalises its images: resume it with --normalize"
+            } else {
+                "the run reads its images as stored: resume it without --normalize"
+            })
+        );
+    }
     let counts: Vec<(usize, [usize; 2])> =
         serde_json::from_str(get("bank")?).with_context(|| at("unreadable memory-bank counts"))?;
     let labeled = st.bank.cases();
@@ -428,8 +447,13 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
         data_dir.display(),
         ds.train.len()
     );
-    let train_cases = ds.load_train()?;
-    let test_cases = ds.load_test()?;
+    let (train_cases, mut warnings) = ds.load_model_inputs(&ds.train, cfg.normalize)?;
+    let (test_cases, test_warnings) = ds.load_model_inputs(&ds.test, cfg.normalize)?;
+    warnings.extend(test_warnings);
+    if let Some(first) = warnings.first() {
+        let images = train_cases.len() + test_cases.len();
+        eprintln!("warning: {} of {images} images are not z-normalised, e.g. {first}", warnings.len());
+    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create run folder {}", out.display()))?;
     crate::fsutil::remove_stale_temps(out)?;
     if !resume {

@@ -199,6 +199,69 @@ fn train_refuses_a_folder_with_an_earlier_run_unless_told() {
 }
 
 #[test]
+fn raw_scans_with_normalize_train_and_predict_as_prepared_ones_do() {
+    use caml_wgpu::data::nifti_io::{read_image, write_image};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    // The same cases at scanner-like intensities.
+    let raw = dir.path().join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let from = entry.unwrap().path();
+        let to = raw.join(from.file_name().unwrap());
+        if from.is_dir() {
+            std::fs::create_dir_all(&to).unwrap();
+            std::fs::copy(from.join("label.nii.gz"), to.join("label.nii.gz")).unwrap();
+            let image = read_image(from.join("image.nii.gz")).unwrap();
+            write_image(to.join("image.nii.gz"), &image.map(|v| v * 300.0 + 800.0)).unwrap();
+        } else {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+    let cfg = TrainConfig { iters: 1, ..tiny(&data, Method::Caml) };
+    let raw_cfg = TrainConfig { data: Some(raw.clone()), normalize: true, ..cfg.clone() };
+    let (prepared_run, raw_run) = (dir.path().join("prepared"), dir.path().join("raw-run"));
+    train::train(&cfg, &prepared_run, false).unwrap();
+    train::train(&raw_cfg, &raw_run, false).unwrap();
+    // Iteration 1 runs before any update: the same inputs up to rounding give the same losses.
+    let (a, b) = (log_rows(&prepared_run).remove(0), log_rows(&raw_run).remove(0));
+    for (x, y) in a[1..4].iter().zip(&b[1..4]) {
+        assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "prepared {a:?} vs raw, normalised {b:?}");
+    }
+    // The model file records it: predict z-normalises a raw scan for it without being told, and
+    // warns about a raw scan given to a model that reads its images as stored.
+    let (_, saved) = train::load_model(&raw_run.join(train::FINAL_MODEL), &cfg).unwrap();
+    assert!(saved.normalize);
+    let predict = |run: &Path, input: &Path, out: &str| {
+        let res = std::process::Command::new(env!("CARGO_BIN_EXE_caml-wgpu"))
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .args(["predict", "--save-probabilities", "-i", input.to_str().unwrap(), "--checkpoint"])
+            .arg(run.join(train::FINAL_MODEL))
+            .arg("-o")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap();
+        assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+        let prob = read_image(dir.path().join(format!("{}_prob.nii.gz", out.trim_end_matches(".nii.gz"))));
+        (prob.unwrap(), String::from_utf8_lossy(&res.stderr).into_owned())
+    };
+    let (from_raw, stderr) = predict(&raw_run, &raw.join("synth_000/image.nii.gz"), "a.nii.gz");
+    assert!(!stderr.contains("not z-normalised"), "{stderr}");
+    let (from_prepared, _) = predict(&raw_run, &data.join("synth_000/image.nii.gz"), "b.nii.gz");
+    for (x, y) in from_raw.data().iter().zip(from_prepared.data()) {
+        assert!((x - y).abs() < 1e-3, "{x} from the raw scan, {y} from the prepared one");
+    }
+    let (_, stderr) = predict(&prepared_run, &raw.join("synth_000/image.nii.gz"), "c.nii.gz");
+    assert!(stderr.contains("not z-normalised") && stderr.contains("--normalize"), "{stderr}");
+    // A resume must read the images as the run did.
+    let err = format!(
+        "{:#}",
+        train::train(&TrainConfig { normalize: false, ..raw_cfg }, &raw_run, true).unwrap_err()
+    );
+    assert!(err.contains("resume it with --normalize"), "{err}");
+}
+
+#[test]
 fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());

@@ -99,7 +99,8 @@ fn synthetic_batch(cfg: &TrainConfig, rng: &mut Rng) -> Batch {
 /// the learning rate of its next iteration.
 fn run_batch(dir: &Path, st: &mut TrainState, cfg: &TrainConfig) -> Result<Batch> {
     let data = crate::train::dataset_dir(cfg.data.as_deref())?;
-    let cases = crate::data::dataset::Dataset::open(&data)?.load_train()?;
+    let ds = crate::data::dataset::Dataset::open(&data)?;
+    let (cases, _) = ds.load_model_inputs(&ds.train, cfg.normalize)?;
     let mut sampler = crate::train::restore_checkpoint(dir, st, cfg, cases.len())?;
     st.opt.config.lr = cfg.lr_at(st.iter + 1);
     println!("from {} at iteration {}, its next batch", dir.display(), st.iter);
@@ -309,6 +310,7 @@ pub fn run(a: Args) -> Result<()> {
             let image = crate::data::Volume::from_vec(dims, Rng::new(2).vec(n, -1.0, 1.0))?;
             let opts = crate::infer::predict::PredictOptions {
                 window: crate::train::window_options(cfg.patch),
+                normalize: false,
                 average_decoders: false,
                 largest_component: false,
             };

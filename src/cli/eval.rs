@@ -57,6 +57,11 @@ pub fn run(a: Args) -> Result<()> {
     println!("{:<24} {:>8} {:>8} {:>8} {:>8}", "case", "Dice", "Jaccard", "95HD", "ASD");
     for name in &names {
         let case = ds.load_case(name)?;
+        if !opts.normalize
+            && let Some(w) = crate::data::dataset::unnormalized_warning(&case.image, &ds.image_path(name)?)
+        {
+            eprintln!("warning: {w}");
+        }
         let (mask, _) = predict(&model, &case.image, &opts)?;
         let spacing = match a.spacing {
             Spacing::Unit => [1.0; 3],

@@ -35,6 +35,10 @@ pub struct ModelArgs {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 2)]
     pub window_batch: usize,
+    /// Z-normalise each image over its whole volume first, as the LA preprocessing does (for
+    /// raw scans); always done for a model trained with --normalize.
+    #[arg(long)]
+    pub normalize: bool,
 }
 
 impl ModelArgs {
@@ -63,6 +67,7 @@ impl ModelArgs {
         crate::train::preflight(&cfg, window.batch, limits, "--window-batch")?;
         let opts = PredictOptions {
             window,
+            normalize: self.normalize || cfg.normalize,
             average_decoders: self.average_decoders,
             largest_component: self.largest_component,
         };
@@ -193,6 +198,11 @@ pub fn run(a: Args) -> Result<()> {
         let result = (|| -> Result<()> {
             let image = read_image(inp)?;
             crate::data::dataset::check_finite(&image, inp)?;
+            if !opts.normalize
+                && let Some(w) = crate::data::dataset::unnormalized_warning(&image, inp)
+            {
+                bar.suspend(|| eprintln!("warning: {w}"));
+            }
             let (mask, prob) = predict(&model, &image, &opts)?;
             write_mask(out, &mask)?;
             if a.save_probabilities {

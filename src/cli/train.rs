@@ -85,6 +85,11 @@ pub struct Args {
     /// Run folder (default: runs/<method>-<labeled>l-s<seed>).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Z-normalise each image over its whole volume when it is read, as the LA preprocessing
+    /// does: for images not prepared by prepare-la or synth (raw scanner intensities).
+    /// predict and eval then do the same with the model.
+    #[arg(long)]
+    pub normalize: bool,
     /// Continue the run saved in --out from its last complete checkpoint.
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
@@ -148,6 +153,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     cfg.detach_targets |= a.detach_targets;
     cfg.fix_memory_view |= a.fix_memory_view;
+    cfg.normalize |= a.normalize;
     cfg.validate()?;
     let out = a.out.clone().unwrap_or_else(|| {
         let m = format!("{:?}", cfg.method).to_lowercase();

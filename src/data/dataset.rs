@@ -240,6 +240,23 @@ impl Dataset {
         names.iter().map(|n| self.load_case(n)).collect()
     }
 
+    /// The cases `names` as a model takes them: their images z-normalised when `normalize`
+    /// ([`z_normalize`]), else as stored, with a warning for each that is not z-normalised
+    /// ([`unnormalized_warning`]).
+    pub fn load_model_inputs(&self, names: &[String], normalize: bool) -> Result<(Vec<Case>, Vec<String>)> {
+        let mut cases = self.load_cases(names)?;
+        let mut warnings = Vec::new();
+        for c in &mut cases {
+            let path = self.image_path(&c.name)?;
+            if normalize {
+                c.image = z_normalize(&c.image).with_context(|| format!("image {}", path.display()))?;
+            } else {
+                warnings.extend(unnormalized_warning(&c.image, &path));
+            }
+        }
+        Ok((cases, warnings))
+    }
+
     pub fn load_train(&self) -> Result<Vec<Case>> {
         self.load_cases(&self.train)
     }
@@ -247,6 +264,37 @@ impl Dataset {
     pub fn load_test(&self) -> Result<Vec<Case>> {
         self.load_cases(&self.test)
     }
+}
+
+/// The mean and (population) standard deviation of an image's intensities.
+pub fn intensity_stats(image: &Image) -> (f64, f64) {
+    let n = image.len().max(1) as f64;
+    let mean = image.data().iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = image.data().iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+/// The image z-normalised with the mean and standard deviation of its whole volume (the LA
+/// preprocessing's step, which `prepare-la` applies before cropping); an error for a constant one.
+pub fn z_normalize(image: &Image) -> Result<Image> {
+    let (mean, std) = intensity_stats(image);
+    ensure!(std > 0.0 && std.is_finite(), "the image is constant (or not finite): it cannot be z-normalised");
+    Ok(image.map(|v| ((v as f64 - mean) / std) as f32))
+}
+
+/// A warning for an image at `path` whose intensities are far from those of z-normalised data
+/// (what `prepare-la` and `synth` write, and the LA models learn from): a mean beyond 3 or a
+/// standard deviation outside 0.2 to 5, as raw scanner values have. None when they are not.
+pub fn unnormalized_warning(image: &Image, path: &Path) -> Option<String> {
+    let (mean, std) = intensity_stats(image);
+    let far = mean.abs() > 3.0 || !(0.2..=5.0).contains(&std);
+    far.then(|| {
+        format!(
+            "{}: intensities of mean {mean:.3} and standard deviation {std:.3} are not z-normalised; \
+             --normalize z-normalises each volume as the LA preprocessing does",
+            path.display()
+        )
+    })
 }
 
 /// An error naming the file when any voxel is NaN or infinite.
@@ -336,6 +384,41 @@ mod tests {
         write_list(root.join("test.list"), &names(&["a"])).unwrap();
         let e = format!("{:#}", Dataset::open(&root).unwrap_err());
         assert!(e.contains("both"), "{e}");
+    }
+
+    #[test]
+    fn model_inputs_are_z_normalised_when_asked_and_flagged_when_raw() {
+        let (_root, root) = tmpdir("norm");
+        let (_, lab) = pair([4, 3, 2]);
+        let prepared =
+            Volume::from_fn([4, 3, 2], |x, y, z| (x as f32 - 1.5) * 0.8 + (y + z) as f32 * 0.1 - 0.3);
+        let prepared = z_normalize(&prepared).unwrap();
+        let (mean, std) = intensity_stats(&prepared);
+        assert!(mean.abs() < 1e-6 && (std - 1.0).abs() < 1e-6, "{mean} {std}");
+        let raw = prepared.map(|v| v * 300.0 + 800.0);
+        folder_case(&root, "prepared", &prepared, &lab);
+        folder_case(&root, "raw", &raw, &lab);
+        write_list(root.join("train.list"), &names(&["prepared", "raw"])).unwrap();
+        write_list(root.join("test.list"), &names(&[])).unwrap();
+        let ds = Dataset::open(&root).unwrap();
+
+        let (as_stored, warnings) = ds.load_model_inputs(&ds.train, false).unwrap();
+        assert_eq!(as_stored[1].image.data(), raw.data());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("raw") && warnings[0].contains("mean 800.000"), "{warnings:?}");
+        let (normalized, warnings) = ds.load_model_inputs(&ds.train, true).unwrap();
+        assert!(warnings.is_empty());
+        for c in &normalized {
+            for (a, b) in c.image.data().iter().zip(prepared.data()) {
+                assert!((a - b).abs() < 1e-5, "{}: {a} vs {b}", c.name);
+            }
+        }
+        // Scanner-like ranges in either direction are flagged; prepared crops (not centred) are not.
+        assert!(unnormalized_warning(&prepared.map(|v| v * 0.05), Path::new("x")).is_some());
+        assert!(unnormalized_warning(&prepared.map(|v| v + 4.0), Path::new("x")).is_some());
+        assert!(unnormalized_warning(&prepared.map(|v| v * 1.3 + 0.6), Path::new("x")).is_none());
+        let e = format!("{:#}", z_normalize(&Volume::from_fn([2, 2, 2], |_, _, _| 7.0)).unwrap_err());
+        assert!(e.contains("constant"), "{e}");
     }
 
     #[test]

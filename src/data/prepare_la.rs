@@ -68,12 +68,7 @@ pub fn preprocess_la(image: &Image, laendo: &Image, rng: &mut Rng) -> Result<(Im
     );
     let label = laendo.map(|v| (v == 255.0) as u8);
     let (bl, bh) = label.bounding_box().context("the label has no voxel equal to 255")?;
-    let n = image.len() as f64;
-    let mean = image.data().iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = image.data().iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    let std = var.sqrt();
-    ensure!(std > 0.0 && std.is_finite(), "the image is constant (or not finite): it cannot be z-normalised");
-    let norm = image.map(|v| ((v as f64 - mean) / std) as f32);
+    let norm = super::dataset::z_normalize(image)?;
     let (lo, hi) = la_crop_box(bl, bh, image.dims(), rng);
     let dz = image.dims()[2];
     let crop_lo = [lo[0], lo[1], 0];

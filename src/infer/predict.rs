@@ -13,6 +13,8 @@ use crate::tensor::Tensor;
 #[derive(Clone, Debug)]
 pub struct PredictOptions {
     pub window: WindowOptions,
+    /// Z-normalise the image over its whole volume first (the LA preprocessing's step).
+    pub normalize: bool,
     /// Average the foreground probabilities of both decoders instead of decoder 1's alone.
     pub average_decoders: bool,
     /// Keep only the largest connected component of the mask.
@@ -22,6 +24,13 @@ pub struct PredictOptions {
 /// The foreground probability of every voxel of `image`.
 pub fn probability(model: &Caml, image: &Image, opts: &PredictOptions) -> Result<Image> {
     let [px, py, pz] = opts.window.patch;
+    let normalized;
+    let image = if opts.normalize {
+        normalized = crate::data::dataset::z_normalize(image)?;
+        &normalized
+    } else {
+        image
+    };
     sliding_window(image, &opts.window, |patches, n| {
         no_grad(|| {
             let x = Tensor::from_vec(patches, &[n, 1, px, py, pz]);
