@@ -114,14 +114,13 @@ pub fn window_options(patch: [usize; 3]) -> WindowOptions {
 
 /// Mean Dice of the model on `cases`, and how many of its predictions are empty.
 pub fn mean_dice(model: &Caml, cases: &[Case], patch: [usize; 3]) -> Result<Validation> {
-    let opts =
-        // The cases were read as the model takes them.
-        PredictOptions {
-            window: window_options(patch),
-            normalize: false,
-            average_decoders: false,
-            largest_component: false,
-        };
+    // The cases were read as the model takes them (z-normalised already where it needs that).
+    let opts = PredictOptions {
+        window: window_options(patch),
+        normalize: false,
+        average_decoders: false,
+        largest_component: false,
+    };
     let mut v = Validation { dice: 0.0, cases: cases.len(), empty: 0 };
     for c in cases {
         let (mask, _) = predict(model, &c.image, &opts)?;
@@ -433,7 +432,9 @@ fn last_logged(path: &Path) -> Result<Option<StepLog>> {
     }))
 }
 
-/// Trains as `cfg` says, into `out`; with `resume`, continues the run saved there.
+/// Trains as `cfg` says, into `out`; with `resume`, continues the run saved there, otherwise first
+/// removes the files of an earlier run there ([`earlier_run`]; `caml-wgpu train` refuses such a
+/// folder unless told to overwrite it).
 pub fn train(cfg: &TrainConfig, out: &Path, resume: bool) -> Result<StepLog> {
     cfg.validate()?;
     let gpu = crate::gpu::Gpu::init()?;

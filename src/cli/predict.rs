@@ -133,9 +133,9 @@ fn resolved(p: &Path) -> PathBuf {
 /// The inputs, their outputs and the output folder, settled before the model loads: every NIfTI
 /// file of an input folder into the output folder under its own name; one input file into the
 /// output file, or under its own name into the output when that names a folder (one that exists,
-/// or written with a trailing separator). Refused: an output folder
-/// that is the input folder, a file output without a NIfTI extension, and any output (mask or
-/// probability map) that would overwrite an input. Then the output folder is created.
+/// or written with a trailing separator). Refused: an output folder that is the input folder, a
+/// file output without a NIfTI extension, and any output (mask or probability map) that would
+/// overwrite an input. Then the output folder is created.
 fn plan_outputs(
     input: &Path,
     output: &Path,
