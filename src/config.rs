@@ -214,6 +214,28 @@ impl TrainConfig {
         Ok(merged)
     }
 
+    /// The settings of `self`, a run's saved configuration, that `other` changes, as
+    /// `key = saved (this run: value)`, leaving out those a resumed run may change: where the data
+    /// are, how many iterations, how often it validates and checkpoints, the preset's name.
+    pub fn resume_differences(&self, other: &TrainConfig) -> Vec<String> {
+        const MAY_CHANGE: [&str; 5] = ["data", "iters", "val_every", "checkpoint_every", "preset"];
+        let table = |c: &TrainConfig| toml::Table::try_from(c).expect("a config serializes to a table");
+        let (a, b) = (table(self), table(other));
+        // Floats as the f32 most of them are (0.03, not 0.029999999329447746); compared exactly.
+        let show = |v: Option<&toml::Value>| match v {
+            None => "unset".to_string(),
+            Some(toml::Value::Float(x)) => format!("{:?}", *x as f32),
+            Some(v) => v.to_string(),
+        };
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter(|k| !MAY_CHANGE.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+            .map(|k| format!("{k} = {} (this run: {})", show(a.get(k)), show(b.get(k))))
+            .collect()
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a config serializes to TOML")
     }

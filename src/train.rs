@@ -296,19 +296,6 @@ pub fn restore_checkpoint(
     }
     let at = |what: &str| format!("{}: {what}", path.display());
     let get = |k: &str| meta.get(k).with_context(|| at(&format!("no '{k}' entry")));
-    if let Some(text) = meta.get("config") {
-        let saved: TrainConfig =
-            toml::from_str(text).with_context(|| at("unreadable saved configuration"))?;
-        ensure!(
-            saved.normalize == cfg.normalize,
-            "{}",
-            at(if saved.normalize {
-                "the run z-normalises its images: resume it with --normalize"
-            } else {
-                "the run reads its images as stored: resume it without --normalize"
-            })
-        );
-    }
     let counts: Vec<(usize, [usize; 2])> =
         serde_json::from_str(get("bank")?).with_context(|| at("unreadable memory-bank counts"))?;
     let labeled = st.bank.cases();
@@ -355,6 +342,21 @@ pub fn restore_checkpoint(
         if let Some(bad) = e.as_f32().and_then(|v| v.iter().position(|x| !x.is_finite())) {
             bail!("{}", at(&format!("{k} holds a non-finite value at entry {bad}")));
         }
+    }
+    // The run goes on as it was configured (a resume may extend it, or move its data).
+    if let Some(text) = meta.get("config") {
+        let saved: TrainConfig =
+            toml::from_str(text).with_context(|| at("unreadable saved configuration"))?;
+        let changed = saved.resume_differences(cfg);
+        ensure!(
+            changed.is_empty(),
+            "{}",
+            at(&format!(
+                "the run was saved with other settings: {}; resume it with its own (--config {})",
+                changed.join(", "),
+                dir.join("config.toml").display()
+            ))
+        );
     }
     // Checked: now load.
     load_model_weights(&st.model, &dict, &path)?;

@@ -159,6 +159,21 @@ fn a_training_state_saved_for_another_run_is_refused_before_anything_is_loaded()
     let mut st = state(&cfg);
     caml_wgpu::train::restore_checkpoint(dir.path(), &mut st, &cfg, 5).unwrap();
     assert_eq!(st.iter, 7);
+    // A resume may extend the run or move its data, but not change how it trains.
+    let extended =
+        caml_wgpu::config::TrainConfig { iters: 99, data: Some("elsewhere".into()), ..cfg.clone() };
+    caml_wgpu::train::restore_checkpoint(dir.path(), &mut state(&cfg), &extended, 5).unwrap();
+    let changed = caml_wgpu::config::TrainConfig { lr: 0.5, seed: 4, rampup: Some(3.0), ..cfg.clone() };
+    let mut st = state(&cfg);
+    let e = format!(
+        "{:#}",
+        caml_wgpu::train::restore_checkpoint(dir.path(), &mut st, &changed, 5).err().unwrap()
+    );
+    assert!(e.contains("lr = ") && e.contains("(this run: 0.5)"), "{e}");
+    assert!(e.contains("seed = ") && e.contains("(this run: 4)"), "{e}");
+    assert!(e.contains("rampup = unset (this run: 3.0)") && e.contains("--config"), "{e}");
+    assert!(!e.contains("iters"), "{e}");
+    assert_eq!(st.iter, 0);
 
     // Another number of training cases, or of labeled samples per batch.
     let mut st = state(&cfg);

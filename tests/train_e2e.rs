@@ -258,7 +258,7 @@ fn raw_scans_with_normalize_train_and_predict_as_prepared_ones_do() {
         "{:#}",
         train::train(&TrainConfig { normalize: false, ..raw_cfg }, &raw_run, true).unwrap_err()
     );
-    assert!(err.contains("resume it with --normalize"), "{err}");
+    assert!(err.contains("normalize = true (this run: false)") && err.contains("config.toml"), "{err}");
 }
 
 #[test]
