@@ -12,7 +12,7 @@
 //! Each case draws from its own stream (the seed forked by a hash of the case name), so the
 //! crop of a case does not depend on which other cases are converted.
 //!
-//! With the `h5` feature, [`import_h5`] converts the widely shared preprocessed
+//! With the `h5` feature, `import_h5` converts the widely shared preprocessed
 //! `<case>/mri_norm2.h5` files (datasets `image`, f32, and `label`, u8, both X, Y, Z with Z
 //! fastest) instead; they carry no geometry, so the spacing is 1.
 

@@ -52,7 +52,7 @@ impl Geometry {
 }
 
 /// The 3x3 voxel-to-world matrix of the NIfTI qform (rotation from the quaternion, times
-/// pixdim, with qfac = pixdim[0] flipping the third axis).
+/// pixdim, with qfac = `pixdim[0]` flipping the third axis).
 pub fn qform_matrix(h: &NiftiHeader) -> [[f64; 3]; 3] {
     let (b, c, d) = (h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64);
     let a = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();

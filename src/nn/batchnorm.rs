@@ -7,15 +7,15 @@ use crate::tensor::Tensor;
 /// torch.nn.BatchNorm3d / BatchNorm1d(channels), eps 1e-5, momentum 0.1, affine, tracking running
 /// statistics. Training-mode forwards update the running statistics in place.
 pub struct BatchNorm {
-    /// [C], initialized to 1.
+    /// `[C]`, initialized to 1.
     pub weight: Tensor,
-    /// [C], initialized to 0.
+    /// `[C]`, initialized to 0.
     pub bias: Tensor,
-    /// [C], initialized to 0.
+    /// `[C]`, initialized to 0.
     pub running_mean: Tensor,
-    /// [C], initialized to 1.
+    /// `[C]`, initialized to 1.
     pub running_var: Tensor,
-    /// A U32 counter of shape [] (an int64 scalar in PyTorch's state_dict).
+    /// A U32 counter of shape `[]` (an int64 scalar in PyTorch's state_dict).
     pub num_batches_tracked: Tensor,
     pub momentum: f32,
     pub eps: f32,
@@ -57,7 +57,7 @@ impl BatchNorm {
     }
 
     /// The running statistics moved as a training-mode forward over `rows` rows of batch mean
-    /// `mean` [C] and biased variance `var` [C] would move them.
+    /// `mean` `[C]` and biased variance `var` `[C]` would move them.
     pub fn update_running(&self, mean: &Tensor, var: &Tensor, rows: usize) {
         update_running_stats(&self.state(), mean, var, rows);
     }

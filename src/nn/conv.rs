@@ -7,9 +7,9 @@ use crate::tensor::Tensor;
 
 /// torch.nn.Conv3d(cin, cout, k, stride, padding) with a cubic kernel.
 pub struct Conv3d {
-    /// [cout, cin, k, k, k]
+    /// `[cout, cin, k, k, k]`
     pub weight: Tensor,
-    /// [cout]
+    /// `[cout]`
     pub bias: Tensor,
     pub stride: usize,
     pub padding: usize,
@@ -45,9 +45,9 @@ impl Conv3d {
 
 /// torch.nn.ConvTranspose3d(cin, cout, k, stride = k): each input voxel becomes a k^3 block.
 pub struct ConvTranspose3d {
-    /// [cin, cout, k, k, k], PyTorch's layout for transposed convolutions.
+    /// `[cin, cout, k, k, k]`, PyTorch's layout for transposed convolutions.
     pub weight: Tensor,
-    /// [cout]
+    /// `[cout]`
     pub bias: Tensor,
 }
 

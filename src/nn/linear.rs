@@ -7,9 +7,9 @@ use crate::tensor::Tensor;
 
 /// torch.nn.Linear(in, out): y = x W^T + b.
 pub struct Linear {
-    /// [out, in]
+    /// `[out, in]`
     pub weight: Tensor,
-    /// [out]
+    /// `[out]`
     pub bias: Tensor,
 }
 

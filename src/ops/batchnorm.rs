@@ -53,13 +53,13 @@ const ROWS: usize = 4;
 
 /// A BatchNorm layer's affine parameters and running statistics (updated in place in training).
 pub struct BatchNormState<'a> {
-    /// [C]
+    /// `[C]`
     pub weight: &'a Tensor,
-    /// [C]
+    /// `[C]`
     pub bias: &'a Tensor,
-    /// [C]
+    /// `[C]`
     pub running_mean: &'a Tensor,
-    /// [C]
+    /// `[C]`
     pub running_var: &'a Tensor,
     /// One U32 counter.
     pub num_batches_tracked: &'a Tensor,
@@ -252,7 +252,7 @@ fn finalize_launch(
 }
 
 /// The running statistics moved as a training-mode forward over `rows` rows whose batch mean
-/// is `mean` [C] and biased variance `var` [C] would move them (num_batches_tracked too), for
+/// is `mean` `[C]` and biased variance `var` `[C]` would move them (num_batches_tracked too), for
 /// statistics known without the rows themselves.
 pub fn update_running_stats(s: &BatchNormState, mean: &Tensor, var: &Tensor, rows: usize) {
     let c = s.weight.numel();

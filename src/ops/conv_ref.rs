@@ -99,7 +99,7 @@ fn conv_bwd_weight(x: &Tensor, dy: &Tensor, k: usize, stride: usize, pad: usize)
     dw
 }
 
-/// torch.nn.functional.conv3d: x [N, CI, X, Y, Z], w [CO, CI, k, k, k], b [CO], zero padding.
+/// torch.nn.functional.conv3d: x `[N, CI, X, Y, Z]`, w `[CO, CI, k, k, k]`, b `[CO]`, zero padding.
 pub fn conv3d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Tensor {
     assert_eq!(b.numel(), w.dim(0), "conv3d bias of shape {:?} for weight {:?}", b.shape(), w.shape());
     let y = conv_fwd(x, w, Some(b), stride, padding);
@@ -108,8 +108,8 @@ pub fn conv3d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize)
 }
 
 /// torch.nn.functional.conv_transpose3d with stride equal to the kernel size and no padding (the
-/// network's k2 s2 upsampling): x [N, CI, X, Y, Z], w [CI, CO, k, k, k], b [CO] ->
-/// [N, CO, kX, kY, kZ].
+/// network's k2 s2 upsampling): x `[N, CI, X, Y, Z]`, w `[CI, CO, k, k, k]`, b `[CO]` ->
+/// `[N, CO, kX, kY, kZ]`.
 pub fn conv_transpose3d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
     let (_, _, k) = kernel_dims(w);
     conv_transpose3d_strided(x, w, b, k, 0)
@@ -156,7 +156,7 @@ pub(crate) fn conv_ref_grad(
 
 /// CPU references (f64 sums).
 pub mod cpu {
-    /// x [B, CI, I], w [CO, CI, k^3], b [CO] -> ([B, CO, O], O).
+    /// x `[B, CI, I]`, w `[CO, CI, k^3]`, b `[CO]` -> (`[B, CO, O]`, O).
     pub fn conv3d(
         x: &[f32],
         [batch, ci, ix, iy, iz]: [usize; 5],
@@ -198,7 +198,7 @@ pub mod cpu {
         (y, o)
     }
 
-    /// x [B, CI, I], w [CI, CO, k^3], b [CO] -> ([B, CO, O], O), O = (I - 1) * s + k (no padding):
+    /// x `[B, CI, I]`, w `[CI, CO, k^3]`, b `[CO]` -> (`[B, CO, O]`, O), O = (I - 1) * s + k (no padding):
     /// every input value scattered through the kernel.
     pub fn conv_transpose3d(
         x: &[f32],

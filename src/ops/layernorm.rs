@@ -6,7 +6,7 @@ use crate::ops::reduce::sum_keepdim;
 use crate::ops::{Params, plane_groups, range_binding};
 use crate::tensor::Tensor;
 
-/// x [..., d], w [d], b [d] -> [..., d]: (x - mean) / sqrt(var + eps) * w + b per row of d.
+/// x `[..., d]`, w `[d]`, b `[d]` -> `[..., d]`: (x - mean) / sqrt(var + eps) * w + b per row of d.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Tensor {
     let d = *x.shape().last().expect("layer_norm of a scalar");
     assert!(w.shape() == [d] && b.shape() == [d], "layer_norm weight {:?}, bias {:?} for d = {d}", w, b);

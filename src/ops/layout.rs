@@ -142,7 +142,7 @@ pub(crate) fn add_rows_into(src: &Tensor, index: &Tensor, out: &Tensor) {
 }
 
 impl Tensor {
-    /// Axes reordered: result axis i is input axis perm[i].
+    /// Axes reordered: result axis i is input axis `perm[i]`.
     pub fn permute(&self, perm: &[usize]) -> Tensor {
         assert_eq!(perm.len(), self.rank(), "permute {perm:?} of shape {:?}", self.shape());
         let st = strides(self.shape());
@@ -217,8 +217,8 @@ impl Tensor {
     }
 }
 
-/// Rows [K, C] of an N, C, ... tensor x read across its channels: row k holds the C values of
-/// voxel v = index[k] (U32, distinct) of the samples from `n0` on, flat in sample then voxel
+/// Rows `[K, C]` of an N, C, ... tensor x read across its channels: row k holds the C values of
+/// voxel v = `index[k]` (U32, distinct) of the samples from `n0` on, flat in sample then voxel
 /// order. `x.narrow(0, n0, ..)` with channels last, flattened to rows and gathered at `index`,
 /// without the two copies before the gather (and their adjoints after the scatter).
 pub fn gather_voxel_rows(x: &Tensor, n0: usize, index: &Tensor) -> Tensor {

@@ -7,7 +7,7 @@ use crate::autograd::{Op, Saved};
 use crate::ops::matmul::{self, matmul_t};
 use crate::tensor::Tensor;
 
-/// x [..., in], w [out, in], b [out] -> [..., out].
+/// x `[..., in]`, w `[out, in]`, b `[out]` -> `[..., out]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     linear_maybe_relu(x, w, b, false, false)
 }
@@ -64,7 +64,7 @@ fn linear_maybe_relu(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool, sel
     y.reshape(&shape)
 }
 
-/// CPU reference (f64 sums): x [rows, in], w [out, in], b [out].
+/// CPU reference (f64 sums): x `[rows, in]`, w `[out, in]`, b `[out]`.
 pub mod cpu {
     pub fn linear(x: &[f32], w: &[f32], b: &[f32], [rows, inp, out]: [usize; 3]) -> Vec<f32> {
         (0..rows)

@@ -352,8 +352,8 @@ pub(crate) fn tall_tn_takes(m: usize, n: usize) -> bool {
         && crate::ops::conv::subgroups_usable()
 }
 
-/// A^T B [M, N] for A [K, M], B [K, N] with a long K (the weight gradient of a linear layer over
-/// many rows), and with `col_sums` also A's column sums [M] (its bias gradient) from the same
+/// A^T B `[M, N]` for A `[K, M]`, B `[K, N]` with a long K (the weight gradient of a linear layer over
+/// many rows), and with `col_sums` also A's column sums `[M]` (its bias gradient) from the same
 /// pass over A. Each group of 8 lanes walks its own rows and holds partial sums of its C rows;
 /// the partials are added up after.
 pub fn tall_tn(a: &Tensor, b: &Tensor, col_sums: bool) -> (Tensor, Option<Tensor>) {
@@ -387,9 +387,9 @@ enum Sums {
     B,
 }
 
-/// The Gram matrix (x - shift)^T (x - shift) [C, C] of rows x [R, C] and the column sums of
-/// x - shift [C], from one pass over x with the tall-reduction kernel (see [`tall_tn_fits`]). The
-/// shift [C] only changes the rounding: a shift near the column means keeps the moments that
+/// The Gram matrix (x - shift)^T (x - shift) `[C, C]` of rows x `[R, C]` and the column sums of
+/// x - shift `[C]`, from one pass over x with the tall-reduction kernel (see `tall_tn_fits`). The
+/// shift `[C]` only changes the rounding: a shift near the column means keeps the moments that
 /// follow from these sums accurate for columns with a large mean.
 /// With `relu`, of relu(x).
 pub fn gram(x: &Tensor, shift: &Tensor, relu: bool) -> (Tensor, Tensor) {

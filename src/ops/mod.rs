@@ -64,7 +64,7 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-/// A shape seen as [outer, shape[axis], inner].
+/// A shape seen as `[outer, shape[axis], inner]`.
 pub fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     assert!(axis < shape.len(), "axis {axis} out of range for shape {shape:?}");
     (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())

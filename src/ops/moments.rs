@@ -9,7 +9,7 @@ use crate::ops::elementwise::{self as ew, UnaryOp};
 use crate::ops::{layout, matmul};
 use crate::tensor::Tensor;
 
-/// [C + 1 + K, C] for rows x [R, C], a shift [C] (a constant: it gets no gradient) and K row
+/// `[C + 1 + K, C]` for rows x `[R, C]`, a shift `[C]` (a constant: it gets no gradient) and K row
 /// indices (distinct): rows 0..C the Gram matrix sum_i (x_i - shift)^T (x_i - shift), row C the
 /// column sums of x - shift, then the rows of x at `index`. The shift changes only the rounding:
 /// one near the column means keeps the covariance accurate for columns with a large mean. With

@@ -97,7 +97,7 @@ fn compact(mask: &Tensor) -> (Tensor, Tensor, Tensor) {
     (out, count, pos)
 }
 
-/// The flat indices where each mask is nonzero, in increasing order (U32, shape [count]), with
+/// The flat indices where each mask is nonzero, in increasing order (U32, shape `[count]`), with
 /// one readback for all the counts.
 pub fn nonzero_many(masks: &[&Tensor]) -> Vec<Tensor> {
     nonzero_many_with(masks, None).indices
@@ -105,7 +105,7 @@ pub fn nonzero_many(masks: &[&Tensor]) -> Vec<Tensor> {
 
 /// What [`nonzero_many_with`] finds.
 pub struct Compacted {
-    /// Per mask, the flat indices of its nonzero entries (U32, shape [count]).
+    /// Per mask, the flat indices of its nonzero entries (U32, shape `[count]`).
     pub indices: Vec<Tensor>,
     /// Per mask, its [`prefix_count`] (computed on the way, no extra work).
     pub prefix_counts: Vec<Tensor>,
@@ -146,7 +146,7 @@ pub fn nonzero_many_with(masks: &[&Tensor], extra: Option<&Tensor>) -> Compacted
     Compacted { indices, prefix_counts, values }
 }
 
-/// For every entry of `mask`, how many nonzero entries precede it (U32, shape [n]): an entry's
+/// For every entry of `mask`, how many nonzero entries precede it (U32, shape `[n]`): an entry's
 /// position among the indices [`nonzero`] returns. No readback.
 pub fn prefix_count(mask: &Tensor) -> Tensor {
     assert_eq!(mask.dtype(), DType::F32, "prefix_count of a {:?} tensor", mask.dtype());
@@ -157,13 +157,13 @@ pub fn prefix_count(mask: &Tensor) -> Tensor {
 }
 
 /// The flat indices where `mask` is nonzero, in increasing order, when the caller knows that
-/// there are `count` of them (U32, shape [count]). No readback.
+/// there are `count` of them (U32, shape `[count]`). No readback.
 pub fn nonzero_counted(mask: &Tensor, count: usize) -> Tensor {
     assert!(count <= mask.numel(), "{count} nonzero entries of {} ", mask.numel());
     compact(mask).0.with_shape_unchecked(&[count])
 }
 
-/// The flat indices where `mask` is nonzero, in increasing order (U32, shape [count]). Reads the
+/// The flat indices where `mask` is nonzero, in increasing order (U32, shape `[count]`). Reads the
 /// count back to the host.
 pub fn nonzero(mask: &Tensor) -> Tensor {
     nonzero_many(&[mask]).pop().expect("one mask, one result")

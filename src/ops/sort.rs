@@ -6,7 +6,7 @@ use crate::ops::scan::{nonzero_counted, prefix_count};
 use crate::ops::{Params, align_elems, binding_limit, range_binding};
 use crate::tensor::{DType, Tensor};
 
-/// Indices (U32, shape [len]) of the `len` largest keys, in descending key order, ties by
+/// Indices (U32, shape `[len]`) of the `len` largest keys, in descending key order, ties by
 /// ascending position. Keys must be finite.
 pub fn top_indices(keys: &Tensor, len: usize) -> Tensor {
     assert_eq!(keys.dtype(), DType::F32, "top_indices of a {:?} tensor", keys.dtype());
@@ -68,7 +68,7 @@ pub fn top_indices(keys: &Tensor, len: usize) -> Tensor {
     i_buf.with_shape_unchecked(&[len])
 }
 
-/// Indices (U32, shape [len]) of the `len` largest keys, ties to the lower position (the first
+/// Indices (U32, shape `[len]`) of the `len` largest keys, ties to the lower position (the first
 /// `len` of [`top_indices`]), in increasing index order. A radix select: the `len`-th largest key
 /// is found a byte at a time (four histogram passes over the keys), then the keys above it and
 /// the first of those equal to it are compacted: about 20 launches that read the keys a few

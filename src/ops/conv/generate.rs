@@ -381,9 +381,9 @@ pub(super) fn sg_down_shader(m: usize, v: usize, z: usize) -> &'static str {
     generated_shader(&format!("conv3d_down_sg_m{m}v{v}z{z}"), || sg_down_source(m, v, z))
 }
 
-/// dst[n, o, q] = bias[o] + sum_i sum_t src[n, i, 2 q + t] * W[o, i, t] over the eight taps t of
+/// `dst[n, o, q] = bias[o] + sum_i sum_t src[n, i, 2 q + t] * W[o, i, t]` over the eight taps t of
 /// a 2x2x2 kernel (stride 2, no padding: conv3d's k2 s2 forward, the transposed convolution's
-/// input gradient), W read in place as [cout][cin][8] (both weight layouts are that, with their
+/// input gradient), W read in place as `[cout][cin][8]` (both weight layouts are that, with their
 /// own roles of the channels). Lanes hold z / 2 consecutive q along z each, 8 lanes a tile row;
 /// each lane reads the input it needs as one vector of z per input row (the view `src_v` of the
 /// source binding, whose rows must be whole vectors), and 1/8 of the weight block (m channels'
@@ -503,10 +503,10 @@ pub(super) fn sg_up_shader(m: usize, v: usize) -> &'static str {
     generated_shader(&format!("conv3d_up_sg_m{m}v{v}"), || sg_up_source(m, v))
 }
 
-/// out[n, o, 2q + t] = bias[o] + sum_i src[n, i, q] * W[i, o, t] for the eight taps t of a k2 s2
+/// `out[n, o, 2q + t] = bias[o] + sum_i src[n, i, q] * W[i, o, t]` for the eight taps t of a k2 s2
 /// transposed convolution. Lanes are 8 consecutive q along z of one (n, channel block, qx, block
 /// of v rows along y); each lane holds m channels x v rows x 8 taps. For each input channel a lane
-/// loads 1/8 of the weight block (8 m values, [i][t][m]) and its own v inputs. q runs over
+/// loads 1/8 of the weight block (8 m values, `[i][t][m]`) and its own v inputs. q runs over
 /// ceil(out / 2) per axis, reading 0 past the input (an odd output extent).
 pub fn sg_up_source(m: usize, v: usize) -> String {
     let mut o = String::from(include_str!("../../../shaders/conv3d.wgsl"));
@@ -619,8 +619,8 @@ pub(super) fn sg_up_vec_shader(m: usize, v: usize, z: usize) -> &'static str {
     generated_shader(&format!("conv3d_upv_sg_m{m}v{v}z{z}"), || sg_up_vec_source(m, v, z))
 }
 
-/// out[n, o, 2q + t] = bias[o] + sum_i src[n, i, q] * W[i, o, t] for the eight taps t, W read in
-/// place as [cin][cout][8] (both callers' layouts). Lanes hold z / 2 consecutive q along z each,
+/// `out[n, o, 2q + t] = bias[o] + sum_i src[n, i, q] * W[i, o, t]` for the eight taps t, W read in
+/// place as `[cin][cout][8]` (both callers' layouts). Lanes hold z / 2 consecutive q along z each,
 /// 8 lanes a tile row, with m channels x v rows x 8 taps; for each input channel a lane reads its
 /// inputs of each row as one vector of z / 2 (`src_v`, scalar for z = 2) and 1/8 of the weight
 /// block (m channels' 8 taps, contiguous) as vec4s, shared by shuffles; each output row of a lane

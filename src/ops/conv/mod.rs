@@ -63,7 +63,7 @@ pub use generate::{
 
 // ---- public API ----------------------------------------------------------------------------
 
-/// x [N, Cin, X, Y, Z], w [Cout, Cin, k, k, k], b [Cout] -> [N, Cout, X', Y', Z'] with
+/// x `[N, Cin, X, Y, Z]`, w `[Cout, Cin, k, k, k]`, b `[Cout]` -> `[N, Cout, X', Y', Z']` with
 /// X' = (X + 2 padding - k) / stride + 1.
 pub fn conv3d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, padding: usize) -> Tensor {
     conv3d_op(x, w, b, stride, padding, false)
@@ -119,8 +119,8 @@ fn conv3d_op(
     )
 }
 
-/// x [N, Cin, X, Y, Z], w [Cin, Cout, 2, 2, 2] (PyTorch's ConvTranspose3d layout), b [Cout] ->
-/// [N, Cout, 2X, 2Y, 2Z]: kernel 2, stride 2.
+/// x `[N, Cin, X, Y, Z]`, w `[Cin, Cout, 2, 2, 2]` (PyTorch's ConvTranspose3d layout), b `[Cout]` ->
+/// `[N, Cout, 2X, 2Y, 2Z]`: kernel 2, stride 2.
 pub fn conv_transpose3d(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
     conv_transpose3d_op(x, w, b, false)
 }
@@ -1225,7 +1225,7 @@ pub mod cpu {
         (q * stride + t).checked_sub(pad).filter(|&i| i < d)
     }
 
-    /// conv3d: x [N, Cin, X, Y, Z], w [Cout, Cin, k, k, k], b [Cout].
+    /// conv3d: x `[N, Cin, X, Y, Z]`, w `[Cout, Cin, k, k, k]`, b `[Cout]`.
     pub fn conv3d(
         x: &[f32],
         xs: [usize; 5],
@@ -1312,7 +1312,7 @@ pub mod cpu {
         (f(dx), f(dw), f(db))
     }
 
-    /// conv_transpose3d, kernel 2 stride 2: x [N, Cin, X, Y, Z], w [Cin, Cout, 2, 2, 2], b [Cout].
+    /// conv_transpose3d, kernel 2 stride 2: x `[N, Cin, X, Y, Z]`, w `[Cin, Cout, 2, 2, 2]`, b `[Cout]`.
     pub fn conv_transpose3d(
         x: &[f32],
         xs: [usize; 5],
