@@ -214,26 +214,36 @@ impl TrainConfig {
         Ok(merged)
     }
 
-    /// The settings of `self`, a run's saved configuration, that `other` changes, as
-    /// `key = saved (this run: value)`, leaving out those a resumed run may change: where the data
-    /// are, how many iterations, how often it validates and checkpoints, the preset's name.
-    pub fn resume_differences(&self, other: &TrainConfig) -> Vec<String> {
+    /// The settings of a run's saved configuration (`saved`, the TOML text its checkpoint holds)
+    /// that `self` changes, as `key = saved (this run: value)`, leaving out those a resumed run
+    /// may change: where the data are, how many iterations, how often it validates and
+    /// checkpoints, the preset's name. A setting the text lacks counts as unset where it may be
+    /// unset (an option such as `rampup`); any other it lacks was added after the run was saved,
+    /// and is not compared.
+    pub fn resume_differences(&self, saved: &str) -> Result<Vec<String>> {
         const MAY_CHANGE: [&str; 5] = ["data", "iters", "val_every", "checkpoint_every", "preset"];
         let table = |c: &TrainConfig| toml::Table::try_from(c).expect("a config serializes to a table");
-        let (a, b) = (table(self), table(other));
+        // Which keys the text names; their values as this build reads them (f32 settings
+        // through f32, as `self`'s are).
+        let named: toml::Table = toml::from_str(saved).context("unreadable saved configuration")?;
+        let old = table(&toml::from_str::<TrainConfig>(saved).context("invalid saved configuration")?);
+        let (now, always) = (table(self), table(&TrainConfig::default()));
         // Floats as the f32 most of them are (0.03, not 0.029999999329447746); compared exactly.
         let show = |v: Option<&toml::Value>| match v {
             None => "unset".to_string(),
             Some(toml::Value::Float(x)) => format!("{:?}", *x as f32),
             Some(v) => v.to_string(),
         };
-        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        let mut keys: Vec<&String> = old.keys().chain(now.keys()).collect();
         keys.sort();
         keys.dedup();
-        keys.into_iter()
-            .filter(|k| !MAY_CHANGE.contains(&k.as_str()) && a.get(*k) != b.get(*k))
-            .map(|k| format!("{k} = {} (this run: {})", show(a.get(k)), show(b.get(k))))
-            .collect()
+        Ok(keys
+            .into_iter()
+            .filter(|k| !MAY_CHANGE.contains(&k.as_str()))
+            .filter(|k| named.contains_key(*k) || !always.contains_key(*k))
+            .filter(|k| old.get(*k) != now.get(*k))
+            .map(|k| format!("{k} = {} (this run: {})", show(old.get(k)), show(now.get(k))))
+            .collect())
     }
 
     pub fn to_toml(&self) -> String {

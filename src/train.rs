@@ -345,9 +345,7 @@ pub fn restore_checkpoint(
     }
     // The run goes on as it was configured (a resume may extend it, or move its data).
     if let Some(text) = meta.get("config") {
-        let saved: TrainConfig =
-            toml::from_str(text).with_context(|| at("unreadable saved configuration"))?;
-        let changed = saved.resume_differences(cfg);
+        let changed = cfg.resume_differences(text).with_context(|| at("its configuration"))?;
         ensure!(
             changed.is_empty(),
             "{}",

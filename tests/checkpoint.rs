@@ -174,6 +174,19 @@ fn a_training_state_saved_for_another_run_is_refused_before_anything_is_loaded()
     assert!(e.contains("rampup = unset (this run: 3.0)") && e.contains("--config"), "{e}");
     assert!(!e.contains("iters"), "{e}");
     assert_eq!(st.iter, 0);
+    // A checkpoint saved before a setting existed: that setting is not compared, the others are.
+    let file = dir.path().join(caml_wgpu::train::CHECKPOINT);
+    let (dict, mut meta) = caml_wgpu::checkpoint::load(&file).unwrap();
+    let text = meta["config"].lines().filter(|l| !l.starts_with("intensity_aug")).collect::<Vec<_>>();
+    meta.insert("config".into(), text.join("\n"));
+    caml_wgpu::checkpoint::save(&file, &dict, &meta).unwrap();
+    let flipped = caml_wgpu::config::TrainConfig { intensity_aug: !cfg.intensity_aug, ..cfg.clone() };
+    caml_wgpu::train::restore_checkpoint(dir.path(), &mut state(&cfg), &flipped, 5).unwrap();
+    let e = format!(
+        "{:#}",
+        caml_wgpu::train::restore_checkpoint(dir.path(), &mut state(&cfg), &changed, 5).err().unwrap()
+    );
+    assert!(e.contains("lr = ") && !e.contains("intensity_aug"), "{e}");
 
     // Another number of training cases, or of labeled samples per batch.
     let mut st = state(&cfg);
