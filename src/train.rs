@@ -119,6 +119,7 @@ pub fn mean_dice(model: &Caml, cases: &[Case], patch: [usize; 3]) -> Result<Vali
         window: window_options(patch),
         normalize: false,
         average_decoders: false,
+        mirror: [false; 3],
         largest_component: false,
     };
     let mut v = Validation { dice: 0.0, cases: cases.len(), empty: 0 };

@@ -1,4 +1,5 @@
-//! The CAML model: the reference's state_dict names and shapes, and the forward shapes.
+//! The CAML model: the reference's state_dict names and shapes, the forward shapes, and
+//! prediction with test-time mirroring.
 
 use caml_wgpu::Tensor;
 use caml_wgpu::caml::model::Caml;
@@ -67,4 +68,42 @@ fn dropout_probability_zero_draws_no_masks() {
     assert_ne!(outputs(&model, 1), outputs(&model, 2));
     model.dropout = 0.0;
     assert_eq!(outputs(&model, 1), outputs(&model, 2));
+}
+
+#[test]
+fn mirrored_prediction_averages_the_flipped_windows_flipped_back() {
+    use caml_wgpu::data::Volume;
+    use caml_wgpu::infer::predict::{PredictOptions, probability};
+    use caml_wgpu::infer::window::{WindowOptions, flip_patches, mirror_combinations};
+
+    // One window covering the whole image: flipping the window is flipping the image.
+    let patch = [16, 16, 16];
+    let model = Caml::new(2, 8, true, 7);
+    let values = caml_wgpu::rng::Rng::new(9).vec(16 * 16 * 16, -1.0, 1.0);
+    let image = Volume::from_vec(patch, values.clone()).unwrap();
+    let opts = |mirror| PredictOptions {
+        window: WindowOptions { patch, stride: [8, 8, 8], gaussian: false, batch: 1 },
+        normalize: false,
+        average_decoders: false,
+        mirror,
+        largest_component: false,
+    };
+    let plain = probability(&model, &image, &opts([false; 3])).unwrap();
+    for axes in [[true, true, false], [false, false, true]] {
+        let flips = mirror_combinations(axes);
+        let mut want = vec![0f32; values.len()];
+        for &f in &flips {
+            let flipped = Volume::from_vec(patch, flip_patches(&values, patch, f)).unwrap();
+            let p = probability(&model, &flipped, &opts([false; 3])).unwrap();
+            for (w, v) in want.iter_mut().zip(flip_patches(p.data(), patch, f)) {
+                *w += v / flips.len() as f32;
+            }
+        }
+        let got = probability(&model, &image, &opts(axes)).unwrap();
+        let worst = got.data().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(worst < 1e-5, "{axes:?}: off by {worst}");
+        // The untrained network is not symmetric: mirroring changes its answer.
+        let moved = got.data().iter().zip(plain.data()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(moved > 1e-3, "{axes:?}: mirroring changed nothing ({moved})");
+    }
 }

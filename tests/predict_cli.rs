@@ -156,4 +156,33 @@ fn eval_prints_a_table_and_writes_metrics_and_overlays() {
         .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png"))
         .count();
     assert_eq!(pngs, cases);
+
+    // Test-time mirroring along X and Y scores the same cases; an axis that is not one is refused.
+    let mirrored = dir.path().join("eval-mirror");
+    let res = bin()
+        .args([
+            "eval",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            mirrored.to_str().unwrap(),
+            "--mirror",
+            "xy",
+        ])
+        .arg("--checkpoint")
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let csv = std::fs::read_to_string(mirrored.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count() - 2, cases);
+    for bad in ["xq", "xx", ""] {
+        let res = bin()
+            .args(["eval", "--data", data.to_str().unwrap(), "--mirror", bad, "--checkpoint"])
+            .arg(&model)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success() && stderr.contains("--mirror"), "{bad}: {stderr}");
+    }
 }

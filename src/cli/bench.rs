@@ -312,6 +312,7 @@ pub fn run(a: Args) -> Result<()> {
                 window: crate::train::window_options(cfg.patch),
                 normalize: false,
                 average_decoders: false,
+                mirror: [false; 3],
                 largest_component: false,
             };
             let plan = crate::infer::window::WindowPlan::new(dims, opts.window.patch, opts.window.stride)?;

@@ -29,6 +29,11 @@ pub struct ModelArgs {
     /// Average the foreground probabilities of both decoders.
     #[arg(long)]
     pub average_decoders: bool,
+    /// Test-time mirroring: also run every window flipped along these axes (any of x, y, z) and
+    /// average the probabilities over every combination of flips: `xy` takes 4 passes (the
+    /// training augmentation flips X and Y), `xyz` 8 (as nnU-Net does).
+    #[arg(long, value_name = "AXES", value_parser = parse_mirror_axes)]
+    pub mirror: Option<[bool; 3]>,
     /// Keep only the largest connected component.
     #[arg(long)]
     pub largest_component: bool,
@@ -39,6 +44,27 @@ pub struct ModelArgs {
     /// raw scans); always done for a model trained with --normalize.
     #[arg(long)]
     pub normalize: bool,
+}
+
+/// The axes of `--mirror`: letters x, y and z, each at most once.
+fn parse_mirror_axes(text: &str) -> Result<[bool; 3], String> {
+    let mut axes = [false; 3];
+    for c in text.chars() {
+        let a = match c.to_ascii_lowercase() {
+            'x' => 0,
+            'y' => 1,
+            'z' => 2,
+            _ => return Err(format!("'{c}' is not an axis: give any of x, y and z, such as xy")),
+        };
+        if axes[a] {
+            return Err(format!("axis {c} is given twice"));
+        }
+        axes[a] = true;
+    }
+    if axes == [false; 3] {
+        return Err("give at least one axis (x, y or z), such as xy".into());
+    }
+    Ok(axes)
 }
 
 impl ModelArgs {
@@ -69,6 +95,7 @@ impl ModelArgs {
             window,
             normalize: self.normalize || cfg.normalize,
             average_decoders: self.average_decoders,
+            mirror: self.mirror.unwrap_or([false; 3]),
             largest_component: self.largest_component,
         };
         Ok((model, opts))

@@ -1,11 +1,12 @@
 //! Prediction of whole volumes with a trained model: sliding windows over the volume, the
-//! foreground probability of decoder 1 (optionally averaged with decoder 2), threshold 0.5.
+//! foreground probability of decoder 1 (optionally averaged with decoder 2 and over mirrored
+//! windows), threshold 0.5.
 
 use anyhow::Result;
 
 use crate::caml::model::Caml;
 use crate::data::{Image, Mask};
-use crate::infer::window::{WindowOptions, sliding_window, threshold};
+use crate::infer::window::{WindowOptions, flip_patches, mirror_combinations, sliding_window, threshold};
 use crate::metrics::{Connectivity, largest_connected_component};
 use crate::no_grad;
 use crate::tensor::Tensor;
@@ -17,6 +18,9 @@ pub struct PredictOptions {
     pub normalize: bool,
     /// Average the foreground probabilities of both decoders instead of decoder 1's alone.
     pub average_decoders: bool,
+    /// Test-time mirroring: the axes (X, Y, Z) along which every window is also flipped, run and
+    /// flipped back; the probabilities are averaged over every combination of those flips.
+    pub mirror: [bool; 3],
     /// Keep only the largest connected component of the mask.
     pub largest_component: bool,
 }
@@ -31,7 +35,7 @@ pub fn probability(model: &Caml, image: &Image, opts: &PredictOptions) -> Result
     } else {
         image
     };
-    sliding_window(image, &opts.window, |patches, n| {
+    let run = |patches: &[f32], n: usize| {
         no_grad(|| {
             let x = Tensor::from_vec(patches, &[n, 1, px, py, pz]);
             let fg = |logits: Tensor| logits.softmax(1).narrow(1, 1, 1);
@@ -39,8 +43,23 @@ pub fn probability(model: &Caml, image: &Image, opts: &PredictOptions) -> Result
             if opts.average_decoders {
                 p = p.add(&fg(model.forward_a(&x))).mul_scalar(0.5);
             }
-            Ok(p.to_vec())
+            p.to_vec()
         })
+    };
+    let flips = mirror_combinations(opts.mirror);
+    sliding_window(image, &opts.window, |patches, n| {
+        let mut sum = run(patches, n);
+        for &flip in &flips[1..] {
+            let p = run(&flip_patches(patches, opts.window.patch, flip), n);
+            for (s, v) in sum.iter_mut().zip(flip_patches(&p, opts.window.patch, flip)) {
+                *s += v;
+            }
+        }
+        if flips.len() > 1 {
+            let scale = 1.0 / flips.len() as f32;
+            sum.iter_mut().for_each(|s| *s *= scale);
+        }
+        Ok(sum)
     })
 }
 

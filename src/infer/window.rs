@@ -161,6 +161,39 @@ where
     Ok(prob.with_geometry(image.geometry.clone()))
 }
 
+/// Every combination of flips along the axes set in `axes`, the identity first: 2^k of them for
+/// k axes.
+pub fn mirror_combinations(axes: [bool; 3]) -> Vec<[bool; 3]> {
+    (0..8u8)
+        .map(|m| [m & 1 != 0, m & 2 != 0, m & 4 != 0])
+        .filter(|f| (0..3).all(|a| axes[a] || !f[a]))
+        .collect()
+}
+
+/// Patches of `patch` voxels each (X-major, Z fastest, one after another) flipped along the axes
+/// set in `flip`. Flipping twice gives the patches back.
+pub fn flip_patches(data: &[f32], patch: [usize; 3], flip: [bool; 3]) -> Vec<f32> {
+    let [wx, wy, wz] = patch;
+    let pv = wx * wy * wz;
+    assert_eq!(data.len() % pv, 0, "{} values are not whole patches of {pv} voxels", data.len());
+    let mut out = Vec::with_capacity(data.len());
+    for p in data.chunks_exact(pv) {
+        for x in 0..wx {
+            let sx = if flip[0] { wx - 1 - x } else { x };
+            for y in 0..wy {
+                let sy = if flip[1] { wy - 1 - y } else { y };
+                let row = &p[(sx * wy + sy) * wz..][..wz];
+                if flip[2] {
+                    out.extend(row.iter().rev());
+                } else {
+                    out.extend_from_slice(row);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Foreground where the probability exceeds 0.5 (argmax of two classes, ties to background).
 pub fn threshold(prob: &Image) -> Mask {
     prob.map(|p| (p > 0.5) as u8)
@@ -271,5 +304,45 @@ mod tests {
         let max = g.iter().cloned().fold(0.0, f32::max);
         assert!((max - 1.0).abs() < 1e-6 && g.iter().all(|&v| v > 0.0));
         assert!(g[0] < g[(4 * 8 + 4) * 8 + 4]);
+    }
+
+    #[test]
+    fn flips_reverse_the_chosen_axes_of_each_patch() {
+        assert_eq!(mirror_combinations([false; 3]), vec![[false; 3]]);
+        assert_eq!(
+            mirror_combinations([true, true, false]),
+            vec![[false, false, false], [true, false, false], [false, true, false], [true, true, false]]
+        );
+        assert_eq!(mirror_combinations([true; 3]).len(), 8);
+        assert_eq!(mirror_combinations([false, false, true]), vec![[false; 3], [false, false, true]]);
+        // Two patches of 2 x 3 x 4, each value its (patch, x, y, z).
+        let patch = [2, 3, 4];
+        let code = |n: usize, x: usize, y: usize, z: usize| (1000 * n + 100 * x + 10 * y + z) as f32;
+        let mut data = Vec::new();
+        for n in 0..2 {
+            for x in 0..2 {
+                for y in 0..3 {
+                    for z in 0..4 {
+                        data.push(code(n, x, y, z));
+                    }
+                }
+            }
+        }
+        for flip in mirror_combinations([true; 3]) {
+            let f = flip_patches(&data, patch, flip);
+            let mut i = 0;
+            for n in 0..2 {
+                for x in 0..2 {
+                    for y in 0..3 {
+                        for z in 0..4 {
+                            let src = |v: usize, a: usize| if flip[a] { patch[a] - 1 - v } else { v };
+                            assert_eq!(f[i], code(n, src(x, 0), src(y, 1), src(z, 2)), "{flip:?} at {i}");
+                            i += 1;
+                        }
+                    }
+                }
+            }
+            assert_eq!(flip_patches(&f, patch, flip), data);
+        }
     }
 }
