@@ -23,8 +23,23 @@ fn random(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn bench_batchnorm(c: &mut Criterion) {
-    // encoder stage 2 at the training patch: [4, 32, 56, 56, 40] (16 MiB per sample).
-    let shape = [4, 32, 56, 56, 40];
+    // Encoder stage 2 at the paper's patch ([4, 32, 56, 56, 40], 16 MiB per sample), then the
+    // small preset's five levels (width 4, patch 48 x 48 x 32): the reductions' fixed costs show
+    // on the small ones.
+    let shapes: [[usize; 5]; 6] = [
+        [4, 32, 56, 56, 40],
+        [4, 4, 48, 48, 32],
+        [4, 8, 24, 24, 16],
+        [4, 16, 12, 12, 8],
+        [4, 32, 6, 6, 4],
+        [4, 64, 3, 3, 2],
+    ];
+    for shape in shapes {
+        bench_batchnorm_shape(c, shape);
+    }
+}
+
+fn bench_batchnorm_shape(c: &mut Criterion, shape: [usize; 5]) {
     let x = random(&shape, 1);
     let dy = random(&shape, 2);
     let ch = shape[1];

@@ -290,14 +290,23 @@ pub fn run(a: Args) -> Result<()> {
                      kernels, {span:.3} s from the first kernel's start to the last one's end"
                 );
                 println!("  {:<60} {:>9} {:>11} {:>7}", "kernel", "launches", "device ms", "share");
-                for (name, t) in kernels.iter().take(30) {
+                let row = |name: &str, launches: u64, nanos: f64| {
                     println!(
                         "  {:<60} {:>9} {:>11.2} {:>6.1}%",
                         name,
-                        t.launches,
-                        t.nanos * 1e-6,
-                        100.0 * t.nanos * 1e-9 / device.max(1e-12)
+                        launches,
+                        nanos * 1e-6,
+                        100.0 * nanos * 1e-9 / device.max(1e-12)
                     );
+                };
+                for (name, t) in kernels.iter().take(30) {
+                    row(name, t.launches, t.nanos);
+                }
+                if kernels.len() > 30 {
+                    let rest = &kernels[30..];
+                    let launches = rest.iter().map(|(_, t)| t.launches).sum();
+                    let nanos = rest.iter().map(|(_, t)| t.nanos).sum();
+                    row(&format!("({} other kernels)", rest.len()), launches, nanos);
                 }
             }
         }
