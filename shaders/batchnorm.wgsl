@@ -37,7 +37,10 @@ struct Params {
 override RELU: bool = false;
 override TRAIN: bool = true;
 
-const WG: u32 = 256u;
+// Invocations of a workgroup; the per-channel reductions (`stats_partial*`, `grad_partial*`) may
+// take fewer (a power of two) for channels of few elements, where the merge tree's barriers would
+// cost more than the loads.
+override WG: u32 = 256u;
 
 fn linear(gid: vec3<u32>, nw: vec3<u32>) -> u32 {
     return gid.x + gid.y * nw.x * WG;
@@ -107,7 +110,7 @@ fn walk_step(w: ptr<function, Walk>, inner: u32) {
 @group(0) @binding(2) var<storage, read_write> spart: array<vec4<f32>>;
 
 // Workgroup (block, c): spart[c * total_blocks + block0 + block] = (count, mean, M2, 0).
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn stats_partial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let c = wid.y;
     let start = wid.x * p.block_len;
@@ -131,7 +134,7 @@ fn stats_partial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
 @group(0) @binding(1) var<storage, read> sx4: array<vec4<f32>>;
 
 // stats_partial over vec4s: four Welford lanes of equal count, merged at the end.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn stats_partial4(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let c = wid.y;
     let start = wid.x * p.block_len / 4u;
@@ -163,7 +166,7 @@ fn store_lanes(lid: u32, c: u32, block: u32, n: f32, mean: vec4<f32>, m2: vec4<f
 }
 
 // stats_partial4 over four vec4s of one sample a step (`inner` a multiple of 16).
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn stats_partial16(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let c = wid.y;
     let start = wid.x * p.block_len / 16u;
@@ -331,7 +334,7 @@ fn dy_at(k: u32, s: vec4<f32>) -> f32 {
 }
 
 // Workgroup (block, c): gpart[c * total_blocks + block0 + block] = (sum dy, sum dy * xhat, 0, 0).
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn grad_partial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let c = wid.y;
     let s = gstats[c];
@@ -355,7 +358,7 @@ fn grad_partial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
 @group(0) @binding(1) var<storage, read> gx4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> gdy4: array<vec4<f32>>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn grad_partial4(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let c = wid.y;
     let s = gstats[c];
@@ -384,7 +387,7 @@ fn grad_partial4(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
 }
 
 // grad_partial4 over four vec4s of one sample a step (`inner` a multiple of 16).
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn grad_partial16(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let c = wid.y;
     let s = gstats[c];

@@ -1,8 +1,9 @@
 //! BatchNorm (3d and 1d, with and without the fused ReLU) against the CPU reference, PyTorch's
-//! running-statistics formulas, and finite differences.
+//! running-statistics formulas, and finite differences; the per-channel reductions in the
+//! workgroup sizes of GPUs (256) and of software devices (32).
 
 use caml_wgpu::gradcheck::{Rng, Tolerance, check_gradients, weighted_sum};
-use caml_wgpu::ops::batchnorm::{BatchNormState, batch_norm, cpu};
+use caml_wgpu::ops::batchnorm::{BatchNormState, batch_norm, cpu, with_reduction_workgroup};
 use caml_wgpu::{Tensor, backward};
 
 fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
@@ -78,25 +79,27 @@ const SHAPES: [&[usize]; 7] = [
 
 #[test]
 fn batchnorm_forward_matches_cpu_in_training_and_eval() {
-    for (k, &shape) in SHAPES.iter().enumerate() {
-        let c = shape[1];
-        let x = normal(k as u64, shape.iter().product(), 0.7, 1.3);
-        let xt = Tensor::from_vec(&x, shape);
-        for relu in [false, true] {
-            for train in [true, false] {
-                let l = Layer::new(10 + k as u64, c, 0.1);
-                let y = batch_norm(&xt, &l.state(), train, relu);
-                let running = (&l.host[2][..], &l.host[3][..]);
-                let (want, rm, rv) =
-                    cpu::forward(&x, shape, &l.host[0], &l.host[1], running, train, 0.1, 1e-5, relu);
-                let what = format!("{shape:?} train {train} relu {relu}");
-                close(&y.to_vec(), &want, 2e-5, &what);
-                close(&l.running_mean.to_vec(), &rm, 1e-6, &format!("running_mean {what}"));
-                close(&l.running_var.to_vec(), &rv, 1e-5, &format!("running_var {what}"));
-                assert_eq!(l.count.to_u32(), vec![train as u32], "num_batches_tracked {what}");
+    each_workgroup(|| {
+        for (k, &shape) in SHAPES.iter().enumerate() {
+            let c = shape[1];
+            let x = normal(k as u64, shape.iter().product(), 0.7, 1.3);
+            let xt = Tensor::from_vec(&x, shape);
+            for relu in [false, true] {
+                for train in [true, false] {
+                    let l = Layer::new(10 + k as u64, c, 0.1);
+                    let y = batch_norm(&xt, &l.state(), train, relu);
+                    let running = (&l.host[2][..], &l.host[3][..]);
+                    let (want, rm, rv) =
+                        cpu::forward(&x, shape, &l.host[0], &l.host[1], running, train, 0.1, 1e-5, relu);
+                    let what = format!("{shape:?} train {train} relu {relu}");
+                    close(&y.to_vec(), &want, 2e-5, &what);
+                    close(&l.running_mean.to_vec(), &rm, 1e-6, &format!("running_mean {what}"));
+                    close(&l.running_var.to_vec(), &rv, 1e-5, &format!("running_var {what}"));
+                    assert_eq!(l.count.to_u32(), vec![train as u32], "num_batches_tracked {what}");
+                }
             }
         }
-    }
+    });
 }
 
 #[test]
@@ -138,48 +141,60 @@ fn batchnorm_running_statistics_follow_pytorch_formulas() {
 
 #[test]
 fn batchnorm_variance_is_accurate_for_large_means() {
-    // sum(x^2) - sum(x)^2 / M in f32 would lose the unit variance under a mean of 1000 (1000^2 * 6e-8
-    // = 0.06 per term); centred moments keep it to float rounding.
-    // [2, 4, 30, 30, 20] runs the vec4 kernels, [2, 3, 31, 29, 21] the scalar ones; three blocks each.
-    for (mean, shape) in
-        [(100.0, [2, 4, 30, 30, 20]), (1000.0, [2, 4, 30, 30, 20]), (1000.0, [2, 3, 31, 29, 21])]
-    {
-        let x = normal(7, shape.iter().product(), mean, 1.0);
-        let l = Layer::new(3, shape[1], 1.0);
-        let y = batch_norm(&Tensor::from_vec(&x, &shape), &l.state(), true, false);
-        let stats = cpu::stats(&x, &shape);
-        let m = (x.len() / shape[1]) as f64;
-        let want_mean: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
-        let want_var: Vec<f32> = stats.iter().map(|s| (s.1 * m / (m - 1.0)) as f32).collect();
-        close(&l.running_mean.to_vec(), &want_mean, 1e-6, "batch mean");
-        close(&l.running_var.to_vec(), &want_var, 1e-4, "unbiased batch variance");
-        let running = (&l.host[2][..], &l.host[3][..]);
-        let (want, _, _) = cpu::forward(&x, &shape, &l.host[0], &l.host[1], running, true, 1.0, 1e-5, false);
-        close(&y.to_vec(), &want, 2e-4, "normalized output");
-    }
+    each_workgroup(|| {
+        // sum(x^2) - sum(x)^2 / M in f32 would lose the unit variance under a mean of 1000 (1000^2 * 6e-8
+        // = 0.06 per term); centred moments keep it to float rounding.
+        // [2, 4, 30, 30, 20] runs the vec4 kernels, [2, 3, 31, 29, 21] the scalar ones; three blocks each.
+        for (mean, shape) in
+            [(100.0, [2, 4, 30, 30, 20]), (1000.0, [2, 4, 30, 30, 20]), (1000.0, [2, 3, 31, 29, 21])]
+        {
+            let x = normal(7, shape.iter().product(), mean, 1.0);
+            let l = Layer::new(3, shape[1], 1.0);
+            let y = batch_norm(&Tensor::from_vec(&x, &shape), &l.state(), true, false);
+            let stats = cpu::stats(&x, &shape);
+            let m = (x.len() / shape[1]) as f64;
+            let want_mean: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
+            let want_var: Vec<f32> = stats.iter().map(|s| (s.1 * m / (m - 1.0)) as f32).collect();
+            close(&l.running_mean.to_vec(), &want_mean, 1e-6, "batch mean");
+            close(&l.running_var.to_vec(), &want_var, 1e-4, "unbiased batch variance");
+            let running = (&l.host[2][..], &l.host[3][..]);
+            let (want, _, _) =
+                cpu::forward(&x, &shape, &l.host[0], &l.host[1], running, true, 1.0, 1e-5, false);
+            close(&y.to_vec(), &want, 2e-4, "normalized output");
+        }
+    });
 }
 
 #[test]
 fn batchnorm_grads_match_cpu() {
-    for (k, &shape) in SHAPES.iter().enumerate() {
-        let n: usize = shape.iter().product();
-        let x = normal(20 + k as u64, n, -0.3, 1.1);
-        let dy = Rng::new(30 + k as u64).vec(n, -1.0, 1.0);
-        for relu in [false, true] {
-            for train in [true, false] {
-                let l = Layer::new(40 + k as u64, shape[1], 0.1);
-                let xv = Tensor::variable(&x, shape);
-                let y = batch_norm(&xv, &l.state(), train, relu);
-                let g = backward(&y.mul(&Tensor::from_vec(&dy, shape)).sum_all());
-                let running = (&l.host[2][..], &l.host[3][..]);
-                let (dx, dw, db) =
-                    cpu::backward(&x, shape, &l.host[0], &l.host[1], running, &dy, train, 1e-5, relu);
-                let what = format!("{shape:?} train {train} relu {relu}");
-                close(&g.get(&xv).unwrap().to_vec(), &dx, 1e-4, &format!("dx {what}"));
-                close(&g.get(&l.weight).unwrap().to_vec(), &dw, 1e-4, &format!("dweight {what}"));
-                close(&g.get(&l.bias).unwrap().to_vec(), &db, 1e-4, &format!("dbias {what}"));
+    each_workgroup(|| {
+        for (k, &shape) in SHAPES.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let x = normal(20 + k as u64, n, -0.3, 1.1);
+            let dy = Rng::new(30 + k as u64).vec(n, -1.0, 1.0);
+            for relu in [false, true] {
+                for train in [true, false] {
+                    let l = Layer::new(40 + k as u64, shape[1], 0.1);
+                    let xv = Tensor::variable(&x, shape);
+                    let y = batch_norm(&xv, &l.state(), train, relu);
+                    let g = backward(&y.mul(&Tensor::from_vec(&dy, shape)).sum_all());
+                    let running = (&l.host[2][..], &l.host[3][..]);
+                    let (dx, dw, db) =
+                        cpu::backward(&x, shape, &l.host[0], &l.host[1], running, &dy, train, 1e-5, relu);
+                    let what = format!("{shape:?} train {train} relu {relu}");
+                    close(&g.get(&xv).unwrap().to_vec(), &dx, 1e-4, &format!("dx {what}"));
+                    close(&g.get(&l.weight).unwrap().to_vec(), &dw, 1e-4, &format!("dweight {what}"));
+                    close(&g.get(&l.bias).unwrap().to_vec(), &db, 1e-4, &format!("dbias {what}"));
+                }
             }
         }
+    });
+}
+
+/// Runs `f` with the reductions in each workgroup size that an adapter takes.
+fn each_workgroup(f: impl Fn()) {
+    for invocations in [256, 32] {
+        with_reduction_workgroup(invocations, &f);
     }
 }
 
@@ -202,22 +217,24 @@ fn fixed_state<'a>(
 
 #[test]
 fn batchnorm_grads_match_finite_differences() {
-    for shape in [vec![2, 3, 2, 2, 3], vec![6, 3], vec![5, 4]] {
-        let n: usize = shape.iter().product();
-        let c = shape[1];
-        let x = (normal(50, n, 0.2, 1.0), shape.clone());
-        let w = (Rng::new(51).vec(c, 0.5, 1.5), vec![c]);
-        let b = (Rng::new(52).vec(c, -0.5, 0.5), vec![c]);
-        for train in [true, false] {
-            let rm = Tensor::from_vec(&[0.1, -0.2, 0.3, 0.05][..c], &[c]);
-            let rv = Tensor::from_vec(&[0.8, 1.2, 1.5, 0.9][..c], &[c]);
-            let count = Tensor::from_u32(&[0], &[]);
-            check_gradients(&[x.clone(), w.clone(), b.clone()], Tolerance::default(), |t| {
-                let s = fixed_state(&t[1], &t[2], [&rm, &rv, &count]);
-                weighted_sum(&batch_norm(&t[0], &s, train, false), 53)
-            });
+    each_workgroup(|| {
+        for shape in [vec![2, 3, 2, 2, 3], vec![6, 3], vec![5, 4]] {
+            let n: usize = shape.iter().product();
+            let c = shape[1];
+            let x = (normal(50, n, 0.2, 1.0), shape.clone());
+            let w = (Rng::new(51).vec(c, 0.5, 1.5), vec![c]);
+            let b = (Rng::new(52).vec(c, -0.5, 0.5), vec![c]);
+            for train in [true, false] {
+                let rm = Tensor::from_vec(&[0.1, -0.2, 0.3, 0.05][..c], &[c]);
+                let rv = Tensor::from_vec(&[0.8, 1.2, 1.5, 0.9][..c], &[c]);
+                let count = Tensor::from_u32(&[0], &[]);
+                check_gradients(&[x.clone(), w.clone(), b.clone()], Tolerance::default(), |t| {
+                    let s = fixed_state(&t[1], &t[2], [&rm, &rv, &count]);
+                    weighted_sum(&batch_norm(&t[0], &s, train, false), 53)
+                });
+            }
         }
-    }
+    });
 }
 
 #[test]
@@ -329,21 +346,23 @@ fn running_statistics_from_given_moments_match_cpu() {
 /// against the CPU. (The other tests' shapes have few blocks, which take the loop.)
 #[test]
 fn batchnorm_with_many_blocks_per_channel_matches_cpu() {
-    let shape: &[usize] = &[2, 1, 2_105_345];
-    let n: usize = shape.iter().product();
-    let x = normal(80, n, 0.5, 1.2);
-    let dy = Rng::new(81).vec(n, -1.0, 1.0);
-    let l = Layer::new(82, 1, 0.1);
-    let xv = Tensor::variable(&x, shape);
-    let y = batch_norm(&xv, &l.state(), true, true);
-    let running = (&l.host[2][..], &l.host[3][..]);
-    let (want, rm, rv) = cpu::forward(&x, shape, &l.host[0], &l.host[1], running, true, 0.1, 1e-5, true);
-    close(&y.to_vec(), &want, 1e-4, "y");
-    close(&l.running_mean.to_vec(), &rm, 1e-5, "running_mean");
-    close(&l.running_var.to_vec(), &rv, 1e-5, "running_var");
-    let g = backward(&y.mul(&Tensor::from_vec(&dy, shape)).sum_all());
-    let (dx, dw, db) = cpu::backward(&x, shape, &l.host[0], &l.host[1], running, &dy, true, 1e-5, true);
-    close(&g.get(&xv).unwrap().to_vec(), &dx, 1e-4, "dx");
-    close(&g.get(&l.weight).unwrap().to_vec(), &dw, 1e-3, "dweight");
-    close(&g.get(&l.bias).unwrap().to_vec(), &db, 1e-3, "dbias");
+    each_workgroup(|| {
+        let shape: &[usize] = &[2, 1, 2_105_345];
+        let n: usize = shape.iter().product();
+        let x = normal(80, n, 0.5, 1.2);
+        let dy = Rng::new(81).vec(n, -1.0, 1.0);
+        let l = Layer::new(82, 1, 0.1);
+        let xv = Tensor::variable(&x, shape);
+        let y = batch_norm(&xv, &l.state(), true, true);
+        let running = (&l.host[2][..], &l.host[3][..]);
+        let (want, rm, rv) = cpu::forward(&x, shape, &l.host[0], &l.host[1], running, true, 0.1, 1e-5, true);
+        close(&y.to_vec(), &want, 1e-4, "y");
+        close(&l.running_mean.to_vec(), &rm, 1e-5, "running_mean");
+        close(&l.running_var.to_vec(), &rv, 1e-5, "running_var");
+        let g = backward(&y.mul(&Tensor::from_vec(&dy, shape)).sum_all());
+        let (dx, dw, db) = cpu::backward(&x, shape, &l.host[0], &l.host[1], running, &dy, true, 1e-5, true);
+        close(&g.get(&xv).unwrap().to_vec(), &dx, 1e-4, "dx");
+        close(&g.get(&l.weight).unwrap().to_vec(), &dw, 1e-3, "dweight");
+        close(&g.get(&l.bias).unwrap().to_vec(), &db, 1e-3, "dbias");
+    });
 }

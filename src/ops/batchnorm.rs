@@ -35,6 +35,13 @@ fn kernel(entry: &'static str, c: usize, inner: usize) -> Kernel {
     Kernel::new("batchnorm", name)
 }
 
+/// A per-channel reduction's kernel `entry` (a twin as [`kernel`] picks it) with its workgroup size;
+/// the channels-last twins keep theirs (256: each workgroup covers every channel of its rows).
+fn reduction_kernel(entry: &'static str, c: usize, inner: usize) -> Kernel {
+    let k = kernel(entry, c, inner);
+    if k.entry.ends_with("rows4") { k } else { k.with("WG", reduction_workgroup() as f64) }
+}
+
 /// Rows of channels (inner 1) in groups of four, at most 256 groups: the channels-last kernels.
 fn rows_layout(c: usize, inner: usize) -> bool {
     inner == 1 && c.is_multiple_of(4) && c <= 1024
@@ -114,6 +121,26 @@ fn runs(outer: usize, c: usize, inner: usize) -> (Vec<(usize, usize, usize)>, us
     (runs, block0)
 }
 
+thread_local! {
+    static REDUCTION_WORKGROUP: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the per-channel reductions in workgroups of `invocations` (a power of two up to
+/// 256) instead of the adapter's default (tests, benchmarks).
+pub fn with_reduction_workgroup<R>(invocations: usize, f: impl FnOnce() -> R) -> R {
+    assert!(invocations.is_power_of_two() && invocations <= 256, "{invocations} invocations per workgroup");
+    crate::autograd::with_flag(&REDUCTION_WORKGROUP, Some(invocations), f)
+}
+
+/// Invocations per workgroup of the per-channel reductions (`stats_partial*`, `grad_partial*`):
+/// 256 on GPUs; 32 on software devices, where every barrier of the merge tree is a pass over the
+/// workgroup's invocations (on llvmpipe the small preset's partial reductions took 123 ms of a
+/// step in workgroups of 256, 67 ms in workgroups of 32; the deepest levels' channels, a few
+/// hundred values each, cost half as much).
+fn reduction_workgroup() -> usize {
+    REDUCTION_WORKGROUP.with(|c| c.get()).unwrap_or_else(|| if gpu().is_software() { 32 } else { 256 })
+}
+
 /// A per-channel reduction with bindings (full-size tensors..., per-channel tensors..., partials):
 /// one partial per block of `BLOCK` elements of a channel, [C, blocks, 4].
 fn reduce_blocks(kernel: &Kernel, full: &[&Tensor], channel: &[&Tensor], base: &Launch) -> Tensor {
@@ -168,7 +195,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool, relu: bool) -> Te
     let base = Launch { outer, c, inner, block0: 0, total_blocks: 0, m, momentum: s.momentum, eps: s.eps };
     let stats = if train {
         assert!(m > 1, "batch_norm in training needs more than one value per channel, got {:?}", x.shape());
-        let part = reduce_blocks(&kernel("stats_partial", c, inner), &[x], &[], &base);
+        let part = reduce_blocks(&reduction_kernel("stats_partial", c, inner), &[x], &[], &base);
         finalize_stats(&part, s, &Launch { total_blocks: part.dim(1), ..base })
     } else {
         let stats = Tensor::empty(&[c, 4]);
@@ -304,8 +331,12 @@ pub fn batch_norm_grad(
     let base =
         Launch { outer, c, inner, block0: 0, total_blocks: 0, m: outer * inner, momentum: 0.0, eps: 0.0 };
     let relu_k = relu as u8 as f64;
-    let part =
-        reduce_blocks(&kernel("grad_partial", c, inner).with("RELU", relu_k), &[x, dy], &[stats], &base);
+    let part = reduce_blocks(
+        &reduction_kernel("grad_partial", c, inner).with("RELU", relu_k),
+        &[x, dy],
+        &[stats],
+        &base,
+    );
     let (coef, dweight, dbias) = (Tensor::empty(&[c, 4]), Tensor::empty(&[c]), Tensor::empty(&[c]));
     let l = Launch { total_blocks: part.dim(1), ..base };
     let (entry, groups) = finalize_launch("grad_finalize_seq", "grad_finalize", c, l.total_blocks);
