@@ -262,6 +262,21 @@ pub fn mean_metrics(ms: &[Metrics]) -> Option<Metrics> {
     })
 }
 
+/// The standard deviation over cases of each metric (numpy's `np.std`: divided by the number of
+/// cases), as "mean +- std" tables report it; `empty_prediction` as in [`mean_metrics`].
+pub fn std_metrics(ms: &[Metrics]) -> Option<Metrics> {
+    let mean = mean_metrics(ms)?;
+    let n = ms.len() as f64;
+    let std = |f: fn(&Metrics) -> f64| (ms.iter().map(|m| (f(m) - f(&mean)).powi(2)).sum::<f64>() / n).sqrt();
+    Some(Metrics {
+        dice: std(|m| m.dice),
+        jaccard: std(|m| m.jaccard),
+        hd95: std(|m| m.hd95),
+        asd: std(|m| m.asd),
+        empty_prediction: mean.empty_prediction,
+    })
+}
+
 /// Neighbourhood for connected components.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Connectivity {
@@ -546,6 +561,11 @@ mod tests {
         assert!((m.dice - 0.45).abs() < 1e-12 && (m.hd95 - 2.0).abs() < 1e-12);
         assert!(m.empty_prediction);
         assert!(mean_metrics(&[]).is_none());
+        // np.std([0.9, 0.0]) = 0.45, np.std([4.0, 0.0]) = 2.0.
+        let s = std_metrics(&[a, empty]).unwrap();
+        assert!((s.dice - 0.45).abs() < 1e-12 && (s.hd95 - 2.0).abs() < 1e-12, "{s:?}");
+        assert_eq!(std_metrics(&[a]).unwrap().dice, 0.0);
+        assert!(std_metrics(&[]).is_none());
     }
 
     #[test]

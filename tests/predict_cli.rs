@@ -156,6 +156,17 @@ fn eval_prints_a_table_and_writes_metrics_and_overlays() {
         .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png"))
         .count();
     assert_eq!(pngs, cases);
+    // summary.json: the settings, every case and the mean of metrics.csv, and the deviation.
+    let summary = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+    };
+    let s = summary(&out);
+    assert_eq!(s["cases"].as_array().unwrap().len(), cases);
+    let csv_mean: f64 = csv.lines().last().unwrap().split(',').nth(1).unwrap().parse().unwrap();
+    assert_eq!(s["mean"]["dice"].as_f64().unwrap(), csv_mean);
+    assert!(s["std"]["dice"].as_f64().unwrap() >= 0.0);
+    assert!(s["settings"].as_str().unwrap().contains("no mirroring"), "{s}");
+    assert!(stdout.lines().any(|l| l.starts_with("std ")), "{stdout}");
 
     // Test-time mirroring along X and Y scores the same cases; an axis that is not one is refused.
     let mirrored = dir.path().join("eval-mirror");
@@ -176,6 +187,7 @@ fn eval_prints_a_table_and_writes_metrics_and_overlays() {
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     let csv = std::fs::read_to_string(mirrored.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count() - 2, cases);
+    assert!(summary(&mirrored)["settings"].as_str().unwrap().contains("mirrored along xy"));
     for bad in ["xq", "xx", ""] {
         let res = bin()
             .args(["eval", "--data", data.to_str().unwrap(), "--mirror", bad, "--checkpoint"])

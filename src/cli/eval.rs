@@ -17,8 +17,9 @@ pub enum Split {
     Test,
 }
 
-/// Segment a dataset split and score it: a per-case table and the mean (Dice, Jaccard, HD95,
-/// ASD), metrics.csv, and one overlay PNG per case.
+/// Segment a dataset split and score it: a per-case table with the mean and standard deviation
+/// (Dice, Jaccard, HD95, ASD), metrics.csv, summary.json (the settings, every case, mean and
+/// standard deviation) and one overlay PNG per case.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Dataset folder; default: the bundled synthetic set.
@@ -30,7 +31,8 @@ pub struct Args {
     pub model: ModelArgs,
     #[arg(long, value_enum, default_value_t = Spacing::Unit)]
     pub spacing: Spacing,
-    /// Folder for metrics.csv and the overlays (default: beside the checkpoint, eval-<split>).
+    /// Folder for metrics.csv, summary.json and the overlays (default: beside the checkpoint,
+    /// eval-<split>).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -54,6 +56,17 @@ pub fn run(a: Args) -> Result<()> {
     crate::fsutil::remove_stale_temps(&out)?;
     let mut csv = String::from("case,dice,jaccard,hd95,asd\n");
     let mut all: Vec<Metrics> = Vec::new();
+    let unit = match a.spacing {
+        Spacing::Unit => "voxels",
+        Spacing::Header => "mm",
+    };
+    println!(
+        "{} {split} cases of {} with {}: {}; distances in {unit}",
+        names.len(),
+        dir.display(),
+        a.model.checkpoint.display(),
+        opts.describe()
+    );
     println!("{:<24} {:>8} {:>8} {:>8} {:>8}", "case", "Dice", "Jaccard", "95HD", "ASD");
     for name in &names {
         let case = ds.load_case(name)?;
@@ -83,9 +96,52 @@ pub fn run(a: Args) -> Result<()> {
         all.push(m);
     }
     let mean = metrics::mean_metrics(&all).expect("at least one case");
-    println!("{:<24} {:>8.4} {:>8.4} {:>8.2} {:>8.2}", "mean", mean.dice, mean.jaccard, mean.hd95, mean.asd);
+    let std = metrics::std_metrics(&all).expect("at least one case");
+    for (row, m) in [("mean", &mean), ("std", &std)] {
+        println!("{row:<24} {:>8.4} {:>8.4} {:>8.2} {:>8.2}", m.dice, m.jaccard, m.hd95, m.asd);
+    }
     writeln!(csv, "mean,{},{},{},{}", mean.dice, mean.jaccard, mean.hd95, mean.asd)?;
     crate::fsutil::write_atomic(&out.join("metrics.csv"), csv.as_bytes())?;
-    println!("metrics.csv and overlays in {}", out.display());
+    let summary = Summary {
+        checkpoint: a.model.checkpoint.display().to_string(),
+        data: dir.display().to_string(),
+        split: &split,
+        settings: opts.describe(),
+        distances: unit,
+        cases: names
+            .iter()
+            .zip(&all)
+            .map(|(case, m)| CaseRow { case, empty_prediction: m.empty_prediction, metrics: *m })
+            .collect(),
+        mean,
+        std,
+        empty_predictions: all.iter().filter(|m| m.empty_prediction).count(),
+    };
+    let json = serde_json::to_string_pretty(&summary)? + "\n";
+    crate::fsutil::write_atomic(&out.join("summary.json"), json.as_bytes())?;
+    println!("metrics.csv, summary.json and overlays in {}", out.display());
     Ok(())
+}
+
+/// summary.json: what was scored and how, every case, and the mean and standard deviation.
+#[derive(serde::Serialize)]
+struct Summary<'a> {
+    checkpoint: String,
+    data: String,
+    split: &'a str,
+    settings: String,
+    /// "voxels" or "mm" (HD95 and ASD).
+    distances: &'a str,
+    cases: Vec<CaseRow<'a>>,
+    mean: Metrics,
+    std: Metrics,
+    empty_predictions: usize,
+}
+
+#[derive(serde::Serialize)]
+struct CaseRow<'a> {
+    case: &'a str,
+    #[serde(flatten)]
+    metrics: Metrics,
+    empty_prediction: bool,
 }

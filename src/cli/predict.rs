@@ -218,6 +218,12 @@ pub fn run(a: Args) -> Result<()> {
     // Files a killed earlier run was writing into the same folder.
     crate::fsutil::remove_stale_temps(&out_dir)?;
     let (model, opts) = a.model.load()?;
+    println!(
+        "segmenting {} volume(s) with {}: {}",
+        inputs.len(),
+        a.model.checkpoint.display(),
+        opts.describe()
+    );
     let bar = indicatif::ProgressBar::new(inputs.len() as u64);
     let mut failed = Vec::new();
     for (inp, out) in inputs.iter().zip(&outputs) {

@@ -25,6 +25,26 @@ pub struct PredictOptions {
     pub largest_component: bool,
 }
 
+impl PredictOptions {
+    /// The settings in words, for the lines a command prints and the summaries it writes.
+    pub fn describe(&self) -> String {
+        let w = &self.window;
+        let dims = |d: [usize; 3]| format!("{}x{}x{}", d[0], d[1], d[2]);
+        let axes: String =
+            ["x", "y", "z"].iter().zip(self.mirror).filter(|(_, on)| *on).map(|(a, _)| *a).collect();
+        [
+            format!("patch {}", dims(w.patch)),
+            format!("stride {}", dims(w.stride)),
+            (if w.gaussian { "Gaussian-weighted windows" } else { "uniform windows" }).to_string(),
+            (if self.average_decoders { "both decoders averaged" } else { "decoder 1" }).to_string(),
+            if axes.is_empty() { "no mirroring".to_string() } else { format!("mirrored along {axes}") },
+            (if self.largest_component { "largest component" } else { "every component" }).to_string(),
+            (if self.normalize { "images z-normalised" } else { "images as stored" }).to_string(),
+        ]
+        .join(", ")
+    }
+}
+
 /// The foreground probability of every voxel of `image`.
 pub fn probability(model: &Caml, image: &Image, opts: &PredictOptions) -> Result<Image> {
     let [px, py, pz] = opts.window.patch;
