@@ -56,10 +56,7 @@ pub fn run(a: Args) -> Result<()> {
     crate::fsutil::remove_stale_temps(&out)?;
     let mut csv = String::from("case,dice,jaccard,hd95,asd\n");
     let mut all: Vec<Metrics> = Vec::new();
-    let unit = match a.spacing {
-        Spacing::Unit => "voxels",
-        Spacing::Header => "mm",
-    };
+    let unit = a.spacing.unit();
     println!(
         "{} {split} cases of {} with {}: {}; distances in {unit}",
         names.len(),
@@ -76,11 +73,7 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("warning: {w}");
         }
         let (mask, _) = predict(&model, &case.image, &opts)?;
-        let spacing = match a.spacing {
-            Spacing::Unit => [1.0; 3],
-            Spacing::Header => case.image.geometry.spacing.map(f64::from),
-        };
-        let m = metrics::evaluate(&mask, &case.label, spacing)?;
+        let m = metrics::evaluate(&mask, &case.label, a.spacing.of(&case.image.geometry))?;
         if m.empty_prediction {
             eprintln!("warning: {name}: empty prediction, scored 0 for every metric as the reference does");
         }
